@@ -1,0 +1,102 @@
+"""The array backend: every array call in handgrad goes through ``xp``.
+
+Today ``xp`` is NumPy. A GPU port swaps this module for CuPy (whose API mirrors NumPy's):
+``xp = cupy`` plus the few helpers below. Nothing else in the library imports NumPy for
+tensor math, so the swap is one file. (Untested on a GPU: this machine has none.)
+
+Dtypes are NumPy dtype objects. bfloat16 comes from ``ml_dtypes``; NumPy can store it but
+has no fast kernels for it, so ops compute in float32 and cast back (see ``compute_dtype``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+xp = np
+
+float16 = np.dtype(np.float16)
+float32 = np.dtype(np.float32)
+float64 = np.dtype(np.float64)
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+int8 = np.dtype(np.int8)
+int16 = np.dtype(np.int16)
+int32 = np.dtype(np.int32)
+int64 = np.dtype(np.int64)
+uint8 = np.dtype(np.uint8)
+uint16 = np.dtype(np.uint16)
+uint32 = np.dtype(np.uint32)
+bool_ = np.dtype(np.bool_)
+
+default_float = float32
+default_int = int64
+
+_BY_NAME: dict[str, np.dtype] = {
+    "float16": float16,
+    "half": float16,
+    "fp16": float16,
+    "float32": float32,
+    "float": float32,
+    "fp32": float32,
+    "float64": float64,
+    "double": float64,
+    "fp64": float64,
+    "bfloat16": bfloat16,
+    "bf16": bfloat16,
+    "int8": int8,
+    "int16": int16,
+    "int32": int32,
+    "int64": int64,
+    "long": int64,
+    "uint8": uint8,
+    "uint16": uint16,
+    "uint32": uint32,
+    "bool": bool_,
+}
+_SUPPORTED = frozenset(_BY_NAME.values())
+
+
+def to_dtype(dtype: Any) -> np.dtype:
+    """Normalise a dtype given as a name ('bf16', 'float32'), a NumPy dtype or a Python type."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.").removeprefix("handgrad.")
+        if name not in _BY_NAME:
+            raise TypeError(f"unknown dtype {dtype!r}; expected one of {sorted(_BY_NAME)}")
+        return _BY_NAME[name]
+    if dtype is float:
+        return default_float
+    if dtype is int:
+        return default_int
+    if dtype is bool:
+        return bool_
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"unknown dtype {dtype!r}; expected one of {sorted(_BY_NAME)}") from None
+    if d not in _SUPPORTED:
+        raise TypeError(f"unsupported dtype {d}; expected one of {sorted(_BY_NAME)}")
+    return d
+
+
+def is_floating(dtype: np.dtype) -> bool:
+    return dtype in (float16, float32, float64, bfloat16)
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype NumPy computes in for a stored dtype: float32 for the 16-bit floats."""
+    return float32 if dtype in (bfloat16, float16) else dtype
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype == bfloat16 else str(dtype)
+
+
+def asarray(data: Any, dtype: np.dtype | None = None) -> np.ndarray:
+    return xp.asarray(data, dtype=dtype)
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Host copy of a backend array (a no-op for NumPy; ``cupy.asnumpy`` on a GPU)."""
+    return np.asarray(a)

@@ -1,0 +1,95 @@
+"""`handgrad data prepare`: the command-line face of handgrad.data.prepare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from handgrad.data.prepare import default_workers, prepare
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="prepare token shards from text")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    p = commands.add_parser(
+        "prepare",
+        help="tokenize a corpus into train.bin/val.bin + meta.json",
+        description="Tokenize a corpus into OUT/{train,val}.bin, OUT/tokenizer.json and "
+        "OUT/meta.json (written last).",
+    )
+    p.add_argument(
+        "--source",
+        required=True,
+        help="pydocs | shakespeare | openwebtext | a .txt/.jsonl/.parquet file, directory or glob",
+    )
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="FILE.json (a saved tokenizer) | char | train:N (learn an N-token BPE on train)",
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0005,
+        help="share of documents (of characters, for a single document) kept for val "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"tokenizer processes (default: all cores, here {default_workers()})",
+    )
+    p.add_argument(
+        "--text-field",
+        default="text",
+        help="the .jsonl field / .parquet column holding the text (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val document split")
+    p.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip (and count in meta.json) .jsonl lines that are not JSON or lack the text field",
+    )
+    p.set_defaults(func=_prepare)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    try:
+        meta = prepare(
+            args.source,
+            args.tokenizer,
+            args.out,
+            val_fraction=args.val_fraction,
+            workers=args.workers,
+            text_field=args.text_field,
+            seed=args.seed,
+            skip_bad_lines=args.skip_bad_lines,
+        )
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        print(f"handgrad data prepare: error: {e}", file=sys.stderr)
+        return 1
+    splits = meta["splits"]
+    print(
+        f"wrote {args.out}: train {splits['train']['tokens']:,} tokens "
+        f"({splits['train']['documents']:,} docs), val {splits['val']['tokens']:,} tokens "
+        f"({splits['val']['documents']:,} docs), vocab {meta['vocab_size']:,}, {meta['dtype']}"
+    )
+    skipped = {k: v for k, v in meta.items() if k.endswith(("_skipped", "replacement", "_chars"))}
+    if any(skipped.values()):
+        print("skipped/replaced: " + json.dumps(skipped))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `data ...` on its own (the `handgrad` entry point is handgrad/cli.py)."""
+    parser = argparse.ArgumentParser(prog="handgrad")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

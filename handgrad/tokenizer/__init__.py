@@ -1,0 +1,24 @@
+"""Tokenizers: byte-level BPE (GPT-2 style) and character level (nanoGPT's shakespeare_char).
+
+Public API::
+
+    from handgrad.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer, GPT2_PATTERN
+
+    tok = BPETokenizer.train(["some text", Path("corpus.txt")], vocab_size=50257)
+    ids = tok.encode("hello world")          # list[int]
+    tok.decode(ids)                          # "hello world"
+    tok.save("tok.json"); load_tokenizer("tok.json")
+"""
+
+from handgrad.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
+from handgrad.tokenizer.char import CharTokenizer
+from handgrad.tokenizer.io import TokenizerFileError, load_tokenizer
+
+__all__ = [
+    "BPETokenizer",
+    "CharTokenizer",
+    "ENDOFTEXT",
+    "GPT2_PATTERN",
+    "TokenizerFileError",
+    "load_tokenizer",
+]

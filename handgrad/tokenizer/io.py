@@ -1,0 +1,98 @@
+"""Tokenizer files: one JSON document per tokenizer, written atomically, validated on load.
+
+Every file starts with the same header so that a foreign JSON (a Hugging Face tokenizer.json, a
+config file, ...) is recognised and refused with a clear message instead of a KeyError later::
+
+    {"format": "handgrad-tokenizer", "version": 1, "type": "bpe" | "char", ...}
+
+The rest of the document is owned by the tokenizer class named by "type".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "handgrad-tokenizer"
+FORMAT_VERSION = 1
+TOKENIZER_TYPES = ("bpe", "char")
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file is unreadable, foreign, or inconsistent. The message names the file."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
+    """Write `obj` as JSON to a temporary sibling, then os.replace it over `path`.
+
+    A crash mid-write leaves the previous file (if any) intact.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=True, separators=(",", ":"))
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_tokenizer_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check the header of a handgrad tokenizer file; return the whole document."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenizerFileError(path, "no such file") from None
+    except UnicodeDecodeError as e:
+        raise TokenizerFileError(path, f"not UTF-8 text ({e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TokenizerFileError(
+            path, f"not valid JSON (truncated or corrupt file?): {e.msg} at line {e.lineno}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise TokenizerFileError(path, f"expected a JSON object, got {type(obj).__name__}")
+    if obj.get("format") != FORMAT_NAME:
+        hint = ""
+        if "model" in obj and "added_tokens" in obj:
+            hint = (
+                " (it looks like a Hugging Face tokenizer.json: use "
+                "BPETokenizer.from_hf(directory) with its vocab.json + merges.txt)"
+            )
+        raise TokenizerFileError(path, f'not a handgrad tokenizer file: no "format": '
+                                 f'"{FORMAT_NAME}" key{hint}')
+    version = obj.get("version")
+    if version != FORMAT_VERSION:
+        raise TokenizerFileError(
+            path, f"unsupported format version {version!r} (this code reads version "
+            f"{FORMAT_VERSION})"
+        )
+    if obj.get("type") not in TOKENIZER_TYPES:
+        raise TokenizerFileError(
+            path, f'unknown tokenizer "type" {obj.get("type")!r} (expected one of '
+            f"{', '.join(TOKENIZER_TYPES)})"
+        )
+    return obj
+
+
+def load_tokenizer(path: str | os.PathLike[str]):
+    """Load a tokenizer saved with `.save(path)`, dispatching on its "type" (bpe or char)."""
+    # Imported here: bpe.py and char.py import this module for the file helpers.
+    from handgrad.tokenizer.bpe import BPETokenizer
+    from handgrad.tokenizer.char import CharTokenizer
+
+    obj = read_tokenizer_json(path)
+    cls = BPETokenizer if obj["type"] == "bpe" else CharTokenizer
+    return cls.from_dict(obj, source=str(path))
