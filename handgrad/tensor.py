@@ -46,7 +46,7 @@ class no_grad:
 
     def __call__(self, fn):  # type: ignore[no-untyped-def]
         def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-            with no_grad():
+            with type(self)():  # no_grad or enable_grad, whichever decorated fn
                 return fn(*args, **kwargs)
 
         wrapper.__name__ = getattr(fn, "__name__", "wrapper")
@@ -198,7 +198,10 @@ class Div(Function):
     def forward(self, a, b):
         _broadcast_shape(a.shape, b.shape, "div")
         self.a, self.b = a, b
-        return a / b
+        out = a / b
+        if not (B.is_floating(a.dtype) or B.is_floating(b.dtype)):
+            out = out.astype(B.default_float)  # int / int is float32 as in torch, not float64
+        return out
 
     def backward(self, g):
         a, b = self.a, self.b
@@ -362,10 +365,12 @@ class MatMul(Function):
 
     def backward(self, g):
         a, b = self.a, self.b
-        if len(self.a_shape) == 1:
-            g = xp.expand_dims(g, -2)
+        # undo the squeezes in reverse order (b's axis was removed last), so that the
+        # 1-D @ 1-D case goes () -> (1,) -> (1, 1)
         if len(self.b_shape) == 1:
             g = xp.expand_dims(g, -1)
+        if len(self.a_shape) == 1:
+            g = xp.expand_dims(g, -2)
         da = db = None
         if self.needs_input_grad[0]:
             da = _unbroadcast(g @ xp.swapaxes(b, -1, -2), a.shape).reshape(self.a_shape)
@@ -440,7 +445,7 @@ class Max(Function):
 
     def backward(self, g):
         g = _expand_reduced(g, self.shape, self.axes, self.keepdim)
-        count = self.mask.sum(axis=self.axes, keepdims=True)
+        count = self.mask.sum(axis=self.axes, keepdims=True).astype(g.dtype)  # int would promote
         return (g * self.mask / count,)
 
 

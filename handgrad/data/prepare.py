@@ -120,17 +120,14 @@ def build_tokenizer(spec: Any, source: TextSource, val_fraction: float, seed: in
         return spec
     spec = str(spec)
     if spec == "char":
-        alphabet: set[str] = set()
-        for doc in source.documents():
-            alphabet.update(doc)
-        return CharTokenizer.train("".join(sorted(alphabet)))
+        return CharTokenizer.train(source.documents())
     if spec.startswith("train:"):
         try:
             vocab_size = int(spec.removeprefix("train:"))
         except ValueError:
             raise ValueError(f"--tokenizer {spec!r}: expected train:N with an integer N") from None
         pieces = split_documents(source.documents(), val_fraction, seed)
-        train_texts = [text for split, text, _ in pieces if split == "train"]
+        train_texts = (text for split, text, _ in pieces if split == "train")  # streamed
         return BPETokenizer.train(train_texts, vocab_size, special_tokens=(ENDOFTEXT,))
     path = Path(spec)
     if path.suffix != ".json":
@@ -290,7 +287,11 @@ def prepare(
             "tokenizer": {
                 "file": TOKENIZER_FILE,
                 "sha256": sha256_file(tmp[TOKENIZER_FILE]),
-                "spec": tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__,
+                "spec": (
+                    os.fspath(tokenizer)
+                    if isinstance(tokenizer, str | os.PathLike)
+                    else type(tokenizer).__name__
+                ),
                 "type": type(tok).__name__,
             },
             "vocab_size": int(tok.vocab_size),

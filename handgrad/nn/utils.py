@@ -1,0 +1,66 @@
+"""Gradient utilities: ``clip_grad_norm_``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+from handgrad.backend import xp
+from handgrad.tensor import Tensor
+
+
+def _vector_norm(a: np.ndarray, norm_type: float) -> np.generic:
+    """||a||_p over all elements, in a's dtype: (sum |a_i|^p)^(1/p); max |a_i| for p = inf."""
+    if a.size == 0:
+        return a.dtype.type(0)
+    if norm_type == math.inf:
+        return xp.abs(a).max()
+    if norm_type == 2.0:
+        flat = a.reshape(-1)
+        return xp.sqrt(xp.dot(flat, flat))  # one BLAS dot, no |a|^2 temporary
+    if norm_type == 1.0:
+        return xp.abs(a).sum()
+    return (xp.abs(a) ** norm_type).sum() ** (1.0 / norm_type)
+
+
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> Tensor:
+    """Rescale gradients so that their joint p-norm is at most ``max_norm``, as torch.
+
+    total = || (||g_1||_p, ..., ||g_n||_p) ||_p over the parameters that have a grad,
+    clip_coef = min(max_norm / (total + 1e-6), 1), and every grad is multiplied in place by
+    clip_coef. Returns ``total`` (before clipping) as a 0-d Tensor in the grads' dtype; 0.0
+    when no parameter has a gradient.
+    """
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    params = list(parameters)
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"clip_grad_norm_: parameter {i} is a {type(p).__name__}, not a Tensor")
+    norm_type = float(norm_type)
+    if not norm_type > 0:
+        raise ValueError(f"clip_grad_norm_: norm_type must be > 0 (or inf), got {norm_type}")
+    max_norm = float(max_norm)
+    grads = [p.grad.data for p in params if p.grad is not None]
+    if not grads:
+        return Tensor(0.0)
+    dtype = np.result_type(*grads)
+    norms = xp.asarray([_vector_norm(g, norm_type) for g in grads], dtype=dtype)
+    total = _vector_norm(norms, norm_type)
+    if error_if_nonfinite and not math.isfinite(float(total)):
+        raise RuntimeError(
+            f"clip_grad_norm_: the total norm of order {norm_type} of the gradients is {total}; "
+            "pass error_if_nonfinite=False to clip anyway"
+        )
+    clip_coef = dtype.type(max_norm) / (total + dtype.type(1e-6))
+    if clip_coef < 1.0:
+        for g in grads:
+            g *= clip_coef.astype(g.dtype)
+    return Tensor._make(xp.asarray(total, dtype=dtype))
