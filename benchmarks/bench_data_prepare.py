@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--shakespeare-copies", type=int, default=10)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     args = parser.parse_args()
 
     pydocs = [d["text"] for d in build_pydocs_corpus()]
@@ -57,29 +58,40 @@ def main() -> None:
         tok = BPETokenizer.train(pydocs, args.vocab, show_progress=False)
         tok.save(tmp / "tok.json")
         train_s = time.perf_counter() - t0
-        print(f"corpus: {len(documents):,} documents, {n_bytes / 1e6:.1f} MB; "
-              f"BPE {args.vocab} learnt on pydocs in {train_s:.1f} s")
+        print(
+            f"corpus: {len(documents):,} documents, {n_bytes / 1e6:.1f} MB; "
+            f"BPE {args.vocab} learnt on pydocs in {train_s:.1f} s"
+        )
 
-        rows, outputs = [], {}
-        for workers in sorted({1, args.workers}):
-            best = float("inf")
-            for r in range(args.repeats):
+        # Interleave the worker counts and keep each one's best run, so that a burst of load from
+        # elsewhere on the machine hurts one sample rather than one configuration.
+        counts = sorted({1, args.workers})
+        best = dict.fromkeys(counts, float("inf"))
+        outputs, n_tokens = {}, 0
+        load_before = os.getloadavg()[0]
+        for r in range(args.repeats):
+            for workers in counts:
                 out = tmp / f"out{workers}_{r}"
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     meta = prepare(corpus, tmp / "tok.json", out, workers=workers, progress=False)
-                best = min(best, time.perf_counter() - t0)
-            outputs[workers] = (out / "train.bin").read_bytes() + (out / "val.bin").read_bytes()
-            n_tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
-            rows.append((workers, best, n_bytes / best / 1e6, n_tokens / best))
+                best[workers] = min(best[workers], time.perf_counter() - t0)
+                outputs[workers] = (out / "train.bin").read_bytes() + (out / "val.bin").read_bytes()
+                n_tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+        rows = [(w, best[w], n_bytes / best[w] / 1e6, n_tokens / best[w]) for w in counts]
+        print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
 
     identical = len(set(outputs.values())) == 1
     base = rows[0][3]
-    print(f"\n{'workers':>7} {'seconds':>8} {'MB/s':>7} {'tokens/s':>11} {'speedup':>8} {'ideal':>6}")
+    print(
+        f"\n{'workers':>7} {'seconds':>8} {'MB/s':>7} {'tokens/s':>11} {'speedup':>8} {'ideal':>6}"
+    )
     for workers, seconds, mbps, tps in rows:
-        print(f"{workers:>7} {seconds:>8.2f} {mbps:>7.2f} {tps:>11,.0f} {tps / base:>7.2f}x "
-              f"{workers:>5}x")
+        print(
+            f"{workers:>7} {seconds:>8.2f} {mbps:>7.2f} {tps:>11,.0f} {tps / base:>7.2f}x "
+            f"{workers:>5}x"
+        )
     print(f"\noutputs byte-identical across worker counts: {identical}")
 
 

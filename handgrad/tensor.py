@@ -455,7 +455,7 @@ class Var(Function):
     def forward(self, a, axes, keepdim, correction):
         self.shape, self.axes, self.keepdim = a.shape, axes, keepdim
         n = math.prod(a.shape[ax] for ax in axes)
-        self.denom = max(n - correction, 0)
+        self.denom = float(max(n - correction, 0))  # 0 gives nan/inf as in torch, not an error
         self.centered = a - a.mean(axis=axes, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             out = (self.centered * self.centered).sum(axis=axes, keepdims=keepdim) / self.denom
@@ -463,7 +463,8 @@ class Var(Function):
 
     def backward(self, g):
         g = _expand_reduced(g, self.shape, self.axes, self.keepdim)
-        return (g * (2 / self.denom) * self.centered,)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (g * self.centered * (2.0 / self.denom if self.denom else math.inf),)
 
 
 # ----------------------------------------------------------------------------------------

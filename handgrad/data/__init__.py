@@ -1,10 +1,10 @@
 """Data: text sources -> `data prepare` -> token shards -> training batches.
 
-    from handgrad.data import prepare, TokenShards, get_batch
+from handgrad.data import prepare, TokenShards, get_batch
 
-    prepare("shakespeare", "char", "data/shakespeare_char", val_fraction=0.1)
-    data = TokenShards("data/shakespeare_char")          # checked against meta.json
-    x, y = get_batch(data.train, batch_size=12, block_size=64, rng=np.random.default_rng(0))
+prepare("shakespeare", "char", "data/shakespeare_char", val_fraction=0.1)
+data = TokenShards("data/shakespeare_char")          # checked against meta.json
+x, y = get_batch(data.train, batch_size=12, block_size=64, rng=np.random.default_rng(0))
 """
 
 from handgrad.data.prepare import prepare, token_dtype

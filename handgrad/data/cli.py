@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from handgrad.data.prepare import default_workers, prepare
 
@@ -57,6 +58,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        # One line per problem ("warning: file.txt: ..."), without Python's source-line echo.
+        warnings.showwarning = lambda message, *_, **__: print(
+            f"warning: {message}", file=sys.stderr
+        )
+        return _run_prepare(args)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
     try:
         meta = prepare(
             args.source,

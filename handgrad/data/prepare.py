@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -120,13 +121,13 @@ def build_tokenizer(spec: Any, source: TextSource, val_fraction: float, seed: in
         return spec
     spec = str(spec)
     if spec == "char":
-        return CharTokenizer.train(source.documents())
+        return CharTokenizer.train(source.documents(quiet=True))
     if spec.startswith("train:"):
         try:
             vocab_size = int(spec.removeprefix("train:"))
         except ValueError:
             raise ValueError(f"--tokenizer {spec!r}: expected train:N with an integer N") from None
-        pieces = split_documents(source.documents(), val_fraction, seed)
+        pieces = split_documents(source.documents(quiet=True), val_fraction, seed)
         train_texts = (text for split, text, _ in pieces if split == "train")  # streamed
         return BPETokenizer.train(train_texts, vocab_size, special_tokens=(ENDOFTEXT,))
     path = Path(spec)
@@ -219,7 +220,7 @@ def _encode_all(
         pending: deque[tuple[list[str], Future]] = deque()
         for splits, items in chunks:
             pending.append((splits, pool.submit(_encode_chunk, items)))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= 4 * workers:
                 splits_done, future = pending.popleft()
                 yield (splits_done, *future.result())
         while pending:
@@ -260,6 +261,9 @@ def prepare(
     workers: tokenizer processes (default: all cores).
     rows: replaces the hub stream for `openwebtext` (an iterable of {text_field: str} dicts).
     Returns the meta dict also written to `out/meta.json`.
+
+    With workers > 1 the pool uses the "spawn" start method (no fork: the caller may have threads),
+    so a script that calls prepare() needs the usual `if __name__ == "__main__":` guard.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -278,9 +282,14 @@ def prepare(
             shutil.copyfile(tokenizer, tmp[TOKENIZER_FILE])
         else:
             tok.save(tmp[TOKENIZER_FILE])
+        if tok.eot_token is None and type(tok).__name__ != "CharTokenizer":
+            warnings.warn(
+                f"the tokenizer has no {ENDOFTEXT} token: documents are concatenated without a "
+                "separator",
+                stacklevel=2,
+            )
         dtype = token_dtype(tok.vocab_size)
-        counts = _write_shards(src, tok, tmp, dtype, val_fraction, seed, workers, chunk_chars,
-                               progress)
+        counts = _write_shards(src, tmp, dtype, val_fraction, seed, workers, chunk_chars, progress)
         meta = {
             "format_version": FORMAT_VERSION,
             "source": src.description,
@@ -317,7 +326,6 @@ def prepare(
 
 def _write_shards(
     src: TextSource,
-    tok: Any,
     tmp: dict[str, Path],
     dtype: np.dtype,
     val_fraction: float,
@@ -348,8 +356,9 @@ def _write_shards(
     )
     start, n_tokens = time.perf_counter(), 0
     try:
-        for splits, tokens, lengths, n_bytes in _encode_all(chunks, tmp[TOKENIZER_FILE], dtype,
-                                                            workers):
+        for splits, tokens, lengths, n_bytes in _encode_all(
+            chunks, tmp[TOKENIZER_FILE], dtype, workers
+        ):
             offset = 0
             for split, length in zip(splits, lengths):
                 tokens[offset : offset + length].tofile(files[split])

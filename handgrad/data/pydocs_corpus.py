@@ -88,7 +88,9 @@ def _module_document(name: str, module: object) -> str:
             for meth_name, meth in sorted(vars(obj).items()):
                 if meth_name.startswith("_") and meth_name != "__init__":
                     continue
-                if not callable(meth) and not isinstance(meth, (property, classmethod, staticmethod)):
+                if not callable(meth) and not isinstance(
+                    meth, (property, classmethod, staticmethod)
+                ):
                     continue
                 meth_doc = _own_doc(meth)
                 if meth_doc and meth_doc != class_doc:

@@ -77,9 +77,9 @@ def load_split(
 class TokenShards:
     """A prepared data directory: `meta`, `vocab_size`, `tokenizer_path`, and the splits.
 
-        data = TokenShards("data/shakespeare_char")
-        model = GPT(GPTConfig(vocab_size=data.vocab_size, ...))
-        x, y = get_batch(data.train, batch_size=12, block_size=64, rng=rng)
+    data = TokenShards("data/shakespeare_char")
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, ...))
+    x, y = get_batch(data.train, batch_size=12, block_size=64, rng=rng)
     """
 
     def __init__(self, data_dir: str | os.PathLike):

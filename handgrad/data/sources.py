@@ -15,6 +15,7 @@ Accepted `--source` values (see `open_source`):
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import hashlib
 import importlib
@@ -46,7 +47,9 @@ SHAKESPEARE_FILE = "tinyshakespeare.txt"
 # under a run.
 OPENWEBTEXT_ID = "Skylion007/openwebtext"
 OPENWEBTEXT_REVISION = "963532436460638ab26b7633e23776e6c7e37d59"
-OPENWEBTEXT_DATA_FILES = f"hf://datasets/{OPENWEBTEXT_ID}@{OPENWEBTEXT_REVISION}/data/train-*.parquet"
+OPENWEBTEXT_DATA_FILES = (
+    f"hf://datasets/{OPENWEBTEXT_ID}@{OPENWEBTEXT_REVISION}/data/train-*.parquet"
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_WARNINGS = 10  # per kind of problem; the rest are only counted
@@ -84,9 +87,11 @@ class TextSource:
         self._read = read
         self.stats = SourceStats()
 
-    def documents(self) -> Iterator[str]:
+    def documents(self, quiet: bool = False) -> Iterator[str]:
+        """Yield the documents from the start; `quiet` silences the warnings (a second pass
+        over the same data would repeat them)."""
         self.stats = SourceStats()
-        warn = _Warner()
+        warn = _Warner(quiet)
         for origin, text in self._read(self.stats, warn):
             if not text.strip():
                 self.stats.empty_documents_skipped += 1
@@ -99,18 +104,21 @@ class TextSource:
 class _Warner:
     """Warn about the first MAX_WARNINGS problems of each kind, then only say how many more."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
         self.counts: dict[str, int] = {}
 
     def __call__(self, kind: str, message: str) -> None:
         n = self.counts[kind] = self.counts.get(kind, 0) + 1
-        if n <= MAX_WARNINGS:
+        if n <= MAX_WARNINGS and not self.quiet:
             warnings.warn(message, stacklevel=3)
 
     def summary(self) -> None:
         for kind, n in self.counts.items():
-            if n > MAX_WARNINGS:
-                warnings.warn(f"... and {n - MAX_WARNINGS} more ({kind}); see meta.json", stacklevel=3)
+            if n > MAX_WARNINGS and not self.quiet:
+                warnings.warn(
+                    f"... and {n - MAX_WARNINGS} more ({kind}); see meta.json", stacklevel=3
+                )
 
 
 def open_source(
@@ -182,7 +190,8 @@ def local_source(spec: str, text_field: str = "text", skip_bad_lines: bool = Fal
         stats.files, stats.files_ignored = len(files), ignored
         for path in files:
             if path.suffix == ".txt":
-                yield str(path), decode_utf8(path.read_bytes(), str(path), stats, warn)
+                raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+                yield str(path), decode_utf8(raw, str(path), stats, warn)
             elif path.suffix == ".jsonl":
                 yield from _read_jsonl(path, text_field, skip_bad_lines, stats, warn)
             else:
@@ -216,11 +225,15 @@ def _read_jsonl(
             if not raw.strip():
                 continue  # a blank line holds no document
             origin = f"{path}:{lineno}"
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows like to add one
             try:
                 text = _jsonl_text(decode_utf8(raw, origin, stats, warn), origin, field)
             except ValueError as e:
                 if not skip_bad:
-                    raise ValueError(f"{e} (pass --skip-bad-lines to skip and count such lines)")
+                    raise ValueError(
+                        f"{e} (pass --skip-bad-lines to skip and count such lines)"
+                    ) from None
                 stats.bad_lines_skipped += 1
                 warn("bad-line", f"skipping bad line: {e}")
                 continue
@@ -344,7 +357,9 @@ def pydocs_source() -> TextSource:
         for doc in corpus:
             yield doc["title"], doc["text"]
 
-    description = f"pydocs: Python {version} documentation, {len(corpus)} documents, {n_bytes} bytes"
+    description = (
+        f"pydocs: Python {version} documentation, {len(corpus)} documents, {n_bytes} bytes"
+    )
     return TextSource(description, read)
 
 
@@ -413,14 +428,17 @@ def _download_shakespeare(dest: Path) -> Path:
 # OpenWebText
 
 
-def openwebtext_rows(data_files: str | None = None) -> Iterable[dict[str, Any]]:
+def openwebtext_data_files() -> str:
+    """The parquet shards to stream: $HANDGRAD_OPENWEBTEXT_DATA_FILES (another revision, a mirror,
+    or a local copy such as /data/owt/*.parquet) or the pinned hub revision."""
+    return os.environ.get("HANDGRAD_OPENWEBTEXT_DATA_FILES") or OPENWEBTEXT_DATA_FILES
+
+
+def openwebtext_rows(data_files: str) -> Iterable[dict[str, Any]]:
     """Stream OpenWebText rows ({"text": ...}) with `datasets`, never holding the corpus in RAM."""
     datasets = import_optional("datasets")
     return datasets.load_dataset(
-        "parquet",
-        data_files={"train": data_files or OPENWEBTEXT_DATA_FILES},
-        split="train",
-        streaming=True,
+        "parquet", data_files={"train": data_files}, split="train", streaming=True
     )
 
 
@@ -428,8 +446,9 @@ def openwebtext_source(
     rows: Iterable[dict[str, Any]] | None = None, text_field: str = "text"
 ) -> TextSource:
     if rows is None:
-        rows = openwebtext_rows()
-        description = f"openwebtext: {OPENWEBTEXT_DATA_FILES}"
+        data_files = openwebtext_data_files()
+        rows = openwebtext_rows(data_files)
+        description = f"openwebtext: {data_files}"
     else:
         description = "openwebtext: injected rows"
 

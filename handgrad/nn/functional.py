@@ -372,6 +372,8 @@ def cross_entropy(
 
 
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"mse_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     d = input - target
     sq = d * d
     return sq.mean() if reduction == "mean" else sq.sum() if reduction == "sum" else sq
@@ -496,6 +498,14 @@ def scaled_dot_product_attention(
     v = value if value.shape[:-2] == lead else value.expand(*lead, *value.shape[-2:])
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     mask = None if attn_mask is None else attn_mask.data
+    if mask is not None:
+        try:
+            np.broadcast_shapes(mask.shape, (*lead, query.shape[-2], key.shape[-2]))
+        except ValueError:
+            raise ValueError(
+                f"scaled_dot_product_attention: attn_mask of shape {mask.shape} does not "
+                f"broadcast to the scores' shape {(*lead, query.shape[-2], key.shape[-2])}"
+            ) from None
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(
             f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}"
@@ -513,6 +523,10 @@ def scaled_dot_product_attention(
 
 
 def one_hot(tensor: Tensor, num_classes: int) -> Tensor:
+    idx = tensor.data
+    if idx.size and (idx.min() < 0 or idx.max() >= num_classes):
+        bad = int(idx.min() if idx.min() < 0 else idx.max())
+        raise ValueError(f"one_hot: class values must be in [0, {num_classes}), got {bad}")
     return Tensor._make((tensor.data[..., None] == xp.arange(num_classes)).astype(B.int64))
 
 

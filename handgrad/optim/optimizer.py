@@ -152,12 +152,12 @@ class Optimizer:
     def _weights(self, p: Tensor, state: dict[str, Any]) -> np.ndarray:
         """The C-contiguous array an update is applied to: ``p.data`` itself, or for a 16-bit
         parameter its float32 master copy (created from ``p`` on the first step)."""
+        if not p.data.flags.c_contiguous:
+            p.data = np.ascontiguousarray(p.data)
         if p.dtype in _LOW_PRECISION:
             if "master" not in state:
                 state["master"] = p.data.astype(B.float32)
             return state["master"]
-        if not p.data.flags.c_contiguous:
-            p.data = np.ascontiguousarray(p.data)
         return p.data
 
     @staticmethod

@@ -40,7 +40,6 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from itertools import chain
-from pathlib import Path
 from typing import Any, Literal
 
 import regex
@@ -60,6 +59,8 @@ ENDOFTEXT = "<|endoftext|>"
 
 # Entries of the per-instance word cache before it is emptied (bounds memory on huge corpora).
 WORD_CACHE_SIZE = 500_000
+# Pre-tokens longer than this (bytes) are merged with a heap instead of a linear scan per step.
+LONG_PIECE = 64
 # File streaming during training: characters read per step, and how many characters at the end of
 # a chunk stay unsplit for the next step (a pre-token may depend on up to 3 characters after it).
 TRAIN_CHUNK_CHARS = 1 << 20
@@ -84,8 +85,11 @@ def bytes_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, ...) map to
     U+0100.. in byte order, so every token can be written as visible text without spaces.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     n = 0
     for b in range(256):
@@ -181,8 +185,10 @@ class BPETokenizer:
         return list(self._merges)
 
     def __repr__(self) -> str:
-        return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
-                f"special_tokens={self._special_tokens})")
+        return (
+            f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
+            f"special_tokens={self._special_tokens})"
+        )
 
     # ------------------------------------------------------------------ encoding
 
@@ -192,6 +198,8 @@ class BPETokenizer:
         whole = ranks.get(piece)
         if whole is not None:  # as tiktoken: a piece that is itself a token is that token
             return [whole]
+        if len(piece) > LONG_PIECE:
+            return self._bpe_heap(piece)
         parts = [piece[i : i + 1] for i in range(len(piece))]
         while len(parts) > 1:
             best_rank, best_i = None, -1
@@ -203,6 +211,48 @@ class BPETokenizer:
                 break
             parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
         return [ranks[p] for p in parts]
+
+    def _bpe_heap(self, piece: bytes) -> list[int]:
+        """`_bpe` in O(n log n) for long pieces (a run of 10^5 spaces would take O(n^2) there).
+
+        Same result: a min-heap of (rank, start, end) over adjacent pairs pops the lowest rank,
+        leftmost first, exactly the pair the linear scan picks. Parts form a linked list of start
+        offsets; an entry is stale once either of its parts has changed.
+        """
+        ranks = self.encoder
+        n = len(piece)
+        nxt = list(range(1, n + 1))  # nxt[i]: start of the part after the part starting at i
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+
+        def pair(i: int) -> tuple[int, int, int] | None:
+            """Heap entry for the part starting at i joined with its successor, if a token."""
+            j = nxt[i]
+            if j >= n:
+                return None
+            rank = ranks.get(piece[i : nxt[j]])
+            return None if rank is None else (rank, i, nxt[j])
+
+        heap = [e for i in range(n - 1) if (e := pair(i)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, end = heapq.heappop(heap)
+            j = nxt[i]
+            if not alive[i] or j >= n or nxt[j] != end:
+                continue  # stale: a part of this pair was merged with something else
+            alive[j] = False
+            nxt[i] = end
+            if end < n:
+                prv[end] = i
+            for k in (prv[i], i):
+                if k >= 0 and (e := pair(k)) is not None:
+                    heapq.heappush(heap, e)
+        ids = []
+        i = 0
+        while i < n:
+            ids.append(ranks[piece[i : nxt[i]]])
+            i = nxt[i]
+        return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode `text`, treating special-token strings as ordinary text."""
@@ -233,17 +283,20 @@ class BPETokenizer:
         return pat
 
     def _resolve_special(
-        self, allowed_special: Literal["all"] | Collection[str],
+        self,
+        allowed_special: Literal["all"] | Collection[str],
         disallowed_special: Literal["all"] | Collection[str],
     ) -> tuple[frozenset[str], frozenset[str]]:
         known = frozenset(self._special_tokens)
         allowed = known if allowed_special == "all" else frozenset(allowed_special)
-        disallowed = known - allowed if disallowed_special == "all" else frozenset(
-            disallowed_special)
+        disallowed = (
+            known - allowed if disallowed_special == "all" else frozenset(disallowed_special)
+        )
         unknown = (allowed | disallowed) - known
         if unknown:
-            raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)} "
-                             f"(known: {sorted(known)})")
+            raise ValueError(
+                f"not special tokens of this tokenizer: {sorted(unknown)} (known: {sorted(known)})"
+            )
         return allowed, disallowed
 
     def encode(
@@ -297,7 +350,8 @@ class BPETokenizer:
         chunksize = max(1, len(texts) // (workers * 8))
         with multiprocessing.Pool(workers, _init_worker, (self.to_dict(),)) as pool:
             return pool.starmap(
-                _encode_in_worker, ((t, allowed, disallowed) for t in texts), chunksize)
+                _encode_in_worker, ((t, allowed, disallowed) for t in texts), chunksize
+            )
 
     # ------------------------------------------------------------------ decoding
 
@@ -341,12 +395,12 @@ class BPETokenizer:
         """
         special_tokens = tuple(special_tokens)
         if len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
-            raise ValueError(f"special tokens must be distinct non-empty strings: "
-                             f"{special_tokens}")
+            raise ValueError(f"special tokens must be distinct non-empty strings: {special_tokens}")
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
-            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + "
-                             f"{len(special_tokens)} special tokens")
+            raise ValueError(
+                f"vocab_size {vocab_size} is below 256 bytes + {len(special_tokens)} special tokens"
+            )
         pat = regex.compile(pattern)
         word_counts = count_words(texts_or_files, pat, special_tokens, show_progress)
         token_bytes, merges = learn_merges(word_counts, n_merges, show_progress)
@@ -379,8 +433,10 @@ class BPETokenizer:
     def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
         obj = read_tokenizer_json(path)
         if obj["type"] != "bpe":
-            raise TokenizerFileError(path, f'"type" is {obj["type"]!r}, not "bpe" '
-                                     "(use handgrad.tokenizer.load_tokenizer)")
+            raise TokenizerFileError(
+                path,
+                f'"type" is {obj["type"]!r}, not "bpe" (use handgrad.tokenizer.load_tokenizer)',
+            )
         return cls.from_dict(obj, source=str(path))
 
     @classmethod
@@ -410,17 +466,20 @@ class BPETokenizer:
         if len(byte_ids) != 256:
             raise fail(f'"byte_ids" must list 256 ids, has {len(byte_ids)}')
         if len(merge_ids) != len(merges_hex):
-            raise fail(f'"merge_ids" has {len(merge_ids)} entries but "merges" has '
-                       f"{len(merges_hex)}")
+            raise fail(
+                f'"merge_ids" has {len(merge_ids)} entries but "merges" has {len(merges_hex)}'
+            )
         all_ids = [*byte_ids, *merge_ids, *specials.values()]
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in all_ids):
             raise fail("token ids must be integers")
         if not all(isinstance(t, str) and t for t in specials):
             raise fail('"special_tokens" keys must be non-empty strings')
         if sorted(all_ids) != list(range(vocab_size)):
-            raise fail(f"inconsistent vocab_size: the file says {vocab_size} but its "
-                       f"{len(all_ids)} token ids (bytes + merges + special tokens) are not "
-                       f"exactly 0..{vocab_size - 1}")
+            raise fail(
+                f"inconsistent vocab_size: the file says {vocab_size} but its "
+                f"{len(all_ids)} token ids (bytes + merges + special tokens) are not "
+                f"exactly 0..{vocab_size - 1}"
+            )
         encoder = {bytes([b]): i for b, i in enumerate(byte_ids)}
         merges = []
         for rank, (item, new_id) in enumerate(zip(merges_hex, merge_ids)):
@@ -430,8 +489,10 @@ class BPETokenizer:
                 raise fail(f"merge {rank} is not a pair of hex byte strings: {item!r}") from None
             for part in (a, b):
                 if part not in encoder:
-                    raise fail(f"merge {rank} references unknown token {part!r} (not a byte "
-                               "or the result of an earlier merge)")
+                    raise fail(
+                        f"merge {rank} references unknown token {part!r} (not a byte "
+                        "or the result of an earlier merge)"
+                    )
             if a + b in encoder:
                 raise fail(f"merge {rank} repeats the existing token {a + b!r}")
             encoder[a + b] = new_id
@@ -505,15 +566,18 @@ def count_words(
     special_re = None
     if special_tokens:
         special_re = regex.compile(
-            "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True)))
+            "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+        )
     margin = max(_CHUNK_MARGIN, max((len(t) for t in special_tokens), default=0) + 1)
     counts: Counter[str] = Counter()
 
     def split_words(segment: str, source: str) -> list[str]:
         words = pat.findall(segment)
         if sum(map(len, words)) != len(segment):
-            raise ValueError(f"{source}: the pre-tokenization pattern does not match every "
-                             f"character, so text would be lost: {pat.pattern!r}")
+            raise ValueError(
+                f"{source}: the pre-tokenization pattern does not match every "
+                f"character, so text would be lost: {pat.pattern!r}"
+            )
         return words
 
     bar = tqdm(desc="count words", unit="char", unit_scale=True, disable=_disabled(show_progress))
@@ -524,8 +588,9 @@ def count_words(
             bar.update(len(item))
             continue
         if not isinstance(item, os.PathLike):
-            raise TypeError(f"expected str documents or os.PathLike files, got "
-                            f"{type(item).__name__}")
+            raise TypeError(
+                f"expected str documents or os.PathLike files, got {type(item).__name__}"
+            )
         carry = ""
         with open(item, encoding="utf-8") as f:
             while True:

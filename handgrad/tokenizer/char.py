@@ -78,7 +78,9 @@ class CharTokenizer:
 
     encode_ordinary = encode
 
-    def encode_batch(self, texts: Sequence[str], workers: int = 1, **kwargs: Any) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], workers: int = 1, **kwargs: Any
+    ) -> list[list[int]]:
         """Encode each text (inline: a dict lookup per character is too cheap to parallelise)."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -94,8 +96,9 @@ class CharTokenizer:
             pass
         for position, i in enumerate(ids):
             if not (isinstance(i, int) or hasattr(i, "__index__")) or not 0 <= i < n:
-                raise ValueError(f"unknown token id {i!r} at position {position} (valid ids "
-                                 f"are 0..{n - 1})")
+                raise ValueError(
+                    f"unknown token id {i!r} at position {position} (valid ids are 0..{n - 1})"
+                )
         raise AssertionError("unreachable")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -119,19 +122,25 @@ class CharTokenizer:
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
         obj = read_tokenizer_json(path)
         if obj["type"] != "char":
-            raise TokenizerFileError(path, f'"type" is {obj["type"]!r}, not "char" '
-                                     "(use handgrad.tokenizer.load_tokenizer)")
+            raise TokenizerFileError(
+                path,
+                f'"type" is {obj["type"]!r}, not "char" (use handgrad.tokenizer.load_tokenizer)',
+            )
         return cls.from_dict(obj, source=str(path))
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], source: str = "<dict>") -> CharTokenizer:
         chars = obj.get("chars")
         if not isinstance(chars, list):
-            raise TokenizerFileError(source, 'missing or malformed key "chars" (a list of '
-                                     "single characters)")
+            raise TokenizerFileError(
+                source, 'missing or malformed key "chars" (a list of single characters)'
+            )
         if obj.get("vocab_size") != len(chars):
-            raise TokenizerFileError(source, f"inconsistent vocab_size: the file says "
-                                     f"{obj.get('vocab_size')!r} but lists {len(chars)} chars")
+            raise TokenizerFileError(
+                source,
+                f"inconsistent vocab_size: the file says "
+                f"{obj.get('vocab_size')!r} but lists {len(chars)} chars",
+            )
         try:
             return cls(chars)
         except ValueError as e:

@@ -55,8 +55,10 @@ def export_hf(tok: BPETokenizer, directory: str | os.PathLike[str]) -> None:
     vocab = {text(b): i for b, i in tok.encoder.items()}
     for special, i in tok.special_tokens.items():
         if special in vocab:
-            raise ValueError(f"special token {special!r} collides with the byte-level spelling "
-                             "of an ordinary token; GPT-2 files cannot hold both")
+            raise ValueError(
+                f"special token {special!r} collides with the byte-level spelling "
+                "of an ordinary token; GPT-2 files cannot hold both"
+            )
         vocab[special] = i
     vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
     merges = [(text(tok.decoder[a]), text(tok.decoder[b])) for a, b in tok.merges]
@@ -69,24 +71,28 @@ def export_hf(tok: BPETokenizer, directory: str | os.PathLike[str]) -> None:
 
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-    model = models.BPE(vocab={k: v for k, v in vocab.items() if k not in tok.special_tokens},
-                       merges=merges)
+    model = models.BPE(
+        vocab={k: v for k, v in vocab.items() if k not in tok.special_tokens}, merges=merges
+    )
     hf = tokenizers.Tokenizer(model)
     if tok.pattern == GPT2_PATTERN:
         # HF's built-in ByteLevel regex is GPT-2's pattern (written without the (?:...) group).
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     hf.decoder = decoders.ByteLevel()
     specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
     for s, i in specials:
         if hf.token_to_id(s) != i:
-            raise RuntimeError(f"tokenizers assigned special token {s!r} the id "
-                               f"{hf.token_to_id(s)}, expected {i}")
+            raise RuntimeError(
+                f"tokenizers assigned special token {s!r} the id {hf.token_to_id(s)}, expected {i}"
+            )
     tmp = directory / f".tokenizer.json.tmp-{os.getpid()}"
     hf.save(str(tmp))
     os.replace(tmp, directory / "tokenizer.json")
@@ -121,8 +127,9 @@ def from_hf(cls: type[BPETokenizer], directory: str | os.PathLike[str]) -> BPETo
     for b in range(256):
         char = chr(ord(bytes_to_unicode()[b]))
         if char not in vocab:
-            raise ValueError(f"{vocab_path}: not a byte-level BPE vocabulary: byte {b} "
-                             f"({char!r}) has no token")
+            raise ValueError(
+                f"{vocab_path}: not a byte-level BPE vocabulary: byte {b} ({char!r}) has no token"
+            )
         encoder[bytes([b])] = vocab[char]
 
     def to_bytes(token: str, line_no: int) -> bytes:
@@ -131,8 +138,9 @@ def from_hf(cls: type[BPETokenizer], directory: str | os.PathLike[str]) -> BPETo
         try:
             return bytes(u2b[c] for c in token)
         except KeyError:
-            raise ValueError(f"{merges_path}:{line_no}: token {token!r} is not byte-level "
-                             "text") from None
+            raise ValueError(
+                f"{merges_path}:{line_no}: token {token!r} is not byte-level text"
+            ) from None
 
     merges: list[tuple[int, int]] = []
     merged_texts: set[str] = set()
@@ -146,8 +154,9 @@ def from_hf(cls: type[BPETokenizer], directory: str | os.PathLike[str]) -> BPETo
         a, b = to_bytes(parts[0], line_no), to_bytes(parts[1], line_no)
         result = parts[0] + parts[1]
         if result not in vocab:
-            raise ValueError(f"{merges_path}:{line_no}: merge result {result!r} is not in "
-                             "vocab.json")
+            raise ValueError(
+                f"{merges_path}:{line_no}: merge result {result!r} is not in vocab.json"
+            )
         merged_texts.add(result)
         if a + b in encoder:
             continue

@@ -71,18 +71,20 @@ def read_tokenizer_json(path: str | os.PathLike[str]) -> dict[str, Any]:
                 " (it looks like a Hugging Face tokenizer.json: use "
                 "BPETokenizer.from_hf(directory) with its vocab.json + merges.txt)"
             )
-        raise TokenizerFileError(path, f'not a handgrad tokenizer file: no "format": '
-                                 f'"{FORMAT_NAME}" key{hint}')
+        raise TokenizerFileError(
+            path, f'not a handgrad tokenizer file: no "format": "{FORMAT_NAME}" key{hint}'
+        )
     version = obj.get("version")
     if version != FORMAT_VERSION:
         raise TokenizerFileError(
-            path, f"unsupported format version {version!r} (this code reads version "
-            f"{FORMAT_VERSION})"
+            path,
+            f"unsupported format version {version!r} (this code reads version {FORMAT_VERSION})",
         )
     if obj.get("type") not in TOKENIZER_TYPES:
         raise TokenizerFileError(
-            path, f'unknown tokenizer "type" {obj.get("type")!r} (expected one of '
-            f"{', '.join(TOKENIZER_TYPES)})"
+            path,
+            f'unknown tokenizer "type" {obj.get("type")!r} (expected one of '
+            f"{', '.join(TOKENIZER_TYPES)})",
         )
     return obj
 

@@ -15,7 +15,9 @@ SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 EOT = "<|endoftext|>"
 
 # Small multi-document corpus: distinct documents so each can be recognised after decoding.
-DOCS = [f"Document number {i}: the quick brown fox {'jumps ' * (i % 4)}over dog {i}." for i in range(40)]
+DOCS = [
+    f"Document number {i}: the quick brown fox {'jumps ' * (i % 4)}over dog {i}." for i in range(40)
+]
 
 
 def run(source, tokenizer, out, **kw):
@@ -60,7 +62,9 @@ def decoded_documents(out):
     tok = load_tokenizer(out / "tokenizer.json")
     eot = meta["eot_token"]
     assert eot == tok.eot_token and tok.decode([eot]) == EOT
-    return {s: [tok.decode(p) for p in split_at_eot(load_split(out, s), eot)] for s in ("train", "val")}
+    return {
+        s: [tok.decode(p) for p in split_at_eot(load_split(out, s), eot)] for s in ("train", "val")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,12 @@ def test_txt_dir_eot_after_every_document_and_split_by_document(tmp_path, bpe_fi
         n = meta["splits"][split]["tokens"]
         assert (out / f"{split}.bin").stat().st_size == 2 * n
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 300
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "tokenizer.json",
+        "train.bin",
+        "val.bin",
+    ]
 
 
 def test_train_tokenizer_saved_and_learnt_on_train_only(tmp_path):
@@ -136,6 +145,10 @@ def test_glob_and_jsonl_custom_field_and_parquet_agree(tmp_path, bpe_file):
 
 
 def test_openwebtext_through_datasets_streaming(tmp_path, monkeypatch, bpe_file):
+    # Offline and with a private cache, before `datasets` is first imported (it reads these then).
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     pytest.importorskip("datasets")
     parquet = write_parquet(tmp_path / "owt.parquet", DOCS)
     # The real loading code, pointed at a local file with OpenWebText's schema.
@@ -146,9 +159,25 @@ def test_openwebtext_through_datasets_streaming(tmp_path, monkeypatch, bpe_file)
         assert (tmp_path / "owt" / f).read_bytes() == (tmp_path / "local" / f).read_bytes()
     assert meta["source"].startswith("openwebtext")
     assert sum(meta["splits"][s]["documents"] for s in ("train", "val")) == len(DOCS)
+    # An override of the shard location (a mirror or a local copy) goes through the same code.
+    other = write_parquet(tmp_path / "mirror.parquet", DOCS)
+    monkeypatch.setenv("HANDGRAD_OPENWEBTEXT_DATA_FILES", str(other))
+    meta = run("openwebtext", bpe_file, tmp_path / "mirror", val_fraction=0.1)
+    assert meta["source"] == f"openwebtext: {other}"
+    assert (tmp_path / "mirror" / "val.bin").read_bytes() == (
+        tmp_path / "owt" / "val.bin"
+    ).read_bytes()
     # Injected rows (any iterable of dicts) take the same path.
-    run("openwebtext", bpe_file, tmp_path / "rows", val_fraction=0.1, rows=[{"text": d} for d in DOCS])
-    assert (tmp_path / "rows" / "train.bin").read_bytes() == (tmp_path / "owt" / "train.bin").read_bytes()
+    run(
+        "openwebtext",
+        bpe_file,
+        tmp_path / "rows",
+        val_fraction=0.1,
+        rows=[{"text": d} for d in DOCS],
+    )
+    assert (tmp_path / "rows" / "train.bin").read_bytes() == (
+        tmp_path / "owt" / "train.bin"
+    ).read_bytes()
 
 
 def test_shakespeare_char_matches_nanogpt(tmp_path, monkeypatch):
@@ -209,7 +238,9 @@ def test_char_no_eot_and_vocab_covers_val(tmp_path):
     meta = run(write_txt_dir(tmp_path / "txt", docs), "char", out, val_fraction=0.4)
     tok = CharTokenizer.train("".join(docs))
     assert meta["vocab_size"] == len(set("".join(docs))) == tok.vocab_size
-    got = tok.decode(load_split(out, "train").tolist()) + tok.decode(load_split(out, "val").tolist())
+    got = tok.decode(load_split(out, "train").tolist()) + tok.decode(
+        load_split(out, "val").tolist()
+    )
     assert sorted(got) == sorted("".join(docs))  # no EOT, nothing else added
 
 
@@ -219,7 +250,9 @@ def test_at_least_one_val_document(tmp_path, bpe_file):
     out = tmp_path / "out"
     meta = run(write_txt_dir(tmp_path / "txt", DOCS[:2]), bpe_file, out, val_fraction=0.001)
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 1
-    meta = run(write_txt_dir(tmp_path / "txt2", DOCS[:2]), bpe_file, tmp_path / "o2", val_fraction=0)
+    meta = run(
+        write_txt_dir(tmp_path / "txt2", DOCS[:2]), bpe_file, tmp_path / "o2", val_fraction=0
+    )
     assert meta["splits"]["val"]["documents"] == 0
 
 
@@ -274,13 +307,37 @@ def test_bad_tokenizer_spec(tmp_path):
 
 def test_cli_prepare(tmp_path, bpe_file, capsys):
     src = write_txt_dir(tmp_path / "txt", DOCS)
-    rc = cli_main(["data", "prepare", "--source", str(src), "--tokenizer", str(bpe_file),
-                   "--out", str(tmp_path / "out"), "--val-fraction", "0.1", "--workers", "1"])
+    rc = cli_main(
+        [
+            "data",
+            "prepare",
+            "--source",
+            str(src),
+            "--tokenizer",
+            str(bpe_file),
+            "--out",
+            str(tmp_path / "out"),
+            "--val-fraction",
+            "0.1",
+            "--workers",
+            "1",
+        ]
+    )
     assert rc == 0
     meta = load_meta(tmp_path / "out")
     assert f"train {meta['splits']['train']['tokens']:,} tokens" in capsys.readouterr().out
-    rc = cli_main(["data", "prepare", "--source", str(tmp_path / "nope"), "--tokenizer", "char",
-                   "--out", str(tmp_path / "out2")])
+    rc = cli_main(
+        [
+            "data",
+            "prepare",
+            "--source",
+            str(tmp_path / "nope"),
+            "--tokenizer",
+            "char",
+            "--out",
+            str(tmp_path / "out2"),
+        ]
+    )
     assert rc == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out2" / "meta.json").exists()

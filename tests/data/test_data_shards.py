@@ -49,7 +49,9 @@ def test_truncated_shard_refused(prepared):
 
 def test_missing_meta_or_shard_refused(prepared):
     (prepared / "val.bin").unlink()
-    with pytest.raises(FileNotFoundError, match=r"val\.bin not found \(meta\.json expects 1000 bytes"):
+    with pytest.raises(
+        FileNotFoundError, match=r"val\.bin not found \(meta\.json expects 1000 bytes"
+    ):
         load_split(prepared, "val")
     (prepared / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"meta\.json not found"):

@@ -54,6 +54,13 @@ def test_jsonl_custom_text_field(tmp_path):
     assert stats.bad_lines_skipped == 0
 
 
+def test_utf8_bom_is_not_text(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "world"}\n')
+    got, _ = docs(tmp_path)
+    assert got == ["hello", "world"]
+
+
 def test_parquet(tmp_path):
     path = tmp_path / "d.parquet"
     write_parquet(path, "content", ["p0", "p1", None, "p3"])
@@ -74,10 +81,18 @@ def test_empty_file_skipped_counted_and_warned(tmp_path):
     (tmp_path / "b.txt").write_text("")
     (tmp_path / "c.txt").write_text("  \n")
     src = open_source(tmp_path)
-    with pytest.warns(UserWarning, match=r"skipping empty document .*b\.txt"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         got = list(src.documents())
     assert got == ["real"]
     assert src.stats.empty_documents_skipped == 2
+    messages = [str(w.message) for w in caught]
+    assert [m.rsplit("/", 1)[-1] for m in messages] == ["b.txt", "c.txt"]
+    assert all(m.startswith("skipping empty document") for m in messages)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert list(src.documents(quiet=True)) == ["real"]
+    assert not caught and src.stats.empty_documents_skipped == 2
 
 
 def test_non_utf8_replaced_and_counted(tmp_path):
@@ -135,7 +150,7 @@ def test_pydocs_deterministic_and_size():
     titles = [d["title"] for d in a]
     assert "topic for" in titles and "module json" in titles
     assert not any(t.split()[1].split(".")[0] in {"this", "antigravity", "tkinter"} for t in titles)
-    assert "The \"for\" statement" in next(d["text"] for d in a if d["title"] == "topic for")
+    assert 'The "for" statement' in next(d["text"] for d in a if d["title"] == "topic for")
 
 
 def test_shakespeare_offline_message(tmp_path, monkeypatch):

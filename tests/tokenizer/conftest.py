@@ -63,3 +63,17 @@ def corpus() -> list[str]:
 def small_tok(corpus) -> BPETokenizer:
     """A 600-token BPE trained on the random corpus plus the varied texts."""
     return BPETokenizer.train(corpus + VARIED_TEXTS, 600, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_docs() -> list[str]:
+    """The first ~300 kB of tiny Shakespeare as paragraphs (skips if ../shared/data is absent)."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not present")
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:300_000]
+    return text.split("\n\n")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_tok(shakespeare_docs) -> BPETokenizer:
+    return BPETokenizer.train(shakespeare_docs, 1200, show_progress=False)

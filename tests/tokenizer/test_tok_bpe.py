@@ -87,8 +87,9 @@ def test_train_from_files_matches_documents(tmp_path, monkeypatch, corpus):
 
 
 def test_train_special_tokens_are_boundaries():
-    counts = bpe.count_words(["ab<|endoftext|>ab"], bpe.regex.compile(bpe.GPT2_PATTERN),
-                             (ENDOFTEXT,))
+    counts = bpe.count_words(
+        ["ab<|endoftext|>ab"], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,)
+    )
     assert counts == {b"ab": 2}
 
 
@@ -118,15 +119,22 @@ def test_train_rejects_bad_arguments(tmp_path):
 # ---------------------------------------------------------------- encode / decode
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
 def test_round_trip_any_unicode(small_tok, text):
     assert small_tok.decode(small_tok.encode_ordinary(text)) == text
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.sampled_from(["😀", "\u0301", "\x00", "e", " ", "\n", "'s", "日", "\u200d"]),
-                max_size=50).map("".join))
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.sampled_from(["😀", "\u0301", "\x00", "e", " ", "\n", "'s", "日", "\u200d"]), max_size=50
+    ).map("".join)
+)
 def test_round_trip_emoji_combining_nul(small_tok, text):
     assert small_tok.decode(small_tok.encode(text)) == text
 
@@ -217,12 +225,13 @@ def test_unknown_special_name_is_an_error(small_tok):
 
 
 def test_several_special_tokens():
-    tok = BPETokenizer.train(["hello world"], 300, special_tokens=("<|a|>", "<|a|>x", "<|b|>"),
-                             show_progress=False)
-    assert tok.special_tokens == {"<|a|>": 297, "<|a|>x": 298, "<|b|>": 299}
+    tok = BPETokenizer.train(
+        ["hello world"], 262, special_tokens=("<|a|>", "<|a|>x", "<|b|>"), show_progress=False
+    )
+    assert tok.special_tokens == {"<|a|>": 259, "<|a|>x": 260, "<|b|>": 261}
     assert tok.eot_token is None
     # the longest special token wins; <|b|> stays disallowed
-    assert tok.encode("<|a|>x", allowed_special={"<|a|>", "<|a|>x"}) == [298]
+    assert tok.encode("<|a|>x", allowed_special={"<|a|>", "<|a|>x"}) == [260]
     with pytest.raises(ValueError, match=r"<\|b\|>"):
         tok.encode("<|a|><|b|>", allowed_special={"<|a|>"})
 
@@ -260,3 +269,46 @@ def test_train_on_path_single_item(tmp_path):
     p.write_text("hello hello hello", encoding="utf-8")
     tok = BPETokenizer.train(p, 260, special_tokens=(), show_progress=False)
     assert tok.decoder[256] in (b"he", b"ll", b"el", b"lo")
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.sampled_from(["a", "b", "ab", " ", "é", "kato", "1"]), max_size=60).map("".join))
+def test_heap_merge_equals_linear_scan(small_tok, text):
+    piece = text.encode("utf-8")
+    if not piece:
+        return
+    saved = bpe.LONG_PIECE
+    try:
+        bpe.LONG_PIECE = 10**9  # always the linear scan
+        linear = small_tok._bpe(piece)
+        bpe.LONG_PIECE = 0  # always the heap
+        heap = small_tok._bpe(piece)
+    finally:
+        bpe.LONG_PIECE = saved
+    assert heap == linear
+    assert small_tok.decode(heap) == text
+
+
+def test_long_pieces_are_fast_and_round_trip(small_tok):
+    # 200k spaces / letters / digits: O(n^2) merging would take minutes
+    for text in (" " * 200_000 + "x", "ka" * 100_000, "7" * 100_001):
+        fresh = BPETokenizer.from_dict(small_tok.to_dict())
+        assert fresh.decode(fresh.encode(text)) == text
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.text(max_size=60)
+    | st.lists(
+        st.sampled_from(["a", "\ud800", "\udc00", "\ud83d", "\ude00", " "]), max_size=20
+    ).map("".join)
+)
+def test_surrogate_rule_property(small_tok, text):
+    # the documented rule, spelled out independently of the code: UTF-16 with surrogatepass,
+    # decoded back with 'replace' (pairs join, lone surrogates become U+FFFD)
+    expected = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    assert small_tok.decode(small_tok.encode(text)) == expected

@@ -1,0 +1,139 @@
+"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as torch.optim.AdamW."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from handgrad.optim.optimizer import Optimizer, _is_probability
+
+# Updates run over slices of this many elements so that the ~10 elementwise passes of one
+# step stay in cache: memory traffic is then one read of p, g, m, v and one write of p, m, v.
+_CHUNK = 1 << 15
+
+
+class AdamW(Optimizer):
+    """torch.optim.AdamW. Per parameter, at step t = 1, 2, ... with gradient g:
+
+        p <- p * (1 - lr * weight_decay)              (decoupled decay, before the update)
+        m <- beta1 * m + (1 - beta1) * g              (first moment)
+        v <- beta2 * v + (1 - beta2) * g^2            (second moment)
+        p <- p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    m and v start at 0; ``1 - beta^t`` corrects their bias towards 0. For 16-bit parameters
+    p above is the float32 master copy in ``state['master']``; the parameter receives its
+    rounding after each step. Give per-group ``weight_decay`` (see
+    ``handgrad.optim.param_groups_for_weight_decay``) to decay only matrices, as GPT-2.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self._scratch: dict[np.dtype, np.ndarray] = {}
+
+    def _check_options(self, options: dict[str, Any], group_index: int) -> None:
+        super()._check_options(options, group_index)
+        betas = options["betas"]
+        if not (isinstance(betas, tuple | list) and len(betas) == 2):
+            raise ValueError(f"AdamW: betas must be a pair, got {betas!r} (group {group_index})")
+        for i, b in enumerate(betas):
+            if not _is_probability(b):
+                raise ValueError(
+                    f"AdamW: invalid beta parameter at index {i}: {b!r} (must be in [0, 1))"
+                )
+        options["betas"] = tuple(betas)
+        eps = options["eps"]
+        if not (isinstance(eps, int | float) and eps >= 0):
+            raise ValueError(f"AdamW: invalid eps {eps!r} (group {group_index})")
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = self._closure_loss(closure)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.setdefault(p, {})
+                w = self._weights(p, state)
+                if "step" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = np.zeros_like(w)
+                    state["exp_avg_sq"] = np.zeros_like(w)
+                state["step"] += 1
+                low_precision = w is not p.data
+                _adamw_update(
+                    w.reshape(-1),
+                    self._grad(p, w.dtype).reshape(-1),
+                    state["exp_avg"].reshape(-1),
+                    state["exp_avg_sq"].reshape(-1),
+                    self._scratch_for(w.dtype),
+                    p.data.reshape(-1) if low_precision else None,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=state["step"],
+                )
+        return loss
+
+    def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
+        if dtype not in self._scratch:
+            self._scratch[dtype] = np.empty(_CHUNK, dtype=dtype)
+        return self._scratch[dtype]
+
+
+def _adamw_update(
+    w: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    tmp: np.ndarray,
+    out: np.ndarray | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """One AdamW step on flat arrays, in place (w, m, v; ``out`` gets w cast to its dtype).
+    The operations and their order are torch's, so float64 results agree to the last bits."""
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    decay = 1 - lr * weight_decay
+    for start in range(0, w.size, _CHUNK):
+        s = slice(start, start + _CHUNK)
+        ws, gs, ms, vs = w[s], g[s], m[s], v[s]
+        t = tmp[: ws.size]
+        if decay != 1:
+            ws *= decay
+        # m <- m + (1 - beta1) (g - m)   (torch's lerp)
+        np.subtract(gs, ms, out=t)
+        t *= 1 - beta1
+        ms += t
+        # v <- beta2 v + (1 - beta2) g g
+        vs *= beta2
+        np.multiply(gs, 1 - beta2, out=t)
+        t *= gs
+        vs += t
+        # w <- w - step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+        np.sqrt(vs, out=t)
+        t /= bias_correction2_sqrt
+        t += eps
+        np.divide(ms, t, out=t)
+        t *= step_size
+        ws -= t
+        if out is not None:
+            out[s] = ws

@@ -1,0 +1,465 @@
+"""Training configuration: TOML with sections [model] [data] [optim] [train] [eval].
+
+A config is read, overridden with ``--set section.key=value`` and validated into dataclasses
+before any work starts, so a typo or an impossible combination costs no tokenizer training
+and no data preparation. Errors name the file, the key and what was expected.
+
+The shipped configs live in ``handgrad/train/configs/`` (package data, so they work from an
+installed package); ``configs/`` at the repository root holds identical copies for reading
+and editing (a test keeps the two in sync). A config is named either by a path to a TOML
+file or by the stem of a shipped one (``quickstart``, ``shakespeare-char``,
+``gpt2-124m-owt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = "quickstart"
+SECTIONS = ("model", "data", "optim", "train", "eval")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file, the key and the problem."""
+
+
+# ----------------------------------------------------------------------------------------
+# the sections
+
+
+@dataclass
+class ModelSection:
+    """``[model]``: a GPT-2 preset and/or the GPT2Config fields that override it.
+
+    Fields left as None come from the preset (or GPT2Config's defaults); ``vocab_size``
+    comes from the prepared data when neither sets it.
+    """
+
+    preset: str | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    vocab_size: int | None = None
+    padded_vocab_size: int | None = None
+    dropout: float | None = None
+    bias: bool | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class DataSection:
+    """``[data]``: what to train on.
+
+    ``source`` is anything ``handgrad data prepare --source`` accepts (``pydocs``,
+    ``shakespeare``, ``openwebtext``, a .txt/.jsonl/.parquet file, directory or glob), or a
+    directory already prepared (it holds meta.json). Raw sources are prepared once into
+    ``cache_dir`` (default ``$HANDGRAD_CACHE/prepared`` or ``~/.cache/handgrad/prepared``),
+    keyed by source, tokenizer and val_fraction.
+    """
+
+    source: str = ""
+    tokenizer: str | None = None  # "char", "train:N" or a tokenizer .json file
+    val_fraction: float = 0.0005
+    cache_dir: str | None = None
+    workers: int | None = None  # tokenizer processes for preparation (default: all cores)
+
+
+@dataclass
+class OptimSection:
+    """``[optim]``: AdamW and the warmup + cosine learning-rate schedule."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # default: train.max_steps
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainSection:
+    """``[train]``: the loop. Global batch = micro_batch_size x grad_accum_steps x processes."""
+
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    global_batch_size: int | None = None  # optional cross-check of the product above
+    block_size: int | None = None  # training window; default and maximum: the model's
+    seed: int = 1337
+    log_interval: int = 10
+    checkpoint_interval: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    processes: int = 1  # data parallelism is not implemented: must be 1
+    sample_tokens: int = 200  # length of the sample printed at each evaluation (0: none)
+
+
+@dataclass
+class EvalSection:
+    """``[eval]``: validation every ``interval`` steps (0: only at the end)."""
+
+    interval: int = 250
+    batches: int = 20
+    sample_prompt: str = ""  # empty: start from end-of-text (or a newline)
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 200
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    name: str = "config"  # the file or preset it came from, for messages and run names
+
+    def to_dict(self) -> dict[str, Any]:
+        """The five sections as plain dicts (None values dropped: TOML has no null)."""
+        return {
+            s: {k: v for k, v in dataclasses.asdict(getattr(self, s)).items() if v is not None}
+            for s in SECTIONS
+        }
+
+    @property
+    def global_batch_size(self) -> int:
+        t = self.train
+        return t.micro_batch_size * t.grad_accum_steps * t.processes
+
+
+_SECTION_TYPES = {
+    "model": ModelSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "eval": EvalSection,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# reading
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.toml"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A TOML path as given, or the shipped config of that name."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        return path
+    shipped = SHIPPED_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        raise ConfigError(
+            f"unknown config {str(name_or_path)!r}: not a .toml file and not a shipped config "
+            f"({', '.join(shipped_configs())})"
+        )
+    return shipped
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value). The value is a TOML literal (``3``,
+    ``1e-3``, ``true``, ``[0.9, 0.95]``, ``"text"``); a bare word that is not valid TOML is
+    taken as a string, so ``--set data.tokenizer=char`` works without quotes."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    lhs, value = item.split("=", 1)
+    if lhs.count(".") != 1:
+        raise ConfigError(f"--set {item!r}: expected section.key=value (one dot, e.g. optim.lr)")
+    section, key = (s.strip() for s in lhs.split("."))
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return section, key, parsed
+
+
+def load_config(
+    config: str | os.PathLike | dict | None = None,
+    overrides: list[str] | None = None,
+) -> TrainConfig:
+    """Read a config (a path, a shipped name, a dict of sections, or None for the default),
+    apply ``--set`` overrides and validate it. Raises ConfigError naming the problem."""
+    if isinstance(config, dict):
+        raw, origin, name = _copy_sections(config), "config", "config"
+    else:
+        path = resolve_config_path(DEFAULT_CONFIG if config is None else config)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        origin, name = str(path), path.stem
+    for item in overrides or []:
+        section, key, value = parse_override(item)
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"--set {item!r}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}"
+            )
+        raw.setdefault(section, {})[key] = value
+    cfg = from_dict(raw, origin)
+    cfg.name = name
+    return cfg
+
+
+def _copy_sections(d: dict) -> dict:
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def from_dict(raw: dict[str, Any], origin: str = "config") -> TrainConfig:
+    """Build and validate a TrainConfig from {section: {key: value}}."""
+    unknown = [k for k in raw if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(
+            f"{origin}: unknown section(s) {', '.join(f'[{k}]' for k in unknown)}; "
+            f"valid sections: {', '.join(f'[{s}]' for s in SECTIONS)}"
+        )
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{name}] must be a table of key = value")
+        sections[name] = _build_section(cls, name, values, origin)
+    cfg = TrainConfig(**sections)
+    validate(cfg, origin)
+    return cfg
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], origin: str) -> Any:
+    hints = get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"{origin}: unknown key {key!r} in [{section}]; valid keys: {', '.join(valid)}"
+            )
+        kwargs[key] = _check_type(value, hints[key], f"{origin}: [{section}] {key}")
+    return cls(**kwargs)
+
+
+def _type_name(t: Any) -> str:
+    args = [a for a in get_args(t) if a is not type(None)]
+    if get_origin(t) is list:
+        return f"a list of {_type_name(args[0])}"
+    if args:
+        names = " or ".join(_type_name(a) for a in args)
+        return names
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        t, str(t)
+    )
+
+
+def _check_type(value: Any, t: Any, where: str) -> Any:
+    """``value`` converted to type ``t`` (int -> float allowed), or a ConfigError."""
+    args = get_args(t)
+    if type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where)
+    if get_origin(t) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: expected {_type_name(t)}")
+        return [_check_type(v, args[0], where) for v in value]
+    ok = (
+        (t is bool and isinstance(value, bool))
+        or (t is int and isinstance(value, int) and not isinstance(value, bool))
+        or (t is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (t is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(
+            f"{where} = {value!r}: expected {_type_name(t)}, got {type(value).__name__}"
+        )
+    return float(value) if t is float else value
+
+
+# ----------------------------------------------------------------------------------------
+# validation of values (types were checked on the way in)
+
+
+def validate(cfg: TrainConfig, origin: str = "config") -> None:
+    """Impossible values are errors now, not an hour into a run."""
+    problems: list[str] = []
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            problems.append(message)
+
+    m, d, o, t, e = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size"):
+        v = getattr(m, key)
+        need(v is None or v >= 1, f"[model] {key} = {v}: must be >= 1")
+    if m.n_embd is not None and m.n_head is not None and m.n_head >= 1:
+        need(
+            m.n_embd % m.n_head == 0,
+            f"[model] n_embd = {m.n_embd} is not divisible by n_head = {m.n_head}",
+        )
+    if m.vocab_size is not None and m.padded_vocab_size is not None:
+        need(
+            m.padded_vocab_size >= m.vocab_size,
+            f"[model] padded_vocab_size = {m.padded_vocab_size} is below vocab_size = "
+            f"{m.vocab_size}",
+        )
+    need(
+        m.dropout is None or 0.0 <= m.dropout < 1.0,
+        f"[model] dropout = {m.dropout}: must be in [0, 1)",
+    )
+    need(
+        m.dtype is None or m.dtype in ("float32", "bfloat16"),
+        f"[model] dtype = {m.dtype!r}: must be 'float32' or 'bfloat16'",
+    )
+
+    need(bool(d.source), "[data] source is required (pydocs, shakespeare, a file or a directory)")
+    need(
+        d.tokenizer is None
+        or d.tokenizer == "char"
+        or d.tokenizer.endswith(".json")
+        or _is_train_spec(d.tokenizer),
+        f"[data] tokenizer = {d.tokenizer!r}: expected 'char', 'train:N' (N an integer >= 257) "
+        "or a tokenizer .json file",
+    )
+    need(0.0 <= d.val_fraction < 1.0, f"[data] val_fraction = {d.val_fraction}: must be in [0, 1)")
+    need(d.workers is None or d.workers >= 1, f"[data] workers = {d.workers}: must be >= 1")
+
+    need(_finite(o.lr) and o.lr > 0, f"[optim] lr = {o.lr}: must be > 0")
+    need(
+        _finite(o.min_lr) and 0 <= o.min_lr <= o.lr,
+        f"[optim] min_lr = {o.min_lr}: must be in [0, lr = {o.lr}]",
+    )
+    need(o.warmup_steps >= 0, f"[optim] warmup_steps = {o.warmup_steps}: must be >= 0")
+    decay = t.max_steps if o.decay_steps is None else o.decay_steps
+    need(decay >= 1, f"[optim] decay_steps = {decay}: must be >= 1")
+    need(
+        o.warmup_steps <= decay,
+        f"[optim] warmup_steps = {o.warmup_steps} is greater than decay_steps = {decay} "
+        "(the cosine decay would end before warmup does)",
+    )
+    need(
+        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+        f"[optim] betas = {o.betas}: expected two numbers in [0, 1)",
+    )
+    need(o.weight_decay >= 0, f"[optim] weight_decay = {o.weight_decay}: must be >= 0")
+    need(o.grad_clip >= 0, f"[optim] grad_clip = {o.grad_clip}: must be >= 0 (0 disables)")
+    need(o.eps > 0, f"[optim] eps = {o.eps}: must be > 0")
+
+    need(t.max_steps >= 1, f"[train] max_steps = {t.max_steps}: must be >= 1")
+    need(t.micro_batch_size >= 1, f"[train] micro_batch_size = {t.micro_batch_size}: must be >= 1")
+    need(t.grad_accum_steps >= 1, f"[train] grad_accum_steps = {t.grad_accum_steps}: must be >= 1")
+    need(
+        t.processes == 1,
+        f"[train] processes = {t.processes}: data-parallel training is not implemented; use 1",
+    )
+    if t.global_batch_size is not None and t.micro_batch_size >= 1 and t.processes >= 1:
+        per_step = t.micro_batch_size * t.processes
+        if t.global_batch_size % per_step != 0:
+            problems.append(
+                f"[train] global_batch_size = {t.global_batch_size} is not divisible by "
+                f"micro_batch_size x processes = {t.micro_batch_size} x {t.processes}"
+            )
+        elif t.global_batch_size != per_step * t.grad_accum_steps:
+            problems.append(
+                f"[train] global_batch_size = {t.global_batch_size} but micro_batch_size x "
+                f"grad_accum_steps x processes = {t.micro_batch_size} x {t.grad_accum_steps} x "
+                f"{t.processes} = {per_step * t.grad_accum_steps}; set grad_accum_steps = "
+                f"{t.global_batch_size // per_step}"
+            )
+    need(
+        t.block_size is None or t.block_size >= 1,
+        f"[train] block_size = {t.block_size}: must be >= 1",
+    )
+    if t.block_size is not None and m.block_size is not None:
+        need(
+            t.block_size <= m.block_size,
+            f"[train] block_size = {t.block_size} is above the model's block_size = "
+            f"{m.block_size}",
+        )
+    for key in ("log_interval", "checkpoint_interval", "sample_tokens"):
+        need(getattr(t, key) >= 0, f"[train] {key} = {getattr(t, key)}: must be >= 0")
+    need(t.log_interval >= 1, f"[train] log_interval = {t.log_interval}: must be >= 1")
+    need(t.keep_checkpoints >= 1, f"[train] keep_checkpoints = {t.keep_checkpoints}: must be >= 1")
+
+    need(e.interval >= 0, f"[eval] interval = {e.interval}: must be >= 0 (0: only at the end)")
+    need(e.batches >= 0, f"[eval] batches = {e.batches}: must be >= 0 (0: no evaluation)")
+    need(
+        e.batches == 0 or d.val_fraction > 0 or _maybe_prepared(d.source),
+        f"[eval] batches = {e.batches} needs a validation split, but [data] val_fraction = 0",
+    )
+    need(e.sample_temperature >= 0, f"[eval] sample_temperature = {e.sample_temperature}: >= 0")
+    need(
+        e.sample_top_k is None or e.sample_top_k >= 1,
+        f"[eval] sample_top_k = {e.sample_top_k}: must be >= 1",
+    )
+    if not problems:
+        # The model section against its preset: catches n_embd % n_head through a preset, an
+        # unknown preset name and a training block_size above the preset's, all before any data
+        # is prepared. vocab_size is a placeholder when it comes from the data.
+        try:
+            model_cfg = resolve_model_config(m, data_vocab_size=m.vocab_size or 1)
+        except ConfigError as err:
+            problems.append(str(err))
+        else:
+            if t.block_size is not None and t.block_size > model_cfg.block_size:
+                problems.append(
+                    f"[train] block_size = {t.block_size} is above the model's block_size = "
+                    f"{model_cfg.block_size}"
+                )
+    if problems:
+        raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(problems))
+
+
+def resolve_model_config(m: ModelSection, data_vocab_size: int) -> Any:
+    """The GPT2Config of ``[model]``: the preset (if any) with the given fields on top.
+    ``vocab_size`` is the data's unless the section sets it (a preset's vocabulary describes
+    its usual tokenizer, not the data at hand), and ``padded_vocab_size`` follows it (next
+    multiple of 64) unless set."""
+    from handgrad.models.gpt2 import PRESETS, GPT2Config
+
+    fields = {
+        f.name: getattr(m, f.name)
+        for f in dataclasses.fields(m)
+        if f.name != "preset" and getattr(m, f.name) is not None
+    }
+    fields.setdefault("vocab_size", data_vocab_size)
+    fields.setdefault("padded_vocab_size", None)
+    try:
+        if m.preset is not None:
+            if m.preset not in PRESETS:
+                raise ConfigError(
+                    f"[model] preset = {m.preset!r}: unknown; choose one of {', '.join(PRESETS)}"
+                )
+            return GPT2Config.from_preset(m.preset, **fields)
+        missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if k not in fields]
+        if missing:
+            raise ConfigError(
+                f"[model] needs a preset or {', '.join(missing)} "
+                f"(presets: {', '.join(PRESETS)})"
+            )
+        return GPT2Config(**fields)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"[model]: {err}") from None
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def _is_train_spec(spec: str) -> bool:
+    head, _, n = spec.partition(":")
+    return head == "train" and n.isdigit() and int(n) >= 257
+
+
+def _maybe_prepared(source: str) -> bool:
+    return (Path(source) / "meta.json").is_file()

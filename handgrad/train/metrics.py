@@ -1,0 +1,89 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per logged step) and the loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl``, flushed line by line so a crash loses nothing
+    already logged. Records keep every step key they are given (train_loss, lr, ...)."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.is_file():
+            # Steps after the checkpoint we resume from were logged by a run that did not
+            # reach its next checkpoint; they will be logged again, so drop them.
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if isinstance(rec, dict) and rec.get("step", math.inf) <= resume_step:
+                    kept.append(rec)
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+            self.records = kept
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Train and val loss against step (bottom axis) and tokens (top axis), written to a
+    temporary file and renamed, so the PNG on disk is always a whole image."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, safe in threads and over ssh
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if train:
+        ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), label="val", color="tab:orange", marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tokens_per_step = _tokens_per_step(records)
+    if tokens_per_step:
+        top = ax.secondary_xaxis(
+            "top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step)
+        )
+        top.set_xlabel("tokens")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def _tokens_per_step(records: list[dict[str, Any]]) -> float | None:
+    for r in records:
+        if r.get("step") and r.get("tokens"):
+            return r["tokens"] / r["step"]
+    return None
