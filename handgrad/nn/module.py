@@ -154,8 +154,9 @@ class Module:
     def _check_name(self, name: str, kind: str) -> None:
         if not isinstance(name, str) or not name or "." in name:
             raise KeyError(f"{kind} name must be a non-empty string without '.', got {name!r}")
-        if hasattr(self, name) and name not in self._parameters and name not in self._buffers \
-                and name not in self._modules:
+        params, buffers, modules = self._tables()
+        registered = name in params or name in buffers or name in modules
+        if hasattr(self, name) and not registered:
             raise KeyError(f"attribute {name!r} already exists on {type(self).__name__}")
 
     def register_parameter(self, name: str, param: Parameter | None) -> None:
@@ -261,7 +262,9 @@ class Module:
         for part in target.split(".") if target else []:
             child = module._modules.get(part)
             if child is None:
-                raise AttributeError(f"{type(module).__name__} has no submodule {part!r} ({target!r})")
+                raise AttributeError(
+                    f"{type(module).__name__} has no submodule {part!r} ({target!r})"
+                )
             module = child
         return module
 
@@ -378,7 +381,9 @@ class Module:
             return self
         dtype = B.to_dtype(dtype)
         if not B.is_floating(dtype):
-            raise TypeError(f"Module.to: only floating dtypes are allowed, got {B.dtype_name(dtype)}")
+            raise TypeError(
+                f"Module.to: only floating dtypes are allowed, got {B.dtype_name(dtype)}"
+            )
         for t in [*self.parameters(), *self.buffers()]:
             if not B.is_floating(t.dtype) or t.dtype == dtype:
                 continue
@@ -508,7 +513,9 @@ class ModuleList(Module):
                 runs.append([i, i, r])
         lines = []
         for start, end, r in runs:
-            line = f"({start}): {r}" if start == end else f"({start}-{end}): {end - start + 1} x {r}"
+            line = (
+                f"({start}): {r}" if start == end else f"({start}-{end}): {end - start + 1} x {r}"
+            )
             lines.append(_addindent(line, 2))
         return self._get_name() + "(\n  " + "\n  ".join(lines) + "\n)"
 

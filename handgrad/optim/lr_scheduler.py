@@ -56,7 +56,9 @@ class CosineWithWarmup:
         last_step: int = -1,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"CosineWithWarmup: expected an Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"CosineWithWarmup: expected an Optimizer, got {type(optimizer).__name__}"
+            )
         self.optimizer = optimizer
         self.max_lr, self.min_lr = float(max_lr), float(min_lr)
         self.warmup_steps, self.decay_steps = int(warmup_steps), int(decay_steps)

@@ -25,7 +25,10 @@ into ``{"state.<i>.<key>": array}`` (for safetensors) and a JSON-able remainder;
 
 16-bit parameters (bfloat16/float16) are updated through a float32 master copy kept in the
 state: the optimizer updates the master and writes its rounding back into the parameter, so
-small updates accumulate instead of being rounded away every step.
+small updates accumulate instead of being rounded away every step. The master is made from
+the parameter on its first step; if you later overwrite a 16-bit parameter (e.g. with
+``model.load_state_dict``), load the matching optimizer state too (or build a new optimizer),
+otherwise the next step continues from the old master.
 """
 
 from __future__ import annotations
@@ -198,6 +201,13 @@ class Optimizer:
                 f"got {keys}"
             )
         saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups
+        ):
+            raise ValueError(
+                f"{name}.load_state_dict: 'param_groups' must be a list of dicts with a "
+                "'params' list"
+            )
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"{name}.load_state_dict: the state dict has {len(saved_groups)} parameter "
@@ -227,6 +237,11 @@ class Optimizer:
                 raise ValueError(
                     f"{name}.load_state_dict: state for parameter {i}, but there are only "
                     f"{len(params)} parameters"
+                )
+            if not isinstance(entry, dict):
+                raise ValueError(
+                    f"{name}.load_state_dict: state for parameter {i} is a "
+                    f"{type(entry).__name__}, expected a dict"
                 )
             p, restored = params[i], {}
             for k, v in entry.items():

@@ -51,7 +51,10 @@ def test_layer_norm_matches_torch():
     ours.weight.data[...] = rng.standard_normal(6)  # non-trivial affine parameters
     ours.bias.data[...] = rng.standard_normal(6)
     run_both(ours, theirs, rng.standard_normal((3, 4, 6)) * 3 + 1)
-    ours, theirs = nn.LayerNorm((2, 3), eps=1e-3, bias=False), torch.nn.LayerNorm((2, 3), eps=1e-3, bias=False)
+    ours, theirs = (
+        nn.LayerNorm((2, 3), eps=1e-3, bias=False),
+        torch.nn.LayerNorm((2, 3), eps=1e-3, bias=False),
+    )
     assert ours.bias is None and [n for n, _ in ours.named_parameters()] == ["weight"]
     run_both(ours, theirs, rng.standard_normal((4, 2, 3)))
     ours = nn.LayerNorm(4, elementwise_affine=False)

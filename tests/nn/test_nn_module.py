@@ -17,7 +17,9 @@ def build(lib):
             super().__init__()
             self.ln_1 = lib.nn.LayerNorm(8)
             self.attn = lib.nn.Linear(8, 24)
-            self.mlp = lib.nn.Sequential(lib.nn.Linear(8, 32), lib.nn.GELU("tanh"), lib.nn.Linear(32, 8))
+            self.mlp = lib.nn.Sequential(
+                lib.nn.Linear(8, 32), lib.nn.GELU("tanh"), lib.nn.Linear(32, 8)
+            )
             self.drop = lib.nn.Dropout(0.1)
             self.register_buffer("mask", lib.ones(4, 4), persistent=False)
             self.register_buffer("scale", lib.ones(8))
@@ -117,7 +119,9 @@ def test_load_state_dict_reports_every_problem_and_writes_nothing():
     assert unexpected == ["transformer.h.2.attn.weight"]
     np.testing.assert_array_equal(model.transformer.ln_f.weight.data, np.full(8, 7.0))
 
-    with pytest.raises(RuntimeError, match="value for 'transformer.ln_f.weight' has non-numeric dtype object"):
+    with pytest.raises(
+        RuntimeError, match="value for 'transformer.ln_f.weight' has non-numeric dtype object"
+    ):
         model.load_state_dict({"transformer.ln_f.weight": object()}, strict=False)
     with pytest.raises(TypeError, match="expected a mapping"):
         model.load_state_dict([("a", 1)])

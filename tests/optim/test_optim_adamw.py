@@ -107,7 +107,10 @@ def test_adamw_large_param_spans_several_chunks():
     rng = np.random.default_rng(4)
     a = rng.standard_normal(100_003)
     p, q = Parameter(hg.tensor(a, dtype=hg.float64)), torch.tensor(a, requires_grad=True)
-    opt, ref = AdamW([p], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1)
+    opt, ref = (
+        AdamW([p], lr=1e-2, weight_decay=0.1),
+        torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1),
+    )
     for _ in range(3):
         g = rng.standard_normal(a.shape)
         p.grad, q.grad = hg.tensor(g, dtype=hg.float64), torch.tensor(g)
@@ -137,7 +140,10 @@ def test_adamw_bfloat16_keeps_float32_master():
     p = Parameter(hg.tensor(a16, dtype=hg.bfloat16))
     # torch reference: float32 weights starting from the same (bf16-representable) values
     q = torch.tensor(a16.astype(np.float32), requires_grad=True)
-    opt, ref = AdamW([p], lr=1e-3, weight_decay=0.1), torch.optim.AdamW([q], lr=1e-3, weight_decay=0.1)
+    opt, ref = (
+        AdamW([p], lr=1e-3, weight_decay=0.1),
+        torch.optim.AdamW([q], lr=1e-3, weight_decay=0.1),
+    )
     for _ in range(20):
         g = rng.standard_normal(a.shape).astype(np.float32)
         p.grad, q.grad = hg.tensor(g), torch.tensor(g)

@@ -69,6 +69,10 @@ def test_load_state_dict_rejects_mismatches_without_changing_anything():
         AdamW(ps[:1]).load_state_dict(good)
     with pytest.raises(ValueError, match="keys 'state' and 'param_groups'"):
         opt.load_state_dict({"state": {}})
+    with pytest.raises(ValueError, match="'param_groups' must be a list of dicts"):
+        opt.load_state_dict({"state": {}, "param_groups": [{"lr": 0.1}]})
+    with pytest.raises(ValueError, match="state for parameter 0 is a list"):
+        opt.load_state_dict({"state": {0: []}, "param_groups": good["param_groups"]})
     bad = {"state": {5: {"step": 1}}, "param_groups": good["param_groups"]}
     with pytest.raises(ValueError, match="state for parameter 5, but there are only 2"):
         opt.load_state_dict(bad)

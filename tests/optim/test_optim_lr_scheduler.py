@@ -55,6 +55,7 @@ def test_scheduler_matches_torch_lambda_lr():
     sched = CosineWithWarmup(opt, **cfg)
     q = torch.zeros(2, requires_grad=True)
     ref_opt = torch.optim.SGD([q], lr=cfg["max_lr"])
+
     # the same schedule written independently as a multiplier of max_lr
     def lam(s):
         if s < 5:

@@ -48,7 +48,10 @@ def test_sgd_groups_with_own_options_and_no_grad_params():
     def groups(ps):
         return [{"params": ps[:1], "momentum": 0.5}, {"params": ps[1:], "lr": 0.3}]
 
-    opt, ref = SGD(groups(ours), lr=0.1, momentum=0.9), torch.optim.SGD(groups(theirs), lr=0.1, momentum=0.9)
+    opt, ref = (
+        SGD(groups(ours), lr=0.1, momentum=0.9),
+        torch.optim.SGD(groups(theirs), lr=0.1, momentum=0.9),
+    )
     for step in range(20):
         for i, (p, q) in enumerate(zip(ours, theirs)):
             if i == 2 and step % 3 == 0:

@@ -1,0 +1,97 @@
+"""``handgrad eval``: validation metrics of a checkpoint on prepared token shards.
+
+The numbers are the trainer's own (``handgrad.train.evaluate``, the same fixed, evenly spaced
+windows of ``iter_batches_sequential``), so ``handgrad eval`` on the checkpoint and data of a
+run reproduces the run's last ``val_loss`` exactly:
+
+    loss            mean next-token cross entropy, nats per token
+    perplexity      exp(loss)
+    bits_per_token  loss / ln 2
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from handgrad.eval.checkpoint import load_model, read_config, read_json, resolve_checkpoint
+
+
+def validation_metrics(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "val",
+    batches: int | None = None,
+    batch_size: int | None = None,
+    block_size: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on the ``split`` of the prepared directory ``data``.
+
+    ``batches``, ``batch_size`` and ``block_size`` default to the run's own ([eval] batches,
+    [train] micro_batch_size and block_size from the checkpoint's config.json)."""
+    from handgrad.data import TokenShards
+    from handgrad.data.sources import sha256_file
+    from handgrad.train.evaluate import evaluate
+
+    ckpt = resolve_checkpoint(checkpoint)
+    config = read_config(ckpt)
+    train_cfg, eval_cfg = config.get("train", {}), config.get("eval", {})
+    model = load_model(ckpt)
+    batches = int(batches if batches is not None else eval_cfg.get("batches", 20))
+    batch_size = int(batch_size if batch_size is not None else train_cfg.get("micro_batch_size", 8))
+    block_size = int(
+        block_size
+        if block_size is not None
+        else train_cfg.get("block_size") or model.config.block_size
+    )
+    if block_size > model.config.block_size:
+        raise ValueError(
+            f"eval: block_size {block_size} exceeds the model's block_size "
+            f"{model.config.block_size}"
+        )
+    shards = TokenShards(data)
+    if shards.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"eval: {data} has {shards.vocab_size} token ids but the model's vocabulary is "
+            f"{model.config.vocab_size}: the data was made with another tokenizer"
+        )
+    _check_same_tokenizer(ckpt, shards.tokenizer_path, sha256_file)
+    result = evaluate(model, shards.split(split), batches, batch_size, block_size)
+    return {
+        "checkpoint": str(ckpt),
+        "data": str(Path(data)),
+        "split": split,
+        "batches": batches,
+        "batch_size": batch_size,
+        "block_size": block_size,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+        "bits_per_token": result.bits_per_token,
+        "tokens": result.tokens,
+    }
+
+
+def _check_same_tokenizer(ckpt: Path, data_tokenizer: Path, sha256_file: Any) -> None:
+    """Refuse data made with another tokenizer than the checkpoint's (compared by sha256)."""
+    state_path = ckpt / "trainer_state.json"
+    expected = None
+    if state_path.is_file():
+        expected = (read_json(state_path).get("data") or {}).get("tokenizer_sha256")
+    if expected is None and (ckpt / "tokenizer.json").is_file():
+        expected = sha256_file(ckpt / "tokenizer.json")
+    if expected is not None and data_tokenizer.is_file():
+        actual = sha256_file(data_tokenizer)
+        if actual != expected:
+            raise ValueError(
+                f"eval: {data_tokenizer} (sha256 {actual[:12]}...) is not the tokenizer the "
+                f"checkpoint {ckpt} was trained with ({expected[:12]}...)"
+            )
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    return (
+        f"{m['split']} loss {m['loss']:.4f} nats | perplexity {m['perplexity']:.3f} | "
+        f"{m['bits_per_token']:.4f} bits/token | {m['tokens']:,} tokens "
+        f"({m['batches']} batches x {m['batch_size']} x {m['block_size']})"
+    )
