@@ -76,7 +76,6 @@ def make_step(side: str, config, batch_size: int, seq_len: int, adamw: bool):
             opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     else:
         import torch
-
         from torch_gpt2 import TorchGPT2
 
         torch.set_num_threads(os.cpu_count() or 1)
@@ -200,7 +199,9 @@ def main() -> None:
         f"{args.preset} fp32, T={args.seq_len}, {os.cpu_count()} cores, step = fwd+bwd"
         f"{' + AdamW' if args.adamw else ''}, median of {args.steps} steps after 1 warm-up"
     )
-    print(f"float32 GEMM peak (2048^3): numpy {np_peak:.1f} GFLOP/s, torch {torch_peak:.1f} GFLOP/s")
+    print(
+        f"float32 GEMM peak (2048^3): numpy {np_peak:.1f} GFLOP/s, torch {torch_peak:.1f} GFLOP/s"
+    )
     print(f"FLOPs/token {flops / 1e9:.3f} GFLOP\n")
     head = f"{'B':>2} | {'tok/s ours':>10} {'torch':>8} {'ratio':>6} | {'MFU ours':>8} {'torch':>6}"
     head += f" | {'RSS GiB ours':>12} {'torch':>6} {'ratio':>6} | {'loss ours':>9} {'torch':>7}"

@@ -6,15 +6,14 @@
 Both libraries run in this process on the same inputs (torch uses every core, NumPy's BLAS
 uses its default threads). Time is the median of ``--repeats`` runs after one warm-up.
 Peak memory is measured per (op, library) in a fresh subprocess as the growth of the
-process's max RSS (``resource.getrusage``) over one forward + backward, after the inputs
-exist and a small warm-up has loaded the kernels.
+resident set's high-water mark over one forward + backward, after the inputs exist and a
+small warm-up has loaded the kernels (Linux only: reads /proc/self/status).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -120,18 +119,28 @@ def median_ms(step: Callable[[], None], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
 
 
 def memory_child(op: str, lib: str) -> None:
-    """Run in a subprocess: print the max-RSS growth (MB) of one forward + backward."""
+    """Run in a subprocess: print the peak RSS growth (MB) of one forward + backward.
+
+    ru_maxrss would include the parent's peak (Linux keeps it across exec), so this reads
+    the high-water mark VmHWM from /proc after resetting it (clear_refs 5) to the current RSS.
+    """
     make = hg_step if lib == "handgrad" else torch_step
     make(op, *make_inputs(op, scale=0.05))()  # load kernels and libraries first
     step = make(op, *make_inputs(op))
-    base = maxrss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mb("VmRSS")
     step()
-    print(f"{maxrss_mb() - base:.1f}")
+    print(f"{_status_mb('VmHWM') - base:.0f}")
 
 
 def peak_mb(op: str, lib: str) -> str:
@@ -154,7 +163,9 @@ def main() -> None:
         memory_child(*args.memory_child)
         return
 
-    print(f"float32, forward+backward, median of {args.repeats}; torch threads {torch.get_num_threads()}")
+    print(
+        f"float32, forward+backward, median of {args.repeats}; torch threads {torch.get_num_threads()}"
+    )
     header = f"{'op':<14}{'shape':<40}{'handgrad ms':>12}{'torch ms':>10}{'ratio':>7}"
     if not args.no_memory:
         header += f"{'hg peak MB':>12}{'torch peak MB':>15}"

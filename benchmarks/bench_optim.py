@@ -1,23 +1,31 @@
 """AdamW step time on 124M parameters (4 tensors of 31M), ours vs torch.optim.AdamW."""
+
 import time, numpy as np, torch, ml_dtypes
 import handgrad as hg
 from handgrad.nn import Parameter
 from handgrad.optim import AdamW
+
 N = 124_000_000 // 4
 rows = []
 for dtype in ["float32", "bfloat16"]:
     ps = [Parameter(hg.zeros(N, dtype=dtype)) for _ in range(4)]
-    for p in ps: p.grad = hg.tensor(np.random.default_rng(0).standard_normal(N, dtype=np.float32))
-    opt = AdamW(ps, lr=1e-3, weight_decay=0.1); opt.step()
+    for p in ps:
+        p.grad = hg.tensor(np.random.default_rng(0).standard_normal(N, dtype=np.float32))
+    opt = AdamW(ps, lr=1e-3, weight_decay=0.1)
+    opt.step()
     t = time.perf_counter()
-    for _ in range(3): opt.step()
+    for _ in range(3):
+        opt.step()
     ours = (time.perf_counter() - t) / 3
     del ps, opt
     tp = [torch.zeros(N, requires_grad=True) for _ in range(4)]
-    for q in tp: q.grad = torch.randn(N)
-    ref = torch.optim.AdamW(tp, lr=1e-3, weight_decay=0.1); ref.step()
+    for q in tp:
+        q.grad = torch.randn(N)
+    ref = torch.optim.AdamW(tp, lr=1e-3, weight_decay=0.1)
+    ref.step()
     t = time.perf_counter()
-    for _ in range(3): ref.step()
+    for _ in range(3):
+        ref.step()
     theirs = (time.perf_counter() - t) / 3
     del tp, ref
     rows.append((dtype, ours, theirs))

@@ -93,7 +93,5 @@ class TorchGPT2(nn.Module):
         logits = F.linear(x, self.transformer.wte.weight[: self.vocab_size])
         if targets is None:
             return logits
-        loss = F.cross_entropy(
-            logits.view(-1, self.vocab_size), targets.view(-1), ignore_index=-1
-        )
+        loss = F.cross_entropy(logits.view(-1, self.vocab_size), targets.view(-1), ignore_index=-1)
         return logits, loss

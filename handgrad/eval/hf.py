@@ -42,8 +42,9 @@ from handgrad.serialization import load_file, save_file
 
 # Our Linear (out, in) <-> HF Conv1D (in, out): these weights are transposed on the way.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Buffers of OpenAI's checkpoints (the causal mask and its fill value), not parameters.
-_BUFFERS = ("attn.bias", "attn.masked_bias")
+# Buffers of OpenAI's checkpoints (the causal mask and its fill value), not parameters
+# (careful: "attn.c_attn.bias" is a parameter; these are attn.bias itself).
+_BUFFERS = (".attn.bias", ".attn.masked_bias")
 _LAYER_NORM_EPS = 1e-5  # handgrad's LayerNorm default, the value of every GPT-2 release
 _ENDOFTEXT = "<|endoftext|>"
 
@@ -335,8 +336,10 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
         save_file(tensors, ckpt / "model.safetensors")
         write_json_atomic(
             ckpt / "config.json",
-            {"model": config.to_dict(), "imported_from": {"format": "huggingface-gpt2",
-                                                          "path": str(source.resolve())}},
+            {
+                "model": config.to_dict(),
+                "imported_from": {"format": "huggingface-gpt2", "path": str(source.resolve())},
+            },
         )
         tokenizer.save(ckpt / "tokenizer.json")
         write_text_atomic(tmp / "latest", f"{step.as_posix()}\n")

@@ -66,7 +66,7 @@ def _num(x: Any, digits: int = 4) -> str:
     if isinstance(x, float):
         if math.isinf(x) or math.isnan(x):
             return str(x)
-        if abs(x) >= 1e6 or (x != 0 and abs(x) < 10 ** -digits):
+        if abs(x) >= 1e6 or (x != 0 and abs(x) < 10**-digits):
             return f"{x:.{digits}g}"
         return f"{x:,.{digits}f}"
     return str(x)
@@ -188,7 +188,7 @@ def configuration_section(config: dict[str, Any]) -> str:
     rows = []
     for section in ("data", "optim", "train", "eval"):
         for key, value in (config.get(section) or {}).items():
-            shown = json.dumps(value) if isinstance(value, list | dict) else _num(value, 6)
+            shown = value if isinstance(value, str) else json.dumps(value)
             rows.append([f"{section}.{key}", shown])
     return "## Training configuration\n\n" + _table(["Setting", "Value"], rows, "ll") + "\n"
 

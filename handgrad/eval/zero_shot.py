@@ -12,6 +12,7 @@ overridden (``dataset_path: json`` + ``data_files``); the task keeps its name.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -48,8 +49,10 @@ def _require_lm_eval():
         ) from None
 
 
+@functools.cache
 def task_manager():
-    """lm-eval's TaskManager over its built-in tasks plus ours."""
+    """lm-eval's TaskManager over its built-in tasks plus ours (built once per process:
+    indexing lm-eval's thousands of YAML files takes seconds)."""
     _require_lm_eval()
     from lm_eval.tasks import TaskManager
 

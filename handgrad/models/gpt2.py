@@ -64,7 +64,14 @@ class GPT2Config:
     def __post_init__(self) -> None:
         if self.padded_vocab_size is None and _is_int(self.vocab_size):
             self.padded_vocab_size = _round_up(self.vocab_size, 64)
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size"):
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "vocab_size",
+            "padded_vocab_size",
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"GPT2Config: {name} must be a positive integer, got {value!r}")
@@ -293,9 +300,10 @@ class GPT2(nn.Module):
         """idx (B, T) token ids -> final hidden states (B, T, C) after ln_f (float32)."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
-        pos = Tensor._make(B.xp.arange(start, start + T, dtype=B.int64))
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        # Positions start..start+T-1 are a contiguous range: their embeddings are a row slice
+        # of wpe, whose gradient is a plain copy rather than the scatter-add of a lookup.
+        pos_emb = self.transformer.wpe.weight[start : start + T]  # (T, C)
         # One cast: with bf16 parameters everything downstream promotes to float32.
         x = self.transformer.drop(tok_emb.float() + pos_emb)
         for i, block in enumerate(self.transformer.h):
@@ -401,9 +409,7 @@ class GPT2(nn.Module):
             raise ValueError(f"generate: top_k must be a positive integer, got {top_k!r}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-        if stop_at_eos and (
-            eos_token_id is None or not 0 <= eos_token_id < self.config.vocab_size
-        ):
+        if stop_at_eos and (eos_token_id is None or not 0 <= eos_token_id < self.config.vocab_size):
             raise ValueError(
                 f"generate: stop_at_eos needs eos_token_id in [0, {self.config.vocab_size}), "
                 f"got {eos_token_id!r}"
@@ -414,7 +420,13 @@ class GPT2(nn.Module):
         new: list[np.ndarray] = []
         was_training = self.training
         self.eval()
+        # NumPy has no bf16 matmul, so a bf16 weight is cast to float32 at every use: once per
+        # token when sampling, which would cost more than the token itself (~0.25 s at 124M
+        # vs a few ms of math). Sample with float32 copies instead, and put the originals back.
+        stored = {id(p): p.data for p in self.parameters()}
         try:
+            for p in self.parameters():
+                p.data = p.data.astype(B.float32, copy=False)
             with no_grad():
                 cache = KVCache(self.config, Bsz)
                 logits = self._step(tokens[:, -bs:], cache)  # prefill with the prompt
@@ -433,6 +445,8 @@ class GPT2(nn.Module):
                     else:
                         logits = self._step(nxt[:, None], cache)
         finally:
+            for p in self.parameters():
+                p.data = stored[id(p)]
             self.train(was_training)
         out = np.concatenate([tokens, *(t[:, None] for t in new)], axis=1)
         return Tensor._make(out) if as_tensor else out
@@ -455,10 +469,13 @@ class GPT2(nn.Module):
         return model
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike) -> GPT2:
+    def from_checkpoint(cls, path: str | os.PathLike, dtype: str | None = None) -> GPT2:
         """Load a checkpoint directory: ``config.json`` (its "model" section is a
         ``GPT2Config.to_dict()``) and ``model.safetensors``. If ``<path>/latest`` exists it
-        names (relative to ``path``) the newest checkpoint directory, which is loaded instead."""
+        names (relative to ``path``) the newest checkpoint directory, which is loaded instead.
+
+        ``dtype`` ("float32" or "bfloat16") overrides the stored parameter dtype, e.g. float32
+        for evaluation: bf16 weights are cast to float32 at every use in the forward pass."""
         from handgrad.serialization import load_file
 
         path = Path(path)
@@ -483,6 +500,8 @@ class GPT2(nn.Module):
             raise ValueError(f"{config_path}: not valid JSON ({e})") from None
         except (KeyError, TypeError):
             raise ValueError(f'{config_path}: has no "model" section') from None
+        if dtype is not None and isinstance(section, dict):
+            section = {**section, "dtype": dtype}
         try:
             config = GPT2Config.from_dict(section)
         except (TypeError, ValueError) as e:

@@ -412,9 +412,12 @@ class _SDPA(Function):
         step = max(1, _ATTN_CHUNK_ELEMENTS // max(L * S, 1))
         self.keeps = [] if dropout_p > 0 else None
         self.dropout_p, self.gen = dropout_p, gen
+        # One score buffer reused by every block: a fresh multi-MB array per block costs
+        # more in page faults than the matmul that fills it.
+        buf = xp.empty((min(step, n), L, S), dtype=q.dtype)
         for i in range(0, n, step):
             sl = slice(i, i + step)
-            s = self._scores(q3[sl], k3[sl], sl)
+            s = self._scores(q3[sl], k3[sl], sl, out=buf[: min(step, n - i)])
             m_ = s.max(axis=-1, keepdims=True)
             m_ = xp.where(xp.isfinite(m_), m_, 0)  # fully masked rows stay finite
             s -= m_
@@ -427,12 +430,13 @@ class _SDPA(Function):
                 keep = keep.astype(s.dtype)
                 self.keeps.append(keep)
                 s *= keep
-            out[sl] = s @ v3[sl]
+            xp.matmul(s, v3[sl], out=out[sl])
         self.q3, self.k3, self.v3, self.out, self.lse, self.step = q3, k3, v3, out, lse, step
         return out.reshape(*lead, L, v.shape[-1])
 
-    def _scores(self, q, k, sl):
-        s = (q @ xp.swapaxes(k, -1, -2)) * q.dtype.type(self.scale)
+    def _scores(self, q, k, sl, out):
+        s = xp.matmul(q, xp.swapaxes(k, -1, -2), out=out)
+        s *= q.dtype.type(self.scale)
         if self.allowed is not None:
             xp.copyto(s, -xp.inf, where=~self.allowed)
         if self.mask3 is not None:
@@ -449,22 +453,27 @@ class _SDPA(Function):
         dq, dk, dv = xp.empty_like(q3), xp.empty_like(k3), xp.empty_like(v3)
         D = (g3 * o).sum(axis=-1, keepdims=True)
         scale = q3.dtype.type(self.scale)
-        for j, i in enumerate(range(0, q3.shape[0], step)):
-            sl = slice(i, i + step)
-            p = self._scores(q3[sl], k3[sl], sl)
+        n, L, S = q3.shape[0], q3.shape[1], k3.shape[1]
+        p_buf = xp.empty((min(step, n), L, S), dtype=q3.dtype)  # reused, as in forward
+        dp_buf = xp.empty_like(p_buf)
+        for j, i in enumerate(range(0, n, step)):
+            sl, m = slice(i, i + step), min(step, n - i)
+            p = self._scores(q3[sl], k3[sl], sl, out=p_buf[:m])
             p -= lse[sl][..., None]
             xp.exp(p, out=p)
-            dp = g3[sl] @ xp.swapaxes(v3[sl], -1, -2)
+            dp = xp.matmul(g3[sl], xp.swapaxes(v3[sl], -1, -2), out=dp_buf[:m])
             if self.keeps is not None:
                 keep = self.keeps[j]
-                dv[sl] = xp.swapaxes(p * keep, -1, -2) @ g3[sl]
+                xp.matmul(xp.swapaxes(p * keep, -1, -2), g3[sl], out=dv[sl])
                 dp *= keep
             else:
-                dv[sl] = xp.swapaxes(p, -1, -2) @ g3[sl]
+                xp.matmul(xp.swapaxes(p, -1, -2), g3[sl], out=dv[sl])
             dp -= D[sl]
             dp *= p  # ds
-            dq[sl] = (dp @ k3[sl]) * scale
-            dk[sl] = (xp.swapaxes(dp, -1, -2) @ q3[sl]) * scale
+            xp.matmul(dp, k3[sl], out=dq[sl])
+            xp.matmul(xp.swapaxes(dp, -1, -2), q3[sl], out=dk[sl])
+        dq *= scale
+        dk *= scale
         sq, sk, sv = self.shapes
         return dq.reshape(sq), dk.reshape(sk), dv.reshape(sv)
 

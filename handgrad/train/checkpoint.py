@@ -236,7 +236,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
     config = _read_json(ckpt / "config.json")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{ckpt / 'config.json'}: has no \"model\" section")
+        raise CheckpointError(f'{ckpt / "config.json"}: has no "model" section')
     state = _read_json(ckpt / "trainer_state.json")
     if not isinstance(state, dict):
         raise CheckpointError(f"{ckpt / 'trainer_state.json'}: not a JSON object")

@@ -81,8 +81,11 @@ def _train(args: argparse.Namespace) -> int:
             resume = ckpt.path
             out = Path(args.out) if args.out else run_dir_of(ckpt.path)
             if config_name is None:  # continue with the checkpoint's own config
-                raw = {k: v for k, v in ckpt.config.items() if k in ("model", "data", "optim",
-                                                                      "train", "eval")}
+                raw = {
+                    k: v
+                    for k, v in ckpt.config.items()
+                    if k in ("model", "data", "optim", "train", "eval")
+                }
                 for item in args.overrides:
                     section, key, value = parse_override(item)
                     raw.setdefault(section, {})[key] = value
@@ -103,7 +106,9 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         return _error("train", e)
-    summary = f"done: {result.step} steps, {result.tokens_seen:,} tokens in {result.elapsed_s:.1f} s"
+    summary = (
+        f"done: {result.step} steps, {result.tokens_seen:,} tokens in {result.elapsed_s:.1f} s"
+    )
     if result.final_eval is not None:
         ev = result.final_eval
         summary += (

@@ -381,8 +381,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     if t.block_size is not None and m.block_size is not None:
         need(
             t.block_size <= m.block_size,
-            f"[train] block_size = {t.block_size} is above the model's block_size = "
-            f"{m.block_size}",
+            f"[train] block_size = {t.block_size} is above the model's block_size = {m.block_size}",
         )
     for key in ("log_interval", "checkpoint_interval", "sample_tokens"):
         need(getattr(t, key) >= 0, f"[train] {key} = {getattr(t, key)}: must be >= 0")
@@ -442,8 +441,7 @@ def resolve_model_config(m: ModelSection, data_vocab_size: int) -> Any:
         missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if k not in fields]
         if missing:
             raise ConfigError(
-                f"[model] needs a preset or {', '.join(missing)} "
-                f"(presets: {', '.join(PRESETS)})"
+                f"[model] needs a preset or {', '.join(missing)} (presets: {', '.join(PRESETS)})"
             )
         return GPT2Config(**fields)
     except (TypeError, ValueError) as err:

@@ -120,7 +120,9 @@ def prepared_data_dir(data: DataSection, progress: bool | None = None) -> Path:
     root = Path(data.cache_dir).expanduser() if data.cache_dir else cache_dir() / "prepared"
     out = root / data_cache_key(data)
     if not (out / "meta.json").is_file():
-        print(f"preparing {data.source} with tokenizer {data.tokenizer} into {out}", file=sys.stderr)
+        print(
+            f"preparing {data.source} with tokenizer {data.tokenizer} into {out}", file=sys.stderr
+        )
         prepare(
             data.source,
             data.tokenizer,
@@ -247,7 +249,9 @@ def train(
         try:
             saved_cfg = GPT2Config.from_dict(ckpt.config["model"])
         except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{ckpt.path / 'config.json'}: bad model section: {err}") from None
+            raise CheckpointError(
+                f"{ckpt.path / 'config.json'}: bad model section: {err}"
+            ) from None
         check_same_model(saved_cfg, model_cfg, ckpt.path)
         saved_sha = ckpt.trainer_state.get("data", {}).get("tokenizer_sha256")
         if saved_sha is not None and saved_sha != tokenizer_sha:

@@ -33,9 +33,10 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     if ref.size == 0:
         return 0.0
     same_nonfinite = (~np.isfinite(ref)) & ((ours == ref) | (np.isnan(ours) & np.isnan(ref)))
-    assert np.array_equal(~np.isfinite(ours), ~np.isfinite(ref)) and same_nonfinite.sum() == (
-        ~np.isfinite(ref)
-    ).sum(), f"non-finite values differ:\nours {ours}\nref {ref}"
+    assert (
+        np.array_equal(~np.isfinite(ours), ~np.isfinite(ref))
+        and same_nonfinite.sum() == (~np.isfinite(ref)).sum()
+    ), f"non-finite values differ:\nours {ours}\nref {ref}"
     fin = np.isfinite(ref)
     if not fin.any():
         return 0.0
@@ -90,7 +91,9 @@ def compare(
         term = (o * hg.tensor(u.astype(dtype))).sum()
         loss = term if loss is None else loss + term
     loss.backward()
-    t_loss = sum((r * torch.from_numpy(u.astype(dtype).astype(np.float64))).sum() for r, u in zip(refs, ups))
+    t_loss = sum(
+        (r * torch.from_numpy(u.astype(dtype).astype(np.float64))).sum() for r, u in zip(refs, ups)
+    )
     t_loss.backward()
     for i, (h, t) in enumerate(zip(hg_in, t_in)):
         if not t.requires_grad:
@@ -104,7 +107,9 @@ def compare(
     return outs
 
 
-def numerical_grad(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def numerical_grad(
+    f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6
+) -> np.ndarray:
     """Central differences: df/dx_i ~ (f(x + eps e_i) - f(x - eps e_i)) / (2 eps), in float64."""
     x = np.array(x, dtype=np.float64)
     grad = np.zeros_like(x)
@@ -119,7 +124,9 @@ def numerical_grad(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float =
     return grad
 
 
-def gradcheck(build: Callable[..., hg.Tensor], arrays: Sequence[np.ndarray], rtol: float = 1e-6) -> None:
+def gradcheck(
+    build: Callable[..., hg.Tensor], arrays: Sequence[np.ndarray], rtol: float = 1e-6
+) -> None:
     """Check handgrad's gradient of the scalar ``build(*tensors)`` against finite differences."""
     arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
     leaves = [hg.tensor(a, requires_grad=True) for a in arrays]

@@ -81,7 +81,9 @@ OPS = {
         [(2, 3, 4), (2, 3, 4), (2, 3, 4)],
     ),
     "sdpa_float64_mask": (
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=hg.tensor(np.zeros((3, 3)))),
+        lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=hg.tensor(np.zeros((3, 3)))
+        ),
         [(2, 3, 4), (2, 3, 4), (2, 3, 4)],
     ),
     "dropout": (lambda x: F.dropout(x, 0.5), [(3, 4)]),
@@ -102,9 +104,27 @@ def test_op_preserves_float_dtype_in_values_and_gradients(name, dtype, rng):
     assert all(t.grad.dtype == np.dtype(dtype) for t in leaves)
 
 
-BF16_OPS = ["mul_py_scalar", "rpow", "matmul", "sum", "var", "max", "exp", "softmax", "gelu_tanh",
-            "linear", "embedding", "layer_norm", "cross_entropy", "sdpa_causal", "reshape_T",
-            "getitem", "cat_split", "where_scalar", "mse_loss"]
+BF16_OPS = [
+    "mul_py_scalar",
+    "rpow",
+    "matmul",
+    "sum",
+    "var",
+    "max",
+    "exp",
+    "softmax",
+    "gelu_tanh",
+    "linear",
+    "embedding",
+    "layer_norm",
+    "cross_entropy",
+    "sdpa_causal",
+    "reshape_T",
+    "getitem",
+    "cat_split",
+    "where_scalar",
+    "mse_loss",
+]
 
 
 @pytest.mark.parametrize("name", BF16_OPS)
@@ -124,7 +144,9 @@ def test_bfloat16_computes_in_float32_and_casts_back(name, rng):
     out32 = out.data.astype(np.float32)
     assert np.abs(out32 - ref.data).max() <= 2**-7 * max(np.abs(ref.data).max(), 1e-3)
     for t, r in zip(leaves, ref_leaves):
-        assert np.abs(t.grad.data - r.grad.data).max() <= 2e-2 * max(np.abs(r.grad.data).max(), 1e-2)
+        assert np.abs(t.grad.data - r.grad.data).max() <= 2e-2 * max(
+            np.abs(r.grad.data).max(), 1e-2
+        )
 
 
 def test_bfloat16_matmul_is_close_to_float32(rng):

@@ -79,7 +79,9 @@ def test_cross_entropy_target_out_of_range():
 
 
 def test_cross_entropy_target_wrong_shape_or_dtype():
-    with pytest.raises(ValueError, match=r"target shape \(3,\) does not match input shape \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"target shape \(3,\) does not match input shape \(2, 5\)"
+    ):
         F.cross_entropy(t(2, 5), hg.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"target shape \(2, 3\).*\(2, 5, 4\).*\(2, 4\)"):
         F.cross_entropy(t(2, 5, 4), hg.tensor(np.zeros((2, 3), dtype=np.int64)))
@@ -102,7 +104,9 @@ def test_embedding_index_out_of_range_or_not_integer():
 
 
 def test_layer_norm_shape_mismatch():
-    with pytest.raises(ValueError, match=r"input shape \(2, 3\) does not end with normalized_shape \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"input shape \(2, 3\) does not end with normalized_shape \(4,\)"
+    ):
         F.layer_norm(t(2, 3), 4)
     with pytest.raises(ValueError, match=r"weight has shape \(3,\), expected \(4,\)"):
         F.layer_norm(t(2, 4), 4, weight=t(3))
@@ -111,7 +115,9 @@ def test_layer_norm_shape_mismatch():
 
 
 def test_linear_feature_mismatch():
-    with pytest.raises(ValueError, match=r"input has 4 features \(shape \(2, 4\)\) but weight expects 3"):
+    with pytest.raises(
+        ValueError, match=r"input has 4 features \(shape \(2, 4\)\) but weight expects 3"
+    ):
         F.linear(t(2, 4), t(5, 3))
 
 
@@ -123,7 +129,9 @@ def test_reshape_to_an_impossible_shape():
 
 
 def test_shape_op_errors():
-    with pytest.raises(ValueError, match=r"cat: shapes \[\(2, 3\), \(2, 4\)\] differ outside dim 0"):
+    with pytest.raises(
+        ValueError, match=r"cat: shapes \[\(2, 3\), \(2, 4\)\] differ outside dim 0"
+    ):
         hg.cat([t(2, 3), t(2, 4)])
     with pytest.raises(ValueError, match=r"stack: .* \[\(2, 3\), \(3, 2\)\]"):
         hg.stack([t(2, 3), t(3, 2)])

@@ -46,7 +46,9 @@ def test_gelu(approximate, shape, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,dim", [((3, 5), -1), ((3, 5), 0), ((2, 3, 4), 1), ((4,), 0), ((2, 1), -1)], ids=str)
+@pytest.mark.parametrize(
+    "shape,dim", [((3, 5), -1), ((3, 5), 0), ((2, 3, 4), 1), ((4,), 0), ((2, 1), -1)], ids=str
+)
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 def test_softmax(name, shape, dim, dtype, rng):
     x = rng.standard_normal(shape) * 3
@@ -63,17 +65,29 @@ def test_softmax(name, shape, dim, dtype, rng):
 def test_softmax_large_logits_are_stable(dtype, rng):
     x = rng.standard_normal((3, 6)) * 30 + 500
     compare(lambda t: F.softmax(t, -1), lambda t: TF.softmax(t, -1), x, dtype=dtype, rng=rng)
-    compare(lambda t: F.log_softmax(t, -1), lambda t: TF.log_softmax(t, -1), x, dtype=dtype, rng=rng)
+    compare(
+        lambda t: F.log_softmax(t, -1), lambda t: TF.log_softmax(t, -1), x, dtype=dtype, rng=rng
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fn", ["relu", "tanh", "sigmoid"])
 def test_activation_aliases(fn, dtype, rng):
-    compare(getattr(F, fn), getattr(TF, fn) if fn == "relu" else getattr(torch, fn), rng.standard_normal((3, 4)), dtype=dtype, rng=rng)
+    compare(
+        getattr(F, fn),
+        getattr(TF, fn) if fn == "relu" else getattr(torch, fn),
+        rng.standard_normal((3, 4)),
+        dtype=dtype,
+        rng=rng,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,norm", [((4, 6), (6,)), ((2, 3, 6), (6,)), ((2, 3, 4), (3, 4)), ((5,), (5,)), ((2, 1), (1,))], ids=str)
+@pytest.mark.parametrize(
+    "shape,norm",
+    [((4, 6), (6,)), ((2, 3, 6), (6,)), ((2, 3, 4), (3, 4)), ((5,), (5,)), ((2, 1), (1,))],
+    ids=str,
+)
 @pytest.mark.parametrize("affine", ["none", "weight", "both"])
 def test_layer_norm(shape, norm, affine, dtype, rng):
     x = rng.standard_normal(shape) * 2 + 1
@@ -91,10 +105,22 @@ def test_layer_norm(shape, norm, affine, dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm_custom_eps(dtype, rng):
     x = rng.standard_normal((3, 4)) * 0.01
-    compare(lambda t: F.layer_norm(t, 4, eps=1e-3), lambda t: TF.layer_norm(t, (4,), eps=1e-3), x, dtype=dtype, rng=rng)
+    compare(
+        lambda t: F.layer_norm(t, 4, eps=1e-3),
+        lambda t: TF.layer_norm(t, (4,), eps=1e-3),
+        x,
+        dtype=dtype,
+        rng=rng,
+    )
 
 
-CE_SHAPES = [((6, 5), (6,)), ((5,), ()), ((3, 5, 4), (3, 4)), ((2, 5, 3, 2), (2, 3, 2)), ((1, 1), (1,))]
+CE_SHAPES = [
+    ((6, 5), (6,)),
+    ((5,), ()),
+    ((3, 5, 4), (3, 4)),
+    ((2, 5, 3, 2), (2, 3, 2)),
+    ((1, 1), (1,)),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -142,7 +168,8 @@ def test_cross_entropy_all_ignored_is_nan_like_torch(dtype, rng):
 SDPA_CASES = {
     "plain": ((2, 3, 4, 8), (2, 3, 4, 8), {}),
     "causal": ((2, 3, 5, 8), (2, 3, 5, 8), {"is_causal": True}),
-    "causal_L_ne_S": ((2, 4, 6), (2, 7, 6), {"is_causal": True}),
+    "causal_L_lt_S": ((2, 4, 6), (2, 7, 6), {"is_causal": True}),
+    "causal_L_gt_S": ((2, 7, 6), (2, 4, 6), {"is_causal": True}),
     "L_ne_S": ((2, 3, 8), (2, 5, 8), {}),
     "2d": ((4, 8), (6, 8), {}),
     "broadcast_batch": ((2, 1, 4, 8), (2, 3, 5, 8), {}),

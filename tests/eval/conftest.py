@@ -6,10 +6,15 @@ transformers) is the slow part."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Everything these tests read is local; never wait on the Hugging Face hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.",
@@ -38,7 +43,7 @@ def write_checkpoint(run_dir: Path, model, tokenizer, step: int = 1, extra: dict
     return ckpt
 
 
-def random_gpt2(vocab_size: int, seed: int = 0, block_size: int = 32):
+def random_gpt2(vocab_size: int, seed: int = 0, block_size: int = 32, scale: float = 0.4):
     """A tiny GPT-2 with large random weights, so its next-token distributions are far from
     uniform (near-ties would make argmax-based checks depend on rounding)."""
     from handgrad.models.gpt2 import GPT2, GPT2Config
@@ -52,7 +57,7 @@ def random_gpt2(vocab_size: int, seed: int = 0, block_size: int = 32):
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             p.data[...] = 1.0 + 0.1 * rng.standard_normal(p.shape)
         else:
-            p.data[...] = 0.4 * rng.standard_normal(p.shape)
+            p.data[...] = scale * rng.standard_normal(p.shape)
     model.eval()
     return model
 
@@ -64,9 +69,47 @@ def tokenizer():
     return BPETokenizer.train(CORPUS, vocab_size=256 + 60 + 1)
 
 
+def fit(model, tokenizer, texts: list[str], steps: int = 200, seed: int = 0):
+    """A few AdamW steps on ``texts`` so the model knows them: the fixture tasks then have
+    accuracies between 0 and 1 instead of a random model's 0."""
+    from handgrad.optim import AdamW
+    from handgrad.tensor import Tensor
+
+    eot = tokenizer.eot_token
+    stream = []
+    for t in texts:
+        stream += [eot] + tokenizer.encode(t)
+    stream = np.asarray(stream, dtype=np.int64)
+    T = model.config.block_size
+    rng = np.random.default_rng(seed)
+    opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        starts = rng.integers(0, len(stream) - T - 1, size=8)
+        x = np.stack([stream[s : s + T] for s in starts])
+        y = np.stack([stream[s + 1 : s + T + 1] for s in starts])
+        _, loss = model(Tensor._make(x), Tensor._make(y))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model
+
+
+def training_texts() -> list[str]:
+    cbt = [
+        " ".join(d["sentences"]) + " " + d["question"].replace("XXXXX", d["answer"]) for d in CBT
+    ]
+    return CORPUS + LAMBADA[:2] + PTB + cbt[:2]
+
+
 @pytest.fixture(scope="session")
 def model(tokenizer):
-    return random_gpt2(tokenizer.vocab_size)
+    from handgrad.tensor import manual_seed
+
+    manual_seed(0)
+    m = random_gpt2(tokenizer.vocab_size, scale=0.1)
+    return fit(m, tokenizer, training_texts())
 
 
 @pytest.fixture(scope="session")
@@ -122,9 +165,18 @@ CBT = [
         "options": CBT_OPTIONS,
     },
     {
-        "sentences": ["The king said to the queen that the castle was cold .", "So they lit a fire ."],
+        "sentences": [
+            "The king said to the queen that the castle was cold .",
+            "So they lit a fire .",
+        ],
         "question": "XXXXX was warm at last .",
         "answer": "castle",
+        "options": CBT_OPTIONS,
+    },
+    {
+        "sentences": ["The dog sleeps in the sun .", "The bird sings ."],
+        "question": "The XXXXX is happy .",
+        "answer": "dog",
         "options": CBT_OPTIONS,
     },
 ]
@@ -144,8 +196,28 @@ def task_data(tmp_path_factory) -> Path:
     _write_jsonl(root / "lambada_openai" / "test.jsonl", [{"text": t} for t in LAMBADA])
     _write_jsonl(root / "hg_ptb" / "test.jsonl", [{"sentence": s} for s in PTB])
     _write_jsonl(root / "hg_lm1b" / "test.jsonl", [{"text": s} for s in LM1B])
-    _write_jsonl(root / "hg_enwik8" / "test.jsonl", [{"text": line} for line in WIKI_PAGES[0].split("\n")])
-    _write_jsonl(root / "hg_text8" / "test.jsonl", [{"text": " the king lit a great fire and the dog slept"}])
+    _write_jsonl(
+        root / "hg_enwik8" / "test.jsonl", [{"text": line} for line in WIKI_PAGES[0].split("\n")]
+    )
+    _write_jsonl(
+        root / "hg_text8" / "test.jsonl", [{"text": " the king lit a great fire and the dog slept"}]
+    )
     _write_jsonl(root / "hg_cbt_cn" / "test.jsonl", CBT)
     _write_jsonl(root / "hg_cbt_ne" / "test.jsonl", CBT[::-1])
     return root
+
+
+@pytest.fixture(scope="session")
+def write_ckpt():
+    """``write_checkpoint`` for tests (conftest modules are not importable under importlib)."""
+    return write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def docs():
+    """The fixture documents written into ``task_data``, for hand computations."""
+    import types
+
+    return types.SimpleNamespace(
+        WIKI_PAGES=WIKI_PAGES, LAMBADA=LAMBADA, PTB=PTB, LM1B=LM1B, CBT=CBT
+    )

@@ -1,6 +1,7 @@
 """GPT2Config: presets, parameter counts, validation, dict round trip, initialisation."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,9 +51,11 @@ def test_every_preset_formula_matches_a_built_model_when_small():
         config = GPT2Config.from_preset(name)
         assert GPT2(config).num_parameters() == num_parameters(config)
     no_bias = GPT2Config(n_layer=2, n_head=2, n_embd=8, block_size=4, vocab_size=10, bias=False)
-    assert GPT2(no_bias).num_parameters() == num_parameters(no_bias) == 64 * 8 + 32 + 2 * (
-        12 * 64 + 2 * 8
-    ) + 8
+    assert (
+        GPT2(no_bias).num_parameters()
+        == num_parameters(no_bias)
+        == 64 * 8 + 32 + 2 * (12 * 64 + 2 * 8) + 8
+    )
 
 
 def test_building_124m_counts_exactly_and_uses_bf16():
@@ -169,3 +172,10 @@ def test_presets_by_name_and_overrides():
         GPT2Config.from_preset("gpt3")
     with pytest.raises(ValueError, match="unknown key"):
         GPT2Config.from_preset("tiny", n_layers=2)
+
+
+def test_shakespeare_char_vocab_matches_the_data():
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    assert len(set(path.read_text(encoding="utf-8"))) == PRESETS["shakespeare-char"]["vocab_size"]

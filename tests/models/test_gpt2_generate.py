@@ -158,3 +158,16 @@ def test_top_k_and_greedy():
     assert np.abs(draw(top_k=10) - PROBS).max() < 0.015  # k >= V keeps everything
     logits = np.array([[0.0, 3.0, 1.0], [5.0, -1.0, 4.9]], np.float32)
     assert sample_next(logits, temperature=0).tolist() == [1, 0]
+
+
+def test_bf16_model_samples_like_its_f32_copy_and_keeps_bf16_weights():
+    config = GPT2Config.from_dict({**CONFIG.to_dict(), "dtype": "bfloat16"})
+    model = make_model(4, config)
+    arrays = [p.data for p in model.parameters()]
+    f32 = GPT2.from_state_dict(
+        CONFIG, {k: v.data.astype(np.float32) for k, v in model.state_dict().items()}
+    )
+    prompt = np.array([[1, 2, 3]])
+    out = model.generate(prompt, 20, temperature=0)
+    assert np.array_equal(out, f32.generate(prompt, 20, temperature=0))
+    assert all(p.data is a and p.dtype == hg.bfloat16 for p, a in zip(model.parameters(), arrays))

@@ -194,8 +194,23 @@ def test_from_checkpoint_errors(tmp_path):
         GPT2.from_checkpoint(tmp_path / "ck")
     bigger = GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=4, vocab_size=10)
     (tmp_path / "ck" / "config.json").write_text(json.dumps({"model": bigger.to_dict()}))
-    with pytest.raises(RuntimeError, match="(?s)model.safetensors: .*size mismatch for transformer.wte.weight"):
+    with pytest.raises(
+        RuntimeError, match="(?s)model.safetensors: .*size mismatch for transformer.wte.weight"
+    ):
         GPT2.from_checkpoint(tmp_path / "ck")
     (tmp_path / "ck" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors does not exist"):
         GPT2.from_checkpoint(tmp_path / "ck")
+
+
+def test_from_checkpoint_dtype_override(tmp_path):
+    config = GPT2Config(
+        n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10, dtype="bfloat16"
+    )
+    model = GPT2(config)
+    write_checkpoint(tmp_path / "ck", model)
+    assert all(p.dtype == hg.bfloat16 for p in GPT2.from_checkpoint(tmp_path / "ck").parameters())
+    f32 = GPT2.from_checkpoint(tmp_path / "ck", dtype="float32")
+    assert f32.config.dtype == "float32"
+    for p, q in zip(f32.parameters(), model.parameters()):
+        assert p.dtype == hg.float32 and np.array_equal(p.data, q.data.astype(np.float32))

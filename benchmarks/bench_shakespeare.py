@@ -1,0 +1,162 @@
+"""The shakespeare-char recipe end to end: handgrad vs a PyTorch eager nanoGPT-style loop.
+
+Both sides train the same model (configs/shakespeare-char.toml: 4 layers, 4 heads, 128 wide,
+block 64, batch 12, AdamW lr 1e-3 betas (0.9, 0.99), warmup 100 + cosine to 1e-4, clip 1.0)
+from the same initial weights on the same batches (one NumPy generator seeded alike), and
+evaluate the same fixed validation batches at the same steps. handgrad runs its real trainer
+(`handgrad.train.train`, checkpoints and metrics included); PyTorch runs the loop nanoGPT's
+train.py runs (fp32, eager, no compile). Each side is a separate process.
+
+    .venv/bin/python benchmarks/bench_shakespeare.py                 # the full 2,000 steps
+    .venv/bin/python benchmarks/bench_shakespeare.py --steps 200     # a shorter comparison
+
+Prints a table: wall time of the whole run and of the training steps, final val loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _config(steps: int, cache: str | None):
+    from handgrad.train.config import load_config
+
+    sets = [f"train.max_steps={steps}", "train.sample_tokens=0"]
+    if steps != 2000:
+        sets.append(f"train.checkpoint_interval={max(steps // 4, 1)}")
+    if cache:
+        sets.append(f'data.cache_dir="{cache}"')
+    return load_config("shakespeare-char", sets)
+
+
+def run_handgrad(steps: int, cache: str | None) -> dict:
+    from handgrad.train import train
+
+    cfg = _config(steps, cache)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        res = train(cfg, out, progress=False, log=lambda m: None)
+        wall = time.perf_counter() - start
+        recs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+    return {"wall_s": wall, "val_loss": res.final_eval.loss, "evals": evals,
+            "train_loss": res.train_losses[res.step]}  # fmt: skip
+
+
+def run_torch(steps: int, cache: str | None) -> dict:
+    import torch
+    from torch_gpt2 import TorchGPT2
+
+    import handgrad
+    from handgrad.data import TokenShards, get_batch, iter_batches_sequential
+    from handgrad.models.gpt2 import GPT2
+    from handgrad.optim import cosine_with_warmup
+    from handgrad.train.config import resolve_model_config
+    from handgrad.train.trainer import prepared_data_dir
+
+    cfg = _config(steps, cache)
+    t, o, e = cfg.train, cfg.optim, cfg.eval
+    start = time.perf_counter()
+    data = TokenShards(prepared_data_dir(cfg.data))
+    mc = resolve_model_config(cfg.model, data.vocab_size)
+    # the same initial weights as the handgrad run (same seed, same init code)
+    handgrad.manual_seed(t.seed)
+    init = {k: torch.from_numpy(np.array(v.numpy())) for k, v in GPT2(mc).state_dict().items()}
+    torch.manual_seed(t.seed)
+    model = TorchGPT2(**mc.to_dict())
+    model.load_state_dict(init)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=False, foreach=True,
+    )  # fmt: skip
+    rng = np.random.default_rng(t.seed)
+    block, batch = mc.block_size, t.micro_batch_size
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        losses = [
+            model(torch.from_numpy(x), torch.from_numpy(y))[1].item()
+            for x, y in iter_batches_sequential(data.val, batch, block, e.batches)
+        ]
+        model.train()
+        return sum(losses) / len(losses)
+
+    evals, train_time = {}, 0.0
+    for step in range(t.max_steps):
+        t0 = time.perf_counter()
+        lr = cosine_with_warmup(step, max_lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
+                                decay_steps=o.decay_steps)  # fmt: skip
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x, y = get_batch(data.train, batch, block, rng)
+        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss.item()
+        train_time += time.perf_counter() - t0
+        done = step + 1
+        if done == t.max_steps or done % e.interval == 0:
+            evals[done] = evaluate()
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "val_loss": evals[t.max_steps], "evals": evals,
+            "train_loss": train_loss}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--cache", default=None, help="data cache directory (default: handgrad's)")
+    p.add_argument("--worker", choices=["handgrad", "torch"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        fn = run_handgrad if args.worker == "handgrad" else run_torch
+        print(json.dumps(fn(args.steps, args.cache)))
+        return
+    # prepare the data once, outside the timings
+    from handgrad.data.prepare import default_workers  # noqa: F401  (import check)
+    from handgrad.train.trainer import prepared_data_dir
+
+    prepared_data_dir(_config(args.steps, args.cache).data)
+    results = {}
+    for side in ("torch", "handgrad"):
+        cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps)]
+        if args.cache:
+            cmd += ["--cache", args.cache]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{side} worker failed:\n{proc.stderr[-3000:]}")
+        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    h, t = results["handgrad"], results["torch"]
+    print(f"shakespeare-char, {args.steps} steps (batch 12 x 64), fp32, same init and batches")
+    print(f"{'':28}{'handgrad':>12}{'pytorch':>12}{'ratio':>10}")
+    print(f"{'wall time end to end (s)':28}{h['wall_s']:>12.1f}{t['wall_s']:>12.1f}"
+          f"{h['wall_s'] / t['wall_s']:>10.2f}")  # fmt: skip
+    print(f"{'final val loss':28}{h['val_loss']:>12.4f}{t['val_loss']:>12.4f}")
+    print(f"{'final train loss':28}{h['train_loss']:>12.4f}{t['train_loss']:>12.4f}")
+    steps = sorted(set(h["evals"]) & set(t["evals"]), key=int)
+    print("val loss by step: " + ", ".join(
+        f"{s}: {h['evals'][s]:.3f}/{t['evals'][s]:.3f}" for s in steps))  # fmt: skip
+    if not math.isfinite(h["val_loss"]):
+        sys.exit("handgrad diverged")
+
+
+if __name__ == "__main__":
+    main()

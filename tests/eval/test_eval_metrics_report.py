@@ -1,0 +1,91 @@
+"""``handgrad eval`` reproduces the trainer's validation numbers, and ``handgrad report``
+writes a card whose numbers are the run's (a tiny run trained here through the trainer API)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from handgrad.cli import main
+
+TEXT = (
+    "It was a dark and stormy night; the rain fell in torrents, except at occasional "
+    "intervals, when it was checked by a violent gust of wind which swept up the streets. "
+) * 30
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from handgrad.data import prepare
+    from handgrad.train import load_config, train
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "corpus.txt").write_text(TEXT)
+    data = root / "data"
+    prepare(str(root / "corpus.txt"), "char", data, val_fraction=0.2, workers=1, progress=False)
+    cfg = load_config({
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+        "data": {"source": str(data)},
+        "optim": {"lr": 1e-2, "warmup_steps": 0},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "log_interval": 1,
+                  "sample_tokens": 0, "seed": 3},
+        "eval": {"interval": 3, "batches": 2},
+    })  # fmt: skip
+    train(cfg, root / "run", progress=False, log=lambda msg: None)
+    return root / "run", data
+
+
+def test_eval_reproduces_the_trainers_validation_loss(trained, tmp_path, capsys):
+    run, data = trained
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "val_loss" in r][-1]
+    out = tmp_path / "val.json"
+    assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--output", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["loss"] == last["val_loss"]  # the same batches, the same function: exactly
+    assert m["perplexity"] == pytest.approx(math.exp(last["val_loss"]))
+    assert m["bits_per_token"] == pytest.approx(last["val_loss"] / math.log(2))
+    assert m["tokens"] == 2 * 4 * 16
+    assert "bits/token" in capsys.readouterr().out
+    # fewer batches: a different (prefix) set of windows, so in general a different loss
+    assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--batches", "1",
+                 "--output", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["tokens"] == 4 * 16
+
+
+def test_eval_without_data_is_an_error(trained, capsys):
+    run, _ = trained
+    assert main(["eval", "--checkpoint", str(run)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_report_numbers_come_from_the_run(trained, tmp_path):
+    run, _ = trained
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    zs = {
+        "results": {"hg_cbt_cn": {"alias": "hg_cbt_cn", "acc,none": 0.125,
+                                  "acc_stderr,none": 0.0625},
+                    "hg_ptb": {"word_perplexity,none": 321.5,
+                               "word_perplexity_stderr,none": "N/A"}},
+        "higher_is_better": {"hg_cbt_cn": {"acc": True}, "hg_ptb": {"word_perplexity": False}},
+    }  # fmt: skip
+    (tmp_path / "zs.json").write_text(json.dumps(zs))
+    card = tmp_path / "card" / "MODEL_CARD.md"
+    assert main(["report", "--checkpoint", str(run), "--zero-shot", str(tmp_path / "zs.json"),
+                 "--out", str(card)]) == 0  # fmt: skip
+    text = card.read_text()
+    assert f"{evals[-1]['val_loss']:,.4f}" in text
+    assert f"{evals[-1]['val_ppl']:,.4f}" in text
+    assert f"{evals[0]['val_loss']:,.4f} (step {evals[0]['step']})" in text
+    assert "6 of 6 planned" in text
+    assert f"{records[-1]['tokens']:,}" in text and "| Tokens per step | 64 |" in text
+    assert "| CBT-CN | acc | ↑ | 0.1250 | 0.0625 |" in text
+    assert "| PTB | word_perplexity | ↓ | 321.5000 | n/a |" in text
+    assert "| Merges | n/a (character level) |" in text
+    assert "optim.lr" in text
+    image = [line for line in text.splitlines() if line.startswith("![")][0]
+    name = image[image.index("(") + 1 : -1]
+    assert (card.parent / name).read_bytes() == (run / "loss.png").read_bytes()
