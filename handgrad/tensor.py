@@ -798,34 +798,34 @@ class Tensor:
         return Tensor(other)
 
     def __add__(self, o: Any) -> Tensor:
-        return Add.apply(self, self._other(o))
+        return _binary(Add, self, self._other(o))
 
     def __radd__(self, o: Any) -> Tensor:
-        return Add.apply(self._other(o), self)
+        return _binary(Add, self._other(o), self)
 
     def __sub__(self, o: Any) -> Tensor:
-        return Sub.apply(self, self._other(o))
+        return _binary(Sub, self, self._other(o))
 
     def __rsub__(self, o: Any) -> Tensor:
-        return Sub.apply(self._other(o), self)
+        return _binary(Sub, self._other(o), self)
 
     def __mul__(self, o: Any) -> Tensor:
-        return Mul.apply(self, self._other(o))
+        return _binary(Mul, self, self._other(o))
 
     def __rmul__(self, o: Any) -> Tensor:
-        return Mul.apply(self._other(o), self)
+        return _binary(Mul, self._other(o), self)
 
     def __truediv__(self, o: Any) -> Tensor:
-        return Div.apply(self, self._other(o))
+        return _binary(Div, self, self._other(o))
 
     def __rtruediv__(self, o: Any) -> Tensor:
-        return Div.apply(self._other(o), self)
+        return _binary(Div, self._other(o), self)
 
     def __pow__(self, o: Any) -> Tensor:
-        return Pow.apply(self, self._other(o))
+        return _binary(Pow, self, self._other(o))
 
     def __rpow__(self, o: Any) -> Tensor:
-        return Pow.apply(self._other(o), self)
+        return _binary(Pow, self._other(o), self)
 
     def __neg__(self) -> Tensor:
         return Neg.apply(self)
@@ -994,6 +994,17 @@ class Tensor:
     def zero_(self) -> Tensor:
         self.data[...] = 0
         return self
+
+
+def _binary(fn: type[Function], a: Tensor, b: Tensor) -> Tensor:
+    """Apply a broadcasting binary op with torch's promotion for mixed integer/float inputs:
+    the integer side takes the float side's dtype (NumPy would go to float64)."""
+    fa, fb = B.is_floating(a.dtype), B.is_floating(b.dtype)
+    if fa and not fb:
+        b = Tensor._make(b.data.astype(a.dtype))
+    elif fb and not fa:
+        a = Tensor._make(a.data.astype(b.dtype))
+    return fn.apply(a, b)
 
 
 def _index_arrays(idx: Any) -> Any:

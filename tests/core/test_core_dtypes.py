@@ -212,3 +212,21 @@ def test_integer_division_gives_float32_like_torch():
 def test_unknown_dtype_raises_type_error_naming_it(make, name):
     with pytest.raises(TypeError, match=name):
         make()
+
+
+def test_integer_with_float_promotes_to_the_float_dtype_like_torch():
+    import torch
+
+    i = hg.tensor([1, 2, 3])
+    ti = torch.tensor([1, 2, 3])
+    cases = [
+        (lambda a: a * 2.5, lambda a: a * 2.5),
+        (lambda a: 2.5 * a, lambda a: 2.5 * a),
+        (lambda a: a / 2, lambda a: a / 2),
+        (lambda a: a + 1, lambda a: a + 1),
+    ]
+    for ours, theirs in cases:
+        assert str(ours(i).dtype) == str(theirs(ti).dtype).removeprefix("torch.")
+    f64 = hg.tensor([1.0, 2.0, 3.0], dtype="float64")
+    assert (f64 * i).dtype == hg.float64
+    assert (i + hg.tensor([0.5, 0.5, 0.5])).dtype == hg.float32
