@@ -8,7 +8,8 @@ evaluate the same fixed validation batches at the same steps. handgrad runs its 
 train.py runs (fp32, eager, no compile). Each side is a separate process.
 
     .venv/bin/python benchmarks/bench_shakespeare.py                 # the full 2,000 steps
-    .venv/bin/python benchmarks/bench_shakespeare.py --steps 200     # a shorter comparison
+    .venv/bin/python benchmarks/bench_shakespeare.py --steps 300     # a shorter comparison
+    .venv/bin/python benchmarks/bench_shakespeare.py --threads 1     # both sides single-threaded
 
 Prints a table: wall time of the whole run and of the training steps, final val loss.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -124,14 +126,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--cache", default=None, help="data cache directory (default: handgrad's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="BLAS/OpenMP threads for both sides (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and "
+        "torch.set_num_threads); default: each library's own default",
+    )
     p.add_argument("--worker", choices=["handgrad", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
+        if args.threads and args.worker == "torch":
+            import torch
+
+            torch.set_num_threads(args.threads)
         fn = run_handgrad if args.worker == "handgrad" else run_torch
         print(json.dumps(fn(args.steps, args.cache)))
         return
     # prepare the data once, outside the timings
-    from handgrad.data.prepare import default_workers  # noqa: F401  (import check)
     from handgrad.train.trainer import prepared_data_dir
 
     prepared_data_dir(_config(args.steps, args.cache).data)
@@ -140,12 +152,20 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps)]
         if args.cache:
             cmd += ["--cache", args.cache]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+            env.update(OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"{side} worker failed:\n{proc.stderr[-3000:]}")
         results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     h, t = results["handgrad"], results["torch"]
-    print(f"shakespeare-char, {args.steps} steps (batch 12 x 64), fp32, same init and batches")
+    threads = args.threads or "default"
+    print(
+        f"shakespeare-char, {args.steps} steps (batch 12 x 64), fp32, same init and batches, "
+        f"threads: {threads}"
+    )
     print(f"{'':28}{'handgrad':>12}{'pytorch':>12}{'ratio':>10}")
     print(f"{'wall time end to end (s)':28}{h['wall_s']:>12.1f}{t['wall_s']:>12.1f}"
           f"{h['wall_s'] / t['wall_s']:>10.2f}")  # fmt: skip

@@ -19,7 +19,7 @@ single document (tiny Shakespeare) is split by position instead: the first (1 - 
 its characters train, the rest validate, exactly like nanoGPT's prepare.py.
 
 Tokenizing runs on a process pool: documents are grouped into chunks of about `chunk_chars`
-characters, at most 2 chunks per worker are in flight (bounded memory however large the source),
+characters, at most 4 chunks per worker are in flight (bounded memory however large the source),
 and results are appended to the shards in submission order, so output is byte-identical for any
 number of workers.
 """
@@ -51,11 +51,14 @@ ENDOFTEXT = "<|endoftext|>"
 SPLITS = ("train", "val")
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
+# Chunks per worker queued or running: enough to keep every worker busy while this process reads
+# and writes, few enough that memory stays bounded (4 x 256k characters per worker).
+MAX_IN_FLIGHT = 4
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """Smallest unsigned dtype that holds every token id 0..vocab_size-1."""
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+    """Smallest unsigned dtype that holds every token id 0..vocab_size-1, little-endian."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
 def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
@@ -203,7 +206,7 @@ def _encode_all(
     workers: int,
 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, int]]:
     """Yield (splits, tokens, lengths, n_bytes) per chunk, in order, encoding on `workers`
-    processes with at most 2 chunks per worker in flight."""
+    processes with at most MAX_IN_FLIGHT chunks per worker queued or running."""
     if workers == 1:
         _init_worker(str(tokenizer_path), dtype.str)
         for splits, items in chunks:
@@ -220,7 +223,7 @@ def _encode_all(
         pending: deque[tuple[list[str], Future]] = deque()
         for splits, items in chunks:
             pending.append((splits, pool.submit(_encode_chunk, items)))
-            if len(pending) >= 4 * workers:
+            if len(pending) >= MAX_IN_FLIGHT * workers:
                 splits_done, future = pending.popleft()
                 yield (splits_done, *future.result())
         while pending:

@@ -54,7 +54,7 @@ def load_split(
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     meta = load_meta(data_dir) if meta is None else meta
     info = meta["splits"][split]
-    dtype = np.dtype(meta["dtype"])
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")  # shards are little-endian everywhere
     path = Path(data_dir) / info["file"]
     expected = info["tokens"] * dtype.itemsize
     if not path.is_file():

@@ -11,13 +11,78 @@ the normalised (last) axis unless said otherwise.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 
 from handgrad import backend as B
 from handgrad.backend import xp
 from handgrad.tensor import Function, Tensor, default_generator
+
+try:  # optional: lets attention hold BLAS to one thread while it runs its own threads
+    from threadpoolctl import ThreadpoolController
+except ImportError:
+    ThreadpoolController = None
+
+# ----------------------------------------------------------------------------------------
+# threads
+#
+# NumPy runs each ufunc on one core, but releases the GIL inside ufuncs and BLAS. The big
+# elementwise ops and attention therefore cut their work into cache-sized pieces and share
+# the pieces out over a few threads, each with its own scratch buffers.
+
+_WORKERS = os.cpu_count() or 1
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+_blas_controller = None
+
+
+@contextmanager
+def _blas_threads(n: int) -> Iterator[None]:
+    """Limit the BLAS library to ``n`` threads inside the block (if threadpoolctl is there)."""
+    global _blas_controller
+    if ThreadpoolController is None:
+        yield
+        return
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=n, user_api="blas"):
+        yield
+
+
+def _parallel_map(
+    fn: Callable[..., None], items: Sequence, buffer_size: int, n_buffers: int, dtype
+) -> None:
+    """Call ``fn(item, *buffers)`` for every item, with the items shared out over threads.
+
+    Each thread owns ``n_buffers`` flat scratch arrays of ``buffer_size`` elements, reused for
+    every item it runs. BLAS is held to one thread meanwhile: the products inside one item
+    (e.g. (128, 64) x (64, 1024) in attention) are too small to split across cores, and BLAS
+    threads competing with ours or with other processes made them ~3x slower than one thread.
+    """
+    global _pool, _pool_workers
+    workers = max(1, min(len(items), _WORKERS))
+
+    def run(w: int) -> None:
+        buffers = [xp.empty(buffer_size, dtype=dtype) for _ in range(n_buffers)]
+        for item in items[w::workers]:
+            fn(item, *buffers)
+
+    with _blas_threads(1):
+        if workers == 1:
+            run(0)
+            return
+        if _pool_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="handgrad")
+            _pool_workers = workers
+        list(_pool.map(run, range(workers)))  # list() re-raises a worker's exception
+
 
 # ----------------------------------------------------------------------------------------
 # linear and embedding
@@ -87,18 +152,67 @@ def embedding(input: Tensor, weight: Tensor) -> Tensor:
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+_ELEMENTWISE_CHUNK = 1 << 15  # elements per piece of a big elementwise op (fits in L2)
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(i, min(i + _ELEMENTWISE_CHUNK, n)) for i in range(0, n, _ELEMENTWISE_CHUNK)]
+
+
 class _GeluTanh(Function):
-    # y = x/2 (1 + tanh(u)),  u = c (x + 0.044715 x^3),  c = sqrt(2/pi)
-    # dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 * 0.044715 x^2),  t = tanh(u)
+    # y = x/2 (1 + t),  t = tanh(u),  u = c x (1 + a x^2),  c = sqrt(2/pi), a = 0.044715
+    # dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)
+    # Like torch, only x is kept: backward recomputes t, which costs less than storing a
+    # second input-sized array per layer. Both passes run piece by piece on scratch buffers
+    # (few full-size temporaries, data stays in cache) with the pieces shared over threads.
     def forward(self, x):
+        x = xp.asarray(x, order="C")
         self.x = x
-        self.t = xp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
-        return 0.5 * x * (1.0 + self.t)
+        xf, y = x.reshape(-1), xp.empty(x.shape, dtype=x.dtype)
+        yf, c, a = y.reshape(-1), x.dtype.type(_GELU_C), x.dtype.type(0.044715)
+
+        def piece(sl, t):
+            xs, t, ys = xf[sl], t[: sl.stop - sl.start], yf[sl]
+            xp.multiply(xs, xs, out=t)
+            t *= a
+            t += 1
+            t *= xs
+            t *= c  # u
+            xp.tanh(t, out=t)
+            xp.add(t, 1, out=ys)
+            ys *= xs
+            ys *= 0.5
+
+        _parallel_map(piece, _chunks(xf.size), _ELEMENTWISE_CHUNK, 1, x.dtype)
+        return y
 
     def backward(self, g):
-        x, t = self.x, self.t
-        dudx = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-        return (g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dudx),)
+        xf, gf = self.x.reshape(-1), xp.asarray(g, order="C").reshape(-1)
+        dx = xp.empty(self.x.shape, dtype=g.dtype)
+        dxf, c, a = dx.reshape(-1), xf.dtype.type(_GELU_C), xf.dtype.type(0.044715)
+
+        def piece(sl, t, w):
+            n = sl.stop - sl.start
+            xs, t, w, out = xf[sl], t[:n], w[:n], dxf[sl]
+            xp.multiply(xs, xs, out=w)  # x^2
+            xp.multiply(w, a, out=t)
+            t += 1
+            t *= xs
+            t *= c
+            xp.tanh(t, out=t)  # t
+            w *= 3 * a * c
+            w += c
+            w *= xs  # x c (1 + 3 a x^2)
+            xp.multiply(t, t, out=out)
+            xp.subtract(1, out, out=out)
+            w *= out  # x c (1 + 3 a x^2) (1 - t^2)
+            w += t
+            w += 1
+            xp.multiply(w, gf[sl], out=out)
+            out *= 0.5
+
+        _parallel_map(piece, _chunks(xf.size), _ELEMENTWISE_CHUNK, 2, xf.dtype)
+        return (dx,)
 
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -216,34 +330,74 @@ class _LayerNorm(Function):
     # Backward, with dxhat = g w:
     #   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
     #   dw = sum over leading axes of g xhat;  db = sum over leading axes of g
+    # Rows are processed in cache-sized blocks shared over threads; the row sums of
+    # products (var, mean(dxhat xhat), dw) are einsums, which need no temporary.
     def forward(self, x, w=None, b=None, *, k, eps):
-        axes = tuple(range(x.ndim - k, x.ndim))
-        self.axes = axes
-        mu = x.mean(axis=axes, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=axes, keepdims=True)
-        self.rstd = 1.0 / xp.sqrt(var + eps)
-        xc *= self.rstd
-        self.xhat, self.w = xc, w
-        y = xc * w if w is not None else xc.copy()
-        if b is not None:
-            y += b
-        return y
+        self.shape, self.wshape = x.shape, x.shape[x.ndim - k :]
+        n = math.prod(self.wshape)
+        x2 = xp.asarray(x, order="C").reshape(-1, n)
+        self.w = None if w is None else w.reshape(n)
+        wf, bf = self.w, None if b is None else b.reshape(n)
+        self.xhat, self.rstd = xp.empty_like(x2), xp.empty((x2.shape[0], 1), dtype=x.dtype)
+        y = xp.empty_like(x2)
+
+        def block(rows):
+            xs, xhat, ys = x2[rows], self.xhat[rows], y[rows]
+            xp.subtract(xs, xs.mean(axis=1, keepdims=True), out=xhat)
+            var = xp.einsum("ij,ij->i", xhat, xhat)[:, None] / n
+            rstd = self.rstd[rows]
+            xp.sqrt(var + eps, out=rstd)
+            xp.reciprocal(rstd, out=rstd)
+            xhat *= rstd
+            if wf is None:
+                ys[...] = xhat
+                return
+            xp.multiply(xhat, wf, out=ys)
+            if bf is not None:
+                ys += bf
+
+        _parallel_map(block, self._blocks(n), 0, 0, x.dtype)
+        return y.reshape(x.shape)
+
+    def _blocks(self, n: int) -> list[slice]:
+        rows, step = self.xhat.shape[0], max(1, _ELEMENTWISE_CHUNK // max(n, 1))
+        return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
     def backward(self, g):
-        xhat, w, axes = self.xhat, self.w, self.axes
-        lead = tuple(range(g.ndim - len(axes)))
-        dxhat = g * w if w is not None else g
-        dx = None
-        if self.needs_input_grad[0]:
-            m1 = dxhat.mean(axis=axes, keepdims=True)
-            m2 = (dxhat * xhat).mean(axis=axes, keepdims=True)
-            dx = (dxhat - m1 - xhat * m2) * self.rstd
-        grads = [dx]
+        xhat, w, rstd = self.xhat, self.w, self.rstd
+        n = xhat.shape[1]
+        g2 = xp.asarray(g, order="C").reshape(xhat.shape)
+        blocks = self._blocks(n)
+        dx = xp.empty_like(xhat) if self.needs_input_grad[0] else None
+        want_dw = len(self.needs_input_grad) > 1 and self.needs_input_grad[1]
+        dw_parts = xp.empty((len(blocks), n), dtype=g.dtype) if want_dw else None
+
+        def block(i, dxhat):
+            rows = blocks[i]
+            gs, xh = g2[rows], xhat[rows]
+            if dw_parts is not None:
+                xp.einsum("ij,ij->j", gs, xh, out=dw_parts[i])
+            if dx is None:
+                return
+            if w is not None:
+                dxhat = _tile(dxhat, *gs.shape)
+                xp.multiply(gs, w, out=dxhat)
+            else:
+                dxhat = gs
+            m1 = dxhat.mean(axis=1, keepdims=True)
+            m2 = xp.einsum("ij,ij->i", dxhat, xh)[:, None] / n
+            out = dx[rows]
+            xp.multiply(xh, m2, out=out)
+            xp.subtract(dxhat, out, out=out)
+            out -= m1
+            out *= rstd[rows]
+
+        _parallel_map(block, range(len(blocks)), blocks[0].stop * n if blocks else 0, 1, g.dtype)
+        grads = [None if dx is None else dx.reshape(self.shape)]
         if len(self.needs_input_grad) > 1:
-            grads.append((g * xhat).sum(axis=lead) if self.needs_input_grad[1] else None)
+            grads.append(dw_parts.sum(axis=0).reshape(self.wshape) if want_dw else None)
         if len(self.needs_input_grad) > 2:
-            grads.append(g.sum(axis=lead) if self.needs_input_grad[2] else None)
+            grads.append(g2.sum(axis=0).reshape(self.wshape) if self.needs_input_grad[2] else None)
         return tuple(grads)
 
 
@@ -383,99 +537,138 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 # attention
 
 
-_ATTN_CHUNK_ELEMENTS = 1 << 22  # score elements per block: bounds the (L, S) temporaries
+_ATTN_TILE = 128  # query rows (forward) or key columns (backward) per score tile
+
+
+def _tile(buffer, rows: int, cols: int):
+    """A contiguous (rows, cols) view of the front of a flat scratch buffer."""
+    return buffer[: rows * cols].reshape(rows, cols)
+
+
+def _mask_future(s, r0: int, c0: int) -> None:
+    """Causal mask (top-left aligned, as torch): s[i, j] = -inf where key c0 + j comes after
+    query r0 + i. Only the part of the tile that crosses the diagonal is touched."""
+    rows, cols = s.shape
+    i_end = min(rows, c0 + cols - 1 - r0)  # rows from here on see every key of the tile
+    j_start = max(0, r0 + 1 - c0)  # columns before this are seen by every row
+    if i_end > 0 and j_start < cols:
+        future = xp.arange(c0 + j_start, c0 + cols) > xp.arange(r0, r0 + i_end)[:, None]
+        xp.copyto(s[:i_end, j_start:], -xp.inf, where=future)
 
 
 class _SDPA(Function):
     # Per (batch, head), with s = q k^T * scale (L, S), p = softmax(s) (masked), o = p v:
     #   dv = p^T do;  dp = do v^T;  ds = p (dp - D), D = rowsum(dp p) = rowsum(do o)
     #   dq = ds k * scale;  dk = ds^T q * scale
-    # Like FlashAttention, forward keeps only o and the row log-sum-exp; backward recomputes
-    # p block by block. So memory grows with L*E, not with L*S per layer.
+    # Like FlashAttention, forward keeps only o and the row log-sum-exp (lse), and backward
+    # recomputes p = exp(s - lse) tile by tile, so memory grows with L*E, not L*S. Tiles:
+    #   forward: a block of query rows against every key they may see. Softmax needs whole
+    #     rows; o = (e v) / rowsum(e) with e = exp(s - rowmax) divides the small (rows, Ev)
+    #     product instead of the (rows, S) tile.
+    #   backward: a block of keys against every query that may see them, so dk and dv of the
+    #     block are finished in one go and only dq is accumulated across tiles.
+    # With is_causal, query i sees keys j <= i: tiles skip the keys (queries) that lie wholly
+    # in the future (past), which halves the work, and only tiles crossing the diagonal are
+    # masked. Dropout masks are drawn per head from a seed, and drawn again in backward.
     def forward(self, q, k, v, mask, is_causal, scale, dropout_p, gen):
-        *lead, L, E = q.shape
-        S = k.shape[-2]
-        self.shapes = (q.shape, k.shape, v.shape)
-        self.scale = scale
-        q3, k3, v3 = (a.reshape(-1, *a.shape[-2:]) for a in (q, k, v))
-        n = q3.shape[0]
-        allowed = None
-        if is_causal:
-            allowed = xp.tril(xp.ones((L, S), dtype=bool))
-        self.mask3 = None
-        if mask is not None:
-            m = xp.broadcast_to(mask, (*lead, L, S)).reshape(n, L, S)
-            self.mask3 = m
-        self.allowed = allowed
-        out = xp.empty((n, L, v.shape[-1]), dtype=q.dtype)
-        lse = xp.empty((n, L), dtype=q.dtype)
-        step = max(1, _ATTN_CHUNK_ELEMENTS // max(L * S, 1))
-        self.keeps = [] if dropout_p > 0 else None
-        self.dropout_p, self.gen = dropout_p, gen
-        # One score buffer reused by every block: a fresh multi-MB array per block costs
-        # more in page faults than the matmul that fills it.
-        buf = xp.empty((min(step, n), L, S), dtype=q.dtype)
-        for i in range(0, n, step):
-            sl = slice(i, i + step)
-            s = self._scores(q3[sl], k3[sl], sl, out=buf[: min(step, n - i)])
-            m_ = s.max(axis=-1, keepdims=True)
-            m_ = xp.where(xp.isfinite(m_), m_, 0)  # fully masked rows stay finite
-            s -= m_
-            xp.exp(s, out=s)
-            denom = s.sum(axis=-1, keepdims=True)
-            s /= denom
-            lse[sl] = (m_ + xp.log(denom))[..., 0]
-            if dropout_p > 0:
-                keep = (gen.random(s.shape, dtype=np.float32) >= dropout_p) / (1 - dropout_p)
-                keep = keep.astype(s.dtype)
-                self.keeps.append(keep)
-                s *= keep
-            xp.matmul(s, v3[sl], out=out[sl])
-        self.q3, self.k3, self.v3, self.out, self.lse, self.step = q3, k3, v3, out, lse, step
-        return out.reshape(*lead, L, v.shape[-1])
+        *lead, L, _ = q.shape
+        S, Ev = k.shape[-2], v.shape[-1]
+        self.q, self.k, self.v = q, k, v
+        self.mask = None if mask is None else xp.broadcast_to(mask, (*lead, L, S))
+        self.is_causal, self.scale, self.dropout_p = is_causal, scale, dropout_p
+        self.heads = list(np.ndindex(*lead))  # (batch, head) index tuples
+        self.seeds = None
+        if dropout_p > 0:
+            self.seeds = dict(zip(self.heads, gen.integers(2**63, size=len(self.heads))))
+        self.out = xp.empty((*lead, L, Ev), dtype=q.dtype)
+        self.lse = xp.empty((*lead, L), dtype=q.dtype)
+        tile = min(_ATTN_TILE, L)
+        _parallel_map(self._forward_head, self.heads, tile * S, 1, q.dtype)
+        return self.out
 
-    def _scores(self, q, k, sl, out):
-        s = xp.matmul(q, xp.swapaxes(k, -1, -2), out=out)
-        s *= q.dtype.type(self.scale)
-        if self.allowed is not None:
-            xp.copyto(s, -xp.inf, where=~self.allowed)
-        if self.mask3 is not None:
-            m = self.mask3[sl]
+    def _scores(self, head, qs, r0: int, r1: int, c0: int, c1: int, buffer):
+        """s = (q * scale)[r0:r1] k[c0:c1]^T with the causal or given mask applied."""
+        s = _tile(buffer, r1 - r0, c1 - c0)
+        xp.matmul(qs[r0:r1], self.k[head][c0:c1].T, out=s)
+        if self.is_causal:
+            _mask_future(s, r0, c0)
+        elif self.mask is not None:
+            m = self.mask[head][r0:r1, c0:c1]
             if m.dtype == bool:
                 xp.copyto(s, -xp.inf, where=~m)
             else:
                 s += m
         return s
 
+    def _dropout_keep(self, head, L: int, S: int):
+        """The head's (L, S) dropout multiplier: 0 or 1/(1-p), the same in both passes."""
+        if self.seeds is None:
+            return None
+        rng = np.random.default_rng(self.seeds[head])
+        keep = rng.random((L, S), dtype=np.float32) >= self.dropout_p
+        return (keep / (1.0 - self.dropout_p)).astype(self.q.dtype)
+
+    def _forward_head(self, head, buffer):
+        q, v, out, lse = self.q[head], self.v[head], self.out[head], self.lse[head]
+        L, S = q.shape[0], v.shape[0]
+        qs = q * q.dtype.type(self.scale)
+        keep = self._dropout_keep(head, L, S)
+        for r0 in range(0, L, _ATTN_TILE):
+            r1 = min(r0 + _ATTN_TILE, L)
+            c1 = min(r1, S) if self.is_causal else S  # keys this block of queries may see
+            s = self._scores(head, qs, r0, r1, 0, c1, buffer)
+            m = s.max(axis=1, keepdims=True)
+            if self.mask is not None:
+                m[~xp.isfinite(m)] = 0  # a fully masked row stays finite (and gives nan, as torch)
+            s -= m
+            xp.exp(s, out=s)  # e
+            denom = s.sum(axis=1, keepdims=True)
+            lse[r0:r1] = (m + xp.log(denom))[:, 0]
+            if keep is not None:
+                s *= keep[r0:r1, :c1]
+            o = out[r0:r1]
+            xp.matmul(s, v[:c1], out=o)
+            o /= denom
+
     def backward(self, g):
-        q3, k3, v3, o, lse, step = self.q3, self.k3, self.v3, self.out, self.lse, self.step
-        g3 = g.reshape(o.shape)
-        dq, dk, dv = xp.empty_like(q3), xp.empty_like(k3), xp.empty_like(v3)
-        D = (g3 * o).sum(axis=-1, keepdims=True)
-        scale = q3.dtype.type(self.scale)
-        n, L, S = q3.shape[0], q3.shape[1], k3.shape[1]
-        p_buf = xp.empty((min(step, n), L, S), dtype=q3.dtype)  # reused, as in forward
-        dp_buf = xp.empty_like(p_buf)
-        for j, i in enumerate(range(0, n, step)):
-            sl, m = slice(i, i + step), min(step, n - i)
-            p = self._scores(q3[sl], k3[sl], sl, out=p_buf[:m])
-            p -= lse[sl][..., None]
+        q, k, v = self.q, self.k, self.v
+        dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+        each_head = partial(self._backward_head, g=g, dq=dq, dk=dk, dv=dv)
+        tile = min(_ATTN_TILE, k.shape[-2])
+        _parallel_map(each_head, self.heads, q.shape[-2] * tile, 2, q.dtype)
+        return dq, dk, dv
+
+    def _backward_head(self, head, p_buffer, dp_buffer, *, g, dq, dk, dv):
+        q, k, v, g = self.q[head], self.k[head], self.v[head], g[head]
+        dq, dk, dv = dq[head], dk[head], dv[head]
+        L, S = q.shape[0], k.shape[0]
+        scale = q.dtype.type(self.scale)
+        qs = q * scale
+        D = (g * self.out[head]).sum(axis=1, keepdims=True)
+        lse = self.lse[head][:, None]
+        keep = self._dropout_keep(head, L, S)
+        dq[...] = 0
+        for c0 in range(0, S, _ATTN_TILE):
+            c1 = min(c0 + _ATTN_TILE, S)
+            r0 = c0 if self.is_causal else 0  # the first query that may see these keys
+            if r0 >= L:
+                dk[c0:c1] = 0
+                dv[c0:c1] = 0
+                continue
+            p = self._scores(head, qs, r0, L, c0, c1, p_buffer)
+            p -= lse[r0:]
             xp.exp(p, out=p)
-            dp = xp.matmul(g3[sl], xp.swapaxes(v3[sl], -1, -2), out=dp_buf[:m])
-            if self.keeps is not None:
-                keep = self.keeps[j]
-                xp.matmul(xp.swapaxes(p * keep, -1, -2), g3[sl], out=dv[sl])
-                dp *= keep
+            dp = xp.matmul(g[r0:], v[c0:c1].T, out=_tile(dp_buffer, L - r0, c1 - c0))
+            if keep is not None:
+                xp.matmul((p * keep[r0:, c0:c1]).T, g[r0:], out=dv[c0:c1])
+                dp *= keep[r0:, c0:c1]
             else:
-                xp.matmul(xp.swapaxes(p, -1, -2), g3[sl], out=dv[sl])
-            dp -= D[sl]
+                xp.matmul(p.T, g[r0:], out=dv[c0:c1])
+            dp -= D[r0:]
             dp *= p  # ds
-            xp.matmul(dp, k3[sl], out=dq[sl])
-            xp.matmul(xp.swapaxes(dp, -1, -2), q3[sl], out=dk[sl])
+            xp.matmul(dp.T, qs[r0:], out=dk[c0:c1])  # q * scale carries dk's scale
+            dq[r0:] += dp @ k[c0:c1]
         dq *= scale
-        dk *= scale
-        sq, sk, sv = self.shapes
-        return dq.reshape(sq), dk.reshape(sk), dv.reshape(sv)
 
 
 def scaled_dot_product_attention(

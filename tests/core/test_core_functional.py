@@ -225,18 +225,59 @@ def test_scaled_dot_product_attention(name, dtype, rng):
 
 
 def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
-    """Forward and backward loop over blocks of heads; the block size must not matter."""
+    """Forward and backward loop over tiles of queries (keys) shared out over threads; neither
+    the tile size nor the thread count may change the result."""
     q, k, v = (rng.standard_normal((3, 4, 6, 5)) for _ in range(3))
     g = rng.standard_normal((3, 4, 6, 5))
     results = []
-    for chunk in (1 << 22, 6 * 6 * 5):  # everything in one block, then blocks of 5 heads
-        monkeypatch.setattr(F, "_ATTN_CHUNK_ELEMENTS", chunk)
+    # one tile per head on one thread, then tiles of 4 rows (6 = 4 + 2) on 5 threads
+    for tile, workers in ((1 << 20, 1), (4, 5)):
+        monkeypatch.setattr(F, "_ATTN_TILE", tile)
+        monkeypatch.setattr(F, "_WORKERS", workers)
         ts = [hg.tensor(a, requires_grad=True) for a in (q, k, v)]
         out = F.scaled_dot_product_attention(*ts, is_causal=True)
         out.backward(hg.tensor(g))
         results.append([out.data] + [t.grad.data for t in ts])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+# (q shape, k shape, options): lengths that are not multiples of the tile (4 in the test)
+SDPA_TILED_CASES = {
+    "causal_T_not_multiple": ((2, 3, 11, 8), (2, 3, 11, 8), {"is_causal": True}),
+    "causal_L_lt_S": ((2, 6, 8), (2, 11, 8), {"is_causal": True}),
+    "causal_L_gt_S": ((2, 11, 8), (2, 6, 8), {"is_causal": True}),
+    "bool_mask_L_ne_S": ((2, 3, 7, 8), (2, 3, 10, 8), {"mask": "bool"}),
+    "float_mask_L_ne_S": ((2, 3, 10, 8), (2, 3, 7, 8), {"mask": "float"}),
+    "no_mask_L_ne_S": ((2, 9, 8), (2, 5, 8), {}),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(SDPA_TILED_CASES))
+def test_sdpa_tiled_matches_torch(name, dtype, rng, monkeypatch):
+    """Small tiles (4) and several threads: causal tiles skip keys in the future and mask only
+    across the diagonal (top-left aligned when L != S, as torch); explicit masks are sliced
+    per tile. All of it must agree with torch's untiled attention."""
+    monkeypatch.setattr(F, "_ATTN_TILE", 4)
+    monkeypatch.setattr(F, "_WORKERS", 3)
+    q_shape, kv_shape, kw = SDPA_TILED_CASES[name]
+    kw = dict(kw)
+    arrays = [rng.standard_normal(q_shape), rng.standard_normal(kv_shape)]
+    arrays.append(rng.standard_normal((*kv_shape[:-1], 5)))
+    mask_kind = kw.pop("mask", None)
+    mask_t = mask_r = None
+    if mask_kind is not None:
+        mask = _sdpa_mask(mask_kind, rng, q_shape[-2], kv_shape[-2])
+        mask_t = hg.tensor(mask.astype(dtype) if mask.dtype.kind == "f" else mask)
+        mask_r = torch.from_numpy(mask.astype(np.float64) if mask.dtype.kind == "f" else mask)
+    compare(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask_t, **kw),
+        lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=mask_r, **kw),
+        *arrays,
+        dtype=dtype,
+        rng=rng,
+    )
 
 
 def test_sdpa_dropout_gradient_matches_finite_differences(rng):

@@ -1,0 +1,1 @@
+"""The shipped training configs (TOML), package data read by handgrad.train.config."""
