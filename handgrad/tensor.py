@@ -356,7 +356,11 @@ class MatMul(Function):
                 f"matmul: batch dimensions of {a.shape} and {b.shape} cannot be broadcast"
             ) from None
         self.a, self.b = a2, b2
-        out = a2 @ b2
+        if b2.ndim == 2 and a2.ndim > 2:
+            # (..., m, k) @ (k, n): one 2-D GEMM over the folded leading dims, not one per index
+            out = (a2.reshape(-1, a2.shape[-1]) @ b2).reshape(*a2.shape[:-1], b2.shape[-1])
+        else:
+            out = a2 @ b2
         if a.ndim == 1:
             out = out[..., 0, :]
         if b.ndim == 1:
@@ -373,7 +377,11 @@ class MatMul(Function):
             g = xp.expand_dims(g, -2)
         da = db = None
         if self.needs_input_grad[0]:
-            da = _unbroadcast(g @ xp.swapaxes(b, -1, -2), a.shape).reshape(self.a_shape)
+            if b.ndim == 2 and a.ndim > 2:
+                da = (g.reshape(-1, g.shape[-1]) @ b.T).reshape(a.shape)
+            else:
+                da = _unbroadcast(g @ xp.swapaxes(b, -1, -2), a.shape)
+            da = da.reshape(self.a_shape)
         if self.needs_input_grad[1]:
             if b.ndim == 2 and a.ndim > 2:
                 # Shared weight (the Linear case): fold the batch into one GEMM instead of

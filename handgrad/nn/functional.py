@@ -91,24 +91,26 @@ def _parallel_map(
 class _Linear(Function):
     # y = x W^T + b with x: (..., in), W: (out, in), b: (out,)
     # dx = g W;  dW = g^T x (summed over all leading dims);  db = sum of g over leading dims.
-    # The leading dims are folded into one so each product is a single GEMM.
+    # The leading dims are folded into one, so each product is a single 2-D GEMM (NumPy would
+    # otherwise run one small GEMM per leading index).
     def forward(self, x, w, b=None):
         if x.shape[-1] != w.shape[1]:
             raise ValueError(
                 f"linear: input has {x.shape[-1]} features (shape {x.shape}) but weight "
                 f"expects {w.shape[1]} (shape {w.shape})"
             )
-        self.x, self.w = x, w
-        y = x @ w.T
+        self.lead = x.shape[:-1]
+        self.x2, self.w = x.reshape(-1, x.shape[-1]), w
+        y = self.x2 @ w.T
         if b is not None:
             y += b
-        return y
+        return y.reshape(*self.lead, w.shape[0])
 
     def backward(self, g):
-        x, w = self.x, self.w
+        x2, w = self.x2, self.w
         g2 = g.reshape(-1, g.shape[-1])
-        dx = (g @ w) if self.needs_input_grad[0] else None
-        dw = (g2.T @ x.reshape(-1, x.shape[-1])) if self.needs_input_grad[1] else None
+        dx = (g2 @ w).reshape(*self.lead, w.shape[1]) if self.needs_input_grad[0] else None
+        dw = (g2.T @ x2) if self.needs_input_grad[1] else None
         if len(self.needs_input_grad) == 3:
             db = g2.sum(axis=0) if self.needs_input_grad[2] else None
             return dx, dw, db
