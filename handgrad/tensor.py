@@ -14,6 +14,7 @@ many positions receives the sum of their gradients.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -95,7 +96,8 @@ class Function:
 
     Subclasses implement ``forward(*arrays, **kwargs) -> array`` (saving on ``self`` what
     backward needs) and ``backward(g) -> tuple`` with one gradient (or None) per tensor input.
-    ``self.needs_input_grad`` tells backward which input gradients are wanted.
+    ``self.needs_input_grad`` tells backward which input gradients are wanted. Backward must
+    not write into ``g``: the same array may be handed to several ops.
 
     NumPy has no fast bfloat16/float16 kernels, so unless a subclass sets ``native = True``
     (pure data movement: reshape, slicing, concatenation), 16-bit inputs are computed in
@@ -127,7 +129,12 @@ class Function:
             out = out.astype(cast_back)
         result = Tensor._make(out, requires_grad=record)
         if record:
-            ctx.parents = inputs
+            # Edges point at the op that produced each input (or at the leaf itself), never
+            # at intermediate tensors, so an intermediate's array is freed as soon as no op
+            # saved it for backward.
+            ctx.parents = tuple(
+                t._ctx if t._ctx is not None else (t if t.requires_grad else None) for t in inputs
+            )
             result._ctx = ctx
         return result
 
@@ -532,12 +539,28 @@ class GetItem(Function):
         return a[idx]
 
     def backward(self, g):
-        da = xp.zeros(self.shape, dtype=g.dtype)
         if _is_basic_index(self.idx):
-            da[self.idx] = g
-        else:
-            xp.add.at(da, self.idx, g)
+            # a slice's gradient is g placed at idx and zero elsewhere; the engine adds it
+            # into the input's gradient buffer in place (split/chunk would otherwise make
+            # one full-size zero array per piece)
+            return (SliceGrad(self.shape, self.idx, g),)
+        da = xp.zeros(self.shape, dtype=g.dtype)
+        xp.add.at(da, self.idx, g)
         return (da,)
+
+
+class SliceGrad:
+    """A gradient that is ``values`` at ``index`` of an otherwise-zero array of ``shape``."""
+
+    __slots__ = ("shape", "index", "values")
+
+    def __init__(self, shape: tuple[int, ...], index: Any, values: Any) -> None:
+        self.shape, self.index, self.values = shape, index, values
+
+    def dense(self) -> Any:
+        out = xp.zeros(self.shape, dtype=self.values.dtype)
+        out[self.index] = self.values
+        return out
 
 
 def _is_basic_index(idx: Any) -> bool:
@@ -627,21 +650,20 @@ def _infer_array(data: Any, dtype: Any) -> Any:
 class Tensor:
     """An n-dimensional array that records the ops applied to it for ``backward()``."""
 
-    __slots__ = ("data", "grad", "_requires_grad", "_ctx", "_retain", "__weakref__")
+    __slots__ = ("data", "grad", "_requires_grad", "_ctx", "__weakref__")
     __array_priority__ = 1000  # make ``ndarray * Tensor`` defer to Tensor.__rmul__
 
     def __init__(self, data: Any, dtype: Any = None, requires_grad: bool = False) -> None:
         self.data = _infer_array(data, dtype)
         self.grad: Tensor | None = None
         self._ctx: Function | None = None
-        self._retain = False
         self._requires_grad = False
         self.requires_grad = requires_grad
 
     @classmethod
     def _make(cls, array: Any, requires_grad: bool = False) -> Tensor:
         t = cls.__new__(cls)
-        t.data, t.grad, t._ctx, t._retain = array, None, None, False
+        t.data, t.grad, t._ctx = array, None, None
         t._requires_grad = requires_grad
         return t
 
@@ -719,7 +741,9 @@ class Tensor:
         return self * 1 if self.requires_grad else Tensor._make(self.data.copy())
 
     def retain_grad(self) -> None:
-        self._retain = True
+        """Keep ``.grad`` on this non-leaf tensor after backward (leaves always keep it)."""
+        if self._ctx is not None:
+            self._ctx._retained = weakref.ref(self)
 
     def __repr__(self) -> str:
         body = np.array2string(
@@ -1030,38 +1054,42 @@ def _index_arrays(idx: Any) -> Any:
 # the backward pass
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Tensors reachable from ``root`` through recorded ops, inputs before outputs.
+def _topological_order(root: Function) -> list[Function | Tensor]:
+    """Graph nodes reachable from ``root``, inputs before outputs.
 
-    An explicit stack replaces recursion so that deep graphs (a 1,000-layer chain) do not
-    hit Python's recursion limit.
+    Nodes are ops (``Function``) and the leaf tensors that require grad. An explicit stack
+    replaces recursion so that deep graphs (a 1,000-layer chain) do not hit Python's
+    recursion limit.
     """
-    order: list[Tensor] = []
+    order: list[Function | Tensor] = []
     seen: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    stack: list[tuple[Function | Tensor, bool]] = [(root, False)]
     while stack:
-        t, expanded = stack.pop()
+        node, expanded = stack.pop()
         if expanded:
-            order.append(t)
+            order.append(node)
             continue
-        if id(t) in seen:
+        if id(node) in seen:
             continue
-        seen.add(id(t))
-        stack.append((t, True))
-        if t._ctx is not None:
-            if getattr(t._ctx, "_freed", False):
-                raise RuntimeError(
-                    "backward(): trying to go through the graph a second time; its saved "
-                    "values were freed by the first backward(). Call backward(retain_graph=True) "
-                    "the first time if you need to backpropagate twice."
-                )
-            for p in t._ctx.parents:
-                if p.requires_grad and id(p) not in seen:
-                    stack.append((p, False))
+        seen.add(id(node))
+        stack.append((node, True))
+        if isinstance(node, Tensor):
+            continue
+        if getattr(node, "_freed", False):
+            raise RuntimeError(
+                "backward(): trying to go through the graph a second time; its saved "
+                "values were freed by the first backward(). Call backward(retain_graph=True) "
+                "the first time if you need to backpropagate twice."
+            )
+        for p in node.parents:
+            if p is not None and id(p) not in seen:
+                stack.append((p, False))
     return order
 
 
 def _accumulate(t: Tensor, g: Any) -> None:
+    if isinstance(g, SliceGrad):
+        g = g.dense()
     if g.shape != t.shape:  # a bug in some op's backward, never a user error
         raise RuntimeError(
             f"internal error: gradient of shape {g.shape} for a tensor of shape {t.shape}"
@@ -1073,28 +1101,50 @@ def _accumulate(t: Tensor, g: Any) -> None:
         t.grad.data += g
 
 
+def _add_grad(grads: dict[int, tuple[Any, bool]], key: int, g: Any) -> None:
+    """Sum ``g`` into the pending gradient of a node. A buffer this function allocated
+    ("owned") is updated in place; an array returned by a backward may be shared (Add
+    passes the same ``g`` to both inputs), so it is never written to."""
+    prev = grads.get(key)
+    if prev is None:
+        grads[key] = (g, False) if not isinstance(g, SliceGrad) else (g.dense(), True)
+        return
+    buf, owned = prev
+    if isinstance(g, SliceGrad):
+        buf = buf if owned else buf.copy()
+        buf[g.index] += g.values
+    elif owned:
+        buf += g
+    else:
+        buf = buf + g
+    grads[key] = (buf, True)
+
+
 def _run_backward(root: Tensor, g: Any, retain_graph: bool) -> None:
-    order = _topological_order(root)
-    grads: dict[int, Any] = {id(root): g}
-    for t in reversed(order):
-        g = grads.pop(id(t), None)
-        if g is None:
+    if root._ctx is None:
+        _accumulate(root, g)
+        return
+    order = _topological_order(root._ctx)
+    grads: dict[int, tuple[Any, bool]] = {id(root._ctx): (g, False)}
+    for node in reversed(order):
+        entry = grads.pop(id(node), None)
+        if entry is None:
             continue
-        ctx = t._ctx
-        if ctx is None or t._retain:
-            _accumulate(t, g)
-        if ctx is None:
+        g = entry[0]
+        if isinstance(node, Tensor):
+            _accumulate(node, g)
             continue
-        in_grads = ctx.backward(g)
-        for p, pg in zip(ctx.parents, in_grads):
-            if pg is None or not p.requires_grad:
-                continue
-            prev = grads.get(id(p))
-            grads[id(p)] = pg if prev is None else prev + pg
+        retained = getattr(node, "_retained", None)
+        if retained is not None and retained() is not None:
+            _accumulate(retained(), g)
+        in_grads = node.backward(g)
+        for p, pg in zip(node.parents, in_grads):
+            if p is not None and pg is not None:
+                _add_grad(grads, id(p), pg)
         if not retain_graph:
-            parents = ctx.parents
-            ctx.__dict__.clear()
-            ctx.parents, ctx._freed = parents, True
+            parents = node.parents
+            node.__dict__.clear()
+            node.parents, node._freed = parents, True
 
 
 # ----------------------------------------------------------------------------------------

@@ -332,29 +332,31 @@ class _LayerNorm(Function):
     # Backward, with dxhat = g w:
     #   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
     #   dw = sum over leading axes of g xhat;  db = sum over leading axes of g
-    # Rows are processed in cache-sized blocks shared over threads; the row sums of
-    # products (var, mean(dxhat xhat), dw) are einsums, which need no temporary.
+    # Like torch, only x (by reference), mu and rstd are kept; backward recomputes xhat.
+    # Rows are processed in cache-sized blocks shared over threads; the row sums of products
+    # (var, mean(dxhat xhat), dw) are einsums, which need no temporary array.
     def forward(self, x, w=None, b=None, *, k, eps):
         self.shape, self.wshape = x.shape, x.shape[x.ndim - k :]
         n = math.prod(self.wshape)
-        x2 = xp.asarray(x, order="C").reshape(-1, n)
-        self.w = None if w is None else w.reshape(n)
-        wf, bf = self.w, None if b is None else b.reshape(n)
-        self.xhat, self.rstd = xp.empty_like(x2), xp.empty((x2.shape[0], 1), dtype=x.dtype)
+        self.x = x2 = xp.asarray(x, order="C").reshape(-1, n)
+        self.w = wf = None if w is None else w.reshape(n)
+        bf = None if b is None else b.reshape(n)
+        self.mu = xp.empty((x2.shape[0], 1), dtype=x.dtype)
+        self.rstd = xp.empty_like(self.mu)
         y = xp.empty_like(x2)
 
         def block(rows):
-            xs, xhat, ys = x2[rows], self.xhat[rows], y[rows]
-            xp.subtract(xs, xs.mean(axis=1, keepdims=True), out=xhat)
-            var = xp.einsum("ij,ij->i", xhat, xhat)[:, None] / n
-            rstd = self.rstd[rows]
-            xp.sqrt(var + eps, out=rstd)
+            xs, ys, mu, rstd = x2[rows], y[rows], self.mu[rows], self.rstd[rows]
+            xp.mean(xs, axis=1, keepdims=True, out=mu)
+            xp.subtract(xs, mu, out=ys)
+            xp.einsum("ij,ij->i", ys, ys, out=rstd[:, 0])  # n var
+            rstd /= n
+            rstd += eps
+            xp.sqrt(rstd, out=rstd)
             xp.reciprocal(rstd, out=rstd)
-            xhat *= rstd
-            if wf is None:
-                ys[...] = xhat
-                return
-            xp.multiply(xhat, wf, out=ys)
+            ys *= rstd  # xhat
+            if wf is not None:
+                ys *= wf
             if bf is not None:
                 ys += bf
 
@@ -362,23 +364,26 @@ class _LayerNorm(Function):
         return y.reshape(x.shape)
 
     def _blocks(self, n: int) -> list[slice]:
-        rows, step = self.xhat.shape[0], max(1, _ELEMENTWISE_CHUNK // max(n, 1))
+        rows, step = self.x.shape[0], max(1, _ELEMENTWISE_CHUNK // max(n, 1))
         return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
     def backward(self, g):
-        xhat, w, rstd = self.xhat, self.w, self.rstd
-        n = xhat.shape[1]
-        g2 = xp.asarray(g, order="C").reshape(xhat.shape)
+        x, w = self.x, self.w
+        n = x.shape[1]
+        g2 = xp.asarray(g, order="C").reshape(x.shape)
         blocks = self._blocks(n)
-        dx = xp.empty_like(xhat) if self.needs_input_grad[0] else None
+        dx = xp.empty_like(x) if self.needs_input_grad[0] else None
         want_dw = len(self.needs_input_grad) > 1 and self.needs_input_grad[1]
         dw_parts = xp.empty((len(blocks), n), dtype=g.dtype) if want_dw else None
 
-        def block(i, dxhat):
+        def block(i, xhat, dxhat):
             rows = blocks[i]
-            gs, xh = g2[rows], xhat[rows]
-            if dw_parts is not None:
-                xp.einsum("ij,ij->j", gs, xh, out=dw_parts[i])
+            gs, rstd = g2[rows], self.rstd[rows]
+            xhat = _tile(xhat, *gs.shape)
+            xp.subtract(x[rows], self.mu[rows], out=xhat)
+            xhat *= rstd
+            if want_dw:
+                xp.einsum("ij,ij->j", gs, xhat, out=dw_parts[i])
             if dx is None:
                 return
             if w is not None:
@@ -387,19 +392,21 @@ class _LayerNorm(Function):
             else:
                 dxhat = gs
             m1 = dxhat.mean(axis=1, keepdims=True)
-            m2 = xp.einsum("ij,ij->i", dxhat, xh)[:, None] / n
+            m2 = xp.einsum("ij,ij->i", dxhat, xhat)[:, None] / n
             out = dx[rows]
-            xp.multiply(xh, m2, out=out)
-            xp.subtract(dxhat, out, out=out)
+            xhat *= m2
+            xp.subtract(dxhat, xhat, out=out)
             out -= m1
-            out *= rstd[rows]
+            out *= rstd
 
-        _parallel_map(block, range(len(blocks)), blocks[0].stop * n if blocks else 0, 1, g.dtype)
+        size = blocks[0].stop * n if blocks else 0
+        _parallel_map(block, range(len(blocks)), size, 2, g.dtype)
         grads = [None if dx is None else dx.reshape(self.shape)]
         if len(self.needs_input_grad) > 1:
             grads.append(dw_parts.sum(axis=0).reshape(self.wshape) if want_dw else None)
         if len(self.needs_input_grad) > 2:
-            grads.append(g2.sum(axis=0).reshape(self.wshape) if self.needs_input_grad[2] else None)
+            db = g2.sum(axis=0).reshape(self.wshape) if self.needs_input_grad[2] else None
+            grads.append(db)
         return tuple(grads)
 
 

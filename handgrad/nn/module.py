@@ -39,7 +39,6 @@ class Parameter(Tensor):
         self.data = array
         self.grad = None
         self._ctx = None
-        self._retain = False
         self._requires_grad = False
         self.requires_grad = requires_grad
 
