@@ -91,15 +91,3 @@ def _run_prepare(args: argparse.Namespace) -> int:
     if any(skipped.values()):
         print("skipped/replaced: " + json.dumps(skipped))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `data ...` on its own (the `handgrad` entry point is handgrad/cli.py)."""
-    parser = argparse.ArgumentParser(prog="handgrad")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

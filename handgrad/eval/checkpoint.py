@@ -14,26 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint directory for ``path``: ``path`` itself if it holds model.safetensors,
-    else the directory its ``latest`` file names (relative to ``path``)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
-    latest = path / "latest"
-    if latest.is_file():
-        name = latest.read_text(encoding="utf-8").strip()
-        target = path / name
-        if not name or not target.is_dir():
-            raise FileNotFoundError(f"{latest} names {name!r}, which is not a directory in {path}")
-        return target
-    if (path / "model.safetensors").is_file():
-        return path
-    raise FileNotFoundError(
-        f"{path}: neither a checkpoint directory (no model.safetensors) nor a run directory "
-        "(no 'latest' file)"
-    )
+# the trainer owns the checkpoint layout; evaluation re-exports its resolver
+from handgrad.train.checkpoint import resolve_checkpoint as resolve_checkpoint
 
 
 def run_directory(path: str | os.PathLike) -> Path:

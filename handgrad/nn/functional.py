@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import numpy as np
@@ -23,7 +23,7 @@ from handgrad import backend as B
 from handgrad.backend import xp
 from handgrad.tensor import Function, Tensor, default_generator
 
-try:  # optional: lets attention hold BLAS to one thread while it runs its own threads
+try:  # optional: lets attention hold BLAS to one thread while it runs threads of its own
     from threadpoolctl import ThreadpoolController
 except ImportError:
     ThreadpoolController = None
@@ -43,11 +43,8 @@ _blas_controller = None
 
 @contextmanager
 def _blas_threads(n: int) -> Iterator[None]:
-    """Limit the BLAS library to ``n`` threads inside the block (if threadpoolctl is there)."""
+    """Limit the BLAS library to ``n`` threads inside the block."""
     global _blas_controller
-    if ThreadpoolController is None:
-        yield
-        return
     if _blas_controller is None:
         _blas_controller = ThreadpoolController()
     with _blas_controller.limit(limits=n, user_api="blas"):
@@ -55,32 +52,41 @@ def _blas_threads(n: int) -> Iterator[None]:
 
 
 def _parallel_map(
-    fn: Callable[..., None], items: Sequence, buffer_size: int, n_buffers: int, dtype
+    fn: Callable[..., None],
+    items: Sequence,
+    buffer_size: int,
+    n_buffers: int,
+    dtype,
+    uses_blas: bool = False,
 ) -> None:
     """Call ``fn(item, *buffers)`` for every item, with the items shared out over threads.
 
     Each thread owns ``n_buffers`` flat scratch arrays of ``buffer_size`` elements, reused for
-    every item it runs. BLAS is held to one thread meanwhile: the products inside one item
-    (e.g. (128, 64) x (64, 1024) in attention) are too small to split across cores, and BLAS
-    threads competing with ours or with other processes made them ~3x slower than one thread.
+    every item it runs. With ``uses_blas``, BLAS is held to one thread meanwhile: the products
+    inside one item (e.g. (128, 64) x (64, 1024) in attention) are too small to split across
+    cores, and BLAS threads competing with ours or with other processes made them ~3x slower
+    than one thread per core. Without threadpoolctl to set that limit, such work stays on one
+    thread of ours.
     """
     global _pool, _pool_workers
     workers = max(1, min(len(items), _WORKERS))
+    if uses_blas and ThreadpoolController is None:
+        workers = 1
 
     def run(w: int) -> None:
         buffers = [xp.empty(buffer_size, dtype=dtype) for _ in range(n_buffers)]
         for item in items[w::workers]:
             fn(item, *buffers)
 
-    with _blas_threads(1):
-        if workers == 1:
-            run(0)
-            return
-        if _pool_workers != workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="handgrad")
-            _pool_workers = workers
+    if workers == 1:
+        run(0)
+        return
+    if _pool_workers != workers:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="handgrad")
+        _pool_workers = workers
+    with _blas_threads(1) if uses_blas else nullcontext():
         list(_pool.map(run, range(workers)))  # list() re-raises a worker's exception
 
 
@@ -592,7 +598,7 @@ class _SDPA(Function):
         self.out = xp.empty((*lead, L, Ev), dtype=q.dtype)
         self.lse = xp.empty((*lead, L), dtype=q.dtype)
         tile = min(_ATTN_TILE, L)
-        _parallel_map(self._forward_head, self.heads, tile * S, 1, q.dtype)
+        _parallel_map(self._forward_head, self.heads, tile * S, 1, q.dtype, uses_blas=True)
         return self.out
 
     def _scores(self, head, qs, r0: int, r1: int, c0: int, c1: int, buffer):
@@ -644,7 +650,7 @@ class _SDPA(Function):
         dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
         each_head = partial(self._backward_head, g=g, dq=dq, dk=dk, dv=dv)
         tile = min(_ATTN_TILE, k.shape[-2])
-        _parallel_map(each_head, self.heads, q.shape[-2] * tile, 2, q.dtype)
+        _parallel_map(each_head, self.heads, q.shape[-2] * tile, 2, q.dtype, uses_blas=True)
         return dq, dk, dv
 
     def _backward_head(self, head, p_buffer, dp_buffer, *, g, dq, dk, dv):

@@ -171,15 +171,3 @@ def _sample(args: argparse.Namespace) -> int:
     n = sum(len(r) - len(ids) for r in out)
     print(f"[{n} tokens in {seconds:.2f} s, seed {seed}]", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `train`/`sample` on their own (the `handgrad` entry point is handgrad/cli.py)."""
-    parser = argparse.ArgumentParser(prog="handgrad")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

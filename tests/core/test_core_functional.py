@@ -103,6 +103,37 @@ def test_layer_norm(shape, norm, affine, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "op,shape,norm",
+    [
+        ("gelu", (3, 5, 7), None),  # 105 elements: 5 pieces of 20 and one of 5
+        ("layer_norm", (3, 5, 8), (8,)),  # 15 rows: 7 blocks of 2 rows and one of 1
+        ("layer_norm", (3, 5, 8), (5, 8)),  # rows wider than a piece: one row per block
+        ("layer_norm_no_bias", (3, 5, 8), (8,)),
+    ],
+    ids=str,
+)
+def test_elementwise_ops_in_pieces_on_threads_match_torch(op, shape, norm, dtype, rng, monkeypatch):
+    """gelu and layer_norm split big inputs into pieces run on several threads; small pieces
+    (20 elements) and 3 threads must still agree with torch, ragged last piece included."""
+    monkeypatch.setattr(F, "_ELEMENTWISE_CHUNK", 20)
+    monkeypatch.setattr(F, "_WORKERS", 3)
+    x = rng.standard_normal(shape) * 2 + 0.5
+    if op == "gelu":
+        hg_fn, torch_fn, params = (
+            lambda t: F.gelu(t, approximate="tanh"),
+            lambda t: TF.gelu(t, approximate="tanh"),
+            [],
+        )
+    else:
+        n_params = 1 if op.endswith("no_bias") else 2
+        params = [rng.standard_normal(norm) for _ in range(n_params)]
+        hg_fn = lambda t, *p: F.layer_norm(t, norm, *p)  # noqa: E731
+        torch_fn = lambda t, *p: TF.layer_norm(t, norm, *p)  # noqa: E731
+    compare(hg_fn, torch_fn, x, *params, dtype=dtype, rng=rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm_custom_eps(dtype, rng):
     x = rng.standard_normal((3, 4)) * 0.01
     compare(
@@ -230,16 +261,23 @@ def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
     q, k, v = (rng.standard_normal((3, 4, 6, 5)) for _ in range(3))
     g = rng.standard_normal((3, 4, 6, 5))
     results = []
-    # one tile per head on one thread, then tiles of 4 rows (6 = 4 + 2) on 5 threads
-    for tile, workers in ((1 << 20, 1), (4, 5)):
+    # one tile per head on one thread, then tiles of 4 rows (6 = 4 + 2) on 5 threads, then
+    # as if threadpoolctl were missing (so BLAS cannot be limited and one thread is used)
+    for tile, workers, controller in (
+        (1 << 20, 1, F.ThreadpoolController),
+        (4, 5, F.ThreadpoolController),
+        (4, 5, None),
+    ):
         monkeypatch.setattr(F, "_ATTN_TILE", tile)
         monkeypatch.setattr(F, "_WORKERS", workers)
+        monkeypatch.setattr(F, "ThreadpoolController", controller)
         ts = [hg.tensor(a, requires_grad=True) for a in (q, k, v)]
         out = F.scaled_dot_product_attention(*ts, is_causal=True)
         out.backward(hg.tensor(g))
         results.append([out.data] + [t.grad.data for t in ts])
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 # (q shape, k shape, options): lengths that are not multiples of the tile (4 in the test)

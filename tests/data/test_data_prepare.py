@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from handgrad.cli import main as cli_main
 from handgrad.data import load_meta, load_split, prepare, sources, token_dtype
-from handgrad.data.cli import main as cli_main
 from handgrad.tokenizer import CharTokenizer, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

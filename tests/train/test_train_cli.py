@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import handgrad
+from handgrad.cli import main
 from handgrad.nn import functional as F
 from handgrad.train import evaluate, unigram_loss
-from handgrad.train.cli import main
 from handgrad.train.config import DataSection
 from handgrad.train.trainer import data_cache_key, prepared_data_dir
 
