@@ -35,7 +35,8 @@ except ImportError:
 # elementwise ops and attention therefore cut their work into cache-sized pieces and share
 # the pieces out over a few threads, each with its own scratch buffers.
 
-_WORKERS = os.cpu_count() or 1
+# the cores this process may run on (a container or taskset can give fewer than the machine's)
+_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
 _blas_controller = None
@@ -160,7 +161,8 @@ def embedding(input: Tensor, weight: Tensor) -> Tensor:
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-_ELEMENTWISE_CHUNK = 1 << 15  # elements per piece of a big elementwise op (fits in L2)
+_ELEMENTWISE_CHUNK = 1 << 18  # elements per piece of a big elementwise op; big enough
+# that threads seldom wait for the GIL between NumPy calls, small enough to stay in cache
 
 
 def _chunks(n: int) -> list[slice]:
@@ -179,8 +181,8 @@ class _GeluTanh(Function):
         xf, y = x.reshape(-1), xp.empty(x.shape, dtype=x.dtype)
         yf, c, a = y.reshape(-1), x.dtype.type(_GELU_C), x.dtype.type(0.044715)
 
-        def piece(sl, t):
-            xs, t, ys = xf[sl], t[: sl.stop - sl.start], yf[sl]
+        def piece(sl, t_buffer):
+            xs, t, ys = xf[sl], t_buffer[: sl.stop - sl.start], yf[sl]
             xp.multiply(xs, xs, out=t)
             t *= a
             t += 1
@@ -199,9 +201,9 @@ class _GeluTanh(Function):
         dx = xp.empty(self.x.shape, dtype=g.dtype)
         dxf, c, a = dx.reshape(-1), xf.dtype.type(_GELU_C), xf.dtype.type(0.044715)
 
-        def piece(sl, t, w):
+        def piece(sl, t_buffer, w_buffer):
             n = sl.stop - sl.start
-            xs, t, w, out = xf[sl], t[:n], w[:n], dxf[sl]
+            xs, t, w, out = xf[sl], t_buffer[:n], w_buffer[:n], dxf[sl]
             xp.multiply(xs, xs, out=w)  # x^2
             xp.multiply(w, a, out=t)
             t += 1
@@ -215,7 +217,7 @@ class _GeluTanh(Function):
             xp.subtract(1, out, out=out)
             w *= out  # x c (1 + 3 a x^2) (1 - t^2)
             w += t
-            w += 1
+            w += 1  # 2 dy/dx
             xp.multiply(w, gf[sl], out=out)
             out *= 0.5
 
@@ -553,22 +555,28 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 
 _ATTN_TILE = 128  # query rows (forward) or key columns (backward) per score tile
+_ATTN_BATCH_ALL = 1 << 20  # up to this many scores in all, all heads go in one untiled item
 
 
-def _tile(buffer, rows: int, cols: int):
-    """A contiguous (rows, cols) view of the front of a flat scratch buffer."""
-    return buffer[: rows * cols].reshape(rows, cols)
+def _tile(buffer, *shape: int):
+    """A contiguous view of the front of a flat scratch buffer, in the given shape."""
+    return buffer[: math.prod(shape)].reshape(shape)
+
+
+def _mT(a):
+    """Swap the last two axes (the matrix transpose of a stack of matrices)."""
+    return xp.swapaxes(a, -1, -2)
 
 
 def _mask_future(s, r0: int, c0: int) -> None:
-    """Causal mask (top-left aligned, as torch): s[i, j] = -inf where key c0 + j comes after
-    query r0 + i. Only the part of the tile that crosses the diagonal is touched."""
-    rows, cols = s.shape
+    """Causal mask (top-left aligned, as torch): s[..., i, j] = -inf where key c0 + j comes
+    after query r0 + i. Only the part of the tile that crosses the diagonal is touched."""
+    rows, cols = s.shape[-2:]
     i_end = min(rows, c0 + cols - 1 - r0)  # rows from here on see every key of the tile
     j_start = max(0, r0 + 1 - c0)  # columns before this are seen by every row
     if i_end > 0 and j_start < cols:
         future = xp.arange(c0 + j_start, c0 + cols) > xp.arange(r0, r0 + i_end)[:, None]
-        xp.copyto(s[:i_end, j_start:], -xp.inf, where=future)
+        xp.copyto(s[..., :i_end, j_start:], -xp.inf, where=future)
 
 
 class _SDPA(Function):
@@ -584,105 +592,115 @@ class _SDPA(Function):
     #     block are finished in one go and only dq is accumulated across tiles.
     # With is_causal, query i sees keys j <= i: tiles skip the keys (queries) that lie wholly
     # in the future (past), which halves the work, and only tiles crossing the diagonal are
-    # masked. Dropout masks are drawn per head from a seed, and drawn again in backward.
+    # masked. The heads are shared out over threads, one head per item; small problems (one
+    # new token against a KV cache) instead run all heads as one item, one tile each, since
+    # there per-head NumPy calls would cost more than the arithmetic. Dropout masks are drawn
+    # per item from a seed, and drawn again in backward.
     def forward(self, q, k, v, mask, is_causal, scale, dropout_p, gen):
         *lead, L, _ = q.shape
         S, Ev = k.shape[-2], v.shape[-1]
         self.q, self.k, self.v = q, k, v
         self.mask = None if mask is None else xp.broadcast_to(mask, (*lead, L, S))
         self.is_causal, self.scale, self.dropout_p = is_causal, scale, dropout_p
-        self.heads = list(np.ndindex(*lead))  # (batch, head) index tuples
+        if math.prod(lead) * L * S <= _ATTN_BATCH_ALL:
+            self.items, self.tile, self.heads_per_item = [()], max(L, S, 1), math.prod(lead)
+        else:
+            self.items, self.tile, self.heads_per_item = list(np.ndindex(*lead)), _ATTN_TILE, 1
         self.seeds = None
         if dropout_p > 0:
-            self.seeds = dict(zip(self.heads, gen.integers(2**63, size=len(self.heads))))
+            self.seeds = dict(zip(self.items, gen.integers(2**63, size=len(self.items))))
         self.out = xp.empty((*lead, L, Ev), dtype=q.dtype)
         self.lse = xp.empty((*lead, L), dtype=q.dtype)
-        tile = min(_ATTN_TILE, L)
-        _parallel_map(self._forward_head, self.heads, tile * S, 1, q.dtype, uses_blas=True)
+        size = self.heads_per_item * min(self.tile, L) * S
+        _parallel_map(self._forward_item, self.items, size, 1, q.dtype, uses_blas=True)
         return self.out
 
-    def _scores(self, head, qs, r0: int, r1: int, c0: int, c1: int, buffer):
+    def _scores(self, item, qs, r0: int, r1: int, c0: int, c1: int, buffer):
         """s = (q * scale)[r0:r1] k[c0:c1]^T with the causal or given mask applied."""
-        s = _tile(buffer, r1 - r0, c1 - c0)
-        xp.matmul(qs[r0:r1], self.k[head][c0:c1].T, out=s)
+        s = _tile(buffer, *qs.shape[:-2], r1 - r0, c1 - c0)
+        xp.matmul(qs[..., r0:r1, :], _mT(self.k[item][..., c0:c1, :]), out=s)
         if self.is_causal:
             _mask_future(s, r0, c0)
         elif self.mask is not None:
-            m = self.mask[head][r0:r1, c0:c1]
+            m = self.mask[item][..., r0:r1, c0:c1]
             if m.dtype == bool:
                 xp.copyto(s, -xp.inf, where=~m)
             else:
                 s += m
         return s
 
-    def _dropout_keep(self, head, L: int, S: int):
-        """The head's (L, S) dropout multiplier: 0 or 1/(1-p), the same in both passes."""
+    def _dropout_keep(self, item):
+        """The item's (..., L, S) dropout multiplier: 0 or 1/(1-p), the same in both passes."""
         if self.seeds is None:
             return None
-        rng = np.random.default_rng(self.seeds[head])
-        keep = rng.random((L, S), dtype=np.float32) >= self.dropout_p
+        rng = np.random.default_rng(self.seeds[item])
+        shape = self.q[item].shape[:-1] + self.k.shape[-2:-1]
+        keep = rng.random(shape, dtype=np.float32) >= self.dropout_p
         return (keep / (1.0 - self.dropout_p)).astype(self.q.dtype)
 
-    def _forward_head(self, head, buffer):
-        q, v, out, lse = self.q[head], self.v[head], self.out[head], self.lse[head]
-        L, S = q.shape[0], v.shape[0]
+    def _forward_item(self, item, buffer):
+        q, v, out, lse = self.q[item], self.v[item], self.out[item], self.lse[item]
+        L, S = q.shape[-2], v.shape[-2]
         qs = q * q.dtype.type(self.scale)
-        keep = self._dropout_keep(head, L, S)
-        for r0 in range(0, L, _ATTN_TILE):
-            r1 = min(r0 + _ATTN_TILE, L)
+        keep = self._dropout_keep(item)
+        for r0 in range(0, L, self.tile):
+            r1 = min(r0 + self.tile, L)
             c1 = min(r1, S) if self.is_causal else S  # keys this block of queries may see
-            s = self._scores(head, qs, r0, r1, 0, c1, buffer)
-            m = s.max(axis=1, keepdims=True)
+            s = self._scores(item, qs, r0, r1, 0, c1, buffer)
+            m = s.max(axis=-1, keepdims=True)
             if self.mask is not None:
                 m[~xp.isfinite(m)] = 0  # a fully masked row stays finite (and gives nan, as torch)
             s -= m
             xp.exp(s, out=s)  # e
-            denom = s.sum(axis=1, keepdims=True)
-            lse[r0:r1] = (m + xp.log(denom))[:, 0]
+            denom = s.sum(axis=-1, keepdims=True)
+            lse[..., r0:r1] = (m + xp.log(denom))[..., 0]
             if keep is not None:
-                s *= keep[r0:r1, :c1]
-            o = out[r0:r1]
-            xp.matmul(s, v[:c1], out=o)
+                s *= keep[..., r0:r1, :c1]
+            o = out[..., r0:r1, :]
+            xp.matmul(s, v[..., :c1, :], out=o)
             o /= denom
 
     def backward(self, g):
         q, k, v = self.q, self.k, self.v
         dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
-        each_head = partial(self._backward_head, g=g, dq=dq, dk=dk, dv=dv)
-        tile = min(_ATTN_TILE, k.shape[-2])
-        _parallel_map(each_head, self.heads, q.shape[-2] * tile, 2, q.dtype, uses_blas=True)
+        each_item = partial(self._backward_item, g=g, dq=dq, dk=dk, dv=dv)
+        size = self.heads_per_item * q.shape[-2] * min(self.tile, k.shape[-2])
+        _parallel_map(each_item, self.items, size, 2, q.dtype, uses_blas=True)
         return dq, dk, dv
 
-    def _backward_head(self, head, p_buffer, dp_buffer, *, g, dq, dk, dv):
-        q, k, v, g = self.q[head], self.k[head], self.v[head], g[head]
-        dq, dk, dv = dq[head], dk[head], dv[head]
-        L, S = q.shape[0], k.shape[0]
+    def _backward_item(self, item, p_buffer, dp_buffer, *, g, dq, dk, dv):
+        q, k, v, g = self.q[item], self.k[item], self.v[item], g[item]
+        dq, dk, dv = dq[item], dk[item], dv[item]
+        L, S = q.shape[-2], k.shape[-2]
         scale = q.dtype.type(self.scale)
         qs = q * scale
-        D = (g * self.out[head]).sum(axis=1, keepdims=True)
-        lse = self.lse[head][:, None]
-        keep = self._dropout_keep(head, L, S)
+        D = (g * self.out[item]).sum(axis=-1, keepdims=True)
+        lse = self.lse[item][..., None]
+        keep = self._dropout_keep(item)
         dq[...] = 0
-        for c0 in range(0, S, _ATTN_TILE):
-            c1 = min(c0 + _ATTN_TILE, S)
+        for c0 in range(0, S, self.tile):
+            c1 = min(c0 + self.tile, S)
             r0 = c0 if self.is_causal else 0  # the first query that may see these keys
             if r0 >= L:
-                dk[c0:c1] = 0
-                dv[c0:c1] = 0
+                dk[..., c0:c1, :] = 0
+                dv[..., c0:c1, :] = 0
                 continue
-            p = self._scores(head, qs, r0, L, c0, c1, p_buffer)
-            p -= lse[r0:]
+            p = self._scores(item, qs, r0, L, c0, c1, p_buffer)
+            p -= lse[..., r0:, :]
             xp.exp(p, out=p)
-            dp = xp.matmul(g[r0:], v[c0:c1].T, out=_tile(dp_buffer, L - r0, c1 - c0))
+            dp = _tile(dp_buffer, *p.shape)
+            gq = g[..., r0:, :]  # the gradient of the queries that see these keys
+            xp.matmul(gq, _mT(v[..., c0:c1, :]), out=dp)
             if keep is not None:
-                xp.matmul((p * keep[r0:, c0:c1]).T, g[r0:], out=dv[c0:c1])
-                dp *= keep[r0:, c0:c1]
+                xp.matmul(_mT(p * keep[..., r0:, c0:c1]), gq, out=dv[..., c0:c1, :])
+                dp *= keep[..., r0:, c0:c1]
             else:
-                xp.matmul(p.T, g[r0:], out=dv[c0:c1])
-            dp -= D[r0:]
+                xp.matmul(_mT(p), gq, out=dv[..., c0:c1, :])
+            dp -= D[..., r0:, :]
             dp *= p  # ds
-            xp.matmul(dp.T, qs[r0:], out=dk[c0:c1])  # q * scale carries dk's scale
-            dq[r0:] += dp @ k[c0:c1]
+            # dk = ds^T q * scale: the scaled queries carry the scale
+            xp.matmul(_mT(dp), qs[..., r0:, :], out=dk[..., c0:c1, :])
+            dq[..., r0:, :] += dp @ k[..., c0:c1, :]
         dq *= scale
 
 

@@ -102,35 +102,43 @@ def test_layer_norm(shape, norm, affine, dtype, rng):
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "op,shape,norm",
-    [
-        ("gelu", (3, 5, 7), None),  # 105 elements: 5 pieces of 20 and one of 5
-        ("layer_norm", (3, 5, 8), (8,)),  # 15 rows: 7 blocks of 2 rows and one of 1
-        ("layer_norm", (3, 5, 8), (5, 8)),  # rows wider than a piece: one row per block
-        ("layer_norm_no_bias", (3, 5, 8), (8,)),
-    ],
-    ids=str,
-)
-def test_elementwise_ops_in_pieces_on_threads_match_torch(op, shape, norm, dtype, rng, monkeypatch):
-    """gelu and layer_norm split big inputs into pieces run on several threads; small pieces
-    (20 elements) and 3 threads must still agree with torch, ragged last piece included."""
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """gelu and layer_norm split big inputs into pieces shared over threads: make the pieces
+    tiny (20 elements) and the threads 3, so that small test inputs go the same way."""
     monkeypatch.setattr(F, "_ELEMENTWISE_CHUNK", 20)
     monkeypatch.setattr(F, "_WORKERS", 3)
-    x = rng.standard_normal(shape) * 2 + 0.5
-    if op == "gelu":
-        hg_fn, torch_fn, params = (
-            lambda t: F.gelu(t, approximate="tanh"),
-            lambda t: TF.gelu(t, approximate="tanh"),
-            [],
-        )
-    else:
-        n_params = 1 if op.endswith("no_bias") else 2
-        params = [rng.standard_normal(norm) for _ in range(n_params)]
-        hg_fn = lambda t, *p: F.layer_norm(t, norm, *p)  # noqa: E731
-        torch_fn = lambda t, *p: TF.layer_norm(t, norm, *p)  # noqa: E731
-    compare(hg_fn, torch_fn, x, *params, dtype=dtype, rng=rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_in_pieces_on_threads(dtype, rng, small_pieces):
+    x = rng.standard_normal((3, 5, 7)) * 3  # 105 elements: 5 pieces of 20 and one of 5
+    compare(
+        lambda t: F.gelu(t, approximate="tanh"),
+        lambda t: TF.gelu(t, approximate="tanh"),
+        x,
+        dtype=dtype,
+        rng=rng,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "norm,n_params",
+    [((8,), 2), ((8,), 1), ((5, 8), 2)],  # 15 rows of 8: blocks of 2 rows and a last of 1;
+    ids=str,  # rows of 40, wider than a piece: one row per block
+)
+def test_layer_norm_in_pieces_on_threads(norm, n_params, dtype, rng, small_pieces):
+    x = rng.standard_normal((3, 5, 8)) * 2 + 1
+    params = [rng.standard_normal(norm) for _ in range(n_params)]
+    compare(
+        lambda t, *p: F.layer_norm(t, norm, *p),
+        lambda t, *p: TF.layer_norm(t, norm, *p),
+        x,
+        *params,
+        dtype=dtype,
+        rng=rng,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -256,19 +264,21 @@ def test_scaled_dot_product_attention(name, dtype, rng):
 
 
 def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
-    """Forward and backward loop over tiles of queries (keys) shared out over threads; neither
-    the tile size nor the thread count may change the result."""
+    """Forward and backward loop over tiles of queries (keys), one head per item, items shared
+    out over threads; neither that nor the thread count may change the result."""
     q, k, v = (rng.standard_normal((3, 4, 6, 5)) for _ in range(3))
     g = rng.standard_normal((3, 4, 6, 5))
     results = []
-    # one tile per head on one thread, then tiles of 4 rows (6 = 4 + 2) on 5 threads, then
-    # as if threadpoolctl were missing (so BLAS cannot be limited and one thread is used)
-    for tile, workers, controller in (
+    # all heads in one untiled item (as small problems run), then one item per head in tiles
+    # of 4 rows (6 = 4 + 2) on 5 threads, then the same as if threadpoolctl were missing (so
+    # BLAS cannot be limited and one thread is used)
+    for batch_all, workers, controller in (
         (1 << 20, 1, F.ThreadpoolController),
-        (4, 5, F.ThreadpoolController),
-        (4, 5, None),
+        (0, 5, F.ThreadpoolController),
+        (0, 5, None),
     ):
-        monkeypatch.setattr(F, "_ATTN_TILE", tile)
+        monkeypatch.setattr(F, "_ATTN_BATCH_ALL", batch_all)
+        monkeypatch.setattr(F, "_ATTN_TILE", 4)
         monkeypatch.setattr(F, "_WORKERS", workers)
         monkeypatch.setattr(F, "ThreadpoolController", controller)
         ts = [hg.tensor(a, requires_grad=True) for a in (q, k, v)]
@@ -297,6 +307,7 @@ def test_sdpa_tiled_matches_torch(name, dtype, rng, monkeypatch):
     """Small tiles (4) and several threads: causal tiles skip keys in the future and mask only
     across the diagonal (top-left aligned when L != S, as torch); explicit masks are sliced
     per tile. All of it must agree with torch's untiled attention."""
+    monkeypatch.setattr(F, "_ATTN_BATCH_ALL", 0)  # one head per item, however small
     monkeypatch.setattr(F, "_ATTN_TILE", 4)
     monkeypatch.setattr(F, "_WORKERS", 3)
     q_shape, kv_shape, kw = SDPA_TILED_CASES[name]
@@ -318,9 +329,14 @@ def test_sdpa_tiled_matches_torch(name, dtype, rng, monkeypatch):
     )
 
 
-def test_sdpa_dropout_gradient_matches_finite_differences(rng):
+@pytest.mark.parametrize("per_head", [False, True])
+def test_sdpa_dropout_gradient_matches_finite_differences(per_head, rng, monkeypatch):
     """With dropout the mask comes from handgrad's generator (torch's RNG differs), so the
-    gradient is checked against central differences with the same generator state."""
+    gradient is checked against central differences with the same generator state; both
+    with all heads in one item and with one item per head in tiles of 2."""
+    if per_head:
+        monkeypatch.setattr(F, "_ATTN_BATCH_ALL", 0)
+        monkeypatch.setattr(F, "_ATTN_TILE", 2)
     q, k, v = (rng.standard_normal((2, 3, 4)) for _ in range(3))
     g = rng.standard_normal((2, 3, 4))
     hg.manual_seed(123)
