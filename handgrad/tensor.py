@@ -97,7 +97,8 @@ class Function:
     Subclasses implement ``forward(*arrays, **kwargs) -> array`` (saving on ``self`` what
     backward needs) and ``backward(g) -> tuple`` with one gradient (or None) per tensor input.
     ``self.needs_input_grad`` tells backward which input gradients are wanted. Backward must
-    not write into ``g``: the same array may be handed to several ops.
+    not write into ``g`` (the same array may be handed to several ops), and returns new arrays
+    or views, never an array it keeps elsewhere (new arrays are written into in place).
 
     NumPy has no fast bfloat16/float16 kernels, so unless a subclass sets ``native = True``
     (pure data movement: reshape, slicing, concatenation), 16-bit inputs are computed in
@@ -1087,27 +1088,30 @@ def _topological_order(root: Function) -> list[Function | Tensor]:
     return order
 
 
-def _accumulate(t: Tensor, g: Any) -> None:
+def _accumulate(t: Tensor, g: Any, owned: bool = False) -> None:
+    """Add ``g`` into ``t.grad``. An ``owned`` array (nobody else holds it) is adopted as the
+    gradient without a copy."""
     if isinstance(g, SliceGrad):
-        g = g.dense()
+        g, owned = g.dense(), True
     if g.shape != t.shape:  # a bug in some op's backward, never a user error
         raise RuntimeError(
             f"internal error: gradient of shape {g.shape} for a tensor of shape {t.shape}"
         )
     gdtype = B.compute_dtype(t.dtype)
     if t.grad is None:
-        t.grad = Tensor._make(xp.array(g, dtype=gdtype, copy=True))
+        adopt = owned and g.dtype == gdtype and g.flags.writeable
+        t.grad = Tensor._make(g if adopt else xp.array(g, dtype=gdtype, copy=True))
     else:
         t.grad.data += g
 
 
-def _add_grad(grads: dict[int, tuple[Any, bool]], key: int, g: Any) -> None:
-    """Sum ``g`` into the pending gradient of a node. A buffer this function allocated
-    ("owned") is updated in place; an array returned by a backward may be shared (Add
+def _add_grad(grads: dict[int, tuple[Any, bool]], key: int, g: Any, fresh: bool) -> None:
+    """Sum ``g`` into the pending gradient of a node. An "owned" buffer (allocated here, or a
+    fresh array nobody else holds) is updated in place; any other array may be shared (Add
     passes the same ``g`` to both inputs), so it is never written to."""
     prev = grads.get(key)
     if prev is None:
-        grads[key] = (g, False) if not isinstance(g, SliceGrad) else (g.dense(), True)
+        grads[key] = (g, fresh) if not isinstance(g, SliceGrad) else (g.dense(), True)
         return
     buf, owned = prev
     if isinstance(g, SliceGrad):
@@ -1130,17 +1134,25 @@ def _run_backward(root: Tensor, g: Any, retain_graph: bool) -> None:
         entry = grads.pop(id(node), None)
         if entry is None:
             continue
-        g = entry[0]
+        g, owned = entry
         if isinstance(node, Tensor):
-            _accumulate(node, g)
+            _accumulate(node, g, owned)
             continue
         retained = getattr(node, "_retained", None)
         if retained is not None and retained() is not None:
             _accumulate(retained(), g)
         in_grads = node.backward(g)
+        returned = [id(a) for a in in_grads if a is not None]
         for p, pg in zip(node.parents, in_grads):
             if p is not None and pg is not None:
-                _add_grad(grads, id(p), pg)
+                # a new allocation handed to one input only can be written in place later
+                fresh = (
+                    not isinstance(pg, SliceGrad)
+                    and pg.base is None
+                    and pg is not g
+                    and returned.count(id(pg)) == 1
+                )
+                _add_grad(grads, id(p), pg, fresh)
         if not retain_graph:
             parents = node.parents
             node.__dict__.clear()
