@@ -160,7 +160,10 @@ def run_side(side: str, b: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--batch-size", str(b)]
     cmd += ["--steps", str(args.steps), "--seq-len", str(args.seq_len), "--preset", args.preset]
     cmd += ["--adamw"] if args.adamw else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    # The torch worker imports handgrad (configs, initial weights); keep glibc's malloc
+    # defaults there, as a PyTorch user has them (handgrad.backend tunes them on import).
+    env = dict(os.environ, HANDGRAD_KEEP_MALLOC_DEFAULTS="1") if side == "torch" else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -1,6 +1,10 @@
 """AdamW step time on 124M parameters (4 tensors of 31M), ours vs torch.optim.AdamW."""
 
-import time, numpy as np, torch, ml_dtypes
+import time
+
+import numpy as np
+import torch
+
 import handgrad as hg
 from handgrad.nn import Parameter
 from handgrad.optim import AdamW

@@ -153,6 +153,8 @@ def main() -> None:
         if args.cache:
             cmd += ["--cache", args.cache]
         env = dict(os.environ)
+        if side == "torch":  # glibc's malloc defaults, as a PyTorch user has them
+            env["HANDGRAD_KEEP_MALLOC_DEFAULTS"] = "1"
         if args.threads:
             cmd += ["--threads", str(args.threads)]
             env.update(OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
