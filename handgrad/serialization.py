@@ -1,4 +1,4 @@
-"""Reading and writing the safetensors format, by hand (no pickle, ever).
+"""Reading and writing the safetensors format, by hand (never pickled objects).
 
 A safetensors file is::
 

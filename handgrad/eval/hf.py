@@ -216,8 +216,8 @@ def _check_hf_state(tensors: dict[str, np.ndarray], model: dict[str, Any], sourc
 
 
 def _read_hf_weights(directory: Path) -> dict[str, np.ndarray]:
-    """model.safetensors, or the shards named by model.safetensors.index.json. PyTorch pickle
-    files (pytorch_model.bin) are refused: handgrad never unpickles."""
+    """model.safetensors, or the shards named by model.safetensors.index.json. PyTorch's
+    pytorch_model.bin (pickled Python objects, which can run code when loaded) is refused."""
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.is_file():
@@ -232,8 +232,8 @@ def _read_hf_weights(directory: Path) -> dict[str, np.ndarray]:
         return state
     if (directory / "pytorch_model.bin").is_file():
         raise ValueError(
-            f"{directory}: only pytorch_model.bin (a pickle) is present; handgrad never loads "
-            "pickles. Convert it to model.safetensors first (e.g. load it with transformers "
+            f"{directory}: only pytorch_model.bin (pickled Python objects) is present; handgrad "
+            "loads safetensors only. Convert it to model.safetensors first (e.g. load it with transformers "
             "and save_pretrained(..., safe_serialization=True))"
         )
     raise FileNotFoundError(f"{directory}: no model.safetensors (or sharded index) found")
