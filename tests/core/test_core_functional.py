@@ -290,6 +290,22 @@ def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_sdpa_kept_probabilities_match_recomputed_ones(rng):
+    """A small causal problem keeps p from forward for backward; with the same causal mask
+    given as a boolean matrix, backward recomputes p from q, k and the saved lse instead.
+    Both must give the same output and gradients."""
+    q, k, v, g = (rng.standard_normal((3, 4, 6, 5)) for _ in range(4))
+    tril = hg.tensor(np.tril(np.ones((6, 6), dtype=bool)))
+    results = []
+    for kw in ({"is_causal": True}, {"attn_mask": tril}):
+        ts = [hg.tensor(a, requires_grad=True) for a in (q, k, v)]
+        out = F.scaled_dot_product_attention(*ts, **kw)
+        out.backward(hg.tensor(g))
+        results.append([out.data] + [t.grad.data for t in ts])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 # (q shape, k shape, options): lengths that are not multiples of the tile (4 in the test)
 SDPA_TILED_CASES = {
     "causal_T_not_multiple": ((2, 3, 11, 8), (2, 3, 11, 8), {"is_causal": True}),
