@@ -108,6 +108,7 @@ def small_pieces(monkeypatch):
     tiny (20 elements) and the threads 3, so that small test inputs go the same way."""
     monkeypatch.setattr(F, "_ELEMENTWISE_CHUNK", 20)
     monkeypatch.setattr(F, "_WORKERS", 3)
+    monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -280,6 +281,7 @@ def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
         monkeypatch.setattr(F, "_ATTN_BATCH_ALL", batch_all)
         monkeypatch.setattr(F, "_ATTN_TILE", 4)
         monkeypatch.setattr(F, "_WORKERS", workers)
+        monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
         monkeypatch.setattr(F, "ThreadpoolController", controller)
         ts = [hg.tensor(a, requires_grad=True) for a in (q, k, v)]
         out = F.scaled_dot_product_attention(*ts, is_causal=True)
@@ -326,6 +328,7 @@ def test_sdpa_tiled_matches_torch(name, dtype, rng, monkeypatch):
     monkeypatch.setattr(F, "_ATTN_BATCH_ALL", 0)  # one head per item, however small
     monkeypatch.setattr(F, "_ATTN_TILE", 4)
     monkeypatch.setattr(F, "_WORKERS", 3)
+    monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
     q_shape, kv_shape, kw = SDPA_TILED_CASES[name]
     kw = dict(kw)
     arrays = [rng.standard_normal(q_shape), rng.standard_normal(kv_shape)]
