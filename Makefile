@@ -27,6 +27,7 @@ install: $(VENV)/.installed-runtime
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed-runtime
+	rm -rf runs/quickstart  # the demo starts afresh each time (handgrad train refuses to overwrite a run)
 	$(VENV)/bin/handgrad train quickstart --out runs/quickstart
 	$(VENV)/bin/handgrad sample --checkpoint runs/quickstart --num-samples 2 --max-new-tokens 200
 

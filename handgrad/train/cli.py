@@ -96,6 +96,13 @@ def _train(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(config_name, args.overrides)
             out = Path(args.out) if args.out else Path("runs") / cfg.name
+            if (out / "latest").exists() or (out / "metrics.jsonl").exists():
+                # a new run here would overwrite the old run's metrics and mix checkpoints
+                return _error(
+                    "train",
+                    f"{out} already holds a run; continue it with --resume {out}, or choose "
+                    "another --out (or delete that directory)",
+                )
         result = train(cfg, out, resume=resume, progress=False if args.no_progress else None)
     except (ConfigError, CheckpointError) as e:
         return _error("train", e)

@@ -150,3 +150,13 @@ def test_evaluate_uniform_model_and_fixed_batches():
     assert all(not training for _, training in model.calls)  # evaluated in eval mode
     starts = [int(x[r, 0]) for x, _ in model.calls for r in range(2)]
     assert starts[0] == 0 and starts[-1] == (100 - 5 - 1) % 10  # first and last window
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    rc = main(["train", "quickstart", "--out", str(out)])
+    assert rc == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
