@@ -21,9 +21,11 @@ computes the same function in HF's always-biased GPT-2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +143,7 @@ def export_hf(
     out_dtype = B.dtype_name(tensors["transformer.wte.weight"].dtype)
     _check_hf_state(tensors, model_cfg, str(weights_path))
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"export hf: {out} exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with _publish_dir(out, "export hf") as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         write_json_atomic(tmp / "config.json", hf_config(model_cfg, eot, out_dtype))
         if hasattr(tokenizer, "export_hf"):
@@ -156,13 +153,27 @@ def export_hf(
                 f"export hf: {type(tokenizer).__name__} has no Hugging Face GPT-2 equivalent; "
                 "wrote the model without tokenizer files"
             )
+    return Path(out)
+
+
+@contextlib.contextmanager
+def _publish_dir(out: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``out``; when the block succeeds, rename it
+    to ``out`` (which must be absent or empty), else delete it: a failure leaves no half
+    directory under the real name."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{command}: {out} exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _export_tokenizer(tokenizer: Any, directory: Path, block_size: int) -> None:
@@ -324,13 +335,8 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
             f"vocab_size = {config.vocab_size}"
         )
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"import hf: {out} exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     step = Path("checkpoints") / "step_0000000"
-    try:
+    with _publish_dir(out, "import hf") as tmp:
         ckpt = tmp / step
         ckpt.mkdir(parents=True)
         save_file(tensors, ckpt / "model.safetensors")
@@ -343,13 +349,7 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
         )
         tokenizer.save(ckpt / "tokenizer.json")
         write_text_atomic(tmp / "latest", f"{step.as_posix()}\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def describe(path: str | os.PathLike) -> str:

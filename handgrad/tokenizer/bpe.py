@@ -431,12 +431,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
-        obj = read_tokenizer_json(path)
-        if obj["type"] != "bpe":
-            raise TokenizerFileError(
-                path,
-                f'"type" is {obj["type"]!r}, not "bpe" (use handgrad.tokenizer.load_tokenizer)',
-            )
+        obj = read_tokenizer_json(path, expect_type="bpe")
         return cls.from_dict(obj, source=str(path))
 
     @classmethod

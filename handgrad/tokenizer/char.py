@@ -120,12 +120,7 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
-        obj = read_tokenizer_json(path)
-        if obj["type"] != "char":
-            raise TokenizerFileError(
-                path,
-                f'"type" is {obj["type"]!r}, not "char" (use handgrad.tokenizer.load_tokenizer)',
-            )
+        obj = read_tokenizer_json(path, expect_type="char")
         return cls.from_dict(obj, source=str(path))
 
     @classmethod

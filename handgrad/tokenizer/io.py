@@ -48,8 +48,11 @@ def write_json_atomic(path: str | os.PathLike[str], obj: dict[str, Any]) -> None
             tmp.unlink()
 
 
-def read_tokenizer_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check the header of a handgrad tokenizer file; return the whole document."""
+def read_tokenizer_json(
+    path: str | os.PathLike[str], expect_type: str | None = None
+) -> dict[str, Any]:
+    """Read and check the header of a handgrad tokenizer file (and its "type", when
+    ``expect_type`` is given); return the whole document."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -85,6 +88,11 @@ def read_tokenizer_json(path: str | os.PathLike[str]) -> dict[str, Any]:
             path,
             f'unknown tokenizer "type" {obj.get("type")!r} (expected one of '
             f"{', '.join(TOKENIZER_TYPES)})",
+        )
+    if expect_type is not None and obj["type"] != expect_type:
+        raise TokenizerFileError(
+            path,
+            f'"type" is {obj["type"]!r}, not "{expect_type}" (use handgrad.tokenizer.load_tokenizer)',
         )
     return obj
 
