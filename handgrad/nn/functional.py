@@ -141,7 +141,9 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 class _Embedding(Function):
     # y[i] = W[idx[i]] (a gather)  =>  dW[j] = sum of g[i] over all i with idx[i] == j
-    # (its adjoint is a scatter-add; np.add.at accumulates repeated indices correctly)
+    # (its adjoint is a scatter-add). Backward sorts the rows of g by token id and sums each
+    # run of equal ids with one reduceat: several times faster than np.add.at when ids repeat
+    # (a small vocabulary), as fast when they do not, and the sums come in a fixed order.
     def forward(self, idx, w):
         if idx.dtype.kind not in "iu":
             raise TypeError(f"embedding: indices must be integers, got {idx.dtype}")
@@ -153,7 +155,13 @@ class _Embedding(Function):
 
     def backward(self, g):
         dw = xp.zeros(self.wshape, dtype=g.dtype)
-        xp.add.at(dw, self.idx.reshape(-1), g.reshape(-1, self.wshape[1]))
+        idx = self.idx.reshape(-1)
+        if idx.size:
+            order = xp.argsort(idx, kind="stable")
+            ids = idx[order]
+            starts = xp.flatnonzero(xp.concatenate(([True], ids[1:] != ids[:-1])))
+            rows = g.reshape(-1, self.wshape[1])[order]
+            dw[ids[starts]] = xp.add.reduceat(rows, starts, axis=0)
         return None, dw
 
 
@@ -181,58 +189,53 @@ def _chunks(n: int) -> list[slice]:
 
 
 class _GeluTanh(Function):
-    # y = x/2 (1 + t),  t = tanh(u),  u = c x (1 + a x^2),  c = sqrt(2/pi), a = 0.044715
-    # dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)
-    # Like torch, only x is kept: backward recomputes t, which costs less than storing a
-    # second input-sized array per layer. Both passes run piece by piece on scratch buffers
-    # (few full-size temporaries, data stays in cache) with the pieces shared over threads.
+    # y = x s,  s = (1 + tanh(u))/2 = sigmoid(2u),  u = c x (1 + a x^2),  c = sqrt(2/pi),
+    # a = 0.044715. With tanh' = 1 - tanh^2 = 4 s (1 - s):
+    #   dy/dx = s + x s'(x) = s + 2 s (1 - s) x c (1 + 3 a x^2)
+    # Forward keeps x and s: backward is then 9 passes over the data and no tanh (recomputing
+    # s would double it). Both passes run piece by piece on scratch buffers (few full-size
+    # temporaries, data stays in cache) with the pieces shared over threads.
     def forward(self, x):
         x = xp.asarray(x, order="C")
-        self.x = x
-        xf, y = x.reshape(-1), xp.empty(x.shape, dtype=x.dtype)
-        yf, c, a = y.reshape(-1), x.dtype.type(_GELU_C), x.dtype.type(0.044715)
+        xf, y, sv = x.reshape(-1), xp.empty(x.shape, dtype=x.dtype), xp.empty(x.size, x.dtype)
+        yf, dt = y.reshape(-1), x.dtype.type
+        ac, c = dt(_GELU_C * 0.044715), dt(_GELU_C)
 
-        def piece(sl, t_buffer):
-            xs, t, ys = xf[sl], t_buffer[: sl.stop - sl.start], yf[sl]
-            xp.multiply(xs, xs, out=t)
-            t *= a
-            t += 1
-            t *= xs
-            t *= c  # u
-            xp.tanh(t, out=t)
-            xp.add(t, 1, out=ys)
-            ys *= xs
-            ys *= 0.5
+        def piece(sl):
+            xs, s, ys = xf[sl], sv[sl], yf[sl]
+            xp.multiply(xs, xs, out=s)
+            s *= ac
+            s += c
+            s *= xs  # u
+            xp.tanh(s, out=s)
+            s += 1
+            s *= 0.5  # s
+            xp.multiply(xs, s, out=ys)
 
-        _parallel_map(piece, _chunks(xf.size), _ELEMENTWISE_CHUNK, 1, x.dtype, work=xf.size)
+        _parallel_map(piece, _chunks(xf.size), 0, 0, x.dtype, work=xf.size)
+        if self.needs_input_grad:
+            self.x, self.s = x, sv
         return y
 
     def backward(self, g):
-        xf, gf = self.x.reshape(-1), xp.asarray(g, order="C").reshape(-1)
+        xf, sv, gf = self.x.reshape(-1), self.s, xp.asarray(g, order="C").reshape(-1)
         dx = xp.empty(self.x.shape, dtype=g.dtype)
-        dxf, c, a = dx.reshape(-1), xf.dtype.type(_GELU_C), xf.dtype.type(0.044715)
+        dxf, dt = dx.reshape(-1), xf.dtype.type
+        ac6, c2 = dt(6 * 0.044715 * _GELU_C), dt(2 * _GELU_C)
 
-        def piece(sl, t_buffer, w_buffer):
-            n = sl.stop - sl.start
-            xs, t, w, out = xf[sl], t_buffer[:n], w_buffer[:n], dxf[sl]
-            xp.multiply(xs, xs, out=w)  # x^2
-            xp.multiply(w, a, out=t)
-            t += 1
-            t *= xs
-            t *= c
-            xp.tanh(t, out=t)  # t
-            w *= 3 * a * c
-            w += c
-            w *= xs  # x c (1 + 3 a x^2)
-            xp.multiply(t, t, out=out)
-            xp.subtract(1, out, out=out)
-            w *= out  # x c (1 + 3 a x^2) (1 - t^2)
-            w += t
-            w += 1  # 2 dy/dx
+        def piece(sl, w_buffer):
+            xs, s, w, out = xf[sl], sv[sl], w_buffer[: sl.stop - sl.start], dxf[sl]
+            xp.multiply(xs, xs, out=w)
+            w *= ac6
+            w += c2
+            w *= xs  # 2 x c (1 + 3 a x^2)
+            xp.subtract(1, s, out=out)
+            w *= out
+            w *= s
+            w += s  # dy/dx
             xp.multiply(w, gf[sl], out=out)
-            out *= 0.5
 
-        _parallel_map(piece, _chunks(xf.size), _ELEMENTWISE_CHUNK, 2, xf.dtype, work=xf.size)
+        _parallel_map(piece, _chunks(xf.size), _ELEMENTWISE_CHUNK, 1, xf.dtype, work=xf.size)
         return (dx,)
 
 
@@ -352,8 +355,9 @@ class _LayerNorm(Function):
     #   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
     #   dw = sum over leading axes of g xhat;  db = sum over leading axes of g
     # Like torch, only x (by reference), mu and rstd are kept; backward recomputes xhat.
-    # Rows are processed in cache-sized blocks shared over threads; the row sums of products
-    # (var, mean(dxhat xhat), dw) are einsums, which need no temporary array.
+    # Rows are processed in cache-sized blocks shared over threads. Row sums are products
+    # with a vector of ones (one BLAS GEMV) or einsums, both several times faster in NumPy
+    # than .sum/.mean along a short last axis, and neither makes a temporary array.
     def forward(self, x, w=None, b=None, *, k, eps):
         self.shape, self.wshape = x.shape, x.shape[x.ndim - k :]
         n = math.prod(self.wshape)
@@ -363,13 +367,14 @@ class _LayerNorm(Function):
         self.mu = xp.empty((x2.shape[0], 1), dtype=x.dtype)
         self.rstd = xp.empty_like(self.mu)
         y = xp.empty_like(x2)
+        mean_of = xp.full(n, 1.0 / n, dtype=x.dtype)  # x @ mean_of = the row means
 
         def block(rows):
             xs, ys, mu, rstd = x2[rows], y[rows], self.mu[rows], self.rstd[rows]
-            xp.mean(xs, axis=1, keepdims=True, out=mu)
+            xp.matmul(xs, mean_of, out=mu[:, 0])
             xp.subtract(xs, mu, out=ys)
             xp.einsum("ij,ij->i", ys, ys, out=rstd[:, 0])  # n var
-            rstd /= n
+            rstd *= 1.0 / n
             rstd += eps
             xp.sqrt(rstd, out=rstd)
             xp.reciprocal(rstd, out=rstd)
@@ -394,6 +399,7 @@ class _LayerNorm(Function):
         dx = xp.empty_like(x) if self.needs_input_grad[0] else None
         want_dw = len(self.needs_input_grad) > 1 and self.needs_input_grad[1]
         dw_parts = xp.empty((len(blocks), n), dtype=g.dtype) if want_dw else None
+        mean_of = xp.full(n, 1.0 / n, dtype=g.dtype)
 
         def block(i, xhat, dxhat):
             rows = blocks[i]
@@ -410,21 +416,30 @@ class _LayerNorm(Function):
                 xp.multiply(gs, w, out=dxhat)
             else:
                 dxhat = gs
-            m1 = dxhat.mean(axis=1, keepdims=True)
-            m2 = xp.einsum("ij,ij->i", dxhat, xhat)[:, None] / n
+            m1 = dxhat @ mean_of  # mean(dxhat), per row
+            m2 = xp.einsum("ij,ij->i", dxhat, xhat)  # n mean(dxhat xhat)
+            # dx = rstd dxhat - xhat (rstd m2 / n) - rstd m1: the per-row factors are formed
+            # first, so only three passes touch full rows
             out = dx[rows]
-            xhat *= m2
-            xp.subtract(dxhat, xhat, out=out)
-            out -= m1
-            out *= rstd
+            m2 *= rstd[:, 0] * (1.0 / n)
+            m1 *= rstd[:, 0]
+            xhat *= m2[:, None]
+            xhat += m1[:, None]
+            xp.multiply(dxhat, rstd, out=out)
+            out -= xhat
 
         size = blocks[0].stop * n if blocks else 0
         _parallel_map(block, range(len(blocks)), size, 2, g.dtype, work=g.size)
         grads = [None if dx is None else dx.reshape(self.shape)]
         if len(self.needs_input_grad) > 1:
-            grads.append(dw_parts.sum(axis=0).reshape(self.wshape) if want_dw else None)
+            dw = None
+            if want_dw:
+                dw = dw_parts[0] if len(blocks) == 1 else dw_parts.sum(axis=0)
+                dw = dw.reshape(self.wshape)
+            grads.append(dw)
         if len(self.needs_input_grad) > 2:
-            db = g2.sum(axis=0).reshape(self.wshape) if self.needs_input_grad[2] else None
+            ones = xp.ones(g2.shape[0], dtype=g.dtype)
+            db = (ones @ g2).reshape(self.wshape) if self.needs_input_grad[2] else None
             grads.append(db)
         return tuple(grads)
 
@@ -567,6 +582,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 _ATTN_TILE = 128  # query rows (forward) or key columns (backward) per score tile
 _ATTN_BATCH_ALL = 1 << 20  # up to this many scores in all, all heads go in one untiled item
+_SOFTMAX_NO_SHIFT = 64.0  # e^64 ~ 6e27: a sum of 2^30 of them is still far below float32's max
 
 
 def _tile(buffer, *shape: int):
@@ -619,6 +635,10 @@ class _SDPA(Function):
     # there per-head NumPy calls would cost more than the arithmetic; being small, their p
     # (all of it, one tile) is kept from forward for backward instead of being recomputed.
     # Dropout masks are drawn per item from a seed, and drawn again in backward.
+    # softmax(s) = softmax(s - m) for any row constant m; the usual m = rowmax(s) only keeps
+    # exp from overflowing. When every raw score of a tile lies within +-_SOFTMAX_NO_SHIFT,
+    # exp(s) cannot overflow and no row can underflow to 0, so the tile skips the row max and
+    # the subtraction (in NumPy a max along a short last axis costs more than the exp).
     def forward(self, q, k, v, mask, is_causal, scale, dropout_p, gen):
         *lead, L, _ = q.shape
         S, Ev = k.shape[-2], v.shape[-1]
@@ -657,10 +677,17 @@ class _SDPA(Function):
         )
         return self.out
 
-    def _scores(self, item, qs, r0: int, r1: int, c0: int, c1: int, buffer):
-        """s = (q * scale)[r0:r1] k[c0:c1]^T with the causal or given mask applied."""
+    def _scores(self, item, qs, r0: int, r1: int, c0: int, c1: int, buffer, in_range=None):
+        """s = (q * scale)[r0:r1] k[c0:c1]^T with the causal or given mask applied. With
+        ``in_range`` (a list), appends whether every score before masking lies within
+        +-_SOFTMAX_NO_SHIFT (see _forward_item)."""
         s = _tile(buffer, *qs.shape[:-2], r1 - r0, c1 - c0)
         xp.matmul(qs[..., r0:r1, :], _mT(self.k[item][..., c0:c1, :]), out=s)
+        if in_range is not None:
+            float_mask = self.mask is not None and self.mask.dtype != bool
+            in_range.append(
+                not float_mask and -_SOFTMAX_NO_SHIFT <= s.min() and s.max() <= _SOFTMAX_NO_SHIFT
+            )
         if self.is_causal:
             _mask_future(s, r0, c0)
         elif self.mask is not None:
@@ -688,14 +715,20 @@ class _SDPA(Function):
         for r0 in range(0, L, self.tile):
             r1 = min(r0 + self.tile, L)
             c1 = min(r1, S) if self.is_causal else S  # keys this block of queries may see
-            s = self._scores(item, qs, r0, r1, 0, c1, buffer)
-            m = s.max(axis=-1, keepdims=True)
-            if self.mask is not None:
-                m[~xp.isfinite(m)] = 0  # a fully masked row stays finite (and gives nan, as torch)
-            s -= m
-            xp.exp(s, out=s)  # e
-            denom = xp.einsum("...j->...", s)[..., None]  # rowsum(e); einsum beats sum here
-            lse[..., r0:r1] = (m + xp.log(denom))[..., 0]
+            in_range = []
+            s = self._scores(item, qs, r0, r1, 0, c1, buffer, in_range)
+            if in_range[0]:  # exp(s) can neither overflow nor vanish for a whole row
+                xp.exp(s, out=s)
+                denom = xp.einsum("...j->...", s)[..., None]
+                lse[..., r0:r1] = xp.log(denom)[..., 0]
+            else:
+                m = s.max(axis=-1, keepdims=True)
+                if self.mask is not None:
+                    m[~xp.isfinite(m)] = 0  # a fully masked row stays finite (gives nan, as torch)
+                s -= m
+                xp.exp(s, out=s)  # e
+                denom = xp.einsum("...j->...", s)[..., None]  # rowsum(e); einsum beats sum here
+                lse[..., r0:r1] = (m + xp.log(denom))[..., 0]
             o = out[..., r0:r1, :]
             if self.keep_p:  # one tile: normalise e into p and keep it (the buffer is ours)
                 s /= denom
@@ -721,11 +754,13 @@ class _SDPA(Function):
         dq, dk, dv = dq[item], dk[item], dv[item]
         L, S = q.shape[-2], k.shape[-2]
         scale = q.dtype.type(self.scale)
-        qs = q * scale
         D = xp.einsum("...ij,...ij->...i", g, self.out[item])[..., None]  # rowsum(do o)
         lse = self.lse[item][..., None]
         keep = self._dropout_keep(item)
-        dq[...] = 0
+        one_tile = S <= self.tile  # then dq is written once, not accumulated over tiles
+        if not one_tile:
+            dq[...] = 0
+        qs = None if self.p is not None else q * scale
         for c0 in range(0, S, self.tile):
             c1 = min(c0 + self.tile, S)
             r0 = c0 if self.is_causal else 0  # the first query that may see these keys
@@ -748,11 +783,14 @@ class _SDPA(Function):
             else:
                 xp.matmul(_mT(p), gq, out=dv[..., c0:c1, :])
             dp -= D[..., r0:, :]
-            dp *= p  # ds
-            # dk = ds^T q * scale: the scaled queries carry the scale
-            xp.matmul(_mT(dp), qs[..., r0:, :], out=dk[..., c0:c1, :])
-            dq[..., r0:, :] += dp @ k[..., c0:c1, :]
+            dp *= p  # ds; the scale of dq and dk is applied once, at the end
+            xp.matmul(_mT(dp), q[..., r0:, :], out=dk[..., c0:c1, :])
+            if one_tile:
+                xp.matmul(dp, k[..., c0:c1, :], out=dq[..., r0:, :])
+            else:
+                dq[..., r0:, :] += dp @ k[..., c0:c1, :]
         dq *= scale
+        dk *= scale
 
 
 def scaled_dot_product_attention(

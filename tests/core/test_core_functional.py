@@ -308,6 +308,37 @@ def test_sdpa_kept_probabilities_match_recomputed_ones(rng):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("magnitude", [1.0, 8.0])
+@pytest.mark.parametrize("no_shift", [0.0, 64.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_softmax_with_and_without_the_row_max(
+    dtype, no_shift, magnitude, tiled, rng, monkeypatch
+):
+    """Tiles whose raw scores all lie within +-_SOFTMAX_NO_SHIFT skip the row max; others
+    subtract it. Scores of ~1 and of ~60 and more (rows whose exp would overflow or vanish
+    without the max), with the limit at 0 (always subtract) and at its default: torch's
+    attention must agree in every case, forward and backward."""
+    monkeypatch.setattr(F, "_SOFTMAX_NO_SHIFT", no_shift)
+    if tiled:
+        monkeypatch.setattr(F, "_ATTN_BATCH_ALL", 0)
+        monkeypatch.setattr(F, "_ATTN_TILE", 4)
+    q = rng.standard_normal((2, 3, 9, 8)) * magnitude
+    k = rng.standard_normal((2, 3, 9, 8)) * magnitude
+    v = rng.standard_normal((2, 3, 9, 5))
+    q[0, 0, 2] -= 30.0 * magnitude  # one query far from the others (its scores: hundreds)
+    for kw in ({"is_causal": True}, {}):
+        compare(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw),
+            lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, **kw),
+            q,
+            k,
+            v,
+            dtype=dtype,
+            rng=rng,
+        )
+
+
 # (q shape, k shape, options): lengths that are not multiples of the tile (4 in the test)
 SDPA_TILED_CASES = {
     "causal_T_not_multiple": ((2, 3, 11, 8), (2, 3, 11, 8), {"is_causal": True}),
