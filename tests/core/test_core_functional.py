@@ -1,5 +1,7 @@
 """Fused ops in handgrad.nn.functional: forward values and gradients against PyTorch."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -329,8 +331,8 @@ def test_sdpa_softmax_with_and_without_the_row_max(
     q[0, 0, 2] -= 30.0 * magnitude  # one query far from the others (its scores: hundreds)
     for kw in ({"is_causal": True}, {}):
         compare(
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw),
-            lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, **kw),
+            partial(F.scaled_dot_product_attention, **kw),
+            partial(TF.scaled_dot_product_attention, **kw),
             q,
             k,
             v,
