@@ -349,15 +349,21 @@ def dropout(
 
 class _LayerNorm(Function):
     # Over the last k axes (the normalised shape), with n elements each:
-    #   mu = mean(x), rstd = 1/sqrt(var(x) + eps) (biased variance), xhat = (x - mu) rstd
-    #   y = xhat w + b
+    #   mu = mean(x), rstd = 1/sqrt(var(x) + eps) (biased variance), xc = x - mu,
+    #   xhat = xc rstd,  y = xhat w + b
     # Backward, with dxhat = g w:
     #   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
     #   dw = sum over leading axes of g xhat;  db = sum over leading axes of g
-    # Like torch, only x (by reference), mu and rstd are kept; backward recomputes xhat.
-    # Rows are processed in cache-sized blocks shared over threads. Row sums are products
-    # with a vector of ones (one BLAS GEMV) or einsums, both several times faster in NumPy
-    # than .sum/.mean along a short last axis, and neither makes a temporary array.
+    # Like torch, only x (by reference), mu and rstd are kept; backward recomputes xc.
+    # Written for NumPy: an op between a full array and a row or column vector costs ~2.5x
+    # an op between two full arrays, and a sum along a short last axis more still, so the
+    # sums are matrix-vector products (one BLAS GEMV each) and the per-row factors are
+    # folded together first. Per row i (r = rstd_i, t = g xc, so dxhat xhat = r t w):
+    #   m1 = sum_j g w,  m2 = sum_j t w,  dw = sum_i r t
+    #   dx = r (dxhat - (xc r^2 m2 / n + m1 / n))
+    # (the difference is taken before scaling by r, as in the formula: when n = 1 it is
+    # exactly 0, as torch's).
+    # Rows are processed in cache-sized blocks shared over threads.
     def forward(self, x, w=None, b=None, *, k, eps):
         self.shape, self.wshape = x.shape, x.shape[x.ndim - k :]
         n = math.prod(self.wshape)
@@ -369,22 +375,27 @@ class _LayerNorm(Function):
         y = xp.empty_like(x2)
         mean_of = xp.full(n, 1.0 / n, dtype=x.dtype)  # x @ mean_of = the row means
 
-        def block(rows):
+        def block(rows, scale):
             xs, ys, mu, rstd = x2[rows], y[rows], self.mu[rows], self.rstd[rows]
             xp.matmul(xs, mean_of, out=mu[:, 0])
-            xp.subtract(xs, mu, out=ys)
+            xp.subtract(xs, mu, out=ys)  # xc
             xp.einsum("ij,ij->i", ys, ys, out=rstd[:, 0])  # n var
             rstd *= 1.0 / n
             rstd += eps
             xp.sqrt(rstd, out=rstd)
             xp.reciprocal(rstd, out=rstd)
-            ys *= rstd  # xhat
-            if wf is not None:
-                ys *= wf
+            if wf is None:
+                ys *= rstd
+            else:
+                scale = _tile(scale, *ys.shape)
+                xp.multiply(rstd, wf, out=scale)  # rstd_i w_j: one broadcast op, not two
+                ys *= scale
             if bf is not None:
                 ys += bf
 
-        _parallel_map(block, self._blocks(n), 0, 0, x.dtype, work=x.size)
+        blocks = self._blocks(n)
+        size = (blocks[0].stop - blocks[0].start) * n if blocks else 0
+        _parallel_map(block, blocks, size, 1, x.dtype, work=x.size)
         return y.reshape(x.shape)
 
     def _blocks(self, n: int) -> list[slice]:
@@ -392,43 +403,36 @@ class _LayerNorm(Function):
         return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
     def backward(self, g):
-        x, w = self.x, self.w
-        n = x.shape[1]
+        x, n = self.x, self.x.shape[1]
+        w = xp.ones(n, dtype=g.dtype) if self.w is None else self.w
         g2 = xp.asarray(g, order="C").reshape(x.shape)
         blocks = self._blocks(n)
         dx = xp.empty_like(x) if self.needs_input_grad[0] else None
         want_dw = len(self.needs_input_grad) > 1 and self.needs_input_grad[1]
         dw_parts = xp.empty((len(blocks), n), dtype=g.dtype) if want_dw else None
-        mean_of = xp.full(n, 1.0 / n, dtype=g.dtype)
 
-        def block(i, xhat, dxhat):
+        def block(i, xc, t):
             rows = blocks[i]
-            gs, rstd = g2[rows], self.rstd[rows]
-            xhat = _tile(xhat, *gs.shape)
-            xp.subtract(x[rows], self.mu[rows], out=xhat)
-            xhat *= rstd
+            gs, r = g2[rows], self.rstd[rows]
+            xc, t = _tile(xc, *gs.shape), _tile(t, *gs.shape)
+            xp.subtract(x[rows], self.mu[rows], out=xc)
+            xp.multiply(gs, xc, out=t)
             if want_dw:
-                xp.einsum("ij,ij->j", gs, xhat, out=dw_parts[i])
+                xp.matmul(r[:, 0], t, out=dw_parts[i])
             if dx is None:
                 return
-            if w is not None:
-                dxhat = _tile(dxhat, *gs.shape)
-                xp.multiply(gs, w, out=dxhat)
-            else:
-                dxhat = gs
-            m1 = dxhat @ mean_of  # mean(dxhat), per row
-            m2 = xp.einsum("ij,ij->i", dxhat, xhat)  # n mean(dxhat xhat)
-            # dx = rstd dxhat - xhat (rstd m2 / n) - rstd m1: the per-row factors are formed
-            # first, so only three passes touch full rows
+            m2 = t @ w
+            m1 = gs @ w
+            m2 *= r[:, 0] ** 2 * (1.0 / n)  # r^2 m2 / n
+            m1 *= 1.0 / n
             out = dx[rows]
-            m2 *= rstd[:, 0] * (1.0 / n)
-            m1 *= rstd[:, 0]
-            xhat *= m2[:, None]
-            xhat += m1[:, None]
-            xp.multiply(dxhat, rstd, out=out)
-            out -= xhat
+            xp.multiply(gs, w, out=out)  # dxhat
+            xc *= m2[:, None]
+            xc += m1[:, None]
+            out -= xc
+            out *= r
 
-        size = blocks[0].stop * n if blocks else 0
+        size = (blocks[0].stop - blocks[0].start) * n if blocks else 0
         _parallel_map(block, range(len(blocks)), size, 2, g.dtype, work=g.size)
         grads = [None if dx is None else dx.reshape(self.shape)]
         if len(self.needs_input_grad) > 1:
@@ -645,10 +649,15 @@ class _SDPA(Function):
         self.q, self.k, self.v = q, k, v
         self.mask = None if mask is None else xp.broadcast_to(mask, (*lead, L, S))
         self.is_causal, self.scale, self.dropout_p = is_causal, scale, dropout_p
-        if math.prod(lead) * L * S <= _ATTN_BATCH_ALL:
+        small = math.prod(lead) * L * S <= _ATTN_BATCH_ALL
+        if small:
             self.items, self.tile, self.heads_per_item = [()], max(L, S, 1), math.prod(lead)
         else:
             self.items, self.tile, self.heads_per_item = list(np.ndindex(*lead)), _ATTN_TILE, 1
+        # NumPy's stacked matmul of small matrices is ~1.7x slower when the second operand
+        # is a transposed view, as in q k^T and do v^T; small problems therefore transpose
+        # k (and in backward v) into contiguous copies once. (Large tiles run as fast either way.)
+        self.kT = xp.ascontiguousarray(_mT(k)) if small else None
         self.seeds = None
         if dropout_p > 0:
             self.seeds = dict(zip(self.items, gen.integers(2**63, size=len(self.items))))
@@ -682,7 +691,8 @@ class _SDPA(Function):
         ``in_range`` (a list), appends whether every score before masking lies within
         +-_SOFTMAX_NO_SHIFT (see _forward_item)."""
         s = _tile(buffer, *qs.shape[:-2], r1 - r0, c1 - c0)
-        xp.matmul(qs[..., r0:r1, :], _mT(self.k[item][..., c0:c1, :]), out=s)
+        kt = _mT(self.k[item][..., c0:c1, :]) if self.kT is None else self.kT[item][..., c0:c1]
+        xp.matmul(qs[..., r0:r1, :], kt, out=s)
         if in_range is not None:
             float_mask = self.mask is not None and self.mask.dtype != bool
             in_range.append(
@@ -761,6 +771,7 @@ class _SDPA(Function):
         if not one_tile:
             dq[...] = 0
         qs = None if self.p is not None else q * scale
+        vt = _mT(v) if self.kT is None else xp.ascontiguousarray(_mT(v))
         for c0 in range(0, S, self.tile):
             c1 = min(c0 + self.tile, S)
             r0 = c0 if self.is_causal else 0  # the first query that may see these keys
@@ -776,7 +787,7 @@ class _SDPA(Function):
                 xp.exp(p, out=p)
             dp = _tile(dp_buffer, *p.shape)
             gq = g[..., r0:, :]  # the gradient of the queries that see these keys
-            xp.matmul(gq, _mT(v[..., c0:c1, :]), out=dp)
+            xp.matmul(gq, vt[..., c0:c1], out=dp)
             if keep is not None:
                 xp.matmul(_mT(p * keep[..., r0:, c0:c1]), gq, out=dv[..., c0:c1, :])
                 dp *= keep[..., r0:, c0:c1]
