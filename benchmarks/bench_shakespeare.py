@@ -7,11 +7,13 @@ evaluate the same fixed validation batches at the same steps. handgrad runs its 
 (`handgrad.train.train`, checkpoints and metrics included); PyTorch runs the loop nanoGPT's
 train.py runs (fp32, eager, no compile). Each side is a separate process.
 
-    .venv/bin/python benchmarks/bench_shakespeare.py                 # the full 2,000 steps
+    .venv/bin/python benchmarks/bench_shakespeare.py                 # the full 2,000 steps, 3 runs each
     .venv/bin/python benchmarks/bench_shakespeare.py --steps 300     # a shorter comparison
+    .venv/bin/python benchmarks/bench_shakespeare.py --repeats 1     # one run per side
     .venv/bin/python benchmarks/bench_shakespeare.py --threads 1     # both sides single-threaded
 
-Prints a table: wall time of the whole run and of the training steps, final val loss.
+Prints a table: median (and fastest, slowest) wall time of the whole run per side, and the
+final val and train losses, which must agree.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,6 +130,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--cache", default=None, help="data cache directory (default: handgrad's)")
     p.add_argument(
+        "--repeats", type=int, default=3, help="alternating runs per side; medians are reported"
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -147,30 +153,44 @@ def main() -> None:
     from handgrad.train.trainer import prepared_data_dir
 
     prepared_data_dir(_config(args.steps, args.cache).data)
+    # The sides alternate (torch, handgrad, torch, ...) and each figure is the median of its
+    # runs: on a shared 2-core VM the same run varies by 10-30% from minute to minute, so
+    # one run per side can decide the ratio either way.
+    walls: dict[str, list[float]] = {"torch": [], "handgrad": []}
     results = {}
-    for side in ("torch", "handgrad"):
-        cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps)]
-        if args.cache:
-            cmd += ["--cache", args.cache]
-        env = dict(os.environ)
-        if side == "torch":  # glibc's malloc defaults, as a PyTorch user has them
-            env["HANDGRAD_KEEP_MALLOC_DEFAULTS"] = "1"
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-            env.update(OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"{side} worker failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for rep in range(args.repeats):
+        for side in ("torch", "handgrad"):
+            cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps)]
+            if args.cache:
+                cmd += ["--cache", args.cache]
+            env = dict(os.environ)
+            if side == "torch":  # glibc's malloc defaults, as a PyTorch user has them
+                env["HANDGRAD_KEEP_MALLOC_DEFAULTS"] = "1"
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+                env.update(
+                    OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads)
+                )
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"{side} worker failed:\n{proc.stderr[-3000:]}")
+            results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+            walls[side].append(results[side]["wall_s"])
+            print(f"run {rep + 1}/{args.repeats} {side:8s} {walls[side][-1]:7.1f} s", flush=True)
     h, t = results["handgrad"], results["torch"]
+    hw, tw = statistics.median(walls["handgrad"]), statistics.median(walls["torch"])
     threads = args.threads or "default"
     print(
         f"shakespeare-char, {args.steps} steps (batch 12 x 64), fp32, same init and batches, "
-        f"threads: {threads}"
+        f"threads: {threads}, median of {args.repeats} alternating run(s) per side"
     )
     print(f"{'':28}{'handgrad':>12}{'pytorch':>12}{'ratio':>10}")
-    print(f"{'wall time end to end (s)':28}{h['wall_s']:>12.1f}{t['wall_s']:>12.1f}"
-          f"{h['wall_s'] / t['wall_s']:>10.2f}")  # fmt: skip
+    print(f"{'wall time end to end (s)':28}{hw:>12.1f}{tw:>12.1f}{hw / tw:>10.2f}")
+    if args.repeats > 1:
+        print(f"{'  fastest run (s)':28}{min(walls['handgrad']):>12.1f}{min(walls['torch']):>12.1f}"
+              f"{min(walls['handgrad']) / min(walls['torch']):>10.2f}")  # fmt: skip
+        print(f"{'  slowest run (s)':28}{max(walls['handgrad']):>12.1f}{max(walls['torch']):>12.1f}"
+              f"{max(walls['handgrad']) / max(walls['torch']):>10.2f}")  # fmt: skip
     print(f"{'final val loss':28}{h['val_loss']:>12.4f}{t['val_loss']:>12.4f}")
     print(f"{'final train loss':28}{h['train_loss']:>12.4f}{t['train_loss']:>12.4f}")
     steps = sorted(set(h["evals"]) & set(t["evals"]), key=int)
