@@ -375,7 +375,7 @@ class _LayerNorm(Function):
         y = xp.empty_like(x2)
         mean_of = xp.full(n, 1.0 / n, dtype=x.dtype)  # x @ mean_of = the row means
 
-        def block(rows, scale):
+        def block(rows):
             xs, ys, mu, rstd = x2[rows], y[rows], self.mu[rows], self.rstd[rows]
             xp.matmul(xs, mean_of, out=mu[:, 0])
             xp.subtract(xs, mu, out=ys)  # xc
@@ -384,18 +384,13 @@ class _LayerNorm(Function):
             rstd += eps
             xp.sqrt(rstd, out=rstd)
             xp.reciprocal(rstd, out=rstd)
-            if wf is None:
-                ys *= rstd
-            else:
-                scale = _tile(scale, *ys.shape)
-                xp.multiply(rstd, wf, out=scale)  # rstd_i w_j: one broadcast op, not two
-                ys *= scale
+            ys *= rstd
+            if wf is not None:
+                ys *= wf
             if bf is not None:
                 ys += bf
 
-        blocks = self._blocks(n)
-        size = (blocks[0].stop - blocks[0].start) * n if blocks else 0
-        _parallel_map(block, blocks, size, 1, x.dtype, work=x.size)
+        _parallel_map(block, self._blocks(n), 0, 0, x.dtype, work=x.size)
         return y.reshape(x.shape)
 
     def _blocks(self, n: int) -> list[slice]:
@@ -617,7 +612,13 @@ def _mask_future(s, r0: int, c0: int) -> None:
     rows, cols = s.shape[-2:]
     i_end = min(rows, c0 + cols - 1 - r0)  # rows from here on see every key of the tile
     j_start = max(0, r0 + 1 - c0)  # columns before this are seen by every row
-    if i_end > 0 and j_start < cols:
+    if i_end <= 0 or j_start >= cols:
+        return
+    if 2 * i_end * (cols - j_start) > rows * cols:
+        # most of the tile: adding over all of it (zeros included) is one contiguous pass,
+        # ~2x faster than the same add over a strided sub-block
+        s += _future_bias(r0, c0, rows, cols, s.dtype)
+    else:
         s[..., :i_end, j_start:] += _future_bias(r0, c0 + j_start, i_end, cols - j_start, s.dtype)
 
 
@@ -656,8 +657,12 @@ class _SDPA(Function):
             self.items, self.tile, self.heads_per_item = list(np.ndindex(*lead)), _ATTN_TILE, 1
         # NumPy's stacked matmul of small matrices is ~1.7x slower when the second operand
         # is a transposed view, as in q k^T and do v^T; small problems therefore transpose
-        # k (and in backward v) into contiguous copies once. (Large tiles run as fast either way.)
-        self.kT = xp.ascontiguousarray(_mT(k)) if small else None
+        # k (and in backward v) into contiguous copies once, k's carrying the scale
+        # (then q is used as it is). Large tiles run as fast either way and scale q.
+        self.kT = None
+        if small:
+            self.kT = xp.empty((*lead, k.shape[-1], S), dtype=k.dtype)
+            xp.multiply(_mT(k), k.dtype.type(scale), out=self.kT)
         self.seeds = None
         if dropout_p > 0:
             self.seeds = dict(zip(self.items, gen.integers(2**63, size=len(self.items))))
@@ -687,7 +692,8 @@ class _SDPA(Function):
         return self.out
 
     def _scores(self, item, qs, r0: int, r1: int, c0: int, c1: int, buffer, in_range=None):
-        """s = (q * scale)[r0:r1] k[c0:c1]^T with the causal or given mask applied. With
+        """s = (q * scale)[r0:r1] k[c0:c1]^T with the causal or given mask applied (``qs`` is
+        q * scale, or q when the scale is in self.kT). With
         ``in_range`` (a list), appends whether every score before masking lies within
         +-_SOFTMAX_NO_SHIFT (see _forward_item)."""
         s = _tile(buffer, *qs.shape[:-2], r1 - r0, c1 - c0)
@@ -720,7 +726,7 @@ class _SDPA(Function):
     def _forward_item(self, item, buffer):
         q, v, out, lse = self.q[item], self.v[item], self.out[item], self.lse[item]
         L, S = q.shape[-2], v.shape[-2]
-        qs = q * q.dtype.type(self.scale)
+        qs = q if self.kT is not None else q * q.dtype.type(self.scale)
         keep = self._dropout_keep(item)
         for r0 in range(0, L, self.tile):
             r1 = min(r0 + self.tile, L)
@@ -770,7 +776,10 @@ class _SDPA(Function):
         one_tile = S <= self.tile  # then dq is written once, not accumulated over tiles
         if not one_tile:
             dq[...] = 0
-        qs = None if self.p is not None else q * scale
+        if self.p is not None:
+            qs = None
+        else:  # the query operand of _scores: q itself when the scale is in kT
+            qs = q if self.kT is not None else q * scale
         vt = _mT(v) if self.kT is None else xp.ascontiguousarray(_mT(v))
         for c0 in range(0, S, self.tile):
             c1 = min(c0 + self.tile, S)
