@@ -357,8 +357,8 @@ class _LayerNorm(Function):
     # Like torch, only x (by reference), mu and rstd are kept; backward recomputes xc.
     # Written for NumPy: an op between a full array and a row or column vector costs ~2.5x
     # an op between two full arrays, and a sum along a short last axis more still, so the
-    # sums are matrix-vector products (one BLAS GEMV each) and the per-row factors are
-    # folded together first. Per row i (r = rstd_i, t = g xc, so dxhat xhat = r t w):
+    # sums are einsums (forward) or matrix-vector products (backward, one BLAS GEMV each)
+    # and the per-row factors are folded together first. Per row i (r = rstd_i, t = g xc, so dxhat xhat = r t w):
     #   m1 = sum_j g w,  m2 = sum_j t w,  dw = sum_i r t
     #   dx = r (dxhat - (xc r^2 m2 / n + m1 / n))
     # (the difference is taken before scaling by r, as in the formula: when n = 1 it is
@@ -373,11 +373,13 @@ class _LayerNorm(Function):
         self.mu = xp.empty((x2.shape[0], 1), dtype=x.dtype)
         self.rstd = xp.empty_like(self.mu)
         y = xp.empty_like(x2)
-        mean_of = xp.full(n, 1.0 / n, dtype=x.dtype)  # x @ mean_of = the row means
 
         def block(rows):
             xs, ys, mu, rstd = x2[rows], y[rows], self.mu[rows], self.rstd[rows]
-            xp.matmul(xs, mean_of, out=mu[:, 0])
+            # an einsum, not a GEMV: BLAS may round a row's sum differently depending on how
+            # many rows share the call, and a row's output must not depend on its batch
+            xp.einsum("ij->i", xs, out=mu[:, 0])
+            mu *= 1.0 / n
             xp.subtract(xs, mu, out=ys)  # xc
             xp.einsum("ij,ij->i", ys, ys, out=rstd[:, 0])  # n var
             rstd *= 1.0 / n

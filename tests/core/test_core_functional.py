@@ -493,3 +493,16 @@ def test_one_hot(shape, rng):
     ref = TF.one_hot(torch.from_numpy(idx), num_classes=4)
     assert ours.dtype == np.int64
     np.testing.assert_array_equal(ours.data, ref.numpy())
+
+
+def test_layer_norm_row_does_not_depend_on_its_batch(rng):
+    """A row's output is bit-for-bit the same alone or among other rows (evaluation batches
+    requests together and compares with unbatched scoring). A BLAS matrix-vector product for
+    the row means fails this at these sizes; a NumPy reduction does not."""
+    for rows, n in ((8, 64), (37, 16), (5, 128)):
+        x = rng.standard_normal((rows, n)).astype(np.float32)
+        w, b = (hg.tensor(rng.standard_normal(n).astype(np.float32)) for _ in range(2))
+        full = F.layer_norm(hg.tensor(x), n, w, b).data
+        for i in range(rows):
+            alone = F.layer_norm(hg.tensor(x[i : i + 1]), n, w, b).data
+            np.testing.assert_array_equal(alone[0], full[i], err_msg=f"row {i} of {rows} x {n}")
