@@ -358,7 +358,8 @@ class _LayerNorm(Function):
     # Written for NumPy: an op between a full array and a row or column vector costs ~2.5x
     # an op between two full arrays, and a sum along a short last axis more still, so the
     # sums are einsums (forward) or matrix-vector products (backward, one BLAS GEMV each)
-    # and the per-row factors are folded together first. Per row i (r = rstd_i, t = g xc, so dxhat xhat = r t w):
+    # and the per-row factors are folded together first. Per row i, with r = rstd_i and
+    # t = g xc (so dxhat xhat = r t w):
     #   m1 = sum_j g w,  m2 = sum_j t w,  dw = sum_i r t
     #   dx = r (dxhat - (xc r^2 m2 / n + m1 / n))
     # (the difference is taken before scaling by r, as in the formula: when n = 1 it is
@@ -695,9 +696,8 @@ class _SDPA(Function):
 
     def _scores(self, item, qs, r0: int, r1: int, c0: int, c1: int, buffer, in_range=None):
         """s = (q * scale)[r0:r1] k[c0:c1]^T with the causal or given mask applied (``qs`` is
-        q * scale, or q when the scale is in self.kT). With
-        ``in_range`` (a list), appends whether every score before masking lies within
-        +-_SOFTMAX_NO_SHIFT (see _forward_item)."""
+        q * scale, or q when the scale is in self.kT). With ``in_range`` (a list), appends
+        whether every score before masking lies within +-_SOFTMAX_NO_SHIFT (see forward)."""
         s = _tile(buffer, *qs.shape[:-2], r1 - r0, c1 - c0)
         kt = _mT(self.k[item][..., c0:c1, :]) if self.kT is None else self.kT[item][..., c0:c1]
         xp.matmul(qs[..., r0:r1, :], kt, out=s)
