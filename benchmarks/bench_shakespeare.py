@@ -7,7 +7,7 @@ evaluate the same fixed validation batches at the same steps. handgrad runs its 
 (`handgrad.train.train`, checkpoints and metrics included); PyTorch runs the loop nanoGPT's
 train.py runs (fp32, eager, no compile). Each side is a separate process.
 
-    .venv/bin/python benchmarks/bench_shakespeare.py              # 2,000 steps, 3 runs a side
+    .venv/bin/python benchmarks/bench_shakespeare.py                 # 2,000 steps, 3 runs a side
     .venv/bin/python benchmarks/bench_shakespeare.py --steps 300     # a shorter comparison
     .venv/bin/python benchmarks/bench_shakespeare.py --repeats 1     # one run per side
     .venv/bin/python benchmarks/bench_shakespeare.py --threads 1     # both sides single-threaded
