@@ -658,12 +658,14 @@ class _SDPA(Function):
             self.items, self.tile, self.heads_per_item = [()], max(L, S, 1), math.prod(lead)
         else:
             self.items, self.tile, self.heads_per_item = list(np.ndindex(*lead)), _ATTN_TILE, 1
-        # NumPy's stacked matmul of small matrices is ~1.7x slower when the second operand
-        # is a transposed view, as in q k^T and do v^T; small problems therefore transpose
-        # k (and in backward v) into contiguous copies once, k's carrying the scale
-        # (then q is used as it is). Large tiles run as fast either way and scale q.
+        # NumPy's stacked matmul of small square-ish matrices (64 x 64 scores from 64-wide
+        # heads) is ~1.7x slower when the second operand is a transposed view, as in q k^T
+        # and do v^T; small self-attention problems (L == S, as in training) therefore
+        # transpose k (and in backward v) into contiguous copies once, k's carrying the scale
+        # (then q is used as it is). Elsewhere the copy costs more than it saves (decoding one
+        # query against a KV cache of 1,000 keys: 5x slower), and large tiles scale q.
         self.kT = None
-        if small:
+        if small and L == S:
             self.kT = xp.empty((*lead, k.shape[-1], S), dtype=k.dtype)
             xp.multiply(_mT(k), k.dtype.type(scale), out=self.kT)
         self.seeds = None
