@@ -36,7 +36,8 @@ BATCH, STEPS_PER_BLOCK = 12, 25
 
 def _batch() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    return (rng.integers(0, SIZES["vocab_size"], (BATCH, SIZES["block_size"])) for _ in range(2))
+    x, y = (rng.integers(0, SIZES["vocab_size"], (BATCH, SIZES["block_size"])) for _ in range(2))
+    return x, y
 
 
 def profile_handgrad(blocks: int) -> dict:
