@@ -242,28 +242,25 @@ def test_scaled_dot_product_attention(name, dtype, rng):
     kw = dict(kw)
     q, k = rng.standard_normal(q_shape), rng.standard_normal(kv_shape)
     v = rng.standard_normal((*kv_shape[:-1], 3))
-    arrays = [q, k, v]
+    _compare_sdpa([q, k, v], kw, dtype, rng)
+
+
+def _compare_sdpa(arrays, kw, dtype, rng):
+    """Our attention against torch's on (q, k, v); kw may hold mask="bool" or "float"."""
     mask_kind = kw.pop("mask", None)
+    mask_t = mask_r = None
     if mask_kind is not None:
-        mask = _sdpa_mask(mask_kind, rng, q_shape[-2], kv_shape[-2])
+        mask = _sdpa_mask(mask_kind, rng, arrays[0].shape[-2], arrays[1].shape[-2])
         # a float mask is data, not a parameter: keep it out of the gradient check
         mask_t = hg.tensor(mask.astype(dtype) if mask.dtype.kind == "f" else mask)
         mask_r = torch.from_numpy(mask.astype(np.float64) if mask.dtype.kind == "f" else mask)
-        compare(
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask_t, **kw),
-            lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=mask_r, **kw),
-            *arrays,
-            dtype=dtype,
-            rng=rng,
-        )
-    else:
-        compare(
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw),
-            lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, **kw),
-            *arrays,
-            dtype=dtype,
-            rng=rng,
-        )
+    compare(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask_t, **kw),
+        lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=mask_r, **kw),
+        *arrays,
+        dtype=dtype,
+        rng=rng,
+    )
 
 
 def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
@@ -366,19 +363,7 @@ def test_sdpa_tiled_matches_torch(name, dtype, rng, monkeypatch):
     kw = dict(kw)
     arrays = [rng.standard_normal(q_shape), rng.standard_normal(kv_shape)]
     arrays.append(rng.standard_normal((*kv_shape[:-1], 5)))
-    mask_kind = kw.pop("mask", None)
-    mask_t = mask_r = None
-    if mask_kind is not None:
-        mask = _sdpa_mask(mask_kind, rng, q_shape[-2], kv_shape[-2])
-        mask_t = hg.tensor(mask.astype(dtype) if mask.dtype.kind == "f" else mask)
-        mask_r = torch.from_numpy(mask.astype(np.float64) if mask.dtype.kind == "f" else mask)
-    compare(
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask_t, **kw),
-        lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=mask_r, **kw),
-        *arrays,
-        dtype=dtype,
-        rng=rng,
-    )
+    _compare_sdpa(arrays, kw, dtype, rng)
 
 
 @pytest.mark.parametrize("per_head", [False, True])
