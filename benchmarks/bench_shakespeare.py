@@ -11,6 +11,11 @@ train.py runs (fp32, eager, no compile). Each side is a separate process.
     .venv/bin/python benchmarks/bench_shakespeare.py --steps 300     # a shorter comparison
     .venv/bin/python benchmarks/bench_shakespeare.py --repeats 1     # one run per side
     .venv/bin/python benchmarks/bench_shakespeare.py --threads 1     # both sides single-threaded
+    .venv/bin/python benchmarks/bench_shakespeare.py --set train.processes=1 train.micro_batch_size=12
+
+handgrad runs the shipped config: the batch of 12 split over 2 processes (one per core,
+``handgrad/train/parallel.py``); PyTorch runs one process with its intra-op threads on all 12
+windows, as nanoGPT's train.py does. ``--set`` changes handgrad's split (same batches).
 
 Prints a table: median (and fastest, slowest) wall time of the whole run per side, and the
 final val and train losses, which must agree.
@@ -36,10 +41,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def _config(steps: int, cache: str | None):
+def _config(steps: int, cache: str | None, extra: list[str] = ()):
     from handgrad.train.config import load_config
 
-    sets = [f"train.max_steps={steps}", "train.sample_tokens=0"]
+    sets = [f"train.max_steps={steps}", "train.sample_tokens=0", *extra]
     if steps != 2000:
         sets.append(f"train.checkpoint_interval={max(steps // 4, 1)}")
     if cache:
@@ -47,10 +52,10 @@ def _config(steps: int, cache: str | None):
     return load_config("shakespeare-char", sets)
 
 
-def run_handgrad(steps: int, cache: str | None) -> dict:
+def run_handgrad(steps: int, cache: str | None, extra: list[str]) -> dict:
     from handgrad.train import train
 
-    cfg = _config(steps, cache)
+    cfg = _config(steps, cache, extra)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         res = train(cfg, out, progress=False, log=lambda m: None)
@@ -61,7 +66,7 @@ def run_handgrad(steps: int, cache: str | None) -> dict:
             "train_loss": res.train_losses[res.step]}  # fmt: skip
 
 
-def run_torch(steps: int, cache: str | None) -> dict:
+def run_torch(steps: int, cache: str | None, extra: list[str]) -> dict:
     import torch
     from torch_gpt2 import TorchGPT2
 
@@ -72,7 +77,7 @@ def run_torch(steps: int, cache: str | None) -> dict:
     from handgrad.train.config import resolve_model_config
     from handgrad.train.trainer import prepared_data_dir
 
-    cfg = _config(steps, cache)
+    cfg = _config(steps, cache, extra)
     t, o, e = cfg.train, cfg.optim, cfg.eval
     start = time.perf_counter()
     data = TokenShards(prepared_data_dir(cfg.data))
@@ -90,7 +95,8 @@ def run_torch(steps: int, cache: str | None) -> dict:
         lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=False, foreach=True,
     )  # fmt: skip
     rng = np.random.default_rng(t.seed)
-    block, batch = mc.block_size, t.micro_batch_size
+    # the global batch in one piece (handgrad's config may split it over processes)
+    block, batch = mc.block_size, cfg.global_batch_size
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -139,6 +145,14 @@ def main() -> None:
         help="BLAS/OpenMP threads for both sides (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and "
         "torch.set_num_threads); default: each library's own default",
     )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for both sides, e.g. train.processes=1 train.micro_batch_size=12 "
+        "(handgrad in one process; PyTorch always runs one process on the global batch)",
+    )
     p.add_argument("--worker", choices=["handgrad", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -147,12 +161,13 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
         fn = run_handgrad if args.worker == "handgrad" else run_torch
-        print(json.dumps(fn(args.steps, args.cache)))
+        print(json.dumps(fn(args.steps, args.cache, args.set)))
         return
     # prepare the data once, outside the timings
     from handgrad.train.trainer import prepared_data_dir
 
-    prepared_data_dir(_config(args.steps, args.cache).data)
+    cfg = _config(args.steps, args.cache, args.set)
+    prepared_data_dir(cfg.data)
     # The sides alternate (torch, handgrad, torch, ...) and each figure is the median of its
     # runs: on a shared 2-core VM the same run varies by 10-30% from minute to minute, so
     # one run per side can decide the ratio either way.
@@ -163,6 +178,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps)]
             if args.cache:
                 cmd += ["--cache", args.cache]
+            if args.set:
+                cmd += ["--set", *args.set]
             env = dict(os.environ)
             if side == "torch":  # glibc's malloc defaults, as a PyTorch user has them
                 env["HANDGRAD_KEEP_MALLOC_DEFAULTS"] = "1"
@@ -183,6 +200,10 @@ def main() -> None:
     print(
         f"shakespeare-char, {args.steps} steps (batch 12 x 64), fp32, same init and batches, "
         f"threads: {threads}, median of {args.repeats} alternating run(s) per side"
+    )
+    print(
+        f"handgrad: {cfg.train.processes} process(es) x {cfg.train.micro_batch_size} windows; "
+        f"PyTorch: 1 process x {cfg.global_batch_size} windows"
     )
     print(f"{'':28}{'handgrad':>12}{'pytorch':>12}{'ratio':>10}")
     print(f"{'wall time end to end (s)':28}{hw:>12.1f}{tw:>12.1f}{hw / tw:>10.2f}")

@@ -120,6 +120,45 @@ def _keep_freed_memory() -> None:
 _keep_freed_memory()
 
 
+# ----------------------------------------------------------------------------------------
+# threads: how many cores one op may use (BLAS's threads and handgrad's own op threads)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container or taskset can give fewer than the
+    machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_num_threads: int | None = None  # None: every available core
+_blas_controller: Any = None
+
+
+def get_num_threads() -> int:
+    """Threads one op may use (as ``torch.get_num_threads``)."""
+    return _num_threads or available_cores()
+
+
+def set_num_threads(n: int) -> None:
+    """Let each op use at most ``n`` threads, BLAS included (as ``torch.set_num_threads``).
+
+    Data-parallel training sets 1 in each of its processes: one process per core, each
+    with single-threaded ops, instead of one process whose ops share the cores."""
+    global _num_threads, _blas_controller
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
+    _num_threads = n
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # BLAS then keeps its own setting
+        return
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    _blas_controller.limit(limits=n, user_api="blas")  # applied now, kept until changed
+
+
 def asarray(data: Any, dtype: np.dtype | None = None) -> np.ndarray:
     return xp.asarray(data, dtype=dtype)
 

@@ -11,7 +11,6 @@ the normalised (last) axis unless said otherwise.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -35,8 +34,6 @@ except ImportError:
 # elementwise ops and attention therefore cut their work into cache-sized pieces and share
 # the pieces out over a few threads, each with its own scratch buffers.
 
-# the cores this process may run on (a container or taskset can give fewer than the machine's)
-_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _PARALLEL_MIN_WORK = 1 << 21  # elements; smaller ops run on one thread (see _parallel_map)
 _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
@@ -78,7 +75,7 @@ def _parallel_map(
     thread of ours.
     """
     global _pool, _pool_workers
-    workers = max(1, min(len(items), _WORKERS))
+    workers = max(1, min(len(items), B.get_num_threads()))
     if work < _PARALLEL_MIN_WORK or (uses_blas and ThreadpoolController is None):
         workers = 1
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ class TrainSection:
     log_interval: int = 10
     checkpoint_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
-    processes: int = 1  # data parallelism is not implemented: must be 1
+    processes: int = 1  # data-parallel processes on this machine (train/parallel.py)
     sample_tokens: int = 200  # length of the sample printed at each evaluation (0: none)
 
 
@@ -356,9 +357,11 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     need(t.max_steps >= 1, f"[train] max_steps = {t.max_steps}: must be >= 1")
     need(t.micro_batch_size >= 1, f"[train] micro_batch_size = {t.micro_batch_size}: must be >= 1")
     need(t.grad_accum_steps >= 1, f"[train] grad_accum_steps = {t.grad_accum_steps}: must be >= 1")
+    need(t.processes >= 1, f"[train] processes = {t.processes}: must be >= 1")
     need(
-        t.processes == 1,
-        f"[train] processes = {t.processes}: data-parallel training is not implemented; use 1",
+        t.processes == 1 or "fork" in multiprocessing.get_all_start_methods(),
+        f"[train] processes = {t.processes}: data-parallel training forks its workers and "
+        "this platform cannot fork; use 1",
     )
     if t.global_batch_size is not None and t.micro_batch_size >= 1 and t.processes >= 1:
         per_step = t.micro_batch_size * t.processes

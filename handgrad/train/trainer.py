@@ -1,10 +1,13 @@
 """The training loop: data -> GPT-2 -> loss -> gradients -> AdamW -> checkpoints.
 
-One optimizer step, with G = micro_batch_size x grad_accum_steps windows (the global batch):
+One optimizer step, with G = micro_batch_size x grad_accum_steps x processes windows (the
+global batch):
 
     lr    = warmup + cosine schedule at this step
     x, y  = G random windows of block_size + 1 tokens, cut into grad_accum_steps micro batches
     for each micro batch:  (loss / grad_accum_steps).backward()    # grads sum to the mean
+                           (with processes = P > 1, each micro batch is split over P
+                           processes, loss / (grad_accum_steps P) each: train/parallel.py)
     norm  = clip_grad_norm_(params, grad_clip)
     AdamW step (decay on 2-D weights only; fp32 master weights for bf16 parameters)
 
@@ -39,11 +42,12 @@ from handgrad.data.sources import BUILTIN_SOURCES, cache_dir, sha256_file
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
-from handgrad.tensor import Tensor, get_rng_state, manual_seed, set_rng_state
+from handgrad.tensor import get_rng_state, manual_seed, set_rng_state
 from handgrad.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, DataSection, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.metrics import MetricsLog, plot_losses
+from handgrad.train.parallel import DataParallel, accumulate_gradients
 
 # GPT2Config fields that fix the shapes (and storage) of the weights: a checkpoint can only
 # be resumed by a model that agrees on all of them. dropout may change between runs.
@@ -333,7 +337,7 @@ def train(
 
     def run_eval(at_step: int, train_loss: float | None) -> EvalResult:
         nonlocal best_val
-        ev = evaluate(model, data.val, e.batches, t.micro_batch_size, block_size)
+        ev = evaluate(model, data.val, e.batches, rows, block_size)
         if not math.isfinite(ev.loss):
             raise TrainingDiverged(
                 f"step {at_step}: validation loss is {ev.loss}; stopping (latest checkpoint "
@@ -353,6 +357,15 @@ def train(
             say("sample: " + text.replace("\n", "\n        "))
         return ev
 
+    # Rows of one micro batch over all processes; evaluation uses batches of this size too,
+    # so its numbers do not depend on how the batch is split.
+    rows = t.micro_batch_size * t.processes
+    dp = None
+    if t.processes > 1:
+        dp = DataParallel(model, t.processes, global_batch, block_size, t.seed)
+        say(
+            f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
+        )
     bar = tqdm(
         total=t.max_steps,
         initial=step,
@@ -373,22 +386,23 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x_all, y_all = get_batch(data.train, global_batch, block_size, rng)
-            loss_sum = 0.0
-            for i in range(t.grad_accum_steps):
-                rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-                _, loss = model(Tensor._make(x_all[rows]), Tensor._make(y_all[rows]))
-                value = float(loss.item())
+            # The mean over the global batch = the mean of the micro-batch means.
+            scale = 1.0 / (t.grad_accum_steps * t.processes)
+            if dp is None:
+                micro = [
+                    (x_all[i : i + rows], y_all[i : i + rows]) for i in range(0, global_batch, rows)
+                ]
+                losses = accumulate_gradients(model, micro, scale)
+            else:
+                losses = dp.forward_backward(step, x_all, y_all, t.micro_batch_size, scale)
+            for i, value in enumerate(losses):
                 if not math.isfinite(value):
                     raise TrainingDiverged(
                         f"step {step + 1}: training loss is {value} (micro batch {i + 1} of "
                         f"{t.grad_accum_steps}, lr {lr:.3g}); stopping. The latest checkpoint "
                         f"is left as it was: {_latest_text(out)}"
                     )
-                loss_sum += value
-                # The mean over the global batch = the mean of the micro-batch means.
-                scaled = loss if t.grad_accum_steps == 1 else loss * (1.0 / t.grad_accum_steps)
-                scaled.backward()
-            train_loss = loss_sum / t.grad_accum_steps
+            train_loss = sum(losses) / t.grad_accum_steps
             clip = o.grad_clip if o.grad_clip > 0 else math.inf
             grad_norm = float(clip_grad_norm_(params, clip).item())
             if not math.isfinite(grad_norm):
@@ -439,6 +453,8 @@ def train(
     finally:
         bar.close()
         metrics.close()
+        if dp is not None:
+            dp.close()
     result.step, result.tokens_seen = step, tokens_seen
     result.elapsed_s = elapsed_before + time.perf_counter() - started
     if result.checkpoint is None and ckpt is not None:
