@@ -94,7 +94,7 @@ def test_integers_accepted_where_numbers_are_expected(tmp_path):
         (["optim.lr=-1e-3"], "[optim] lr = -0.001: must be > 0"),
         (["optim.min_lr=1.0"], "min_lr = 1.0: must be in [0, lr"),
         (["optim.betas=[0.9, 1.5]"], "betas = [0.9, 1.5]"),
-        (["train.processes=2"], "data-parallel training is not implemented"),
+        (["train.processes=0"], "[train] processes = 0: must be >= 1"),
         (["model.n_head=3"], "n_embd = 32 is not divisible by n_head = 3"),
         (["model.dtype='float16'"], "dtype = 'float16'"),
         (["data.tokenizer='bpe'"], "[data] tokenizer = 'bpe'"),
@@ -186,3 +186,19 @@ def test_vocab_size_from_data_unless_set():
     assert resolve_model_config(cfg.model, 65).padded_vocab_size == 128
     cfg = load_config("shakespeare-char", ["model.vocab_size=100"])
     assert resolve_model_config(cfg.model, 65).vocab_size == 100
+
+
+def test_shakespeare_char_is_nanogpts_cpu_recipe():
+    cfg = load_config("shakespeare-char")
+    m = resolve_model_config(cfg.model, 65)
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias) == (
+        4, 4, 128, 64, 0.0, False,
+    )  # fmt: skip
+    o, t = cfg.optim, cfg.train
+    assert (o.lr, o.min_lr, o.betas, o.weight_decay, o.grad_clip) == (
+        1e-3, 1e-4, [0.9, 0.99], 0.1, 1.0,
+    )  # fmt: skip
+    assert (o.warmup_steps, o.decay_steps, t.max_steps) == (100, 2000, 2000)
+    # nanoGPT's batch of 12, here split over 2 processes
+    assert cfg.global_batch_size == 12 and t.grad_accum_steps == 1
+    assert (cfg.eval.interval, cfg.eval.batches, cfg.data.val_fraction) == (250, 20, 0.1)
