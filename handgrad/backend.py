@@ -13,10 +13,17 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+try:  # optional: lets handgrad set how many threads BLAS uses
+    from threadpoolctl import ThreadpoolController
+except ImportError:
+    ThreadpoolController = None
 
 xp = np
 
@@ -136,27 +143,56 @@ _num_threads: int | None = None  # None: every available core
 _blas_controller: Any = None
 
 
+def _blas() -> Any:
+    """threadpoolctl's handle on the BLAS library, made on first use (it scans the loaded
+    libraries); None without threadpoolctl, whose absence leaves BLAS at its own setting."""
+    global _blas_controller
+    if _blas_controller is None and ThreadpoolController is not None:
+        _blas_controller = ThreadpoolController()
+    return _blas_controller
+
+
+def can_limit_blas() -> bool:
+    return ThreadpoolController is not None
+
+
 def get_num_threads() -> int:
     """Threads one op may use (as ``torch.get_num_threads``)."""
     return _num_threads or available_cores()
 
 
+def _check_count(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
+
+
 def set_num_threads(n: int) -> None:
     """Let each op use at most ``n`` threads, BLAS included (as ``torch.set_num_threads``).
 
-    Data-parallel training sets 1 in each of its processes: one process per core, each
-    with single-threaded ops, instead of one process whose ops share the cores."""
-    global _num_threads, _blas_controller
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
+    Data-parallel training sets 1 in each of its worker processes: one process per core,
+    each with single-threaded ops, instead of one process whose ops share the cores."""
+    global _num_threads
+    _check_count(n)
+    _num_threads = n
+    if _blas() is not None:
+        _blas().limit(limits=n, user_api="blas")  # applied now, kept until changed
+
+
+@contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Inside the block each op uses at most ``n`` threads, BLAS included; the previous
+    settings (BLAS's exactly as they were) come back after it."""
+    global _num_threads
+    _check_count(n)
+    previous = _num_threads
+    limiter = _blas().limit(limits=n, user_api="blas") if _blas() is not None else None
     _num_threads = n
     try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # BLAS then keeps its own setting
-        return
-    if _blas_controller is None:
-        _blas_controller = ThreadpoolController()
-    _blas_controller.limit(limits=n, user_api="blas")  # applied now, kept until changed
+        yield
+    finally:
+        _num_threads = previous
+        if limiter is not None:
+            limiter.restore_original_limits()
 
 
 def asarray(data: Any, dtype: np.dtype | None = None) -> np.ndarray:

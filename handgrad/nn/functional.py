@@ -11,9 +11,9 @@ the normalised (last) axis unless said otherwise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import lru_cache, partial
 
 import numpy as np
@@ -21,11 +21,6 @@ import numpy as np
 from handgrad import backend as B
 from handgrad.backend import xp
 from handgrad.tensor import Function, Tensor, default_generator
-
-try:  # optional: lets attention hold BLAS to one thread while it runs threads of its own
-    from threadpoolctl import ThreadpoolController
-except ImportError:
-    ThreadpoolController = None
 
 # ----------------------------------------------------------------------------------------
 # threads
@@ -37,17 +32,6 @@ except ImportError:
 _PARALLEL_MIN_WORK = 1 << 21  # elements; smaller ops run on one thread (see _parallel_map)
 _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
-_blas_controller = None
-
-
-@contextmanager
-def _blas_threads(n: int) -> Iterator[None]:
-    """Limit the BLAS library to ``n`` threads inside the block."""
-    global _blas_controller
-    if _blas_controller is None:
-        _blas_controller = ThreadpoolController()
-    with _blas_controller.limit(limits=n, user_api="blas"):
-        yield
 
 
 def _parallel_map(
@@ -76,7 +60,7 @@ def _parallel_map(
     """
     global _pool, _pool_workers
     workers = max(1, min(len(items), B.get_num_threads()))
-    if work < _PARALLEL_MIN_WORK or (uses_blas and ThreadpoolController is None):
+    if work < _PARALLEL_MIN_WORK or (uses_blas and not B.can_limit_blas()):
         workers = 1
 
     def run(w: int) -> None:
@@ -92,7 +76,7 @@ def _parallel_map(
             _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(workers, thread_name_prefix="handgrad")
         _pool_workers = workers
-    with _blas_threads(1) if uses_blas else nullcontext():
+    with B.num_threads(1) if uses_blas else nullcontext():
         list(_pool.map(run, range(workers)))  # list() re-raises a worker's exception
 
 

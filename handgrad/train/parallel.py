@@ -149,12 +149,8 @@ class DataParallel:
         message = json.dumps({"step": step, "micro": micro_batch_size, "scale": scale}).encode()
         for conn in self._conns:
             conn.send_bytes(message)
-        threads = B.get_num_threads()
-        B.set_num_threads(1)
-        try:
+        with B.num_threads(1):  # this process's share of the cores, as each worker's
             per_rank = [accumulate_gradients(self.model, self._shard(0, micro_batch_size), scale)]
-        finally:
-            B.set_num_threads(threads)
         for rank, conn in enumerate(self._conns, start=1):
             reply = json.loads(conn.recv_bytes())
             if "error" in reply:

@@ -10,6 +10,7 @@ from _torchref import DTYPES, assert_close, compare, numerical_grad
 
 import handgrad as hg
 import handgrad.nn.functional as F
+from handgrad import backend as B
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,7 +110,7 @@ def small_pieces(monkeypatch):
     """gelu and layer_norm split big inputs into pieces shared over threads: make the pieces
     tiny (20 elements) and the threads 3, so that small test inputs go the same way."""
     monkeypatch.setattr(F, "_ELEMENTWISE_CHUNK", 20)
-    monkeypatch.setattr(F, "_WORKERS", 3)
+    monkeypatch.setattr(B, "_num_threads", 3)
     monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
 
 
@@ -279,7 +280,7 @@ def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
     ):
         monkeypatch.setattr(F, "_ATTN_BATCH_ALL", batch_all)
         monkeypatch.setattr(F, "_ATTN_TILE", 4)
-        monkeypatch.setattr(F, "_WORKERS", workers)
+        monkeypatch.setattr(B, "_num_threads", workers)
         monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
         monkeypatch.setattr(F, "ThreadpoolController", controller)
         ts = [hg.tensor(a, requires_grad=True) for a in (q, k, v)]
@@ -357,7 +358,7 @@ def test_sdpa_tiled_matches_torch(name, dtype, rng, monkeypatch):
     per tile. All of it must agree with torch's untiled attention."""
     monkeypatch.setattr(F, "_ATTN_BATCH_ALL", 0)  # one head per item, however small
     monkeypatch.setattr(F, "_ATTN_TILE", 4)
-    monkeypatch.setattr(F, "_WORKERS", 3)
+    monkeypatch.setattr(B, "_num_threads", 3)
     monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
     q_shape, kv_shape, kw = SDPA_TILED_CASES[name]
     kw = dict(kw)
