@@ -273,16 +273,16 @@ def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
     # all heads in one untiled item (as small problems run), then one item per head in tiles
     # of 4 rows (6 = 4 + 2) on 5 threads, then the same as if threadpoolctl were missing (so
     # BLAS cannot be limited and one thread is used)
-    for batch_all, workers, controller in (
-        (1 << 20, 1, F.ThreadpoolController),
-        (0, 5, F.ThreadpoolController),
-        (0, 5, None),
+    for batch_all, workers, can_limit_blas in (
+        (1 << 20, 1, True),
+        (0, 5, True),
+        (0, 5, False),
     ):
         monkeypatch.setattr(F, "_ATTN_BATCH_ALL", batch_all)
         monkeypatch.setattr(F, "_ATTN_TILE", 4)
         monkeypatch.setattr(B, "_num_threads", workers)
         monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
-        monkeypatch.setattr(F, "ThreadpoolController", controller)
+        monkeypatch.setattr(B, "can_limit_blas", lambda can=can_limit_blas: can)
         ts = [hg.tensor(a, requires_grad=True) for a in (q, k, v)]
         out = F.scaled_dot_product_attention(*ts, is_causal=True)
         out.backward(hg.tensor(g))
