@@ -1,12 +1,14 @@
 """Data parallelism on one machine: each step's batch split over P processes, one per core.
 
 A small model leaves most of an op's time to fixed costs: one NumPy call per pass over the
-data, each pass on one core. Threads in one process cannot share that work well: handing a
-piece to another thread costs ~0.1 ms on this project's VM (waking an idle core), more than
-most ops of the shakespeare-char model take, and the GIL serialises the Python between
-NumPy calls. P processes instead run whole forward and backward passes side by side, each
-on one core with single-threaded ops, as PyTorch's DistributedDataParallel does on one
-machine:
+data, each pass on one core. Sharing each op out over threads does not pay there: handing a
+piece to another thread costs ~0.1 ms on this project's VM (``benchmarks/bench_threads.py``),
+more than most ops of the shakespeare-char model take, and the GIL serialises the Python
+between NumPy calls. Whole forward and backward passes side by side do pay. Threads could
+run them too (a prototype was about as fast), but they would share the global dropout
+generator and each parameter's ``.grad``, making results depend on thread timing; processes
+keep every rank's work deterministic. So P processes each run their share of the batch, on
+one core with single-threaded ops, as PyTorch's DistributedDataParallel does on one machine:
 
     micro batch of m*P windows:   rank r takes rows r*m .. (r+1)*m - 1
     every rank:                   (loss_r * scale).backward(),  scale = 1 / (P * accum)
