@@ -58,9 +58,11 @@ def test_two_processes_train_like_one_on_the_same_batch(tiny, tmp_path, accum):
     assert any(not np.allclose(init[k].numpy(), b[k]) for k in b)
 
 
-def test_two_processes_resume_bit_exact_with_dropout(tiny, tmp_path):
-    # dropout > 0: worker ranks draw their masks from (seed, step, rank) generators
-    model = {"dropout": 0.1}
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_processes_resume_bit_exact_with_dropout(tiny, tmp_path, dtype):
+    # dropout > 0: worker ranks draw their masks from (seed, step, rank) generators; bfloat16
+    # parameters are shared as bfloat16, their float32 master weights stay with rank 0
+    model = {"dropout": 0.1, "dtype": dtype}
     train_cfg = {"micro_batch_size": 2, "processes": 2}
     full = run(tiny(model=model, train=train_cfg), tmp_path / "full")
     first = run(tiny(model=model, train={**train_cfg, "max_steps": 3}), tmp_path / "split")
