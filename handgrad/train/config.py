@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -358,11 +357,6 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     need(t.micro_batch_size >= 1, f"[train] micro_batch_size = {t.micro_batch_size}: must be >= 1")
     need(t.grad_accum_steps >= 1, f"[train] grad_accum_steps = {t.grad_accum_steps}: must be >= 1")
     need(t.processes >= 1, f"[train] processes = {t.processes}: must be >= 1")
-    need(
-        t.processes == 1 or "fork" in multiprocessing.get_all_start_methods(),
-        f"[train] processes = {t.processes}: data-parallel training forks its workers and "
-        "this platform cannot fork; use 1",
-    )
     if t.global_batch_size is not None and t.micro_batch_size >= 1 and t.processes >= 1:
         per_step = t.micro_batch_size * t.processes
         if t.global_batch_size % per_step != 0:

@@ -23,7 +23,9 @@ same for any P. Dropout in worker r draws from a generator seeded with (seed, st
 resumed run repeats it exactly.
 
 Messages are a few bytes of JSON over a pipe; the windows and the gradients go through
-shared memory (nothing is pickled). Needs the ``fork`` start method (Linux; macOS untested).
+shared memory (nothing is pickled). Needs the ``fork`` start method (Linux; macOS untested);
+without it the trainer runs the P shares of each micro batch in one process (same batches,
+same mean gradient) and says so.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ from handgrad.nn import Module
 from handgrad.tensor import Tensor, manual_seed
 
 _ALIGN = 64  # bytes: each shared array starts on a cache line
+
+
+def can_fork() -> bool:
+    """Whether this platform has the ``fork`` start method the workers need."""
+    return "fork" in mp.get_all_start_methods()
 
 
 def accumulate_gradients(
@@ -94,7 +101,7 @@ class DataParallel:
             raise ValueError(f"DataParallel: processes must be >= 2, got {processes}")
         if rows % processes:
             raise ValueError(f"DataParallel: {rows} rows do not split over {processes} processes")
-        if "fork" not in mp.get_all_start_methods():
+        if not can_fork():
             raise RuntimeError(
                 "data-parallel training (processes > 1) forks its workers, and this platform "
                 "has no fork start method; set [train] processes = 1"

@@ -47,7 +47,7 @@ from handgrad.train.checkpoint import CheckpointError, load_checkpoint, save_che
 from handgrad.train.config import ConfigError, DataSection, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.metrics import MetricsLog, plot_losses
-from handgrad.train.parallel import DataParallel, accumulate_gradients
+from handgrad.train.parallel import DataParallel, accumulate_gradients, can_fork
 
 # GPT2Config fields that fix the shapes (and storage) of the weights: a checkpoint can only
 # be resumed by a model that agrees on all of them. dropout may change between runs.
@@ -361,10 +361,16 @@ def train(
     # so its numbers do not depend on how the batch is split.
     rows = t.micro_batch_size * t.processes
     dp = None
-    if t.processes > 1:
+    if t.processes > 1 and can_fork():
         dp = DataParallel(model, t.processes, global_batch, block_size, t.seed)
         say(
             f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
+        )
+    elif t.processes > 1:
+        say(
+            f"[train] processes = {t.processes}, but this platform cannot fork worker processes: "
+            f"each micro batch of {rows} windows runs in this one process (same batches, same "
+            "mean gradient, slower)"
         )
     bar = tqdm(
         total=t.max_steps,
@@ -387,7 +393,7 @@ def train(
                 group["lr"] = lr
             x_all, y_all = get_batch(data.train, global_batch, block_size, rng)
             # The mean over the global batch = the mean of the micro-batch means.
-            scale = 1.0 / (t.grad_accum_steps * t.processes)
+            scale = 1.0 / (t.grad_accum_steps * (1 if dp is None else dp.processes))
             if dp is None:
                 micro = [
                     (x_all[i : i + rows], y_all[i : i + rows]) for i in range(0, global_batch, rows)

@@ -124,3 +124,16 @@ def test_data_parallel_sums_gradients_and_reports_worker_errors():
             dp.forward_backward(0, x, y, micro_batch_size=2, scale=1.0)
     with pytest.raises(ValueError, match="5 rows do not split over 2 processes"):
         DataParallel(model, 2, rows=5, block_size=2, seed=0)
+
+
+def test_without_fork_the_shares_run_in_one_process(tiny, tmp_path, monkeypatch):
+    import handgrad.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "can_fork", lambda: False)
+    said = []
+    cfg = tiny(train={"micro_batch_size": 4, "processes": 2, "max_steps": 3})
+    alone = train(from_dict(cfg), tmp_path / "alone", progress=False, log=said.append)
+    assert any("cannot fork" in m and "micro batch of 8 windows" in m for m in said), said
+    one = run(tiny(train={"micro_batch_size": 8, "processes": 1, "max_steps": 3}), tmp_path / "one")
+    # the very same computation as one process on micro batches of 8
+    assert bits(alone.train_losses) == bits(one.train_losses)
