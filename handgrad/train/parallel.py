@@ -156,12 +156,25 @@ class DataParallel:
             )
         self._x[...], self._y[...] = x, y
         message = json.dumps({"step": step, "micro": micro_batch_size, "scale": scale}).encode()
-        for conn in self._conns:
-            conn.send_bytes(message)
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
+                conn.send_bytes(message)
+            except OSError:
+                raise RuntimeError(
+                    f"data-parallel worker {rank} has stopped (exit code "
+                    f"{self._procs[rank - 1].exitcode})"
+                ) from None
         with B.num_threads(1):  # this process's share of the cores, as each worker's
             per_rank = [accumulate_gradients(self.model, self._shard(0, micro_batch_size), scale)]
         for rank, conn in enumerate(self._conns, start=1):
-            reply = json.loads(conn.recv_bytes())
+            try:
+                reply = json.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                self._procs[rank - 1].join(timeout=1)
+                raise RuntimeError(
+                    f"data-parallel worker {rank} stopped without replying (exit code "
+                    f"{self._procs[rank - 1].exitcode}; killed, e.g. for lack of memory?)"
+                ) from None
             if "error" in reply:
                 raise RuntimeError(f"data-parallel worker {rank} failed:\n{reply['error']}")
             per_rank.append(reply["losses"])

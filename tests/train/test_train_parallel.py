@@ -4,6 +4,8 @@ process on the same global batch, exact resume, errors that name the problem."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -121,6 +123,12 @@ def test_data_parallel_sums_gradients_and_reports_worker_errors():
     with DataParallel(model, 2, rows=4, block_size=2, seed=0) as dp:
         model.w.data = np.zeros(3, dtype=np.float32)
         with pytest.raises(RuntimeError, match="parameter 0 .* new array"):
+            dp.forward_backward(0, x, y, micro_batch_size=2, scale=1.0)
+    # a worker that dies (e.g. killed for lack of memory) is reported, not waited for forever
+    with DataParallel(model, 2, rows=4, block_size=2, seed=0) as dp:
+        os.kill(dp._procs[0].pid, signal.SIGKILL)
+        dp._procs[0].join(timeout=10)
+        with pytest.raises(RuntimeError, match="worker 1 (has stopped|stopped without)"):
             dp.forward_backward(0, x, y, micro_batch_size=2, scale=1.0)
     with pytest.raises(ValueError, match="5 rows do not split over 2 processes"):
         DataParallel(model, 2, rows=5, block_size=2, seed=0)
