@@ -12,10 +12,12 @@ train.py runs (fp32, eager, no compile). Each side is a separate process.
     .venv/bin/python benchmarks/bench_shakespeare.py --repeats 1     # one run per side
     .venv/bin/python benchmarks/bench_shakespeare.py --threads 1     # both sides single-threaded
     .venv/bin/python benchmarks/bench_shakespeare.py --set train.processes=1 train.micro_batch_size=12
+    .venv/bin/python benchmarks/bench_shakespeare.py --torch-processes 2   # PyTorch DDP as well
 
 handgrad runs the shipped config: the batch of 12 split over 2 processes (one per core,
 ``handgrad/train/parallel.py``); PyTorch runs one process with its intra-op threads on all 12
-windows, as nanoGPT's train.py does. ``--set`` changes handgrad's split (same batches).
+windows, as nanoGPT's train.py does. ``--set`` changes handgrad's split (same batches);
+``--torch-processes 2`` splits PyTorch's the same way (DistributedDataParallel, gloo).
 
 Prints a table: median (and fastest, slowest) wall time of the whole run per side, and the
 final val and train losses, which must agree.
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +69,11 @@ def run_handgrad(steps: int, cache: str | None, extra: list[str]) -> dict:
             "train_loss": res.train_losses[res.step]}  # fmt: skip
 
 
-def run_torch(steps: int, cache: str | None, extra: list[str]) -> dict:
+def run_torch(
+    steps: int, cache: str | None, extra: list[str], rank: int = 0, world: int = 1, port: int = 0
+) -> dict:
+    """PyTorch's side; with ``world`` > 1 this is one rank of a DistributedDataParallel run
+    (gloo, one thread per process), each rank taking its rows of every global batch."""
     import torch
     from torch_gpt2 import TorchGPT2
 
@@ -80,6 +87,13 @@ def run_torch(steps: int, cache: str | None, extra: list[str]) -> dict:
     cfg = _config(steps, cache, extra)
     t, o, e = cfg.train, cfg.optim, cfg.eval
     start = time.perf_counter()
+    if world > 1:
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
     data = TokenShards(prepared_data_dir(cfg.data))
     mc = resolve_model_config(cfg.model, data.vocab_size)
     # the same initial weights as the handgrad run (same seed, same init code)
@@ -88,6 +102,9 @@ def run_torch(steps: int, cache: str | None, extra: list[str]) -> dict:
     torch.manual_seed(t.seed)
     model = TorchGPT2(**mc.to_dict())
     model.load_state_dict(init)
+    trained = model
+    if world > 1:  # averages the ranks' gradients in backward
+        trained = torch.nn.parallel.DistributedDataParallel(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -97,6 +114,7 @@ def run_torch(steps: int, cache: str | None, extra: list[str]) -> dict:
     rng = np.random.default_rng(t.seed)
     # the global batch in one piece (handgrad's config may split it over processes)
     block, batch = mc.block_size, cfg.global_batch_size
+    share = slice(rank * batch // world, (rank + 1) * batch // world)
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -116,7 +134,7 @@ def run_torch(steps: int, cache: str | None, extra: list[str]) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         x, y = get_batch(data.train, batch, block, rng)
-        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        _, loss = trained(torch.from_numpy(x[share]), torch.from_numpy(y[share]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
@@ -124,11 +142,37 @@ def run_torch(steps: int, cache: str | None, extra: list[str]) -> dict:
         train_loss = loss.item()
         train_time += time.perf_counter() - t0
         done = step + 1
-        if done == t.max_steps or done % e.interval == 0:
-            evals[done] = evaluate()
+        if rank == 0 and (done == t.max_steps or done % e.interval == 0):
+            evals[done] = evaluate()  # the other ranks wait at the next step's all-reduce
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "val_loss": evals[t.max_steps], "evals": evals,
+    if world > 1:  # the last step's loss over the whole batch, as the other side reports it
+        mean = torch.tensor([train_loss])
+        dist.all_reduce(mean)
+        train_loss = mean.item() / world
+        dist.destroy_process_group()
+    return {"wall_s": wall, "val_loss": evals.get(t.max_steps), "evals": evals,
             "train_loss": train_loss}  # fmt: skip
+
+
+def _torch_rank(rank: int, world: int, port: int, args: Any, out: str) -> None:
+    result = run_torch(args.steps, args.cache, args.set, rank, world, port)
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def run_torch_ddp(args: Any) -> dict:
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        world = args.torch_processes
+        torch.multiprocessing.spawn(_torch_rank, args=(world, port, args, out), nprocs=world)
+        return json.loads(Path(out).read_text())
 
 
 def main() -> None:
@@ -153,6 +197,13 @@ def main() -> None:
         help="config overrides for both sides, e.g. train.processes=1 train.micro_batch_size=12 "
         "(handgrad in one process; PyTorch always runs one process on the global batch)",
     )
+    p.add_argument(
+        "--torch-processes",
+        type=int,
+        default=1,
+        help="run PyTorch as DistributedDataParallel over this many processes (gloo, one "
+        "thread each) instead of one process",
+    )
     p.add_argument("--worker", choices=["handgrad", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -160,8 +211,11 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        fn = run_handgrad if args.worker == "handgrad" else run_torch
-        print(json.dumps(fn(args.steps, args.cache, args.set)))
+        if args.worker == "torch" and args.torch_processes > 1:
+            print(json.dumps(run_torch_ddp(args)))
+        else:
+            fn = run_handgrad if args.worker == "handgrad" else run_torch
+            print(json.dumps(fn(args.steps, args.cache, args.set)))
         return
     # prepare the data once, outside the timings
     from handgrad.train.trainer import prepared_data_dir
@@ -180,6 +234,7 @@ def main() -> None:
                 cmd += ["--cache", args.cache]
             if args.set:
                 cmd += ["--set", *args.set]
+            cmd += ["--torch-processes", str(args.torch_processes)]
             env = dict(os.environ)
             if side == "torch":  # glibc's malloc defaults, as a PyTorch user has them
                 env["HANDGRAD_KEEP_MALLOC_DEFAULTS"] = "1"
@@ -203,7 +258,8 @@ def main() -> None:
     )
     print(
         f"handgrad: {cfg.train.processes} process(es) x {cfg.train.micro_batch_size} windows; "
-        f"PyTorch: 1 process x {cfg.global_batch_size} windows"
+        f"PyTorch: {args.torch_processes} process(es) x "
+        f"{cfg.global_batch_size // args.torch_processes} windows"
     )
     print(f"{'':28}{'handgrad':>12}{'pytorch':>12}{'ratio':>10}")
     print(f"{'wall time end to end (s)':28}{hw:>12.1f}{tw:>12.1f}{hw / tw:>10.2f}")
