@@ -32,6 +32,12 @@ def test_set_num_threads_limits_blas_until_changed():
     assert B.get_num_threads() == B.available_cores()
 
 
+def test_top_level_names_are_torchs():
+    import handgrad as hg
+
+    assert hg.set_num_threads is B.set_num_threads and hg.get_num_threads is B.get_num_threads
+
+
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
 def test_thread_counts_must_be_counts(bad):
     with pytest.raises(ValueError, match="n must be an int >= 1"):
