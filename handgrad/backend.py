@@ -195,6 +195,47 @@ def num_threads(n: int) -> Iterator[None]:
             limiter.restore_original_limits()
 
 
+# ----------------------------------------------------------------------------------------
+# the array namespace: taken from the arrays, as ``cupy.get_array_module`` does
+
+_NAMESPACES: dict[type, Any] = {np.ndarray: np}
+
+
+def register_array_module(array_type: type, module: Any) -> None:
+    """Tell handgrad that arrays of ``array_type`` compute with ``module`` (a NumPy-like
+    namespace). CuPy registers itself on first sight; tests register a stand-in."""
+    _NAMESPACES[array_type] = module
+
+
+def get_array_module(*arrays: Any) -> Any:
+    """The NumPy-like module that computes on ``arrays``: NumPy unless one of them belongs
+    to another registered library (CuPy on a GPU). Scalars and None are skipped."""
+    for a in arrays:
+        t = type(a)
+        if t is np.ndarray or a is None or isinstance(a, (int, float, bool, np.generic)):
+            continue
+        module = _NAMESPACES.get(t)
+        if module is None:
+            module = _lookup_namespace(t)
+        if module is not np:
+            return module
+    return np
+
+
+def _lookup_namespace(t: type) -> Any:
+    for base in t.__mro__:
+        if base in _NAMESPACES:
+            _NAMESPACES[t] = _NAMESPACES[base]
+            return _NAMESPACES[base]
+    if t.__module__.split(".")[0] == "cupy":
+        import cupy  # noqa: PLC0415  (optional: only reached when a CuPy array exists)
+
+        _NAMESPACES[t] = cupy
+        return cupy
+    _NAMESPACES[t] = np
+    return np
+
+
 def asarray(data: Any, dtype: np.dtype | None = None) -> np.ndarray:
     return xp.asarray(data, dtype=dtype)
 
