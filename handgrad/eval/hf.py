@@ -37,9 +37,8 @@ from handgrad.eval.checkpoint import (
     read_config,
     read_json,
     resolve_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
 )
+from handgrad.fileio import fsync_dir, write_json_atomic, write_text_atomic
 from handgrad.serialization import load_file, save_file
 
 # Our Linear (out, in) <-> HF Conv1D (in, out): these weights are transposed on the way.
@@ -171,6 +170,7 @@ def _publish_dir(out: str | os.PathLike, command: str) -> Iterator[Path]:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
