@@ -292,7 +292,8 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     ``out/latest`` naming it, so every ``--checkpoint`` option accepts ``out``.
 
     Weights are converted to float32 (our Linear layout, padded embedding). The tokenizer is
-    read from vocab.json + merges.txt (OpenAI's GPT-2 files included)."""
+    read from vocab.json + merges.txt, or from OpenAI's encoder.json + vocab.bpe, keeping its
+    ids (special tokens first, as Hugging Face's BpeTrainer puts them, or last, as GPT-2)."""
     from handgrad.models.gpt2 import GPT2Config
     from handgrad.tokenizer import BPETokenizer
 
