@@ -37,9 +37,8 @@ from handgrad.eval.checkpoint import (
     read_config,
     read_json,
     resolve_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
 )
+from handgrad.fileio import fsync_dir, write_json_atomic, write_text_atomic
 from handgrad.serialization import load_file, save_file
 
 # Our Linear (out, in) <-> HF Conv1D (in, out): these weights are transposed on the way.
@@ -171,6 +170,7 @@ def _publish_dir(out: str | os.PathLike, command: str) -> Iterator[Path]:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -292,7 +292,8 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     ``out/latest`` naming it, so every ``--checkpoint`` option accepts ``out``.
 
     Weights are converted to float32 (our Linear layout, padded embedding). The tokenizer is
-    read from vocab.json + merges.txt (OpenAI's GPT-2 files included)."""
+    read from vocab.json + merges.txt, or from OpenAI's encoder.json + vocab.bpe, keeping its
+    ids (special tokens first, as Hugging Face's BpeTrainer puts them, or last, as GPT-2)."""
     from handgrad.models.gpt2 import GPT2Config
     from handgrad.tokenizer import BPETokenizer
 

@@ -8,11 +8,14 @@ Public API::
     ids = tok.encode("hello world")          # list[int]
     tok.decode(ids)                          # "hello world"
     tok.save("tok.json"); load_tokenizer("tok.json")
+    BPETokenizer.from_hf("gpt2/")            # vocab.json + merges.txt, or encoder.json + vocab.bpe
 """
 
-from handgrad.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
+from handgrad.tokenizer.bpe import BPETokenizer
+from handgrad.tokenizer.bytelevel import ENDOFTEXT, GPT2_PATTERN
 from handgrad.tokenizer.char import CharTokenizer
-from handgrad.tokenizer.io import TokenizerFileError, load_tokenizer
+from handgrad.tokenizer.io import TokenizerFileError
+from handgrad.tokenizer.load import load_tokenizer
 
 __all__ = [
     "BPETokenizer",

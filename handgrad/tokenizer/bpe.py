@@ -1,4 +1,4 @@
-"""Byte-level BPE (Sennrich et al. 2016, as used by GPT-2: Radford et al. 2019), trained from scratch.
+"""Byte-level BPE (Sennrich et al. 2016, as used by GPT-2: Radford et al. 2019): the tokenizer.
 
 Vocabulary layout of a tokenizer trained here (the GPT-2 sizes in brackets)::
 
@@ -7,29 +7,16 @@ Vocabulary layout of a tokenizer trained here (the GPT-2 sizes in brackets)::
     ids 256+M..                special tokens, e.g. <|endoftext|> [50256]
 
 A tokenizer loaded with `from_hf` keeps the ids of its files (OpenAI's GPT-2 files order the byte
-tokens differently), so internally everything goes through a general bytes <-> id map. The id of a
-non-special token doubles as its merge *rank*, exactly as in tiktoken: to encode a piece we start
-from single bytes and repeatedly join the adjacent pair whose concatenation has the lowest rank.
+tokens differently; Hugging Face's BpeTrainer puts special tokens first), so internally everything
+goes through a general bytes <-> id map. The id of a non-special token doubles as its merge
+*rank*, exactly as in tiktoken: to encode a piece we start from single bytes and repeatedly join
+the adjacent pair whose concatenation has the lowest rank.
 
-Training (`BPETokenizer.train`)::
+Training lives in `bpe_train` (pair counting and merging), the GPT-2 / Hugging Face / tiktoken
+formats in `interop`, the byte-level text helpers in `bytelevel`.
 
-    1. pre-tokenize with the regex pattern and count each distinct "word" once (a dict, not the
-       text, is kept in memory, so the corpus may be larger than RAM);
-    2. count adjacent token pairs over the words, weighted by word count, and remember which
-       words contain each pair;
-    3. repeat: take the most frequent pair (a, b), give a+b a new id, rewrite only the words that
-       contain (a, b), and update the pair counts by the difference (no full recount).
-
-Ties between equally frequent pairs are broken like Hugging Face `tokenizers`' BpeTrainer (with a
-ByteLevel pre-tokenizer and the 256-byte initial alphabet): the pair (a, b) with the smallest
-(key(a), key(b)) wins, where key(merge token) = its id and key(byte b) = the position of
-bytes_to_unicode(b) among the 256 byte-level characters sorted by code point (the id HF gives
-that byte). Our merge list therefore equals HF's, ties included.
-
-Lone surrogates: a Python str may hold surrogate code points (U+D800..U+DFFF) that have no UTF-8
-encoding. Like tiktoken, `encode` then round-trips the text through UTF-16 with 'surrogatepass':
-a high+low surrogate pair becomes the character it encodes, and each lone surrogate becomes U+FFFD.
-So `decode(encode(s)) == s` for every str without surrogates, and == `fix_surrogates(s)` otherwise.
+Lone surrogates (see `bytelevel`): `decode(encode(s)) == s` for every str without surrogates,
+and == `fix_surrogates(s)` otherwise.
 """
 
 from __future__ import annotations
@@ -37,76 +24,31 @@ from __future__ import annotations
 import heapq
 import multiprocessing
 import os
-from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from itertools import chain
+from pathlib import Path
 from typing import Any, Literal
 
 import regex
 
+from handgrad.tokenizer import interop
+from handgrad.tokenizer.bpe_train import count_words, learn_merges
+from handgrad.tokenizer.bytelevel import ENDOFTEXT, GPT2_PATTERN, bytes_to_unicode, fix_surrogates
 from handgrad.tokenizer.io import (
     FORMAT_NAME,
     FORMAT_VERSION,
     TokenizerFileError,
     read_tokenizer_json,
-    write_json_atomic,
+    write_tokenizer_json,
 )
 
-# GPT-2's pre-tokenization regex: contractions, optional-space + letters, optional-space + digits,
-# optional-space + other symbols, whitespace runs (leaving the last space to prefix the next word).
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-ENDOFTEXT = "<|endoftext|>"
+# Re-exported: the byte-level helpers are part of this module's public surface.
+__all__ = ["BPETokenizer", "ENDOFTEXT", "GPT2_PATTERN", "bytes_to_unicode", "fix_surrogates"]
 
 # Entries of the per-instance word cache before it is emptied (bounds memory on huge corpora).
 WORD_CACHE_SIZE = 500_000
 # Pre-tokens longer than this (bytes) are merged with a heap instead of a linear scan per step.
 LONG_PIECE = 64
-# File streaming during training: characters read per step, and how many characters at the end of
-# a chunk stay unsplit for the next step (a pre-token may depend on up to 3 characters after it).
-TRAIN_CHUNK_CHARS = 1 << 20
-_CHUNK_MARGIN = 16
-
-
-def fix_surrogates(text: str) -> str:
-    """The text that `encode` actually encodes when `text` has no UTF-8 encoding (see module doc)."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def _utf8(text: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return fix_surrogates(text).encode("utf-8")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used in vocab.json / merges.txt.
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, ...) map to
-    U+0100.. in byte order, so every token can be written as visible text without spaces.
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + n)
-            n += 1
-    return mapping
-
-
-def _hf_byte_keys() -> list[int]:
-    """key[b] = the id Hugging Face's BpeTrainer gives byte b (its alphabet is sorted by char)."""
-    b2u = bytes_to_unicode()
-    order = sorted(range(256), key=lambda b: b2u[b])
-    keys = [0] * 256
-    for position, b in enumerate(order):
-        keys[b] = position
-    return keys
 
 
 class BPETokenizer:
@@ -427,7 +369,7 @@ class BPETokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tokenizer as one JSON file (atomically: temp file + os.replace)."""
-        write_json_atomic(path, self.to_dict())
+        write_tokenizer_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
@@ -501,22 +443,21 @@ class BPETokenizer:
 
     def export_hf(self, directory: str | os.PathLike[str]) -> None:
         """Write GPT-2-style vocab.json + merges.txt + tokenizer.json (our ids, unchanged)."""
-        from handgrad.tokenizer.interop import export_hf
+        interop.export_hf(self, directory)
 
-        export_hf(self, directory)
-
-    def to_tiktoken(self, name: str = "handgrad-bpe"):
+    def to_tiktoken(self, name: str = "handgrad-bpe") -> Any:
         """A `tiktoken.Encoding` with our ranks, pattern and special tokens (same ids as ours)."""
-        from handgrad.tokenizer.interop import to_tiktoken
-
-        return to_tiktoken(self, name)
+        return interop.to_tiktoken(self, name)
 
     @classmethod
     def from_hf(cls, directory: str | os.PathLike[str]) -> BPETokenizer:
-        """Load a GPT-2-style vocab.json + merges.txt (e.g. OpenAI's GPT-2 files)."""
-        from handgrad.tokenizer.interop import from_hf
-
-        return from_hf(cls, directory)
+        """Load GPT-2-style files from `directory`: vocab.json + merges.txt (Hugging Face) or
+        encoder.json + vocab.bpe (OpenAI's GPT-2 release). Ids are kept as in the files."""
+        encoder, merges, specials = interop.read_gpt2_files(directory)
+        try:
+            return cls(encoder, merges, specials, GPT2_PATTERN)
+        except ValueError as e:
+            raise ValueError(f"{Path(directory)}: {e}") from None
 
 
 # ---------------------------------------------------------------------- process pool workers
@@ -532,176 +473,3 @@ def _init_worker(state: dict[str, Any]) -> None:
 def _encode_in_worker(text: str, allowed: frozenset[str], disallowed: frozenset[str]) -> list[int]:
     assert _worker_tokenizer is not None
     return _worker_tokenizer.encode(text, allowed, disallowed)
-
-
-# ---------------------------------------------------------------------- training internals
-
-
-def _iter_sources(texts_or_files: Any) -> Iterable[str | os.PathLike[str]]:
-    if isinstance(texts_or_files, str | os.PathLike):
-        return [texts_or_files]
-    return texts_or_files
-
-
-def count_words(
-    texts_or_files: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
-    pat: regex.Pattern,
-    special_tokens: Sequence[str] = (),
-    show_progress: bool | None = None,
-) -> dict[bytes, int]:
-    """Pre-tokenize every document / file and count each distinct pre-token (as UTF-8 bytes).
-
-    Files are read TRAIN_CHUNK_CHARS characters at a time. The pre-tokens ending in the last
-    _CHUNK_MARGIN characters of a chunk are carried over to the next one, because a pre-token can
-    depend on what follows it (a contraction like 'll, the end of a whitespace run); every earlier
-    pre-token is final. This needs a pattern that matches every character, which is checked.
-    """
-    from tqdm import tqdm
-
-    special_re = None
-    if special_tokens:
-        special_re = regex.compile(
-            "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
-        )
-    margin = max(_CHUNK_MARGIN, max((len(t) for t in special_tokens), default=0) + 1)
-    counts: Counter[str] = Counter()
-
-    def split_words(segment: str, source: str) -> list[str]:
-        words = pat.findall(segment)
-        if sum(map(len, words)) != len(segment):
-            raise ValueError(
-                f"{source}: the pre-tokenization pattern does not match every "
-                f"character, so text would be lost: {pat.pattern!r}"
-            )
-        return words
-
-    bar = tqdm(desc="count words", unit="char", unit_scale=True, disable=_disabled(show_progress))
-    for item in _iter_sources(texts_or_files):
-        if isinstance(item, str):
-            for segment in special_re.split(item) if special_re else [item]:
-                counts.update(split_words(segment, "document"))
-            bar.update(len(item))
-            continue
-        if not isinstance(item, os.PathLike):
-            raise TypeError(
-                f"expected str documents or os.PathLike files, got {type(item).__name__}"
-            )
-        carry = ""
-        with open(item, encoding="utf-8") as f:
-            while True:
-                try:
-                    chunk = f.read(TRAIN_CHUNK_CHARS)
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{item}: not UTF-8 text ({e})") from None
-                text = carry + chunk
-                segments = special_re.split(text) if special_re else [text]
-                for segment in segments[:-1]:
-                    counts.update(split_words(segment, str(item)))
-                last = segments[-1]
-                words = split_words(last, str(item))
-                if not chunk:  # end of file: everything is final
-                    counts.update(words)
-                    break
-                end, n_final = len(last), len(words)
-                while n_final > 0 and end > len(last) - margin:
-                    n_final -= 1
-                    end -= len(words[n_final])
-                counts.update(words[:n_final])
-                carry = last[end:]
-                bar.update(len(chunk))
-    bar.close()
-    word_counts: dict[bytes, int] = defaultdict(int)
-    for word, n in counts.items():
-        word_counts[_utf8(word)] += n
-    return word_counts
-
-
-def _disabled(show_progress: bool | None) -> bool | None:
-    # tqdm's disable=None means "disable unless writing to a terminal".
-    return None if show_progress is None else not show_progress
-
-
-def learn_merges(
-    word_counts: dict[bytes, int], n_merges: int, show_progress: bool | None = None
-) -> tuple[list[bytes], list[tuple[int, int]]]:
-    """Learn up to `n_merges` merges from word counts. Returns (token bytes by id, merges).
-
-    Data structures (all incremental, see the module doc for the tie rule):
-        words[i]        token ids of distinct word i, counts[i] its number of occurrences
-        pair_counts     (a, b) -> sum over words of count * occurrences of a, b adjacent
-        where[(a, b)]   indices of the words that contain (a, b) (may include stale ones)
-        heap            max-heap of (-count, key(a), key(b), a, b); an entry whose count is out of
-                        date is re-pushed with the current count when popped (lazy update). Counts
-                        of existing pairs only ever fall, so a popped entry with a current count
-                        is the true maximum.
-    """
-    from tqdm import tqdm
-
-    words = [list(w) for w in word_counts]
-    counts = list(word_counts.values())
-    token_bytes = [bytes([b]) for b in range(256)]
-    token_ids = {t: i for i, t in enumerate(token_bytes)}
-    key = _hf_byte_keys()
-
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for i, (word, count) in enumerate(zip(words, counts)):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += count
-            where[pair].add(i)
-    heap = [(-c, key[a], key[b], a, b) for (a, b), c in pair_counts.items()]
-    heapq.heapify(heap)
-
-    merges: list[tuple[int, int]] = []
-    bar = tqdm(total=n_merges, desc="merges", disable=_disabled(show_progress))
-    while len(merges) < n_merges and heap:
-        neg_count, _, _, a, b = heapq.heappop(heap)
-        count = pair_counts.get((a, b), 0)
-        if count != -neg_count:
-            if count > 0:
-                heapq.heappush(heap, (-count, key[a], key[b], a, b))
-            continue
-        merged = token_bytes[a] + token_bytes[b]
-        new = token_ids.get(merged)
-        if new is None:
-            new = len(token_bytes)
-            token_bytes.append(merged)
-            token_ids[merged] = new
-            key.append(new)
-            merges.append((a, b))
-            bar.update(1)
-        # else: a+b already exists as a token made by another merge. HF's trainer then reuses
-        # that token's id without a new vocabulary entry; we do the same and record no merge
-        # (a rank-based vocabulary can hold each byte string once).
-
-        new_pairs = set()
-        for i in where.pop((a, b)):
-            word = words[i]
-            n = len(word)
-            out = []
-            j = 0
-            while j < n:
-                if j + 1 < n and word[j] == a and word[j + 1] == b:
-                    out.append(new)
-                    j += 2
-                else:
-                    out.append(word[j])
-                    j += 1
-            if len(out) == n:
-                continue  # stale index: the pair was already merged away in this word
-            count = counts[i]
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] -= count
-            for pair in zip(out, out[1:]):
-                pair_counts[pair] += count
-                if new in pair:
-                    where[pair].add(i)
-                    new_pairs.add(pair)
-            words[i] = out
-        pair_counts.pop((a, b), None)
-        for pair in new_pairs:
-            c = pair_counts[pair]
-            if c > 0:
-                heapq.heappush(heap, (-c, key[pair[0]], key[pair[1]], pair[0], pair[1]))
-    bar.close()
-    return token_bytes, merges

@@ -15,7 +15,7 @@ from handgrad.tokenizer.io import (
     FORMAT_VERSION,
     TokenizerFileError,
     read_tokenizer_json,
-    write_json_atomic,
+    write_tokenizer_json,
 )
 
 
@@ -116,7 +116,7 @@ class CharTokenizer:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        write_json_atomic(path, self.to_dict())
+        write_tokenizer_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:

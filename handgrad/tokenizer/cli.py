@@ -4,6 +4,10 @@ handgrad tokenizer train --input a.txt b.txt --vocab-size 8192 --out tok.json
 handgrad tokenizer train --type char --input tinyshakespeare.txt --out char.json
 echo "Hello world" | handgrad tokenizer encode --tokenizer tok.json      # prints ids
 handgrad tokenizer decode --tokenizer tok.json 15496 995                 # prints text
+handgrad tokenizer encode --tokenizer gpt2/ --text "Hello"   # a directory of GPT-2 files
+
+--tokenizer takes a file saved by `train`, or a directory (or one of its files) with GPT-2's
+vocab.json + merges.txt or OpenAI's encoder.json + vocab.bpe.
 """
 
 from __future__ import annotations
@@ -12,9 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from handgrad.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
+from handgrad.tokenizer.bpe import BPETokenizer
+from handgrad.tokenizer.bytelevel import ENDOFTEXT, GPT2_PATTERN
 from handgrad.tokenizer.char import CharTokenizer
-from handgrad.tokenizer.io import load_tokenizer
+from handgrad.tokenizer.load import load_tokenizer
+
+_TOKENIZER_HELP = (
+    "a tokenizer file saved by 'train', or a directory with vocab.json + merges.txt "
+    "(or encoder.json + vocab.bpe)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=cmd_train)
 
     encode = commands.add_parser("encode", help="print the token ids of --text or stdin")
-    encode.add_argument("--tokenizer", required=True, metavar="FILE")
+    encode.add_argument("--tokenizer", required=True, metavar="PATH", help=_TOKENIZER_HELP)
     encode.add_argument("--text", help="text to encode (default: read stdin)")
     encode.add_argument(
         "--allow-special",
@@ -55,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     encode.set_defaults(func=cmd_encode)
 
     decode = commands.add_parser("decode", help="print the text of ids (arguments or stdin)")
-    decode.add_argument("--tokenizer", required=True, metavar="FILE")
+    decode.add_argument("--tokenizer", required=True, metavar="PATH", help=_TOKENIZER_HELP)
     decode.add_argument("ids", nargs="*", help="token ids (default: whitespace-separated stdin)")
     decode.set_defaults(func=cmd_decode)
 
@@ -92,7 +102,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         tok = load_tokenizer(args.tokenizer)
         text = args.text if args.text is not None else sys.stdin.read()
         ids = tok.encode(text, allowed_special="all" if args.allow_special else frozenset())
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         return _error(str(e))
     print(" ".join(map(str, ids)))
     return 0
@@ -108,7 +118,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             return _error(f"token id #{position} is not an integer: {word!r}")
     try:
         text = load_tokenizer(args.tokenizer).decode(ids)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         return _error(str(e))
     sys.stdout.write(text)
     return 0

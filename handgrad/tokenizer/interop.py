@@ -1,28 +1,35 @@
 """Exchange BPE vocabularies with Hugging Face `tokenizers` / `transformers` and `tiktoken`.
 
-GPT-2's file format (vocab.json + merges.txt) writes every token's bytes as text through
-`bytes_to_unicode` (a space becomes "Ġ", a newline "Ċ"); vocab.json maps that text to the id and
-merges.txt lists "left right" per line in rank order after a "#version" header.
+GPT-2's file format writes every token's bytes as text through `bytes_to_unicode` (a space
+becomes "Ġ", a newline "Ċ"): a vocabulary JSON maps that text to the id, and a merges file lists
+"left right" per line in rank order after a "#version" header. The same two formats go by two
+pairs of names: Hugging Face's vocab.json + merges.txt and OpenAI's original release,
+encoder.json + vocab.bpe.
 
-`tiktoken` and `tokenizers` are optional (test/benchmark) dependencies, imported only here.
+Nothing here imports the tokenizer class: these functions take and return plain maps (or any
+object with the tokenizer's attributes), and `BPETokenizer` wraps them. `tiktoken` is an optional
+(test/benchmark) dependency, imported only when asked for.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from handgrad.tokenizer.bpe import GPT2_PATTERN, bytes_to_unicode
+from handgrad.fileio import write_json_atomic, write_text_atomic
+from handgrad.tokenizer.bytelevel import GPT2_PATTERN, bytes_to_unicode
 
 if TYPE_CHECKING:
     from handgrad.tokenizer.bpe import BPETokenizer
 
+# (vocabulary, merges) file names, in the order they are looked for.
+GPT2_FILE_NAMES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 
-def _require(module: str, purpose: str):
-    import importlib
 
+def _require(module: str, purpose: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -32,21 +39,12 @@ def _require(module: str, purpose: str):
         ) from None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------- export
 
 
-def export_hf(tok: BPETokenizer, directory: str | os.PathLike[str]) -> None:
-    """Write vocab.json, merges.txt and tokenizer.json for `tok` into `directory` (created).
-
-    The ids are ours as they are. tokenizer.json (needs `tokenizers`) is a byte-level BPE with
-    our pre-tokenization pattern and our special tokens registered as special added tokens.
-    """
-    tokenizers = _require("tokenizers", "export_hf")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def gpt2_vocab(tok: BPETokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tokenizer as GPT-2 file contents: {token text: id} over every id (special tokens
+    included, at their own ids) ordered by id, and the merges as (left text, right text)."""
     b2u = bytes_to_unicode()
 
     def text(token: bytes) -> str:
@@ -62,55 +60,134 @@ def export_hf(tok: BPETokenizer, directory: str | os.PathLike[str]) -> None:
         vocab[special] = i
     vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
     merges = [(text(tok.decoder[a]), text(tok.decoder[b])) for a, b in tok.merges]
+    return vocab, merges
 
-    _write_text_atomic(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _write_text_atomic(
-        directory / "merges.txt",
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-    )
 
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+def hf_tokenizer_json(
+    vocab: dict[str, int],
+    merges: list[tuple[str, str]],
+    special_tokens: dict[str, int],
+    pattern: str,
+) -> dict[str, Any]:
+    """A Hugging Face `tokenizers` document (tokenizer.json) for a byte-level BPE.
 
-    model = models.BPE(
-        vocab={k: v for k, v in vocab.items() if k not in tok.special_tokens}, merges=merges
-    )
-    hf = tokenizers.Tokenizer(model)
-    if tok.pattern == GPT2_PATTERN:
+    The special tokens sit in the model's vocabulary at their own ids and are listed again as
+    special added tokens with those ids. `tokenizers` registers an added token that the model
+    already holds under the model's id, so every id stays ours wherever the special tokens are
+    (first, as Hugging Face's BpeTrainer puts them, or last, as GPT-2 does). Merges are written
+    as "left right" strings, the form every `tokenizers` release reads (byte-level text has no
+    space).
+    """
+    byte_level = {"add_prefix_space": False, "trim_offsets": True}
+    if pattern == GPT2_PATTERN:
         # HF's built-in ByteLevel regex is GPT-2's pattern (written without the (?:...) group).
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        pre_tokenizer: dict[str, Any] = {"type": "ByteLevel", **byte_level, "use_regex": True}
     else:
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    hf.decoder = decoders.ByteLevel()
-    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
-    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
-    for s, i in specials:
-        if hf.token_to_id(s) != i:
-            raise RuntimeError(
-                f"tokenizers assigned special token {s!r} the id {hf.token_to_id(s)}, expected {i}"
-            )
-    tmp = directory / f".tokenizer.json.tmp-{os.getpid()}"
-    hf.save(str(tmp))
-    os.replace(tmp, directory / "tokenizer.json")
+        pre_tokenizer = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": pattern},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {"type": "ByteLevel", **byte_level, "use_regex": False},
+            ],
+        }
+    added = [
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for s, i in sorted(special_tokens.items(), key=lambda kv: kv[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": None,
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [f"{a} {b}" for a, b in merges],
+        },
+    }
 
 
-def from_hf(cls: type[BPETokenizer], directory: str | os.PathLike[str]) -> BPETokenizer:
-    """Load a GPT-2-style byte-level BPE from `directory`/vocab.json + merges.txt.
+def export_hf(tok: BPETokenizer, directory: str | os.PathLike[str]) -> None:
+    """Write vocab.json, merges.txt and tokenizer.json for `tok` into `directory` (created).
 
-    Ids are kept as in vocab.json. Entries that are neither one of the 256 byte characters nor
-    the result of a merge (e.g. "<|endoftext|>") become special tokens. A merge whose result
-    repeats an earlier merge's token (possible in HF-trained files) is dropped: a rank-based
-    vocabulary holds each byte string once, and the earlier, lower-rank merge already builds it.
+    The ids are ours as they are, special tokens included. Each file is written atomically;
+    no optional package is needed.
     """
     directory = Path(directory)
-    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
-    for p in (vocab_path, merges_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: missing (from_hf needs vocab.json and merges.txt)")
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = gpt2_vocab(tok)
+    write_json_atomic(directory / "vocab.json", vocab, indent=None)
+    write_text_atomic(
+        directory / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    )
+    document = hf_tokenizer_json(vocab, merges, tok.special_tokens, tok.pattern)
+    write_json_atomic(directory / "tokenizer.json", document, indent=None)
+
+
+# ---------------------------------------------------------------------- import
+
+
+def find_gpt2_files(directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The (vocabulary, merges) files in `directory`: vocab.json + merges.txt, else OpenAI's
+    encoder.json + vocab.bpe. A missing file raises FileNotFoundError naming what was looked
+    for."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory (expected GPT-2 tokenizer files)")
+    for vocab_name, merges_name in GPT2_FILE_NAMES:
+        vocab_path, merges_path = directory / vocab_name, directory / merges_name
+        if vocab_path.is_file() and merges_path.is_file():
+            return vocab_path, merges_path
+    present = [n for pair in GPT2_FILE_NAMES for n in pair if (directory / n).is_file()]
+    looked_for = " or ".join(f"{v} + {m}" for v, m in GPT2_FILE_NAMES)
+    found = f"; found only {', '.join(present)}" if present else ""
+    raise FileNotFoundError(
+        f"{directory}: no GPT-2 tokenizer files (looked for {looked_for}){found}"
+    )
+
+
+def read_gpt2_files(
+    directory: str | os.PathLike[str],
+) -> tuple[dict[bytes, int], list[tuple[int, int]], dict[str, int]]:
+    """Read a GPT-2-style byte-level BPE from `directory` (see `find_gpt2_files`).
+
+    Returns (encoder: token bytes -> id, merges: (id_a, id_b) in rank order, special tokens:
+    text -> id), with the ids of the files. Entries that are neither one of the 256 byte
+    characters nor the result of a merge (e.g. "<|endoftext|>") become special tokens. A merge
+    whose result repeats an earlier merge's token (possible in HF-trained files) is dropped: a
+    rank-based vocabulary holds each byte string once, and the earlier, lower-rank merge already
+    builds it.
+    """
+    vocab_path, merges_path = find_gpt2_files(directory)
     try:
         vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -122,19 +199,21 @@ def from_hf(cls: type[BPETokenizer], directory: str | os.PathLike[str]) -> BPETo
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise ValueError(f"{vocab_path}: ids must be exactly 0..{len(vocab) - 1}")
 
-    u2b = {u: b for b, u in bytes_to_unicode().items()}
+    b2u = bytes_to_unicode()
+    u2b = {u: b for b, u in b2u.items()}
     encoder: dict[bytes, int] = {}
     for b in range(256):
-        char = chr(ord(bytes_to_unicode()[b]))
-        if char not in vocab:
+        if b2u[b] not in vocab:
             raise ValueError(
-                f"{vocab_path}: not a byte-level BPE vocabulary: byte {b} ({char!r}) has no token"
+                f"{vocab_path}: not a byte-level BPE vocabulary: byte {b} ({b2u[b]!r}) has no token"
             )
-        encoder[bytes([b])] = vocab[char]
+        encoder[bytes([b])] = vocab[b2u[b]]
 
     def to_bytes(token: str, line_no: int) -> bytes:
         if token not in vocab:
-            raise ValueError(f"{merges_path}:{line_no}: token {token!r} is not in vocab.json")
+            raise ValueError(
+                f"{merges_path}:{line_no}: token {token!r} is not in {vocab_path.name}"
+            )
         try:
             return bytes(u2b[c] for c in token)
         except KeyError:
@@ -144,7 +223,10 @@ def from_hf(cls: type[BPETokenizer], directory: str | os.PathLike[str]) -> BPETo
 
     merges: list[tuple[int, int]] = []
     merged_texts: set[str] = set()
-    lines = merges_path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = merges_path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{merges_path}: not UTF-8 text ({e})") from None
     for line_no, line in enumerate(lines, start=1):
         if not line.strip() or (line_no == 1 and line.startswith("#version")):
             continue
@@ -155,7 +237,7 @@ def from_hf(cls: type[BPETokenizer], directory: str | os.PathLike[str]) -> BPETo
         result = parts[0] + parts[1]
         if result not in vocab:
             raise ValueError(
-                f"{merges_path}:{line_no}: merge result {result!r} is not in vocab.json"
+                f"{merges_path}:{line_no}: merge result {result!r} is not in {vocab_path.name}"
             )
         merged_texts.add(result)
         if a + b in encoder:
@@ -163,15 +245,15 @@ def from_hf(cls: type[BPETokenizer], directory: str | os.PathLike[str]) -> BPETo
         encoder[a + b] = vocab[result]
         merges.append((encoder[a], encoder[b]))
 
-    byte_texts = {bytes_to_unicode()[b] for b in range(256)}
+    byte_texts = set(b2u.values())
     specials = {t: i for t, i in vocab.items() if t not in byte_texts and t not in merged_texts}
-    try:
-        return cls(encoder, merges, specials, GPT2_PATTERN)
-    except ValueError as e:
-        raise ValueError(f"{directory}: {e}") from None
+    return encoder, merges, specials
 
 
-def to_tiktoken(tok: BPETokenizer, name: str = "handgrad-bpe"):
+# ---------------------------------------------------------------------- tiktoken
+
+
+def to_tiktoken(tok: BPETokenizer, name: str = "handgrad-bpe") -> Any:
     """A `tiktoken.Encoding` over our ranks (= ids), pattern and special tokens."""
     tiktoken = _require("tiktoken", "to_tiktoken")
     return tiktoken.Encoding(

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from handgrad.fileio import write_text_atomic
+
 FORMAT_NAME = "handgrad-tokenizer"
 FORMAT_VERSION = 1
 TOKENIZER_TYPES = ("bpe", "char")
@@ -29,23 +31,13 @@ class TokenizerFileError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
-    """Write `obj` as JSON to a temporary sibling, then os.replace it over `path`.
+def write_tokenizer_json(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
+    """Write a tokenizer document atomically (a crash leaves the previous file intact).
 
-    A crash mid-write leaves the previous file (if any) intact.
+    ASCII-only JSON: a character tokenizer may hold lone surrogates, which have no UTF-8 form
+    but survive as \\uXXXX escapes.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=True, separators=(",", ":"))
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=True, separators=(",", ":")) + "\n")
 
 
 def read_tokenizer_json(
@@ -57,6 +49,12 @@ def read_tokenizer_json(
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TokenizerFileError(path, "no such file") from None
+    except IsADirectoryError:
+        raise TokenizerFileError(
+            path,
+            "is a directory (handgrad.tokenizer.load_tokenizer reads a directory of GPT-2 "
+            "files: vocab.json + merges.txt or encoder.json + vocab.bpe)",
+        ) from None
     except UnicodeDecodeError as e:
         raise TokenizerFileError(path, f"not UTF-8 text ({e})") from None
     try:
@@ -71,8 +69,8 @@ def read_tokenizer_json(
         hint = ""
         if "model" in obj and "added_tokens" in obj:
             hint = (
-                " (it looks like a Hugging Face tokenizer.json: use "
-                "BPETokenizer.from_hf(directory) with its vocab.json + merges.txt)"
+                " (it looks like a Hugging Face tokenizer.json: pass its directory, which "
+                "holds vocab.json + merges.txt, or use BPETokenizer.from_hf(directory))"
             )
         raise TokenizerFileError(
             path, f'not a handgrad tokenizer file: no "format": "{FORMAT_NAME}" key{hint}'
@@ -95,14 +93,3 @@ def read_tokenizer_json(
             f'"type" is {obj["type"]!r}, not "{expect_type}" (use handgrad.tokenizer.load_tokenizer)',
         )
     return obj
-
-
-def load_tokenizer(path: str | os.PathLike[str]):
-    """Load a tokenizer saved with `.save(path)`, dispatching on its "type" (bpe or char)."""
-    # Imported here: bpe.py and char.py import this module for the file helpers.
-    from handgrad.tokenizer.bpe import BPETokenizer
-    from handgrad.tokenizer.char import CharTokenizer
-
-    obj = read_tokenizer_json(path)
-    cls = BPETokenizer if obj["type"] == "bpe" else CharTokenizer
-    return cls.from_dict(obj, source=str(path))

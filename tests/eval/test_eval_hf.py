@@ -146,3 +146,85 @@ def test_round_trip_export_import(tmp_path, run_dir, model, tokenizer):
         back.transformer.h[1].attn.c_attn.weight.data,
         model.transformer.h[1].attn.c_attn.weight.data,
     )
+
+
+ROUND_TRIP_DOCS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.",
+    "Once upon a time there was a little girl who lived in a village near the forest.",
+    "Tom and Mary walked along the river. Mary saw a boat; Tom saw a bird in the tree.",
+] * 4
+
+
+def _hf_trained_source(directory, layout: str, seed: int = 0):
+    """A Hugging Face GPT-2 directory whose tokenizer was trained with `tokenizers`:
+    "first": BpeTrainer's own layout, special tokens before the bytes (<|endoftext|> = 0);
+    "last": GPT-2's layout, <|endoftext|> after the merges. Returns (tokenizer, model)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    eot = "<|endoftext|>"
+    hf_tok = Tokenizer(models.BPE())
+    hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf_tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=330,
+        special_tokens=[eot] if layout == "first" else [],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    hf_tok.train_from_iterator(ROUND_TRIP_DOCS, trainer)
+    if layout == "last":
+        hf_tok.add_special_tokens([AddedToken(eot, special=True, normalized=False)])
+    directory.mkdir(parents=True)
+    hf_tok.model.save(str(directory))  # vocab.json + merges.txt (the model's vocabulary)
+    vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+    vocab[eot] = hf_tok.token_to_id(eot)
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    eot_id = hf_tok.token_to_id(eot)
+    assert eot_id == (0 if layout == "first" else hf_tok.get_vocab_size() - 1)
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=24, vocab_size=hf_tok.get_vocab_size(),
+        bos_token_id=eot_id, eos_token_id=eot_id,
+    )  # fmt: skip
+    hf_model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.normal_(0.0, 0.3)
+    hf_model.eval()
+    hf_model.save_pretrained(directory)
+    return hf_tok, hf_model
+
+
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_import_export_round_trip_tokenizers_trained(tmp_path, layout):
+    """import hf -> export hf -> transformers: same ids and logits wherever <|endoftext|> is."""
+    hf_tok, hf_model = _hf_trained_source(tmp_path / "src", layout)
+    run = import_hf(tmp_path / "src", tmp_path / "run")
+    export_hf(run, tmp_path / "out")
+
+    from handgrad.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(run / "checkpoints" / "step_0000000" / "tokenizer.json")
+    eot_id = hf_tok.token_to_id("<|endoftext|>")
+    assert ours.eot_token == eot_id
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    fast = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "out")
+    assert auto.eos_token_id == fast.eos_token_id == eot_id
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out")
+    exported.eval()
+    model = GPT2.from_checkpoint(run)
+    model.eval()
+    texts = [
+        "The quick brown fox saw a boat.<|endoftext|>Once upon a time",
+        "<|endoftext|>Mary walked along the river",
+        "a village near the forest<|endoftext|>",
+    ]
+    for text in texts:
+        ids = hf_tok.encode(text).ids
+        assert eot_id in ids
+        assert auto(text)["input_ids"] == ids
+        assert fast(text)["input_ids"] == ids
+        assert ours.encode(text, allowed_special="all") == ids
+        reference = hf_logits(hf_model, ids)
+        assert_close(hf_logits(exported, ids), reference)
+        assert_close(ours_logits(model, ids), reference)

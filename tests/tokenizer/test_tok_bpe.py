@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import handgrad.tokenizer.bpe as bpe
+import handgrad.tokenizer.bpe_train as bpe_train
 from handgrad.tokenizer import ENDOFTEXT, BPETokenizer
 
 # ---------------------------------------------------------------- training
@@ -73,21 +74,21 @@ def test_train_counts_each_merge_greedily(make_corpus):
 
 def test_train_from_files_matches_documents(tmp_path, monkeypatch, corpus):
     # Tiny read chunks force many chunk boundaries inside words, whitespace runs and specials.
-    monkeypatch.setattr(bpe, "TRAIN_CHUNK_CHARS", 7)
+    monkeypatch.setattr(bpe_train, "TRAIN_CHUNK_CHARS", 7)
     text = "".join(corpus[:60]) + "we'll they've\n\n\n   x<|endoftext|>y  \n"
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
     from_file = BPETokenizer.train([path], 350, show_progress=False)
     from_doc = BPETokenizer.train([text], 350, show_progress=False)
     assert from_file.merges == from_doc.merges
-    counted_file = bpe.count_words([path], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,))
-    counted_doc = bpe.count_words([text], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,))
+    counted_file = bpe_train.count_words([path], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,))
+    counted_doc = bpe_train.count_words([text], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,))
     assert counted_file == counted_doc
     assert b"<|" not in counted_doc and b"endoftext" not in counted_doc
 
 
 def test_train_special_tokens_are_boundaries():
-    counts = bpe.count_words(
+    counts = bpe_train.count_words(
         ["ab<|endoftext|>ab"], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,)
     )
     assert counts == {b"ab": 2}

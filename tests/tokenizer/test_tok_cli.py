@@ -177,3 +177,26 @@ def test_errors(tmp_path, corpus_file, monkeypatch, capsys):
         == 2
     )
     assert "bad.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_encode_with_gpt2_files(tmp_path, small_tok, monkeypatch, capsys):
+    # OpenAI's names for GPT-2's files: encoder.json (= vocab.json) + vocab.bpe (= merges.txt)
+    gpt2 = tmp_path / "gpt2"
+    small_tok.export_hf(gpt2)
+    (gpt2 / "tokenizer.json").unlink()
+    (gpt2 / "vocab.json").rename(gpt2 / "encoder.json")
+    (gpt2 / "merges.txt").rename(gpt2 / "vocab.bpe")
+    text = "hello world<|endoftext|>again"
+    expected = small_tok.encode(text, allowed_special="all")
+    for where in (gpt2, gpt2 / "encoder.json"):
+        argv = ["tokenizer", "encode", "--tokenizer", str(where), "--text", text]
+        assert run([*argv, "--allow-special"], monkeypatch) == 0
+        assert capsys.readouterr().out.split() == [str(i) for i in expected]
+    argv = ["tokenizer", "decode", "--tokenizer", str(gpt2), *map(str, expected)]
+    assert run(argv, monkeypatch) == 0
+    assert capsys.readouterr().out == text
+    (gpt2 / "vocab.bpe").unlink()
+    argv = ["tokenizer", "encode", "--tokenizer", str(gpt2), "--text", "x"]
+    assert run(argv, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "vocab.json + merges.txt or encoder.json + vocab.bpe" in err and "Traceback" not in err

@@ -269,3 +269,100 @@ def test_from_hf_errors(small_tok, tmp_path):
 def test_unicode_categories_cover_sample():
     # guard for PARITY_TEXT: Python knows these characters, so they are not filtered out
     assert unicodedata.category("é") == "Ll" and unicodedata.category("😀") == "So"
+
+
+# ---------------------------------------------------------------- special tokens first
+
+
+def test_export_keeps_special_tokens_first(corpus, varied_texts, tmp_path):
+    # HF's BpeTrainer puts its special tokens first: <|endoftext|> = 0, <pad> = 1
+    hf = hf_train(corpus, 600, [ENDOFTEXT, "<pad>"])
+    hf.model.save(str(tmp_path))
+    tok = BPETokenizer.from_hf(tmp_path)
+    assert tok.special_tokens == {ENDOFTEXT: 0, "<pad>": 1}
+    out = tmp_path / "export"
+    tok.export_hf(out)
+    document = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert [(t["content"], t["id"], t["special"]) for t in document["added_tokens"]] == [
+        (ENDOFTEXT, 0, True),
+        ("<pad>", 1, True),
+    ]
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8"))[ENDOFTEXT] == 0
+    again = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert again.token_to_id(ENDOFTEXT) == 0 and again.token_to_id("<pad>") == 1
+    assert again.get_vocab_size() == hf.get_vocab_size() == tok.vocab_size
+    for text in [*varied_texts, f"a{ENDOFTEXT}b<pad>c", f"{ENDOFTEXT}{ENDOFTEXT}"]:
+        assert again.encode(text).ids == hf.encode(text).ids, repr(text)
+        assert tok.encode(text, allowed_special="all") == hf.encode(text).ids, repr(text)
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.GPT2TokenizerFast.from_pretrained(str(out))
+    text = f"the end{ENDOFTEXT} and <pad> more"
+    assert fast(text)["input_ids"] == hf.encode(text).ids
+    assert fast.convert_tokens_to_ids(ENDOFTEXT) == 0
+    # the exported files read back to the same tokenizer
+    back = BPETokenizer.from_hf(out)
+    assert back.encoder == tok.encoder and back.special_tokens == tok.special_tokens
+
+
+# ---------------------------------------------------------------- OpenAI's file names
+
+
+def write_openai_files(directory, docs: list[str], vocab_size: int) -> object:
+    """encoder.json + vocab.bpe as OpenAI released GPT-2's tokenizer (vocab.bpe opens with a
+    "#version" line and ends with a newline; <|endoftext|> is the last id). Returns the HF
+    tokenizer the files come from."""
+    hf = hf_train(docs, vocab_size, [])
+    hf.model.save(str(directory))
+    vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+    vocab[ENDOFTEXT] = len(vocab)
+    (directory / "encoder.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / "merges.txt").rename(directory / "vocab.bpe")
+    (directory / "vocab.json").unlink()
+    return hf
+
+
+def test_from_hf_openai_file_names(corpus, varied_texts, tmp_path, monkeypatch):
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    from handgrad.tokenizer import load_tokenizer
+
+    hf = write_openai_files(tmp_path, corpus, 700)
+    assert (tmp_path / "vocab.bpe").read_text(encoding="utf-8").startswith("#version")
+    tok = BPETokenizer.from_hf(tmp_path)
+    assert tok.vocab_size == 701 and tok.eot_token == 700
+    # tiktoken's own reader of OpenAI's GPT-2 files (no cache: TIKTOKEN_CACHE_DIR="")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json")
+    )
+    enc = tiktoken.Encoding(
+        name="openai-files",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: 700},
+    )
+    assert ranks == tok.encoder
+    for text in varied_texts:
+        ids = tok.encode(text + ENDOFTEXT, allowed_special="all")
+        assert ids == enc.encode(text + ENDOFTEXT, allowed_special="all"), repr(text)
+        assert tok.encode_ordinary(text) == hf.encode(text).ids, repr(text)
+    for path in (tmp_path, tmp_path / "encoder.json", tmp_path / "vocab.bpe"):
+        assert load_tokenizer(path).encoder == tok.encoder
+
+
+def test_from_hf_missing_files_name_both_layouts(small_tok, tmp_path):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"looked for vocab\.json \+ merges\.txt or encoder\.json \+ vocab\.bpe",
+    ):
+        BPETokenizer.from_hf(tmp_path)
+    small_tok.export_hf(tmp_path)
+    (tmp_path / "vocab.json").rename(tmp_path / "encoder.json")
+    with pytest.raises(FileNotFoundError, match="found only merges.txt, encoder.json"):
+        BPETokenizer.from_hf(tmp_path)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ zzzq\n", encoding="utf-8")
+    (tmp_path / "merges.txt").rename(tmp_path / "vocab.bpe")
+    with pytest.raises(ValueError, match=r"vocab.bpe:2: token 'zzzq' is not in encoder.json"):
+        BPETokenizer.from_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        BPETokenizer.from_hf(tmp_path / "nowhere")
