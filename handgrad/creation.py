@@ -34,7 +34,7 @@ def from_numpy(array: B.Array) -> Tensor:
         raise TypeError(f"from_numpy: expected an array, got {type(array).__name__}")
     B.to_dtype(array.dtype)  # raises, naming the dtype, on unsupported ones such as complex
     xp = B.get_array_module(array)
-    return Tensor._make(xp.asarray(array))  # a 0-d NumPy scalar becomes a 0-d array
+    return Tensor._make(xp.asanyarray(array))  # the array itself; a NumPy scalar becomes 0-d
 
 
 def _shape(size: tuple[Any, ...]) -> tuple[int, ...]:
