@@ -46,7 +46,7 @@ def profile_handgrad(blocks: int) -> dict:
     from handgrad.nn.utils import clip_grad_norm_
     from handgrad.optim import AdamW, param_groups_for_weight_decay
 
-    T = importlib.import_module("handgrad.tensor")
+    T = importlib.import_module("handgrad.function")
     times: collections.Counter = collections.Counter()
     apply = T.Function.apply.__func__
 

@@ -10,6 +10,9 @@ The public API mirrors PyTorch's so that what you know carries over::
     loss.backward()
 """
 
+# nn and optim load with the package, so ``hg.nn.Linear`` and ``hg.optim.AdamW`` work after
+# ``import handgrad as hg``, as ``torch.nn`` and ``torch.optim`` do
+from handgrad import nn, optim
 from handgrad.backend import (
     bfloat16,
     bool_,
@@ -24,28 +27,21 @@ from handgrad.backend import (
     uint16,
     uint32,
 )
-from handgrad.tensor import (
-    Function,
-    Tensor,
+from handgrad.creation import (
     arange,
     cat,
     empty,
-    enable_grad,
     exp,
+    from_numpy,
     full,
-    get_rng_state,
-    is_grad_enabled,
     log,
-    manual_seed,
     masked_fill,
     matmul,
-    no_grad,
     ones,
     ones_like,
     rand,
     randn,
     relu,
-    set_rng_state,
     split,
     sqrt,
     stack,
@@ -55,6 +51,10 @@ from handgrad.tensor import (
     zeros,
     zeros_like,
 )
+from handgrad.function import Function
+from handgrad.grad_mode import enable_grad, is_grad_enabled, no_grad
+from handgrad.random import get_rng_state, manual_seed, set_rng_state
+from handgrad.tensor import Tensor
 
 __version__ = "0.1.0"
 
@@ -73,6 +73,7 @@ __all__ = [
     "float16",
     "float32",
     "float64",
+    "from_numpy",
     "full",
     "get_rng_state",
     "int32",
@@ -82,9 +83,11 @@ __all__ = [
     "manual_seed",
     "masked_fill",
     "matmul",
+    "nn",
     "no_grad",
     "ones",
     "ones_like",
+    "optim",
     "rand",
     "randn",
     "relu",

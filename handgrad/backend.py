@@ -243,3 +243,57 @@ def asarray(data: Any, dtype: np.dtype | None = None) -> np.ndarray:
 def to_numpy(a: Any) -> np.ndarray:
     """Host copy of a backend array (a no-op for NumPy; ``cupy.asnumpy`` on a GPU)."""
     return np.asarray(a)
+
+
+# ----------------------------------------------------------------------------------------
+# array idioms the autograd core needs that are not plain array-API calls. The core (ops,
+# engine, Tensor, creation) never imports NumPy; what it needs beyond ``xp.<function>`` on
+# the arrays' own namespace is here, so another array library only has to fit these.
+
+Array = Any  # an array of a registered namespace (numpy.ndarray, cupy.ndarray, ...)
+DType = np.dtype
+Generator = np.random.Generator
+
+# Python and NumPy scalars: an operand of these types takes the tensor's dtype.
+SCALAR_TYPES: tuple[type, ...] = (int, float, bool, np.number)
+
+
+def is_array(data: Any) -> bool:
+    """Whether ``data`` carries its own dtype (an array of a registered namespace, a NumPy
+    scalar or anything exposing ``__array_interface__``), so no default dtype applies."""
+    return (
+        isinstance(data, np.ndarray | np.generic)
+        or hasattr(data, "__array_interface__")
+        or get_array_module(data) is not np
+    )
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``shapes`` broadcast to; ValueError when they cannot be broadcast."""
+    return np.broadcast_shapes(*shapes)
+
+
+def ignore_float_errors() -> Any:
+    """A context that lets x/0 and log(x <= 0) give inf/nan silently, as torch does."""
+    return np.errstate(divide="ignore", invalid="ignore")
+
+
+def is_writeable(a: Array) -> bool:
+    """False for read-only views (``broadcast_to`` results, arrays a caller froze)."""
+    flags = getattr(a, "flags", None)
+    return bool(getattr(flags, "writeable", True))
+
+
+def owns_data(a: Array) -> bool:
+    """True when ``a`` is not a view of another array's memory."""
+    return getattr(a, "base", None) is None
+
+
+def scatter_add(out: Array, index: Any, values: Array) -> None:
+    """``out[index] += values`` where a repeated index adds every time (a gather's adjoint)."""
+    get_array_module(out).add.at(out, index, values)
+
+
+def format_array(a: Array) -> str:
+    """The values of ``a`` as ``repr(tensor)`` shows them (16-bit floats printed as float32)."""
+    return np.array2string(to_numpy(a).astype(compute_dtype(a.dtype)), separator=", ")

@@ -51,7 +51,8 @@ from tqdm import tqdm
 
 from handgrad import backend as B
 from handgrad.eval.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
-from handgrad.tensor import Tensor, no_grad
+from handgrad.grad_mode import no_grad
+from handgrad.tensor import Tensor
 
 # A request as TemplateLM hands it to _loglikelihood_tokens: (cache key, context, continuation).
 TokenRequest = tuple[Any, list[int], list[int]]

@@ -28,9 +28,11 @@ import numpy as np
 
 from handgrad import backend as B
 from handgrad import nn
+from handgrad.grad_mode import no_grad
 from handgrad.nn import functional as F
 from handgrad.nn import init
-from handgrad.tensor import Tensor, default_generator, no_grad
+from handgrad.random import default_generator
+from handgrad.tensor import Tensor
 
 # ----------------------------------------------------------------------------------------
 # configuration

@@ -20,7 +20,11 @@ import numpy as np
 
 from handgrad import backend as B
 from handgrad.backend import xp
-from handgrad.tensor import Function, Tensor, default_generator
+from handgrad.function import Function
+from handgrad.ops.softmax import LogSoftmax as _LogSoftmax
+from handgrad.ops.softmax import Softmax as _Softmax
+from handgrad.random import default_generator
+from handgrad.tensor import Tensor
 
 # ----------------------------------------------------------------------------------------
 # threads
@@ -256,33 +260,6 @@ def tanh(input: Tensor) -> Tensor:
 
 def sigmoid(input: Tensor) -> Tensor:
     return input.sigmoid()
-
-
-class _Softmax(Function):
-    # y = e^(x - max) / sum e^(x - max)  =>  dx = y (g - sum(g y))
-    def forward(self, x, dim):
-        self.dim = dim
-        e = xp.exp(x - x.max(axis=dim, keepdims=True))
-        e /= e.sum(axis=dim, keepdims=True)
-        self.y = e
-        return e
-
-    def backward(self, g):
-        y = self.y
-        return (y * (g - (g * y).sum(axis=self.dim, keepdims=True)),)
-
-
-class _LogSoftmax(Function):
-    # y = x - logsumexp(x)  =>  dx = g - softmax(x) sum(g)
-    def forward(self, x, dim):
-        self.dim = dim
-        shifted = x - x.max(axis=dim, keepdims=True)
-        y = shifted - xp.log(xp.exp(shifted).sum(axis=dim, keepdims=True))
-        self.y = y
-        return y
-
-    def backward(self, g):
-        return (g - xp.exp(self.y) * g.sum(axis=self.dim, keepdims=True),)
 
 
 def softmax(input: Tensor, dim: int = -1) -> Tensor:

@@ -12,7 +12,8 @@ import numpy as np
 
 from handgrad import backend as B
 from handgrad.backend import xp
-from handgrad.tensor import Tensor, default_generator
+from handgrad.random import default_generator
+from handgrad.tensor import Tensor
 
 
 def _check(t: Tensor, fn: str) -> None:

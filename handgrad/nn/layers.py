@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from handgrad import backend as B
+from handgrad.creation import empty
 from handgrad.nn import functional as F
 from handgrad.nn import init
 from handgrad.nn.module import Module, Parameter
-from handgrad.tensor import Tensor, empty
+from handgrad.tensor import Tensor
 
 
 def _float_dtype(dtype: Any) -> Any:

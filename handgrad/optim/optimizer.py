@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from handgrad import backend as B
-from handgrad.tensor import Tensor, enable_grad
+from handgrad.grad_mode import enable_grad
+from handgrad.tensor import Tensor
 
 _LOW_PRECISION = (B.bfloat16, B.float16)
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from handgrad.data import iter_batches_sequential
-from handgrad.tensor import Tensor, no_grad
+from handgrad.grad_mode import no_grad
+from handgrad.tensor import Tensor
 
 
 @dataclass

@@ -42,7 +42,8 @@ import numpy as np
 
 from handgrad import backend as B
 from handgrad.nn import Module
-from handgrad.tensor import Tensor, manual_seed
+from handgrad.random import manual_seed
+from handgrad.tensor import Tensor
 
 _ALIGN = 64  # bytes: each shared array starts on a cache line
 

@@ -42,7 +42,7 @@ from handgrad.data.sources import BUILTIN_SOURCES, cache_dir, sha256_file
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
-from handgrad.tensor import get_rng_state, manual_seed, set_rng_state
+from handgrad.random import get_rng_state, manual_seed, set_rng_state
 from handgrad.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, DataSection, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss

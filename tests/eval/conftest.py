@@ -105,7 +105,7 @@ def training_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def model(tokenizer):
-    from handgrad.tensor import manual_seed
+    from handgrad.random import manual_seed
 
     manual_seed(0)
     m = random_gpt2(tokenizer.vocab_size, scale=0.1)

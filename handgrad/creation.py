@@ -1,0 +1,199 @@
+"""Functions that make tensors, as ``torch.<name>``: from data (``tensor``, ``from_numpy``),
+filled (``zeros``, ``full``, ``arange`` ...), random (``randn``, ``rand``), and from other
+tensors (``cat``, ``stack``, ``split``, ``where`` and the functional forms of Tensor methods).
+
+Filled and random tensors are made in the default namespace (``get_array_module()`` with no
+array: NumPy); random samples come from the host generator of ``handgrad.random``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from handgrad import backend as B
+from handgrad.ops.matmul import MatMul
+from handgrad.ops.shape import Cat, Stack
+from handgrad.random import default_generator
+from handgrad.tensor import Tensor
+
+# ----------------------------------------------------------------------------------------
+# from data
+
+
+def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    """Make a tensor from a list, scalar or array. Floats default to float32, ints to int64."""
+    return Tensor(data, dtype=dtype, requires_grad=requires_grad)
+
+
+def from_numpy(array: B.Array) -> Tensor:
+    """A tensor that shares ``array``'s memory (as ``torch.from_numpy``): writes through either
+    are seen by both, and the dtype is kept (float64 stays float64). ``array`` may be of any
+    registered array namespace (a CuPy array stays on its GPU)."""
+    if not (B.is_array(array) and hasattr(array, "dtype") and hasattr(array, "shape")):
+        raise TypeError(f"from_numpy: expected an array, got {type(array).__name__}")
+    B.to_dtype(array.dtype)  # raises, naming the dtype, on unsupported ones such as complex
+    xp = B.get_array_module(array)
+    return Tensor._make(xp.asanyarray(array))  # the array itself; a NumPy scalar becomes 0-d
+
+
+def _shape(size: tuple[Any, ...]) -> tuple[int, ...]:
+    if len(size) == 1 and isinstance(size[0], tuple | list):
+        return tuple(size[0])
+    return tuple(size)
+
+
+# ----------------------------------------------------------------------------------------
+# filled
+
+
+def zeros(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    dtype = B.to_dtype(dtype or B.default_float)
+    xp = B.get_array_module()
+    return Tensor._make(xp.zeros(_shape(size), dtype=dtype)).requires_grad_(requires_grad)
+
+
+def ones(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    dtype = B.to_dtype(dtype or B.default_float)
+    xp = B.get_array_module()
+    return Tensor._make(xp.ones(_shape(size), dtype=dtype)).requires_grad_(requires_grad)
+
+
+def empty(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    dtype = B.to_dtype(dtype or B.default_float)
+    xp = B.get_array_module()
+    return Tensor._make(xp.empty(_shape(size), dtype=dtype)).requires_grad_(requires_grad)
+
+
+def full(
+    size: Sequence[int], fill_value: float, dtype: Any = None, requires_grad: bool = False
+) -> Tensor:
+    if dtype is None:
+        dtype = (
+            B.default_int
+            if isinstance(fill_value, int) and not isinstance(fill_value, bool)
+            else B.default_float
+        )
+    arr = B.get_array_module().full(tuple(size), fill_value, dtype=B.to_dtype(dtype))
+    return Tensor._make(arr).requires_grad_(requires_grad)
+
+
+def zeros_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    """Zeros of ``t``'s shape, in ``t``'s dtype and array namespace unless ``dtype`` is given."""
+    dtype = B.to_dtype(dtype or t.dtype)
+    arr = B.get_array_module(t.data).zeros(t.shape, dtype=dtype)
+    return Tensor._make(arr).requires_grad_(requires_grad)
+
+
+def ones_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    """Ones of ``t``'s shape, in ``t``'s dtype and array namespace unless ``dtype`` is given."""
+    dtype = B.to_dtype(dtype or t.dtype)
+    arr = B.get_array_module(t.data).ones(t.shape, dtype=dtype)
+    return Tensor._make(arr).requires_grad_(requires_grad)
+
+
+def arange(start: float, end: float | None = None, step: float = 1, dtype: Any = None) -> Tensor:
+    if end is None:
+        start, end = 0, start
+    if dtype is None:
+        ints = all(isinstance(v, int) for v in (start, end, step))
+        dtype = B.default_int if ints else B.default_float
+    return Tensor._make(B.get_array_module().arange(start, end, step, dtype=B.to_dtype(dtype)))
+
+
+# ----------------------------------------------------------------------------------------
+# random
+
+
+def randn(
+    *size: Any,
+    dtype: Any = None,
+    requires_grad: bool = False,
+    generator: B.Generator | None = None,
+) -> Tensor:
+    """Standard normal samples from the global generator (see ``manual_seed``)."""
+    dtype = B.to_dtype(dtype or B.default_float)
+    gen = generator or default_generator()
+    arr = gen.standard_normal(
+        _shape(size),
+        dtype=B.compute_dtype(dtype)
+        if B.compute_dtype(dtype) in (B.float32, B.float64)
+        else B.float64,
+    )
+    xp = B.get_array_module()
+    return Tensor._make(xp.asarray(arr.astype(dtype, copy=False))).requires_grad_(requires_grad)
+
+
+def rand(
+    *size: Any,
+    dtype: Any = None,
+    requires_grad: bool = False,
+    generator: B.Generator | None = None,
+) -> Tensor:
+    """Uniform samples in [0, 1) from the global generator."""
+    dtype = B.to_dtype(dtype or B.default_float)
+    gen = generator or default_generator()
+    arr = gen.random(_shape(size), dtype=B.float32 if dtype != B.float64 else B.float64)
+    xp = B.get_array_module()
+    return Tensor._make(xp.asarray(arr.astype(dtype, copy=False))).requires_grad_(requires_grad)
+
+
+# ----------------------------------------------------------------------------------------
+# from other tensors
+
+
+def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    if not tensors:
+        raise ValueError("cat: expected a non-empty sequence of tensors")
+    return Cat.apply(*tensors, dim=dim)
+
+
+def stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    if not tensors:
+        raise ValueError("stack: expected a non-empty sequence of tensors")
+    return Stack.apply(*tensors, dim=dim)
+
+
+def split(
+    t: Tensor, split_size_or_sections: int | Sequence[int], dim: int = 0
+) -> tuple[Tensor, ...]:
+    """Split along ``dim`` into chunks of ``split_size`` (the last may be smaller) or the given
+    section sizes. Each piece is a slice, so its gradient flows back into place."""
+    return t.split(split_size_or_sections, dim)
+
+
+def where(condition: Tensor | Any, input: Tensor | Any, other: Tensor | Any) -> Tensor:
+    """``input`` where ``condition`` is True, ``other`` elsewhere; a non-tensor side takes the
+    dtype of the tensor side."""
+    if not isinstance(input, Tensor):
+        input = other._other(input) if isinstance(other, Tensor) else Tensor(input)
+    return input.where(condition, other)
+
+
+def masked_fill(t: Tensor, mask: Tensor | Any, value: float) -> Tensor:
+    """``value`` where ``mask`` is True, ``t`` elsewhere; no gradient flows to filled spots."""
+    return t.masked_fill(mask, value)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    return MatMul.apply(a, b)
+
+
+def exp(t: Tensor) -> Tensor:
+    return t.exp()
+
+
+def log(t: Tensor) -> Tensor:
+    return t.log()
+
+
+def sqrt(t: Tensor) -> Tensor:
+    return t.sqrt()
+
+
+def tanh(t: Tensor) -> Tensor:
+    return t.tanh()
+
+
+def relu(t: Tensor) -> Tensor:
+    return t.relu()

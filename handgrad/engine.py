@@ -1,0 +1,140 @@
+"""The backward engine: walks the recorded graph once, in reverse topological order.
+
+Nodes are ops (``Function``, linked to their inputs' producers by ``parents``) and the leaf
+tensors that require grad. Each node's gradient is summed from its consumers before its own
+``backward`` runs; leaves accumulate theirs into ``.grad``. No recursion, so a 1,000-layer
+chain does not hit Python's recursion limit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from handgrad import backend as B
+from handgrad.function import Function
+
+if TYPE_CHECKING:
+    from handgrad.tensor import Tensor
+
+
+class SliceGrad:
+    """A gradient that is ``values`` at ``index`` of an otherwise-zero array of ``shape``."""
+
+    __slots__ = ("shape", "index", "values")
+
+    def __init__(self, shape: tuple[int, ...], index: Any, values: Any) -> None:
+        self.shape, self.index, self.values = shape, index, values
+
+    def dense(self) -> Any:
+        out = B.get_array_module(self.values).zeros(self.shape, dtype=self.values.dtype)
+        out[self.index] = self.values
+        return out
+
+
+def _topological_order(root: Function) -> list[Function | Tensor]:
+    """Graph nodes reachable from ``root``, inputs before outputs.
+
+    Nodes are ops (``Function``) and the leaf tensors that require grad. An explicit stack
+    replaces recursion so that deep graphs (a 1,000-layer chain) do not hit Python's
+    recursion limit.
+    """
+    order: list[Function | Tensor] = []
+    seen: set[int] = set()
+    stack: list[tuple[Function | Tensor, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        if not isinstance(node, Function):  # a leaf tensor
+            continue
+        if getattr(node, "_freed", False):
+            raise RuntimeError(
+                "backward(): trying to go through the graph a second time; its saved "
+                "values were freed by the first backward(). Call backward(retain_graph=True) "
+                "the first time if you need to backpropagate twice."
+            )
+        for p in node.parents:
+            if p is not None and id(p) not in seen:
+                stack.append((p, False))
+    return order
+
+
+def _accumulate(t: Tensor, g: Any, owned: bool = False) -> None:
+    """Add ``g`` into ``t.grad``. An ``owned`` array (nobody else holds it) is adopted as the
+    gradient without a copy."""
+    if isinstance(g, SliceGrad):
+        g, owned = g.dense(), True
+    if g.shape != t.shape:  # a bug in some op's backward, never a user error
+        raise RuntimeError(
+            f"internal error: gradient of shape {g.shape} for a tensor of shape {t.shape}"
+        )
+    gdtype = B.compute_dtype(t.dtype)
+    if t.grad is None:
+        adopt = owned and g.dtype == gdtype and B.is_writeable(g)
+        if not adopt:
+            g = B.get_array_module(g).array(g, dtype=gdtype, copy=True)
+        t.grad = Function.output_type._make(g)
+    else:
+        t.grad.data += g
+
+
+def _add_grad(grads: dict[int, tuple[Any, bool]], key: int, g: Any, fresh: bool) -> None:
+    """Sum ``g`` into the pending gradient of a node. An "owned" buffer (allocated here, or a
+    fresh array nobody else holds) is updated in place; any other array may be shared (Add
+    passes the same ``g`` to both inputs), so it is never written to."""
+    prev = grads.get(key)
+    if prev is None:
+        grads[key] = (g, fresh) if not isinstance(g, SliceGrad) else (g.dense(), True)
+        return
+    buf, owned = prev
+    if isinstance(g, SliceGrad):
+        buf = buf if owned else buf.copy()
+        buf[g.index] += g.values
+    elif owned:
+        buf += g
+    else:
+        buf = buf + g
+    grads[key] = (buf, True)
+
+
+def run_backward(root: Tensor, g: Any, retain_graph: bool) -> None:
+    """Accumulate d(root)/d(leaf) * ``g`` into ``leaf.grad`` for every leaf that requires
+    grad. ``g`` is an array of root's shape. Unless ``retain_graph``, each op's saved arrays
+    are freed as soon as its backward has run."""
+    if root._ctx is None:
+        _accumulate(root, g)
+        return
+    order = _topological_order(root._ctx)
+    grads: dict[int, tuple[Any, bool]] = {id(root._ctx): (g, False)}
+    for node in reversed(order):
+        entry = grads.pop(id(node), None)
+        if entry is None:
+            continue
+        g, owned = entry
+        if not isinstance(node, Function):  # a leaf tensor
+            _accumulate(node, g, owned)
+            continue
+        retained = getattr(node, "_retained", None)
+        if retained is not None and retained() is not None:
+            _accumulate(retained(), g)
+        in_grads = node.backward(g)
+        returned = [id(a) for a in in_grads if a is not None]
+        for p, pg in zip(node.parents, in_grads):
+            if p is not None and pg is not None:
+                # a new allocation handed to one input only can be written in place later
+                fresh = (
+                    not isinstance(pg, SliceGrad)
+                    and B.owns_data(pg)
+                    and pg is not g
+                    and returned.count(id(pg)) == 1
+                )
+                _add_grad(grads, id(p), pg, fresh)
+        if not retain_graph:
+            parents = node.parents
+            node.__dict__.clear()
+            node.parents, node._freed = parents, True

@@ -1,0 +1,98 @@
+"""``Function``: one node of the autograd graph, and the broadcasting helpers ops share.
+
+Every differentiable op is a ``Function`` with a ``forward`` on arrays and a hand-derived
+``backward`` that maps the gradient of the output, ``g = dL/dout``, to the gradients of the
+inputs. Calling an op records the ``Function`` on its output (``out._ctx``); the engine
+(``handgrad.engine``) walks those records once, in reverse topological order.
+
+Conventions used in the derivations of the ops: ``g`` is dL/d(out); "unbroadcast" sums a
+gradient over the axes that broadcasting expanded, because an input that was broadcast to
+many positions receives the sum of their gradients.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from handgrad import backend as B
+from handgrad.grad_mode import is_grad_enabled
+
+if TYPE_CHECKING:
+    from handgrad.tensor import Tensor
+
+_LOW_PRECISION = (B.bfloat16, B.float16)
+
+
+class Function:
+    """Base class of differentiable ops.
+
+    Subclasses implement ``forward(*arrays, **kwargs) -> array`` (saving on ``self`` what
+    backward needs) and ``backward(g) -> tuple`` with one gradient (or None) per tensor input.
+    ``self.needs_input_grad`` tells backward which input gradients are wanted. Backward must
+    not write into ``g`` (the same array may be handed to several ops), and returns new arrays
+    or views, never an array it keeps elsewhere (new arrays are written into in place).
+
+    NumPy has no fast bfloat16/float16 kernels, so unless a subclass sets ``native = True``
+    (pure data movement: reshape, slicing, concatenation), 16-bit inputs are computed in
+    float32 and the output is cast back to the 16-bit dtype.
+    """
+
+    native = False
+    needs_input_grad: tuple[bool, ...] = ()
+    # The class op outputs and gradients are made of. ``handgrad.tensor`` sets it to Tensor
+    # when it is imported: Tensor's methods call the ops, which build on this module, so this
+    # module cannot import Tensor without an import circle.
+    output_type: ClassVar[Any] = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def backward(self, g: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs: Tensor, **kwargs: Any) -> Tensor:
+        ctx = cls()
+        arrays = [t.data for t in inputs]
+        cast_back = None
+        if not cls.native and any(a.dtype in _LOW_PRECISION for a in arrays):
+            floats = [a.dtype for a in arrays if B.is_floating(a.dtype)]
+            cast_back = B.get_array_module(*arrays).result_type(*floats)
+            arrays = [a.astype(B.float32) if a.dtype in _LOW_PRECISION else a for a in arrays]
+        record = is_grad_enabled() and any(t.requires_grad for t in inputs)
+        ctx.needs_input_grad = tuple(t.requires_grad for t in inputs) if record else ()
+        out = ctx.forward(*arrays, **kwargs)
+        if cast_back in _LOW_PRECISION and out.dtype == B.float32:
+            out = out.astype(cast_back)
+        result = Function.output_type._make(out, requires_grad=record)
+        if record:
+            # Edges point at the op that produced each input (or at the leaf itself), never
+            # at intermediate tensors, so an intermediate's array is freed as soon as no op
+            # saved it for backward.
+            ctx.parents = tuple(
+                t._ctx if t._ctx is not None else (t if t.requires_grad else None) for t in inputs
+            )
+            result._ctx = ctx
+        return result
+
+
+def unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
+    """Sum ``g`` down to ``shape``: the adjoint of broadcasting ``shape`` up to ``g.shape``."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1
+    )
+    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
+
+
+def check_broadcastable(a: tuple[int, ...], b: tuple[int, ...], op: str) -> None:
+    """Raise a ValueError naming ``op`` and both shapes when they cannot be broadcast."""
+    try:
+        B.broadcast_shapes(a, b)
+    except ValueError:
+        raise ValueError(
+            f"{op}: shapes {a} and {b} cannot be broadcast together "
+            f"(trailing dimensions must be equal or 1)"
+        ) from None
