@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import fakecupy
 import numpy as np
 import pytest
 
-import fakecupy
 from handgrad import cuda
 from handgrad.device import as_device, device, device_of, to_device
 

@@ -3,10 +3,10 @@ counts every host synchronisation."""
 
 from __future__ import annotations
 
+import fakecupy
 import numpy as np
 import pytest
 
-import fakecupy
 from handgrad.backend import get_array_module
 
 
