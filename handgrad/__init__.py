@@ -24,6 +24,8 @@ from handgrad.backend import (
     uint16,
     uint32,
 )
+from handgrad import cuda
+from handgrad.device import device
 from handgrad.tensor import (
     Function,
     Tensor,
@@ -67,6 +69,8 @@ __all__ = [
     "bfloat16",
     "bool_",
     "cat",
+    "cuda",
+    "device",
     "empty",
     "enable_grad",
     "exp",
