@@ -10,6 +10,7 @@ The public API mirrors PyTorch's so that what you know carries over::
     loss.backward()
 """
 
+from handgrad import cuda
 from handgrad.backend import (
     bfloat16,
     bool_,
@@ -24,7 +25,6 @@ from handgrad.backend import (
     uint16,
     uint32,
 )
-from handgrad import cuda
 from handgrad.device import device
 from handgrad.tensor import (
     Function,
