@@ -12,7 +12,7 @@ The public API mirrors PyTorch's so that what you know carries over::
 
 # nn and optim load with the package, so ``hg.nn.Linear`` and ``hg.optim.AdamW`` work after
 # ``import handgrad as hg``, as ``torch.nn`` and ``torch.optim`` do
-from handgrad import nn, optim
+from handgrad import cuda, nn, optim
 from handgrad.backend import (
     bfloat16,
     bool_,
@@ -51,6 +51,7 @@ from handgrad.creation import (
     zeros,
     zeros_like,
 )
+from handgrad.device import device
 from handgrad.function import Function
 from handgrad.grad_mode import enable_grad, is_grad_enabled, no_grad
 from handgrad.random import get_rng_state, manual_seed, set_rng_state
@@ -67,6 +68,8 @@ __all__ = [
     "bfloat16",
     "bool_",
     "cat",
+    "cuda",
+    "device",
     "empty",
     "enable_grad",
     "exp",

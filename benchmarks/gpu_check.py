@@ -1,0 +1,425 @@
+"""One command that checks handgrad on an NVIDIA GPU and prints one summary.
+
+    python benchmarks/gpu_check.py              # on a GPU machine; under 8 minutes on an H200
+    python benchmarks/gpu_check.py --cpu-smoke  # tiny shapes on the CPU: tests this script
+
+Parts, each in its own process with its own time budget (one failing or running out of time
+still leaves the others' results):
+
+  a. cuda_tests   pytest -m cuda (the kernels against their references, device round trips)
+  b. parity       20 training steps of a small float32 GPT-2 on the GPU and on the CPU, same
+                  weights and batches: every loss within 1e-4 relative
+  c. throughput   GPT-2 124M, bfloat16 parameters, T = 1024, the largest micro batch of
+                  32 / 16 / 8 that fits: tokens/s, MFU (against 989 TFLOP/s dense bf16,
+                  FLOPs per token from handgrad.models.gpt2.flops_per_token) and peak device
+                  memory, beside PyTorch eager (benchmarks/torch_gpt2.py) on the same shapes
+  d. shakespeare  configs/shakespeare-char.toml on the GPU: wall time and final val loss
+                  (<= 1.90), with tiny Shakespeare from ../shared/data beside the repo
+
+The summary goes to stdout and, as JSON, to $OUT/gpu_check.json when $OUT is set (or to
+--json PATH). The GPU paths use the device API (``hg.device``, ``Tensor.to``, ``Module.to``,
+``[train] device``); where a piece is missing, its part says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100/H200 SXM
+
+# seconds per part on the GPU: 465 s in all, so the run ends within 8 minutes
+BUDGET = {"cuda_tests": 100, "parity": 45, "throughput_handgrad": 110, "throughput_torch": 60,
+          "shakespeare": 150}  # fmt: skip
+SMOKE_BUDGET = {name: 120 for name in BUDGET}
+
+
+def _device(smoke: bool) -> str:
+    return "cpu" if smoke else "cuda"
+
+
+def _to(obj: Any, device: str) -> Any:
+    """``obj.to(device)``; on the CPU, objects without ``.to(device)`` stay as they are."""
+    try:
+        return obj.to(device)
+    except (AttributeError, TypeError) as e:
+        if device == "cpu":
+            return obj
+        raise RuntimeError(
+            f"{type(obj).__name__}.to({device!r}) is missing (device plumbing): {e}"
+        ) from e
+
+
+def _sync(device: str) -> None:
+    if device != "cpu":
+        from handgrad import cuda
+
+        cuda.synchronize()
+
+
+def _peak_device_bytes(device: str) -> int | None:
+    """Bytes CuPy's memory pool holds (it keeps what it once needed: the peak reserved)."""
+    if device == "cpu":
+        return None
+    from handgrad import cuda
+
+    return int(cuda.require().get_default_memory_pool().total_bytes())
+
+
+# ----------------------------------------------------------------------------------------
+# a. the CUDA-marked tests
+
+
+def part_cuda_tests(smoke: bool, budget: float) -> dict[str, Any]:
+    paths = ["tests/kernels", "tests/device"] if smoke else ["tests"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *paths]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
+    tail = (r.stdout + r.stderr).strip().splitlines()
+    counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "deselected")}
+    for n, word in re.findall(
+        r"(\d+) (passed|failed|skipped|errors?|deselected)", tail[-1] if tail else ""
+    ):
+        counts[word.rstrip("s") if word.startswith("error") else word] += int(n)
+    failures = [line for line in tail if line.startswith(("FAILED", "ERROR"))]
+    ok = r.returncode in (0, 5) and counts["failed"] == counts["error"] == 0
+    if not smoke:
+        ok = ok and counts["passed"] > 0
+    return {"ok": ok, **counts, "returncode": r.returncode, "failures": failures[:20],
+            "summary": tail[-1] if tail else ""}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# b. GPU against CPU: the same 20 steps
+
+
+def _train_losses(device: str, steps: int, cfg: dict[str, Any], batch: int, deadline: float):
+    import numpy as np
+
+    import handgrad as hg
+    from handgrad.models.gpt2 import GPT2, GPT2Config
+    from handgrad.nn.utils import clip_grad_norm_
+    from handgrad.optim import AdamW
+
+    hg.manual_seed(0)
+    model = _to(GPT2(GPT2Config(**cfg)), device)
+    opt = AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        x = rng.integers(0, cfg["vocab_size"], (batch, cfg["block_size"]))
+        y = rng.integers(0, cfg["vocab_size"], (batch, cfg["block_size"]))
+        _, loss = model(_to(hg.tensor(x), device), _to(hg.tensor(y), device))
+        opt.zero_grad()
+        loss.backward()
+        clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.item()))
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{device}: out of time after {len(losses)} steps")
+    return losses
+
+
+def part_parity(smoke: bool, budget: float) -> dict[str, Any]:
+    deadline = time.monotonic() + budget - 2
+    cfg = dict(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=512, dropout=0.0)
+    steps = 3 if smoke else 20
+    cpu = _train_losses("cpu", steps, cfg, 4, deadline)
+    dev = _train_losses(_device(smoke), steps, cfg, 4, deadline)
+    rel = max(abs(a - b) / abs(b) for a, b in zip(dev, cpu))
+    return {"ok": rel <= 1e-4, "steps": steps, "max_rel_diff": rel, "device": _device(smoke),
+            "losses_device": dev, "losses_cpu": cpu}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# c. throughput: GPT-2 124M in bf16, T = 1024, beside PyTorch
+
+
+def _throughput_shapes(smoke: bool) -> tuple[dict[str, Any], list[int], int, int]:
+    """model config, micro batches to try (largest first), T, timed steps."""
+    if smoke:
+        cfg = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256)
+        return cfg, [4, 2], 32, 2
+    from handgrad.models.gpt2 import GPT2Config
+
+    cfg = GPT2Config.from_preset("gpt2-124m").to_dict()
+    return cfg, [32, 16, 8], 1024, 10
+
+
+def _is_oom(e: BaseException) -> bool:
+    return "OutOfMemory" in type(e).__name__ or "out of memory" in str(e).lower()
+
+
+def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
+    import numpy as np
+
+    import handgrad as hg
+    from handgrad.models.gpt2 import GPT2, GPT2Config, flops_per_token
+    from handgrad.optim import AdamW
+
+    deadline = time.monotonic() + budget - 5
+    device = _device(smoke)
+    cfg, batches, T, steps = _throughput_shapes(smoke)
+    config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0})
+    hg.manual_seed(0)
+    model = _to(GPT2(config), device)
+    opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    tried: dict[int, str] = {}
+    for B in batches:
+        try:
+            x = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
+            y = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
+
+            def step() -> float:
+                _, loss = model(x, y)  # noqa: B023
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                return loss
+
+            step()  # warm-up: kernels compile, the memory pool fills
+            _sync(device)
+            t0, done = time.perf_counter(), 0
+            while done < steps and time.monotonic() < deadline:
+                loss = step()
+                done += 1
+            _sync(device)
+            dt = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            tried[B] = "out of memory"
+            opt.zero_grad()
+            if device != "cpu":
+                from handgrad import cuda
+
+                cuda.require().get_default_memory_pool().free_all_blocks()
+            continue
+        tps = B * T * done / dt
+        fpt = flops_per_token(config, T)
+        return {"ok": True, "micro_batch": B, "seq_len": T, "steps": done, "tokens_per_s": tps,
+                "mfu": tps * fpt / H200_BF16_FLOPS, "flops_per_token": fpt,
+                "peak_device_bytes": _peak_device_bytes(device), "loss": float(loss.item()),
+                "tried": tried}  # fmt: skip
+    return {"ok": False, "error": f"no micro batch fits: {tried}"}
+
+
+def part_throughput_torch(smoke: bool, budget: float, micro_batch: int | None) -> dict[str, Any]:
+    import torch
+    from torch_gpt2 import TorchGPT2
+
+    from handgrad.models.gpt2 import GPT2Config, flops_per_token
+
+    deadline = time.monotonic() + budget - 5
+    device = _device(smoke)
+    cfg, batches, T, steps = _throughput_shapes(smoke)
+    config = GPT2Config(**{**cfg, "dropout": 0.0})
+    if micro_batch is not None:  # the same shape as handgrad's run, then smaller if need be
+        batches = [b for b in batches if b <= micro_batch] or [micro_batch]
+    torch.manual_seed(0)
+    model = TorchGPT2(**config.to_dict()).to(device=device, dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    tried: dict[int, str] = {}
+    for B in batches:
+        try:
+            x = torch.randint(0, config.vocab_size, (B, T), device=device)
+            y = torch.randint(0, config.vocab_size, (B, T), device=device)
+
+            def step() -> Any:
+                _, loss = model(x, y)  # noqa: B023
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                return loss
+
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0, done = time.perf_counter(), 0
+            while done < steps and time.monotonic() < deadline:
+                loss = step()
+                done += 1
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        except torch.OutOfMemoryError:
+            tried[B] = "out of memory"
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
+        tps = B * T * done / dt
+        peak = torch.cuda.max_memory_reserved() if device == "cuda" else None
+        return {"ok": True, "micro_batch": B, "seq_len": T, "steps": done, "tokens_per_s": tps,
+                "mfu": tps * flops_per_token(config, T) / H200_BF16_FLOPS,
+                "peak_device_bytes": peak, "loss": float(loss.item()), "tried": tried}  # fmt: skip
+    return {"ok": False, "error": f"no micro batch fits: {tried}"}
+
+
+# ----------------------------------------------------------------------------------------
+# d. the shakespeare-char recipe on the GPU
+
+
+def part_shakespeare(smoke: bool, budget: float) -> dict[str, Any]:
+    text = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not text.is_file():
+        return {"ok": False, "error": f"{text} is not present"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        sets = ["train.processes=1", "train.micro_batch_size=12"]
+        if not smoke:
+            sets.append("train.device=cuda")
+        else:
+            sets += ["train.max_steps=10", "eval.interval=10", "eval.batches=2",
+                     "train.checkpoint_interval=0", "train.sample_tokens=8"]  # fmt: skip
+        cmd = [sys.executable, "-m", "handgrad.cli", "train", "shakespeare-char", "--out", str(out)]
+        for s in sets:
+            cmd += ["--set", s]
+        env = {**os.environ, "HANDGRAD_SHAKESPEARE": str(text), "HANDGRAD_CACHE": tmp,
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            return {"ok": False, "wall_s": wall, "error": (r.stderr or r.stdout)[-2000:]}
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [rec for rec in recs if rec.get("val_loss") is not None]
+    final = vals[-1]["val_loss"] if vals else None
+    ok = final is not None and (smoke or final <= 1.90)
+    return {"ok": ok, "wall_s": wall, "final_val_loss": final, "steps": recs[-1].get("step"),
+            "device": _device(smoke)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# the driver: each part in a child process with a time limit
+
+
+PARTS = ["cuda_tests", "parity", "throughput_handgrad", "throughput_torch", "shakespeare"]
+
+
+def run_part(name: str, smoke: bool, budget: float, extra: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--part", name, "--result", str(result),
+               "--budget", str(budget), "--extra", json.dumps(extra)]  # fmt: skip
+        if smoke:
+            cmd.append("--cpu-smoke")
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=budget + 30)
+        except subprocess.TimeoutExpired:
+            return {
+                "ok": False,
+                "error": f"over its time budget of {budget:.0f} s",
+                "time_s": budget,
+            }
+        out = {"time_s": round(time.perf_counter() - t0, 1)}
+        if result.is_file():
+            out.update(json.loads(result.read_text()))
+        else:
+            out.update(
+                ok=False, error=f"exit status {r.returncode}: {(r.stderr or r.stdout)[-3000:]}"
+            )
+        return out
+
+
+def child(name: str, smoke: bool, budget: float, extra: dict[str, Any], result: Path) -> None:
+    try:
+        if name == "throughput_torch":
+            res = part_throughput_torch(smoke, budget, extra.get("micro_batch"))
+        else:
+            res = globals()[f"part_{name}"](smoke, budget)
+    except subprocess.TimeoutExpired as e:
+        res = {"ok": False, "error": f"over its time budget of {budget:.0f} s: {e.cmd[:3]}"}
+    except Exception as e:  # noqa: BLE001  (reported in the summary, not raised)
+        res = {"ok": False, "error": f"{type(e).__name__}: {e}",
+               "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+    result.write_text(json.dumps(res, default=float))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    h, t = results.get("throughput_handgrad", {}), results.get("throughput_torch", {})
+    if h.get("ok") and t.get("ok"):
+        same = h["micro_batch"] == t["micro_batch"]
+        results["throughput_ratio"] = {
+            "ok": True, "handgrad_over_torch_tokens_per_s": h["tokens_per_s"] / t["tokens_per_s"],
+            "same_micro_batch": same,
+            "memory_ratio": (h["peak_device_bytes"] / t["peak_device_bytes"]
+                             if h.get("peak_device_bytes") and t.get("peak_device_bytes") else None),
+        }  # fmt: skip
+    return results
+
+
+def print_summary(results: dict[str, dict[str, Any]], smoke: bool, total: float) -> None:
+    print(f"\n=== handgrad gpu_check {'(--cpu-smoke) ' if smoke else ''}in {total:.0f} s ===")
+    for name, res in results.items():
+        status = "ok  " if res.get("ok") else "FAIL"
+        keys = [k for k in res if k not in ("ok", "traceback", "losses_device", "losses_cpu",
+                                            "failures")]  # fmt: skip
+        print(f"[{status}] {name}: " + ", ".join(f"{k}={_fmt(res[k])}" for k in keys))
+        for line in res.get("failures", []):
+            print(f"         {line}")
+        if "traceback" in res:
+            print("         " + res["traceback"].strip().replace("\n", "\n         "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
+    ap.add_argument("--json", type=Path, default=None, help="where to write the JSON summary")
+    ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.part:
+        child(args.part, args.cpu_smoke, args.budget, json.loads(args.extra), args.result)
+        return 0
+    budgets = SMOKE_BUDGET if args.cpu_smoke else BUDGET
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.parts:
+        extra = {}
+        if name == "throughput_torch" and results.get("throughput_handgrad", {}).get("ok"):
+            extra["micro_batch"] = results["throughput_handgrad"]["micro_batch"]
+        print(f"--- {name} (budget {budgets[name]} s)", flush=True)
+        results[name] = run_part(name, args.cpu_smoke, budgets[name], extra)
+        print(f"    {'ok' if results[name].get('ok') else 'FAIL'} in {results[name].get('time_s')} s",
+              flush=True)  # fmt: skip
+    results = summarize(results)
+    total = time.perf_counter() - t0
+    print_summary(results, args.cpu_smoke, total)
+    summary = {"cpu_smoke": args.cpu_smoke, "total_s": total, "parts": results,
+               "all_ok": all(r.get("ok") for r in results.values())}  # fmt: skip
+    target = args.json or (
+        Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None
+    )
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(summary, indent=2, default=float))
+        print(f"JSON summary: {target}")
+    return 0 if summary["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

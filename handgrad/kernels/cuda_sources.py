@@ -1,0 +1,336 @@
+"""CUDA C sources of the kernels in ``handgrad.kernels.cuda``, one standalone translation
+unit each (the shared prelude included), so that each compiles alone with NVRTC (CuPy) or
+with ``nvcc --ptx``. float32 data; int64 indices; bfloat16 as its 16 raw bits.
+
+Reductions over a row use one block per row: each thread sums a strided part, then
+``block_sum`` / ``block_max`` combine the warps' partial results through shared memory.
+(Untested on a GPU: the machines this was written on have none.)
+"""
+
+from __future__ import annotations
+
+PRELUDE = r"""
+#define HG_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// blockDim.x must be a multiple of 32 (at most 1024); every thread gets the total.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // a previous call may still be reading part[]
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? part[lane] : -HG_INF;
+    return warp_max(v);
+}
+"""
+
+_KERNELS: dict[str, str] = {}
+
+
+def _kernel(names: str, body: str) -> None:
+    _KERNELS[names] = PRELUDE + body
+
+
+# ---- layer norm: one block per row of C
+_kernel(
+    "layer_norm_forward",
+    r"""
+extern "C" __global__ void layer_norm_forward(
+    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    int has_bias, float* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+    int C, float eps) {
+    const long long row = blockIdx.x;
+    const float* xr = x + row * C;
+    float* yr = y + row * C;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) s += xr[i];
+    const float mu = block_sum(s) / C;
+    float q = 0.0f;  // two passes: sum (x - mu)^2 does not cancel as E[x^2] - mu^2 can
+    for (int i = threadIdx.x; i < C; i += blockDim.x) { float d = xr[i] - mu; q += d * d; }
+    const float r = 1.0f / sqrtf(block_sum(q) / C + eps);
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float v = (xr[i] - mu) * r * w[i];
+        yr[i] = has_bias ? v + b[i] : v;
+    }
+    if (threadIdx.x == 0) { mean[row] = mu; rstd[row] = r; }
+}
+""",
+)
+
+_kernel(
+    "layer_norm_backward_input",
+    r"""
+// dx = rstd (g - mean(g) - xhat mean(g xhat)),  g = dy w,  xhat = (x - mean) rstd
+extern "C" __global__ void layer_norm_backward_input(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ w,
+    const float* __restrict__ mean, const float* __restrict__ rstd, float* __restrict__ dx,
+    int C) {
+    const long long row = blockIdx.x;
+    const float* dyr = dy + row * C;
+    const float* xr = x + row * C;
+    float* dxr = dx + row * C;
+    const float mu = mean[row], r = rstd[row];
+    float sg = 0.0f, sgx = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float g = dyr[i] * w[i];
+        sg += g;
+        sgx += g * (xr[i] - mu) * r;
+    }
+    const float a = block_sum(sg) / C;
+    const float bb = block_sum(sgx) / C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float xhat = (xr[i] - mu) * r;
+        dxr[i] = r * (dyr[i] * w[i] - a - xhat * bb);
+    }
+}
+""",
+)
+
+_kernel(
+    "layer_norm_backward_params",
+    r"""
+// dw[c] = sum_n dy xhat, db[c] = sum_n dy. Thread = column (coalesced over a row); the
+// rows are cut into gridDim.y chunks whose partial sums meet with atomicAdd (dw, db zeroed).
+extern "C" __global__ void layer_norm_backward_params(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ rstd, float* dw, float* db, int N, int C, int rows_per_chunk) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const int r0 = blockIdx.y * rows_per_chunk;
+    const int r1 = min(N, r0 + rows_per_chunk);
+    float aw = 0.0f, ab = 0.0f;
+    for (int n = r0; n < r1; ++n) {
+        const long long k = (long long)n * C + c;
+        const float g = dy[k];
+        aw += g * (x[k] - mean[n]) * rstd[n];
+        ab += g;
+    }
+    atomicAdd(dw + c, aw);
+    atomicAdd(db + c, ab);
+}
+""",
+)
+
+# ---- GELU, tanh form: elementwise, grid-stride
+_kernel(
+    "gelu_tanh_forward",
+    r"""
+extern "C" __global__ void gelu_tanh_forward(
+    const float* __restrict__ x, float* __restrict__ y, long long n) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        y[i] = 0.5f * v * (1.0f + tanhf(c * (v + a * v * v * v)));
+    }
+}
+""",
+)
+
+_kernel(
+    "gelu_tanh_backward",
+    r"""
+extern "C" __global__ void gelu_tanh_backward(
+    const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ dx,
+    long long n) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        const float t = tanhf(c * (v + a * v * v * v));
+        const float du = c * (1.0f + 3.0f * a * v * v);
+        dx[i] = dy[i] * (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du);
+    }
+}
+""",
+)
+
+# ---- causal softmax over (R, T, T) scores: one block per row; row i keeps columns j <= i
+_kernel(
+    "causal_softmax_forward",
+    r"""
+extern "C" __global__ void causal_softmax_forward(
+    const float* __restrict__ s, float* __restrict__ p, int T, float scale) {
+    const long long row = blockIdx.x;
+    const int i = (int)(row % T);
+    const float* sr = s + row * T;
+    float* pr = p + row * T;
+    float m = -HG_INF;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, sr[j] * scale);
+    m = block_max(m);
+    float z = 0.0f;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) z += expf(sr[j] * scale - m);
+    const float inv = 1.0f / block_sum(z);
+    for (int j = threadIdx.x; j < T; j += blockDim.x)
+        pr[j] = j <= i ? expf(sr[j] * scale - m) * inv : 0.0f;
+}
+""",
+)
+
+_kernel(
+    "causal_softmax_backward",
+    r"""
+// ds = scale p (dp - sum_j p dp)
+extern "C" __global__ void causal_softmax_backward(
+    const float* __restrict__ dp, const float* __restrict__ p, float* __restrict__ ds, int T,
+    float scale) {
+    const long long row = blockIdx.x;
+    const int i = (int)(row % T);
+    const float* dpr = dp + row * T;
+    const float* pr = p + row * T;
+    float* dsr = ds + row * T;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += pr[j] * dpr[j];
+    dot = block_sum(dot);
+    for (int j = threadIdx.x; j < T; j += blockDim.x)
+        dsr[j] = j <= i ? scale * pr[j] * (dpr[j] - dot) : 0.0f;
+}
+""",
+)
+
+# ---- cross entropy over a padded vocabulary: one block per row
+_kernel(
+    "cross_entropy_forward",
+    r"""
+// lse = log sum_{c < V} exp(x_c); loss = lse - x_t (0 for ignored rows, NaN for a target
+// out of range). Two reads of the row, no probabilities stored.
+extern "C" __global__ void cross_entropy_forward(
+    const float* __restrict__ logits, const long long* __restrict__ targets,
+    float* __restrict__ loss, float* __restrict__ lse, int V, int Vp, long long ignore_index) {
+    const long long row = blockIdx.x;
+    const float* xr = logits + row * Vp;
+    float m = -HG_INF;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) m = fmaxf(m, xr[c]);
+    m = block_max(m);
+    float z = 0.0f;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) z += expf(xr[c] - m);
+    z = block_sum(z);
+    if (threadIdx.x == 0) {
+        const float l = m + logf(z);
+        const long long t = targets[row];
+        lse[row] = l;
+        if (t == ignore_index) loss[row] = 0.0f;
+        else if (t < 0 || t >= V) loss[row] = __int_as_float(0x7fc00000);
+        else loss[row] = l - xr[t];
+    }
+}
+""",
+)
+
+_kernel(
+    "cross_entropy_backward",
+    r"""
+// dx_c = dloss (exp(x_c - lse) - [c == t]) for c < V, 0 in the padding and ignored rows.
+// dlogits may be the logits buffer itself: each element is read, then written, by one thread.
+extern "C" __global__ void cross_entropy_backward(
+    const float* logits, const float* __restrict__ lse, const long long* __restrict__ targets,
+    const float* __restrict__ dloss, float* dlogits, int V, int Vp, long long ignore_index) {
+    const long long row = blockIdx.x;
+    const float* xr = logits + row * Vp;
+    float* dr = dlogits + row * Vp;
+    const long long t = targets[row];
+    const bool keep = t != ignore_index;
+    const float l = lse[row], g = dloss[row];
+    for (int c = threadIdx.x; c < Vp; c += blockDim.x) {
+        float d = 0.0f;
+        if (keep && c < V) d = (expf(xr[c] - l) - (c == t ? 1.0f : 0.0f)) * g;
+        dr[c] = d;
+    }
+}
+""",
+)
+
+# ---- embedding backward: scatter-add, one thread per element of dout
+_kernel(
+    "embedding_backward",
+    r"""
+extern "C" __global__ void embedding_backward(
+    const long long* __restrict__ idx, const float* __restrict__ dout, float* dw, long long N,
+    int C) {
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < N * C;
+         k += (long long)gridDim.x * blockDim.x) {
+        const long long n = k / C;
+        atomicAdd(dw + idx[n] * C + (k - n * C), dout[k]);
+    }
+}
+""",
+)
+
+# ---- the global gradient norm: one reduction over the flat gradient buffer
+_kernel(
+    "sum_squares",
+    r"""
+// out[0] += sum g^2 (out zeroed first): per-thread float sums, block sums, then one double
+// atomicAdd per block so 124M terms keep float64's precision where it matters.
+extern "C" __global__ void sum_squares(const float* __restrict__ g, long long n, double* out) {
+    float s = 0.0f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) s += g[i] * g[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) atomicAdd(out, (double)s);
+}
+""",
+)
+
+# ---- AdamW over the flat buffer, clipping by the global norm read on the device
+_kernel(
+    "adamw_flat",
+    r"""
+__device__ __forceinline__ unsigned short to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    return (unsigned short)(u >> 16);
+}
+
+// The norm is read from device memory (no host round trip between the two kernels).
+extern "C" __global__ void adamw_flat(
+    float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+    float* __restrict__ v, unsigned short* __restrict__ out_bf16, int has_out, long long n,
+    long long n_decay, const double* __restrict__ norm_sq, float max_norm, float lr,
+    float beta1, float beta2, float eps, float weight_decay, float step_size,
+    float bias_correction2_sqrt) {
+    float coef = 1.0f;
+    if (max_norm > 0.0f) coef = fminf(1.0f, max_norm / ((float)sqrt(norm_sq[0]) + 1e-6f));
+    const float decay = 1.0f - lr * weight_decay;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float gi = g[i] * coef;
+        float wi = w[i];
+        if (i < n_decay) wi *= decay;
+        const float mi = m[i] + (1.0f - beta1) * (gi - m[i]);
+        const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        wi -= step_size * mi / (sqrtf(vi) / bias_correction2_sqrt + eps);
+        m[i] = mi;
+        v[i] = vi;
+        w[i] = wi;
+        if (has_out) out_bf16[i] = to_bf16(wi);
+    }
+}
+""",
+)
+
+SOURCES: dict[str, str] = dict(_KERNELS)
+"""kernel name -> its complete CUDA C source (one ``extern "C" __global__`` entry each)."""

@@ -1,0 +1,6 @@
+"""Makes tests/fakecupy.py importable from the device tests in any import mode."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -1,0 +1,122 @@
+"""handgrad.device and handgrad.cuda: parsing, equality, errors, moving arrays."""
+
+from __future__ import annotations
+
+import fakecupy
+import numpy as np
+import pytest
+
+from handgrad import cuda
+from handgrad.device import as_device, device, device_of, to_device
+
+
+@pytest.mark.parametrize(
+    "spec, kind, index, text",
+    [
+        ("cpu", "cpu", None, "cpu"),
+        ("cuda", "cuda", None, "cuda"),
+        ("cuda:0", "cuda", 0, "cuda:0"),
+        ("cuda:1", "cuda", 1, "cuda:1"),
+        ("cpu:0", "cpu", 0, "cpu:0"),
+    ],
+)
+def test_parse(spec: str, kind: str, index: int | None, text: str) -> None:
+    d = device(spec)
+    assert (d.type, d.index, str(d)) == (kind, index, text)
+    assert device(d) == d and device(str(d)) == d
+
+
+def test_repr_as_torch() -> None:
+    assert repr(device("cuda:1")) == "device(type='cuda', index=1)"
+    assert repr(device("cpu")) == "device(type='cpu')"
+
+
+def test_equality_and_hashing() -> None:
+    assert device("cuda", 1) == device("cuda:1") == device(1)
+    assert device("cuda") != device("cuda:0")  # torch: no index is "the current GPU"
+    assert device("cpu") != device("cuda")
+    assert device("cuda:2") == "cuda:2" and device("cpu") != "gpu"
+    assert len({device("cuda:1"), device("cuda", 1), device("cpu"), device("cpu")}) == 2
+    assert {device("cuda:0"): "a"}[device("cuda", 0)] == "a"
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("gpu", "unknown device type in 'gpu'"),
+        ("cuda:x", "invalid device index in 'cuda:x'"),
+        ("cuda:-1", "invalid device index in 'cuda:-1'"),
+        ("cpu:1", "only index 0, got 'cpu:1'"),
+        ("", "unknown device type in ''"),
+    ],
+)
+def test_parse_errors_name_the_string(spec: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        device(spec)
+
+
+def test_other_errors() -> None:
+    with pytest.raises(TypeError, match="expected a string"):
+        device(1.5)
+    with pytest.raises(ValueError, match="index given twice"):
+        device("cuda:1", 2)
+    with pytest.raises(ValueError, match="index must be an int >= 0"):
+        device("cuda", -3)
+
+
+def test_cpu_arrays() -> None:
+    a = np.arange(3.0)
+    assert device_of(a) == device("cpu") and device_of(np.float32(1)) == device("cpu")
+    assert to_device(a, "cpu") is a and to_device(a, None) is a
+    assert as_device(None) == device("cpu")
+
+
+def test_cuda_without_cupy_says_no_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda, "_cupy", None)
+    monkeypatch.setattr(cuda, "_cupy_error", "No module named 'cupy'")
+    assert cuda.is_available() is False and cuda.device_count() == 0
+    with pytest.raises(RuntimeError, match="CUDA is not available: no CuPy"):
+        to_device(np.ones(2), "cuda")
+
+
+def test_cuda_without_gpu_says_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_device() -> int:
+        raise RuntimeError("cudaErrorNoDevice")
+
+    fake = type(fakecupy.namespace)("nogpu")
+    fake.cuda = type(fakecupy.namespace.cuda)(runtime=type(fakecupy.namespace.cuda)())
+    fake.cuda.runtime.getDeviceCount = no_device
+    monkeypatch.setattr(cuda, "_cupy", fake)
+    assert cuda.device_count() == 0 and not cuda.is_available()
+    with pytest.raises(RuntimeError, match="CUDA is not available: no GPU"):
+        to_device(np.ones(2), device("cuda:0"))
+
+
+def test_missing_gpu_index_is_named() -> None:
+    with fakecupy.installed():
+        assert cuda.is_available() and cuda.device_count() == 1
+        with pytest.raises(RuntimeError, match="cuda:3 does not exist: 1 GPU"):
+            to_device(np.ones(2), "cuda:3")
+
+
+def test_round_trip_through_a_device() -> None:
+    with fakecupy.installed() as cp:
+        a = np.arange(6, dtype=np.float32).reshape(2, 3)
+        d = to_device(a, "cuda")
+        assert isinstance(d, cp.ndarray) and device_of(d) == device("cuda:0")
+        assert to_device(d, "cuda:0") is d  # already there: no copy
+        with pytest.raises(TypeError, match="Implicit conversion"):
+            np.asarray(d)
+        back = to_device(d * 2, "cpu")
+        assert type(back) is np.ndarray and back.dtype == np.float32
+        np.testing.assert_array_equal(back, a * 2)
+        assert fakecupy.stats.syncs == 1 and fakecupy.stats.uploads == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda.is_available(), reason="no CUDA GPU (or no CuPy)")
+def test_real_gpu_round_trip() -> None:
+    a = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    d = to_device(a, "cuda:0")
+    assert device_of(d) == device("cuda:0") and type(d).__module__.startswith("cupy")
+    np.testing.assert_array_equal(to_device(d, "cpu"), a)

@@ -1,0 +1,58 @@
+"""benchmarks/gpu_check.py runs end to end in --cpu-smoke mode and writes its JSON summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_part(tmp_path: Path) -> None:
+    parts = ["cuda_tests", "parity", "throughput_handgrad", "throughput_torch"]
+    if SHAKESPEARE.is_file():
+        parts.append("shakespeare")
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--json", str(out),
+         "--parts", *parts],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "=== handgrad gpu_check (--cpu-smoke)" in r.stdout
+    summary = json.loads(out.read_text())
+    assert summary["cpu_smoke"] is True and summary["all_ok"] is True
+    res = summary["parts"]
+    assert set(parts) <= set(res)
+    assert res["cuda_tests"]["failed"] == 0 and res["cuda_tests"]["skipped"] > 0
+    assert res["parity"]["steps"] == 3 and res["parity"]["max_rel_diff"] <= 1e-4
+    for side in ("throughput_handgrad", "throughput_torch"):
+        assert res[side]["micro_batch"] == 4 and res[side]["tokens_per_s"] > 0
+        assert 0 < res[side]["mfu"] < 1
+    assert res["throughput_ratio"]["same_micro_batch"] is True
+    if "shakespeare" in parts:
+        assert 0 < res["shakespeare"]["final_val_loss"] < 5 and res["shakespeare"]["steps"] == 10
+
+
+def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    results = gpu_check.summarize(
+        {"parity": {"ok": False, "error": "RuntimeError: boom"},
+         "throughput_handgrad": {"ok": True, "micro_batch": 8, "tokens_per_s": 50.0,
+                                 "peak_device_bytes": 10},
+         "throughput_torch": {"ok": True, "micro_batch": 8, "tokens_per_s": 100.0,
+                              "peak_device_bytes": 20}}
+    )  # fmt: skip
+    assert results["throughput_ratio"]["handgrad_over_torch_tokens_per_s"] == 0.5
+    assert results["throughput_ratio"]["memory_ratio"] == 0.5
+    gpu_check.print_summary(results, smoke=True, total=1.0)
