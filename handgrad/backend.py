@@ -241,8 +241,12 @@ def asarray(data: Any, dtype: np.dtype | None = None) -> np.ndarray:
 
 
 def to_numpy(a: Any) -> np.ndarray:
-    """Host copy of a backend array (a no-op for NumPy; ``cupy.asnumpy`` on a GPU)."""
-    return np.asarray(a)
+    """``a`` as a host NumPy array: itself for NumPy data, an explicit device-to-host copy
+    (``cupy.asnumpy``, one synchronisation) for the arrays of another namespace."""
+    module = get_array_module(a)
+    if module is np:
+        return np.asarray(a)
+    return module.asnumpy(a)
 
 
 # ----------------------------------------------------------------------------------------
@@ -251,6 +255,7 @@ def to_numpy(a: Any) -> np.ndarray:
 # the arrays' own namespace is here, so another array library only has to fit these.
 
 Array = Any  # an array of a registered namespace (numpy.ndarray, cupy.ndarray, ...)
+HostArray = np.ndarray  # the type of host (CPU) arrays
 DType = np.dtype
 Generator = np.random.Generator
 

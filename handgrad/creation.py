@@ -2,8 +2,10 @@
 filled (``zeros``, ``full``, ``arange`` ...), random (``randn``, ``rand``), and from other
 tensors (``cat``, ``stack``, ``split``, ``where`` and the functional forms of Tensor methods).
 
-Filled and random tensors are made in the default namespace (``get_array_module()`` with no
-array: NumPy); random samples come from the host generator of ``handgrad.random``.
+Each takes ``device=`` ('cpu', 'cuda', 'cuda:N' or a ``device``; the CPU when None): filled
+tensors are made on that device directly; random samples come from the host generator of
+``handgrad.random`` and are then copied there, so a seed gives the same numbers on every
+device.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from handgrad import backend as B
+from handgrad.device import new_array, to_device
 from handgrad.ops.matmul import MatMul
 from handgrad.ops.shape import Cat, Stack
 from handgrad.random import default_generator
@@ -21,9 +24,10 @@ from handgrad.tensor import Tensor
 # from data
 
 
-def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    """Make a tensor from a list, scalar or array. Floats default to float32, ints to int64."""
-    return Tensor(data, dtype=dtype, requires_grad=requires_grad)
+def tensor(data: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None) -> Tensor:
+    """Make a tensor from a list, scalar or array on ``device`` (where an array lives already
+    when None). Floats default to float32, ints to int64."""
+    return Tensor(data, dtype=dtype, requires_grad=requires_grad, device=device)
 
 
 def from_numpy(array: B.Array) -> Tensor:
@@ -47,26 +51,30 @@ def _shape(size: tuple[Any, ...]) -> tuple[int, ...]:
 # filled
 
 
-def zeros(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def zeros(*size: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None) -> Tensor:
     dtype = B.to_dtype(dtype or B.default_float)
-    xp = B.get_array_module()
-    return Tensor._make(xp.zeros(_shape(size), dtype=dtype)).requires_grad_(requires_grad)
+    arr = new_array(device, "zeros", _shape(size), dtype=dtype)
+    return Tensor._make(arr).requires_grad_(requires_grad)
 
 
-def ones(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def ones(*size: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None) -> Tensor:
     dtype = B.to_dtype(dtype or B.default_float)
-    xp = B.get_array_module()
-    return Tensor._make(xp.ones(_shape(size), dtype=dtype)).requires_grad_(requires_grad)
+    arr = new_array(device, "ones", _shape(size), dtype=dtype)
+    return Tensor._make(arr).requires_grad_(requires_grad)
 
 
-def empty(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def empty(*size: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None) -> Tensor:
     dtype = B.to_dtype(dtype or B.default_float)
-    xp = B.get_array_module()
-    return Tensor._make(xp.empty(_shape(size), dtype=dtype)).requires_grad_(requires_grad)
+    arr = new_array(device, "empty", _shape(size), dtype=dtype)
+    return Tensor._make(arr).requires_grad_(requires_grad)
 
 
 def full(
-    size: Sequence[int], fill_value: float, dtype: Any = None, requires_grad: bool = False
+    size: Sequence[int],
+    fill_value: float,
+    dtype: Any = None,
+    requires_grad: bool = False,
+    device: Any = None,
 ) -> Tensor:
     if dtype is None:
         dtype = (
@@ -74,31 +82,47 @@ def full(
             if isinstance(fill_value, int) and not isinstance(fill_value, bool)
             else B.default_float
         )
-    arr = B.get_array_module().full(tuple(size), fill_value, dtype=B.to_dtype(dtype))
+    arr = new_array(device, "full", tuple(size), fill_value, dtype=B.to_dtype(dtype))
     return Tensor._make(arr).requires_grad_(requires_grad)
 
 
-def zeros_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    """Zeros of ``t``'s shape, in ``t``'s dtype and array namespace unless ``dtype`` is given."""
+def zeros_like(
+    t: Tensor, dtype: Any = None, requires_grad: bool = False, device: Any = None
+) -> Tensor:
+    """Zeros of ``t``'s shape, in ``t``'s dtype and on its device unless given."""
     dtype = B.to_dtype(dtype or t.dtype)
-    arr = B.get_array_module(t.data).zeros(t.shape, dtype=dtype)
+    if device is None:
+        arr = B.get_array_module(t.data).zeros(t.shape, dtype=dtype)
+    else:
+        arr = new_array(device, "zeros", t.shape, dtype=dtype)
     return Tensor._make(arr).requires_grad_(requires_grad)
 
 
-def ones_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    """Ones of ``t``'s shape, in ``t``'s dtype and array namespace unless ``dtype`` is given."""
+def ones_like(
+    t: Tensor, dtype: Any = None, requires_grad: bool = False, device: Any = None
+) -> Tensor:
+    """Ones of ``t``'s shape, in ``t``'s dtype and on its device unless given."""
     dtype = B.to_dtype(dtype or t.dtype)
-    arr = B.get_array_module(t.data).ones(t.shape, dtype=dtype)
+    if device is None:
+        arr = B.get_array_module(t.data).ones(t.shape, dtype=dtype)
+    else:
+        arr = new_array(device, "ones", t.shape, dtype=dtype)
     return Tensor._make(arr).requires_grad_(requires_grad)
 
 
-def arange(start: float, end: float | None = None, step: float = 1, dtype: Any = None) -> Tensor:
+def arange(
+    start: float,
+    end: float | None = None,
+    step: float = 1,
+    dtype: Any = None,
+    device: Any = None,
+) -> Tensor:
     if end is None:
         start, end = 0, start
     if dtype is None:
         ints = all(isinstance(v, int) for v in (start, end, step))
         dtype = B.default_int if ints else B.default_float
-    return Tensor._make(B.get_array_module().arange(start, end, step, dtype=B.to_dtype(dtype)))
+    return Tensor._make(new_array(device, "arange", start, end, step, dtype=B.to_dtype(dtype)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,8 +134,10 @@ def randn(
     dtype: Any = None,
     requires_grad: bool = False,
     generator: B.Generator | None = None,
+    device: Any = None,
 ) -> Tensor:
-    """Standard normal samples from the global generator (see ``manual_seed``)."""
+    """Standard normal samples from the global generator (see ``manual_seed``), drawn on the
+    host and copied to ``device``."""
     dtype = B.to_dtype(dtype or B.default_float)
     gen = generator or default_generator()
     arr = gen.standard_normal(
@@ -120,8 +146,8 @@ def randn(
         if B.compute_dtype(dtype) in (B.float32, B.float64)
         else B.float64,
     )
-    xp = B.get_array_module()
-    return Tensor._make(xp.asarray(arr.astype(dtype, copy=False))).requires_grad_(requires_grad)
+    arr = to_device(arr.astype(dtype, copy=False), device)
+    return Tensor._make(arr).requires_grad_(requires_grad)
 
 
 def rand(
@@ -129,13 +155,15 @@ def rand(
     dtype: Any = None,
     requires_grad: bool = False,
     generator: B.Generator | None = None,
+    device: Any = None,
 ) -> Tensor:
-    """Uniform samples in [0, 1) from the global generator."""
+    """Uniform samples in [0, 1) from the global generator, drawn on the host and copied to
+    ``device``."""
     dtype = B.to_dtype(dtype or B.default_float)
     gen = generator or default_generator()
     arr = gen.random(_shape(size), dtype=B.float32 if dtype != B.float64 else B.float64)
-    xp = B.get_array_module()
-    return Tensor._make(xp.asarray(arr.astype(dtype, copy=False))).requires_grad_(requires_grad)
+    arr = to_device(arr.astype(dtype, copy=False), device)
+    return Tensor._make(arr).requires_grad_(requires_grad)
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ one lives. CuPy is imported only when a CUDA device is used, so all of this work
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -111,24 +112,97 @@ def device_of(array: Any) -> device:
     return device("cuda", int(getattr(dev, "id", 0) or 0))
 
 
+def is_on(array: Any, target: str | device | int | None) -> bool:
+    """Whether ``array`` lives on ``target`` already ('cuda' without an index matches any
+    GPU, as it means the current one)."""
+    target, here = as_device(target), device_of(array)
+    if target.type != here.type:
+        return False
+    return target.index is None or target.type == "cpu" or here.index == target.index
+
+
 def to_device(array: Any, target: str | device | int | None) -> Any:
     """``array`` on ``target``: itself when it is there already, otherwise a copy (to the
     host with ``asnumpy``; to GPU i with ``cupy.asarray`` under that GPU). A CUDA target
     without CuPy or a GPU raises a RuntimeError that says which is missing."""
     target = as_device(target)
-    here = device_of(array)
+    if is_on(array, target):
+        return array
     if target.type == "cpu":
-        if here.type == "cpu":
-            return array
         return get_array_module(array).asnumpy(array)
     cp = cuda.require(target.index)
     index = 0 if target.index is None else target.index
-    if here.type == "cuda" and (target.index is None or here.index == index):
-        return array
+    here = device_of(array)
     with cp.cuda.Device(index):
         if here.type == "cuda":
             return array.copy()  # CuPy copies onto the current device
         return cp.asarray(array)
 
 
-__all__ = ["as_device", "cpu", "device", "device_of", "to_device"]
+def devices_of(arrays: Sequence[Any]) -> list[device]:
+    """Each distinct device of ``arrays``, in order of first appearance."""
+    out: list[device] = []
+    for a in arrays:
+        d = device_of(a)
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def new_array(target: str | device | int | None, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``<namespace>.<name>(*args, **kwargs)`` made directly on ``target`` (``zeros``,
+    ``full``, ``arange`` ...): NumPy on the CPU, CuPy under GPU i, with no host copy."""
+    target = as_device(target)
+    if target.type == "cpu":
+        return getattr(np, name)(*args, **kwargs)
+    cp = cuda.require(target.index)
+    with cp.cuda.Device(0 if target.index is None else target.index):
+        return getattr(cp, name)(*args, **kwargs)
+
+
+def parse_to(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[device | None, Any]:
+    """The (device, dtype) of a ``Tensor.to`` / ``Module.to`` call, either possibly None.
+
+    Accepts what torch's ``.to`` does: ``to(device)``, ``to(dtype)``, ``to(device, dtype)``,
+    ``to(other_tensor)`` (anything with ``.device`` and ``.dtype``) and the keywords
+    ``device=`` / ``dtype=``. A device is a ``device``, 'cpu' / 'cuda' / 'cuda:N' or an int
+    (that CUDA GPU); anything else is read as a dtype ('bf16', ``float``, a NumPy dtype)."""
+    unknown = set(kwargs) - {"device", "dtype"}
+    if unknown:
+        raise TypeError(f"to(): unexpected keyword argument {sorted(unknown)[0]!r}")
+    if len(args) > 2:
+        raise TypeError(f"to(): expected at most 2 positional arguments, got {len(args)}")
+    dev, dtype = kwargs.get("device"), kwargs.get("dtype")
+    for a in args:
+        if hasattr(a, "device") and hasattr(a, "dtype") and not isinstance(a, type):
+            dev, dtype = a.device, a.dtype  # another tensor: its device and dtype
+        elif _is_device_spec(a):
+            if dev is not None:
+                raise TypeError(f"to(): device given twice ({dev} and {a!r})")
+            dev = a
+        else:
+            if dtype is not None:
+                raise TypeError(f"to(): dtype given twice ({dtype} and {a!r})")
+            dtype = a
+    return (None if dev is None else as_device(dev)), dtype
+
+
+def _is_device_spec(a: Any) -> bool:
+    if isinstance(a, device):
+        return True
+    if isinstance(a, int) and not isinstance(a, bool):
+        return True
+    return isinstance(a, str) and a.strip().partition(":")[0] in _TYPES
+
+
+__all__ = [
+    "as_device",
+    "cpu",
+    "device",
+    "device_of",
+    "devices_of",
+    "is_on",
+    "new_array",
+    "parse_to",
+    "to_device",
+]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from handgrad import backend as B
+from handgrad.device import device_of, devices_of, to_device
 from handgrad.grad_mode import is_grad_enabled
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ class Function:
     def apply(cls, *inputs: Tensor, **kwargs: Any) -> Tensor:
         ctx = cls()
         arrays = [t.data for t in inputs]
+        if len(arrays) > 1:
+            # host arrays only (the common case on the CPU) need no device check
+            first = type(arrays[0])
+            if first is not B.HostArray or any(type(a) is not first for a in arrays):
+                arrays = _on_one_device(cls.__name__, arrays)
         cast_back = None
         if not cls.native and any(a.dtype in _LOW_PRECISION for a in arrays):
             floats = [a.dtype for a in arrays if B.is_floating(a.dtype)]
@@ -74,6 +80,27 @@ class Function:
             )
             result._ctx = ctx
         return result
+
+
+def _on_one_device(op: str, arrays: list[Any]) -> list[Any]:
+    """``arrays`` when they all live on one device. A 0-d array on another device is moved
+    to it (as torch lets a CPU scalar tensor meet a GPU tensor: a few bytes uploaded, no
+    synchronisation); any other mix raises a RuntimeError naming both devices."""
+    big = [a for a in arrays if a.ndim > 0]
+    found = devices_of(big)
+    if len(found) > 1:
+        raise RuntimeError(
+            f"{op}: expected all tensors on the same device, got {found[0]} and {found[1]} "
+            f"(move one with .to(device))"
+        )
+    if len(big) == len(arrays):
+        return arrays
+    if big:
+        target = found[0]
+    else:  # only 0-d arrays: compute where the first non-CPU one lives
+        everywhere = devices_of(arrays)
+        target = next((d for d in everywhere if d.type != "cpu"), everywhere[0])
+    return [a if device_of(a) == target else to_device(a, target) for a in arrays]
 
 
 def unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:

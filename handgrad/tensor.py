@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from handgrad import backend as B
+from handgrad.device import device, device_of, is_on, parse_to, to_device
 from handgrad.engine import run_backward
 from handgrad.function import Function
 from handgrad.grad_mode import is_grad_enabled
@@ -33,14 +34,18 @@ from handgrad.ops.elementwise import (
 )
 from handgrad.ops.matmul import MatMul
 from handgrad.ops.reduce import Max, Mean, Sum, Var, norm_axes
-from handgrad.ops.shape import Expand, GetItem, Permute, Reshape, Where
+from handgrad.ops.shape import Expand, GetItem, Permute, Reshape, ToDevice, Where
 from handgrad.ops.softmax import LogSoftmax, Softmax
 
 
-def _infer_array(data: Any, dtype: Any) -> Any:
-    """Convert ``data`` to a backend array; Python floats default to float32, ints to int64."""
+def _infer_array(data: Any, dtype: Any, device: Any = None) -> Any:
+    """Convert ``data`` to a backend array on ``device`` (where the data lives if None);
+    Python floats default to float32, ints to int64."""
     if isinstance(data, Tensor):
         data = data.data
+    if device is not None:
+        arr = _infer_array(data, dtype)
+        return to_device(arr, device)
     xp = B.get_array_module(data)
     if dtype is not None:
         dtype = B.to_dtype(dtype)
@@ -65,8 +70,10 @@ class Tensor:
     __slots__ = ("data", "grad", "_requires_grad", "_ctx", "__weakref__")
     __array_priority__ = 1000  # make ``ndarray * Tensor`` defer to Tensor.__rmul__
 
-    def __init__(self, data: Any, dtype: Any = None, requires_grad: bool = False) -> None:
-        self.data = _infer_array(data, dtype)
+    def __init__(
+        self, data: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None
+    ) -> None:
+        self.data = _infer_array(data, dtype, device)
         self.grad: Tensor | None = None
         self._ctx: Function | None = None
         self._requires_grad = False
@@ -110,6 +117,15 @@ class Tensor:
         return self.data.ndim
 
     @property
+    def device(self) -> device:
+        """Where the data lives: ``device('cpu')`` or ``device('cuda', i)``."""
+        return device_of(self.data)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
     def is_leaf(self) -> bool:
         return self._ctx is None
 
@@ -138,7 +154,9 @@ class Tensor:
             )
         return self.data.reshape(()).item()
 
-    def numpy(self) -> B.Array:
+    def numpy(self) -> B.HostArray:
+        """The values as a NumPy array: the data itself on the CPU (shared memory, as
+        torch's), a host copy of it on a GPU."""
         if self.requires_grad:
             raise RuntimeError("numpy(): call .detach() first on a tensor that requires grad")
         return B.to_numpy(self.data)
@@ -179,14 +197,40 @@ class Tensor:
         for i in range(len(self)):
             yield self[i]
 
-    # ---- dtype
-    def to(self, dtype: Any) -> Tensor:
-        dtype = B.to_dtype(dtype)
+    # ---- dtype and device
+    def to(self, *args: Any, **kwargs: Any) -> Tensor:
+        """This tensor on another device and/or in another dtype, as torch's ``.to``:
+        ``t.to('cuda')``, ``t.to(hg.bfloat16)``, ``t.to('cuda:1', 'bf16')``, ``t.to(other)``.
+        Returns ``self`` when nothing changes; otherwise a copy that gradients flow through."""
+        target, dtype = parse_to(args, kwargs)
+        dtype = None if dtype is None else B.to_dtype(dtype)
+        out = self
+        # cast before the copy when it shrinks the data, so fewer bytes cross the bus
+        if dtype is not None and dtype.itemsize < self.dtype.itemsize:
+            out, dtype = out._cast(dtype), None
+        if target is not None:
+            out = out._move(target)
+        return out if dtype is None else out._cast(dtype)
+
+    def _cast(self, dtype: B.DType) -> Tensor:
         if dtype == self.dtype:
             return self
         if self.requires_grad and not B.is_floating(dtype):
             return Tensor._make(self.data.astype(dtype))
         return Cast.apply(self, dtype=dtype)
+
+    def _move(self, target: device) -> Tensor:
+        if is_on(self.data, target):
+            return self
+        return ToDevice.apply(self, target=target)
+
+    def cuda(self, device: Any = None) -> Tensor:
+        """This tensor on a CUDA GPU (``device``: its index or name; the current GPU if
+        None)."""
+        return self.to("cuda" if device is None else device)
+
+    def cpu(self) -> Tensor:
+        return self.to("cpu")
 
     def float(self) -> Tensor:
         return self.to(B.float32)
@@ -218,9 +262,9 @@ class Tensor:
             g = B.get_array_module(self.data).ones(self.shape, dtype=B.compute_dtype(self.dtype))
         else:
             g = (
-                gradient.data
+                to_device(gradient.data, self.device)
                 if isinstance(gradient, Tensor)
-                else B.get_array_module(self.data, gradient).asarray(gradient)
+                else _like(gradient, self.data)
             )
             if g.shape != self.shape:
                 raise RuntimeError(
@@ -290,9 +334,10 @@ class Tensor:
             raise RuntimeError(
                 "in-place assignment to a tensor that requires grad; wrap it in handgrad.no_grad()"
             )
-        self.data[_index_arrays(idx, self.data)] = (
-            value.data if isinstance(value, Tensor) else value
-        )
+        value = value.data if isinstance(value, Tensor) else value
+        if B.is_array(value) and getattr(value, "ndim", 0) > 0:
+            value = to_device(value, self.device)  # CuPy refuses host arrays here
+        self.data[_index_arrays(idx, self.data)] = value
 
     # comparisons give boolean tensors and are not differentiable
     def _cmp(self, o: Any, name: str) -> Tensor:
@@ -481,15 +526,24 @@ def _binary(fn: type[Function], a: Tensor, b: Tensor) -> Tensor:
     return fn.apply(a, b)
 
 
+def _like(data: Any, like: Any) -> Any:
+    """``data`` (a list, scalar or array) as an array on the device of ``like``."""
+    if B.is_array(data):
+        return to_device(data, device_of(like))
+    return B.get_array_module(like).asarray(data)
+
+
 def _index_arrays(idx: Any, like: Any) -> Any:
-    """Unwrap Tensors used as indices (integer-array gather, boolean masks); a list becomes an
-    array of the namespace of ``like``, the indexed array."""
+    """Unwrap Tensors used as indices (integer-array gather, boolean masks) and move index
+    arrays to the device of ``like``, the indexed array; a list becomes an array there."""
     if isinstance(idx, Tensor):
-        return idx.data
+        idx = idx.data
     if isinstance(idx, tuple):
-        return tuple(i.data if isinstance(i, Tensor) else i for i in idx)
+        return tuple(_index_arrays(i, like) if not isinstance(i, slice) else i for i in idx)
     if isinstance(idx, list):
         return B.get_array_module(like).asarray(idx)
+    if B.is_array(idx) and not isinstance(idx, B.SCALAR_TYPES):
+        return to_device(idx, device_of(like))
     return idx
 
 

@@ -1,7 +1,8 @@
 """Shape and indexing ops: pure data movement, so gradients are moved back the same way.
 
-Reshape, Permute, Expand, GetItem, Cat and Stack are ``native``: they work in any dtype,
-16-bit floats included, without a float32 round trip. Where selects between two inputs.
+Reshape, Permute, Expand, GetItem, Cat, Stack and ToDevice are ``native``: they work in any
+dtype, 16-bit floats included, without a float32 round trip. Where selects between two
+inputs; ToDevice copies between devices (CPU and GPU), its gradient copied the other way.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from itertools import accumulate
 from typing import Any
 
 from handgrad import backend as B
+from handgrad.device import device_of, to_device
 from handgrad.engine import SliceGrad
 from handgrad.function import Function, unbroadcast
 
@@ -132,3 +134,15 @@ class Where(Function):
             unbroadcast(xp.where(self.cond, zero, g), self.sb) if self.needs_input_grad[2] else None
         )
         return None, da, db
+
+
+class ToDevice(Function):
+    # out = a copied to another device  =>  da = g copied back to a's device
+    native = True
+
+    def forward(self, a, target):
+        self.source = device_of(a)
+        return to_device(a, target)
+
+    def backward(self, g):
+        return (to_device(g, self.source),)
