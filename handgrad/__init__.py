@@ -24,6 +24,7 @@ from handgrad.backend import (
     uint16,
     uint32,
 )
+from handgrad.serialization import load, save
 from handgrad.tensor import (
     Function,
     Tensor,
@@ -78,6 +79,7 @@ __all__ = [
     "int32",
     "int64",
     "is_grad_enabled",
+    "load",
     "log",
     "manual_seed",
     "masked_fill",
@@ -88,6 +90,7 @@ __all__ = [
     "rand",
     "randn",
     "relu",
+    "save",
     "set_rng_state",
     "split",
     "sqrt",

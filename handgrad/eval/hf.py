@@ -37,9 +37,8 @@ from handgrad.eval.checkpoint import (
     read_config,
     read_json,
     resolve_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
 )
+from handgrad.fileio import write_json_atomic, write_text_atomic
 from handgrad.serialization import load_file, save_file
 
 # Our Linear (out, in) <-> HF Conv1D (in, out): these weights are transposed on the way.
