@@ -174,11 +174,14 @@ class _LazyTensors(Mapping):
 
 
 def _explain(path: Path, message: str) -> str:
-    """The package's error message for ``path``, in words that say what is wrong."""
+    """The package's error message for ``path``, in words that say what is wrong. The package
+    words its errors in sentences ("header too small", 0.7 on) or as Rust enum names
+    ("HeaderTooSmall", before): both are matched with spaces and case removed."""
     size = path.stat().st_size
-    if "header too small" in message:
+    key = message.replace(" ", "").lower()
+    if "headertoosmall" in key:
         return f"{path}: only {size} bytes, too short for a safetensors file"
-    if "header too large" in message:
+    if "headertoolarge" in key:
         return (
             f"{path}: its header length does not fit in a {size}-byte file "
             "(truncated or not a safetensors file)"
@@ -186,26 +189,38 @@ def _explain(path: Path, message: str) -> str:
     dtype = re.search(r"unknown variant `([^`]*)`", message)
     if dtype:
         return f"{path}: unknown dtype {dtype.group(1)!r} in the header"
-    if "invalid JSON" in message:
+    if "invalidjson" in key or "invalidheaderdeserialization" in key:
         detail = message.split("invalid JSON in header:", 1)[-1].strip()
-        return f"{path}: header is not valid JSON ({detail})"
-    if "not fully covered" in message:
+        return _explain_header(path) or f"{path}: header is not valid JSON ({detail})"
+    if "notfullycovered" in key or "metadataincompletebuffer" in key:
         return f"{path}: the tensors do not cover the file's {size} bytes (truncated or corrupt)"
-    if "invalid shape, data type, or offset" in message:
-        return _explain_entry(path) or f"{path}: {message}"
+    if any(k in key for k in ("invalidshape", "tensorinvalidinfo", "invalidoffset")):
+        return _explain_header(path) or f"{path}: {message}"
     return f"{path}: not a valid safetensors file ({message})"
 
 
-def _explain_entry(path: Path) -> str | None:
-    """Which entry's byte span disagrees with its shape and dtype (the package does not say)."""
+def _explain_header(path: Path) -> str | None:
+    """What is wrong with the header, where the package does not say: the JSON error, an
+    unknown dtype, or which entry's byte span disagrees with its shape and dtype."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{path}: header is not valid JSON ({e})"
+    if not isinstance(header, dict):
+        return f"{path}: header is not a JSON object"
     for name, e in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__" or not isinstance(e, dict):
             continue
-        begin, end = e["data_offsets"]
-        want = int(np.prod(e["shape"], dtype=np.int64)) * _ITEMSIZE.get(e["dtype"], 0)
+        if e.get("dtype") not in _ITEMSIZE:
+            return f"{path}: unknown dtype {e.get('dtype')!r} in the header"
+        try:
+            begin, end = e["data_offsets"]
+            want = int(np.prod(e["shape"], dtype=np.int64)) * _ITEMSIZE[e["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return f"{path}: entry {name!r} lacks a valid shape or data_offsets"
         if end - begin != want:
             return (
                 f"{path}: entry {name!r} of shape {e['shape']} and dtype {e['dtype']} needs "
