@@ -99,8 +99,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory that ``path`` means: a run directory (its ``latest``), the
     run's ``latest`` file itself, or a checkpoint directory.
 
-    Raises CheckpointNotFoundError (also a FileNotFoundError) for a missing path or a
-    ``latest`` naming nothing, CheckpointError for a directory that is neither."""
+    Raises CheckpointNotFoundError (a CheckpointError and a FileNotFoundError) for a missing
+    path, a ``latest`` naming nothing or a directory that is neither; CheckpointError for a
+    file other than ``latest``."""
     path = Path(path)
     if path.is_file():
         if path.name == LATEST:
@@ -119,8 +120,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return latest
     if is_checkpoint_dir(path):
         return path
-    raise CheckpointError(
-        f"{path}: not a checkpoint (no model.safetensors) nor a run directory (no '{LATEST}' file)"
+    raise CheckpointNotFoundError(
+        f"{path}: not a checkpoint ({path / 'model.safetensors'} does not exist) nor a run "
+        f"directory (no '{LATEST}' file)"
     )
 
 
