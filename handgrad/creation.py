@@ -8,10 +8,12 @@ array: NumPy); random samples come from the host generator of ``handgrad.random`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from handgrad import backend as B
+from handgrad import serialization
 from handgrad.ops.matmul import MatMul
 from handgrad.ops.shape import Cat, Stack
 from handgrad.random import default_generator
@@ -197,3 +199,26 @@ def tanh(t: Tensor) -> Tensor:
 
 def relu(t: Tensor) -> Tensor:
     return t.relu()
+
+
+# ----------------------------------------------------------------------------------------
+# state dicts to and from .safetensors files (``torch.save`` / ``torch.load`` for state dicts)
+
+
+def save(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Save a state dict (name -> Tensor or array), e.g. ``model.state_dict()``, as one
+    .safetensors file at ``path``, atomically. Dtypes are kept (bfloat16 stays bfloat16)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"save: expected a state dict (name -> Tensor), got {type(state_dict).__name__}"
+        )
+    bad = [k for k in state_dict if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"save: state dict keys must be str; got {bad[:3]}")
+    serialization.save_file(state_dict, path)
+
+
+def load(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict of a .safetensors file as name -> Tensor (what ``save`` wrote, or any
+    safetensors file, e.g. Hugging Face weights); ``model.load_state_dict(load(path))``."""
+    return {name: Tensor(array) for name, array in serialization.load_file(path).items()}
