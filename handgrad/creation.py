@@ -10,10 +10,12 @@ device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from handgrad import backend as B
+from handgrad import serialization
 from handgrad.device import new_array, to_device
 from handgrad.ops.matmul import MatMul
 from handgrad.ops.shape import Cat, Stack
@@ -225,3 +227,28 @@ def tanh(t: Tensor) -> Tensor:
 
 def relu(t: Tensor) -> Tensor:
     return t.relu()
+
+
+# ----------------------------------------------------------------------------------------
+# state dicts to and from .safetensors files (``torch.save`` / ``torch.load`` for state dicts)
+
+
+def save(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Save a state dict (name -> Tensor or array), e.g. ``model.state_dict()``, as one
+    .safetensors file at ``path``, atomically. Dtypes are kept (bfloat16 stays bfloat16)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"save: expected a state dict (name -> Tensor), got {type(state_dict).__name__}"
+        )
+    bad = [k for k in state_dict if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"save: state dict keys must be str; got {bad[:3]}")
+    serialization.save_file(state_dict, path)
+
+
+def load(path: str | os.PathLike, device: Any = None) -> dict[str, Tensor]:
+    """The state dict of a .safetensors file as name -> Tensor (what ``save`` wrote, or any
+    safetensors file, e.g. Hugging Face weights), on ``device`` (the CPU when None);
+    ``model.load_state_dict(load(path))``."""
+    arrays = serialization.load_file(path)
+    return {name: Tensor(array, device=device) for name, array in arrays.items()}

@@ -95,3 +95,59 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         save_file({"w": np.array(["text"])}, p)
     assert np.array_equal(load_file(p)["w"], np.arange(3, dtype=np.float32))
     assert [f.name for f in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_hg_save_and_load_a_module_state_dict(tmp_path):
+    import handgrad as hg
+    import handgrad.nn as nn
+
+    hg.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    path = tmp_path / "model.safetensors"
+    hg.save(model.state_dict(), path)
+    back = hg.load(path)
+    assert isinstance(back, dict)
+    assert sorted(back) == sorted(model.state_dict())
+    for name, t in model.state_dict().items():
+        assert isinstance(back[name], hg.Tensor)
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert np.array_equal(back[name].numpy(), t.detach().numpy()), name
+    # the file is plain safetensors: the reference library reads the same numbers
+    theirs = st_load(path)
+    assert np.array_equal(theirs["0.weight"], model.state_dict()["0.weight"].detach().numpy())
+    # and it loads into a fresh model of the same shape
+    hg.manual_seed(1)
+    other = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    assert not np.array_equal(other[0].weight.detach().numpy(), model[0].weight.detach().numpy())
+    other.load_state_dict(hg.load(path))
+    assert np.array_equal(other[0].weight.detach().numpy(), model[0].weight.detach().numpy())
+
+
+def test_hg_save_keeps_bfloat16_and_takes_arrays(tmp_path):
+    import handgrad as hg
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    state = {"bf": hg.Tensor(a.astype(ml_dtypes.bfloat16)), "raw": a}
+    hg.save(state, tmp_path / "s.safetensors")
+    back = hg.load(tmp_path / "s.safetensors")
+    assert back["bf"].dtype == ml_dtypes.bfloat16
+    assert np.array_equal(back["bf"].numpy().astype(np.float32), a)
+    assert back["raw"].dtype == np.float32 and np.array_equal(back["raw"].numpy(), a)
+
+
+def test_hg_save_and_load_refuse_bad_input(tmp_path):
+    import handgrad as hg
+
+    with pytest.raises(TypeError, match="state dict"):
+        hg.save([np.ones(2)], tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="keys must be str"):
+        hg.save({1: np.ones(2)}, tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(SafetensorsError, match=r"empty\.safetensors.*too short"):
+        hg.load(tmp_path / "empty.safetensors")
+    (tmp_path / "foreign.safetensors").write_bytes(b"PK\x03\x04" + b"\0" * 60)  # a zip file
+    with pytest.raises(SafetensorsError, match=r"foreign\.safetensors"):
+        hg.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        hg.load(tmp_path / "nope.safetensors")

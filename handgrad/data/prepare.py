@@ -36,6 +36,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
@@ -45,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from handgrad.data.sources import TextSource, open_source, sha256_file
+from handgrad.fileio import atomic_path
 
 FORMAT_VERSION = 1
 ENDOFTEXT = "<|endoftext|>"
@@ -276,10 +278,16 @@ def prepare(
     src = open_source(source, text_field=text_field, skip_bad_lines=skip_bad_lines, rows=rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = {name: out / f".{name}.tmp{os.getpid()}" for name in ("train.bin", "val.bin", META_FILE)}
-    # The tokenizer's temp name keeps a .json suffix in case its save() cares.
-    tmp[TOKENIZER_FILE] = out / f".tokenizer.tmp{os.getpid()}.json"
-    try:
+    # Every file is written under a temporary name and renamed when the block ends, in the
+    # reverse order of entering: tokenizer, shards, and meta.json last.
+    with ExitStack() as stack:
+        tmp = {
+            name: stack.enter_context(
+                # The tokenizer's temp name keeps a .json suffix in case its save() cares.
+                atomic_path(out / name, suffix=".json" if name == TOKENIZER_FILE else "")
+            )
+            for name in (META_FILE, "val.bin", "train.bin", TOKENIZER_FILE)
+        }
         tok = build_tokenizer(tokenizer, src, val_fraction, seed)
         if isinstance(tokenizer, str | os.PathLike) and Path(tokenizer).suffix == ".json":
             shutil.copyfile(tokenizer, tmp[TOKENIZER_FILE])
@@ -317,14 +325,9 @@ def prepare(
         }
         tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         # Publish: drop the old meta.json first, so that until the new one lands no reader can
-        # pair old metadata with new shards; meta.json goes last.
+        # pair old metadata with new shards.
         (out / META_FILE).unlink(missing_ok=True)
-        for name in (TOKENIZER_FILE, "train.bin", "val.bin", META_FILE):
-            os.replace(tmp[name], out / name)
-        return meta
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+    return meta
 
 
 def _write_shards(

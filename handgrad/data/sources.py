@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from handgrad.fileio import atomic_path
+
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BUILTIN_SOURCES = ("pydocs", "shakespeare", "openwebtext")
 
@@ -407,20 +409,17 @@ def _check_shakespeare(path: Path) -> None:
 
 def _download_shakespeare(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
-            tmp.write_bytes(response.read())
-        _check_shakespeare(tmp)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:  # checked before it takes the real name
+            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+                tmp.write_bytes(response.read())
+            _check_shakespeare(tmp)
     except (urllib.error.URLError, OSError) as e:
         raise ConnectionError(
             f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}). Without network, "
             "pass a local copy: `handgrad data prepare --source path/to/input.txt ...`, or set "
             f"HANDGRAD_SHAKESPEARE=path/to/input.txt (sha256 {SHAKESPEARE_SHA256})"
         ) from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

@@ -292,8 +292,9 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     ``out/latest`` naming it, so every ``--checkpoint`` option accepts ``out``.
 
     Weights are converted to float32 (our Linear layout, padded embedding). The tokenizer is
-    read from vocab.json + merges.txt, or from OpenAI's encoder.json + vocab.bpe, keeping its
-    ids (special tokens first, as Hugging Face's BpeTrainer puts them, or last, as GPT-2)."""
+    read from vocab.json + merges.txt, from OpenAI's encoder.json + vocab.bpe, or else from a
+    byte-level BPE tokenizer.json (all that `transformers` >= 5 saves), keeping its ids (special
+    tokens first, as Hugging Face's BpeTrainer puts them, or last, as GPT-2)."""
     from handgrad.models.gpt2 import GPT2Config
     from handgrad.tokenizer import BPETokenizer
 

@@ -15,17 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from handgrad.eval.checkpoint import (
-    read_config,
-    read_json,
-    resolve_checkpoint,
-    run_directory,
-    write_text_atomic,
-)
+from handgrad.checkpoint import read_config, read_json, resolve_checkpoint, run_dir_of
+from handgrad.fileio import write_bytes_atomic, write_text_atomic
 
 # Task names as the GPT-2 paper's table prints them.
 TASK_TITLES = {
@@ -201,7 +195,7 @@ def write_report(
 ) -> Path:
     """Write the model card for ``checkpoint`` (a run or checkpoint directory) to ``out``."""
     ckpt = resolve_checkpoint(checkpoint)
-    run = run_directory(checkpoint)
+    run = run_dir_of(ckpt)
     config = read_config(ckpt)
     state_path = ckpt / "trainer_state.json"
     state = read_json(state_path) if state_path.is_file() else {}
@@ -223,7 +217,7 @@ def write_report(
     curves = sorted(run.glob("*.png"))
     if curves:
         image = out.parent / f"{out.stem}_{curves[0].name}"
-        shutil.copyfile(curves[0], image)
+        write_bytes_atomic(image, curves[0].read_bytes())
         parts.append(f"## Loss curve\n\n![training and validation loss]({image.name})\n")
     write_text_atomic(out, "\n".join(parts))
     return out

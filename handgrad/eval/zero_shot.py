@@ -164,7 +164,7 @@ def write_results(results: dict[str, Any], path: str | os.PathLike) -> None:
     """The results as JSON (lm-eval's format, per-sample logs left out), written atomically."""
     from lm_eval.utils import handle_non_serializable
 
-    from handgrad.eval.checkpoint import write_text_atomic
+    from handgrad.fileio import write_text_atomic
 
     slim = {k: v for k, v in results.items() if k != "samples"}
     path = Path(path)

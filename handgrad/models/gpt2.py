@@ -17,21 +17,21 @@ logits cover only the ``vocab_size`` real tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from handgrad import backend as B
 from handgrad import nn
+from handgrad.checkpoint import read_config, resolve_checkpoint
 from handgrad.grad_mode import no_grad
 from handgrad.nn import functional as F
 from handgrad.nn import init
 from handgrad.random import default_generator
+from handgrad.serialization import load_file
 from handgrad.tensor import Tensor
 
 # ----------------------------------------------------------------------------------------
@@ -475,37 +475,19 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, dtype: str | None = None) -> GPT2:
-        """Load a checkpoint directory: ``config.json`` (its "model" section is a
-        ``GPT2Config.to_dict()``) and ``model.safetensors``. If ``<path>/latest`` exists it
-        names (relative to ``path``) the newest checkpoint directory, which is loaded instead.
+        """Load a checkpoint: ``config.json`` (its "model" section is a
+        ``GPT2Config.to_dict()``) and ``model.safetensors``. ``path`` is a checkpoint
+        directory, a run directory (the checkpoint its ``latest`` file names) or that
+        ``latest`` file (``handgrad.checkpoint.resolve_checkpoint``).
 
         ``dtype`` ("float32" or "bfloat16") overrides the stored parameter dtype, e.g. float32
         for evaluation: bf16 weights are cast to float32 at every use in the forward pass."""
-        from handgrad.serialization import load_file
-
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"GPT2.from_checkpoint: {path} is not a directory")
-        latest = path / "latest"
-        if latest.is_file():
-            name = latest.read_text().strip()
-            if not name or not (path / name).is_dir():
-                raise FileNotFoundError(
-                    f"GPT2.from_checkpoint: {latest} names {name!r}, which is not a directory "
-                    f"in {path}"
-                )
-            path = path / name
-        config_path, weights_path = path / "config.json", path / "model.safetensors"
-        for p in (config_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"GPT2.from_checkpoint: {p} does not exist")
-        try:
-            section = json.loads(config_path.read_text())["model"]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-        except (KeyError, TypeError):
-            raise ValueError(f'{config_path}: has no "model" section') from None
-        if dtype is not None and isinstance(section, dict):
+        checkpoint = resolve_checkpoint(path)
+        config_path, weights_path = checkpoint / "config.json", checkpoint / "model.safetensors"
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"GPT2.from_checkpoint: {weights_path} does not exist")
+        section = read_config(checkpoint)["model"]
+        if dtype is not None:
             section = {**section, "dtype": dtype}
         try:
             config = GPT2Config.from_dict(section)

@@ -8,7 +8,7 @@ Public API::
     ids = tok.encode("hello world")          # list[int]
     tok.decode(ids)                          # "hello world"
     tok.save("tok.json"); load_tokenizer("tok.json")
-    BPETokenizer.from_hf("gpt2/")            # vocab.json + merges.txt, or encoder.json + vocab.bpe
+    BPETokenizer.from_hf("gpt2/")  # vocab.json + merges.txt, encoder.json + vocab.bpe or tokenizer.json
 """
 
 from handgrad.tokenizer.bpe import BPETokenizer

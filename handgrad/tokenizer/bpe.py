@@ -452,7 +452,8 @@ class BPETokenizer:
     @classmethod
     def from_hf(cls, directory: str | os.PathLike[str]) -> BPETokenizer:
         """Load GPT-2-style files from `directory`: vocab.json + merges.txt (Hugging Face) or
-        encoder.json + vocab.bpe (OpenAI's GPT-2 release). Ids are kept as in the files."""
+        encoder.json + vocab.bpe (OpenAI's GPT-2 release), else a byte-level BPE tokenizer.json
+        (all that `transformers` >= 5 saves). Ids are kept as in the files."""
         encoder, merges, specials = interop.read_gpt2_files(directory)
         try:
             return cls(encoder, merges, specials, GPT2_PATTERN)

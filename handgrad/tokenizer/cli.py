@@ -7,7 +7,7 @@ handgrad tokenizer decode --tokenizer tok.json 15496 995                 # print
 handgrad tokenizer encode --tokenizer gpt2/ --text "Hello"   # a directory of GPT-2 files
 
 --tokenizer takes a file saved by `train`, or a directory (or one of its files) with GPT-2's
-vocab.json + merges.txt or OpenAI's encoder.json + vocab.bpe.
+vocab.json + merges.txt, OpenAI's encoder.json + vocab.bpe, or only Hugging Face's tokenizer.json.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from handgrad.tokenizer.load import load_tokenizer
 
 _TOKENIZER_HELP = (
     "a tokenizer file saved by 'train', or a directory with vocab.json + merges.txt "
-    "(or encoder.json + vocab.bpe)"
+    "(or encoder.json + vocab.bpe, or a byte-level BPE tokenizer.json)"
 )
 
 

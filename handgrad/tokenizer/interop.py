@@ -4,7 +4,9 @@ GPT-2's file format writes every token's bytes as text through `bytes_to_unicode
 becomes "Ġ", a newline "Ċ"): a vocabulary JSON maps that text to the id, and a merges file lists
 "left right" per line in rank order after a "#version" header. The same two formats go by two
 pairs of names: Hugging Face's vocab.json + merges.txt and OpenAI's original release,
-encoder.json + vocab.bpe.
+encoder.json + vocab.bpe. A Hugging Face tokenizer.json holds the same two maps (model.vocab,
+model.merges) next to the pipeline around them (normalizer, pre-tokenizer, added tokens); it is
+read when neither pair is present, and only when that pipeline is GPT-2's.
 
 Nothing here imports the tokenizer class: these functions take and return plain maps (or any
 object with the tokenizer's attributes), and `BPETokenizer` wraps them. `tiktoken` is an optional
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
 # (vocabulary, merges) file names, in the order they are looked for.
 GPT2_FILE_NAMES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+# Read when neither pair is present (transformers >= 5 saves only this for a GPT-2 tokenizer).
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 def _require(module: str, purpose: str) -> Any:
@@ -156,6 +160,14 @@ def export_hf(tok: BPETokenizer, directory: str | os.PathLike[str]) -> None:
 # ---------------------------------------------------------------------- import
 
 
+def _gpt2_pair(directory: Path) -> tuple[Path, Path] | None:
+    for vocab_name, merges_name in GPT2_FILE_NAMES:
+        vocab_path, merges_path = directory / vocab_name, directory / merges_name
+        if vocab_path.is_file() and merges_path.is_file():
+            return vocab_path, merges_path
+    return None
+
+
 def find_gpt2_files(directory: str | os.PathLike[str]) -> tuple[Path, Path]:
     """The (vocabulary, merges) files in `directory`: vocab.json + merges.txt, else OpenAI's
     encoder.json + vocab.bpe. A missing file raises FileNotFoundError naming what was looked
@@ -163,12 +175,12 @@ def find_gpt2_files(directory: str | os.PathLike[str]) -> tuple[Path, Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory (expected GPT-2 tokenizer files)")
-    for vocab_name, merges_name in GPT2_FILE_NAMES:
-        vocab_path, merges_path = directory / vocab_name, directory / merges_name
-        if vocab_path.is_file() and merges_path.is_file():
-            return vocab_path, merges_path
-    present = [n for pair in GPT2_FILE_NAMES for n in pair if (directory / n).is_file()]
-    looked_for = " or ".join(f"{v} + {m}" for v, m in GPT2_FILE_NAMES)
+    pair = _gpt2_pair(directory)
+    if pair is not None:
+        return pair
+    names = [n for pair in GPT2_FILE_NAMES for n in pair] + [HF_TOKENIZER_FILE]
+    present = [n for n in names if (directory / n).is_file()]
+    looked_for = " or ".join([*(f"{v} + {m}" for v, m in GPT2_FILE_NAMES), HF_TOKENIZER_FILE])
     found = f"; found only {', '.join(present)}" if present else ""
     raise FileNotFoundError(
         f"{directory}: no GPT-2 tokenizer files (looked for {looked_for}){found}"
@@ -178,7 +190,9 @@ def find_gpt2_files(directory: str | os.PathLike[str]) -> tuple[Path, Path]:
 def read_gpt2_files(
     directory: str | os.PathLike[str],
 ) -> tuple[dict[bytes, int], list[tuple[int, int]], dict[str, int]]:
-    """Read a GPT-2-style byte-level BPE from `directory` (see `find_gpt2_files`).
+    """Read a GPT-2-style byte-level BPE from `directory`: vocab.json + merges.txt, else
+    encoder.json + vocab.bpe (see `find_gpt2_files`), else a Hugging Face tokenizer.json (see
+    `read_hf_tokenizer_json`; what `transformers` >= 5 saves for a fast GPT-2 tokenizer).
 
     Returns (encoder: token bytes -> id, merges: (id_a, id_b) in rank order, special tokens:
     text -> id), with the ids of the files. Entries that are neither one of the 256 byte
@@ -187,67 +201,221 @@ def read_gpt2_files(
     rank-based vocabulary holds each byte string once, and the earlier, lower-rank merge already
     builds it.
     """
+    directory = Path(directory)
+    hf_file = directory / HF_TOKENIZER_FILE
+    if directory.is_dir() and _gpt2_pair(directory) is None and hf_file.is_file():
+        return read_hf_tokenizer_json(hf_file)
     vocab_path, merges_path = find_gpt2_files(directory)
-    try:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{vocab_path}: not valid JSON ({e})") from None
+    vocab = _read_json(vocab_path)
     if not isinstance(vocab, dict) or not all(
         isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()
     ):
         raise ValueError(f"{vocab_path}: expected a JSON object mapping token text to int ids")
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise ValueError(f"{vocab_path}: ids must be exactly 0..{len(vocab) - 1}")
-
-    b2u = bytes_to_unicode()
-    u2b = {u: b for b, u in b2u.items()}
-    encoder: dict[bytes, int] = {}
-    for b in range(256):
-        if b2u[b] not in vocab:
-            raise ValueError(
-                f"{vocab_path}: not a byte-level BPE vocabulary: byte {b} ({b2u[b]!r}) has no token"
-            )
-        encoder[bytes([b])] = vocab[b2u[b]]
-
-    def to_bytes(token: str, line_no: int) -> bytes:
-        if token not in vocab:
-            raise ValueError(
-                f"{merges_path}:{line_no}: token {token!r} is not in {vocab_path.name}"
-            )
-        try:
-            return bytes(u2b[c] for c in token)
-        except KeyError:
-            raise ValueError(
-                f"{merges_path}:{line_no}: token {token!r} is not byte-level text"
-            ) from None
-
-    merges: list[tuple[int, int]] = []
-    merged_texts: set[str] = set()
     try:
         lines = merges_path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"{merges_path}: not UTF-8 text ({e})") from None
+    merges: list[tuple[str, str, str]] = []
     for line_no, line in enumerate(lines, start=1):
         if not line.strip() or (line_no == 1 and line.startswith("#version")):
             continue
         parts = line.split(" ")
         if len(parts) != 2:
             raise ValueError(f"{merges_path}:{line_no}: expected 'left right', got {line!r}")
-        a, b = to_bytes(parts[0], line_no), to_bytes(parts[1], line_no)
-        result = parts[0] + parts[1]
-        if result not in vocab:
+        merges.append((f"{merges_path}:{line_no}", parts[0], parts[1]))
+    encoder, merge_ids, specials = _byte_level_bpe(vocab, merges, str(vocab_path), vocab_path.name)
+    return encoder, merge_ids, specials
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _byte_level_bpe(
+    vocab: dict[str, int],
+    merges: list[tuple[str, str, str]],
+    vocab_where: str,
+    vocab_name: str,
+) -> tuple[dict[bytes, int], list[tuple[int, int]], dict[str, int]]:
+    """(encoder, merge ids, special tokens) from byte-level token text -> id and the merges as
+    (where, left text, right text) in rank order; `where` prefixes each merge's errors,
+    `vocab_where` the vocabulary's, and `vocab_name` names the vocabulary inside them."""
+    b2u = bytes_to_unicode()
+    u2b = {u: b for b, u in b2u.items()}
+    encoder: dict[bytes, int] = {}
+    for b in range(256):
+        if b2u[b] not in vocab:
             raise ValueError(
-                f"{merges_path}:{line_no}: merge result {result!r} is not in {vocab_path.name}"
+                f"{vocab_where}: not a byte-level BPE vocabulary: byte {b} ({b2u[b]!r}) has no "
+                "token"
             )
+        encoder[bytes([b])] = vocab[b2u[b]]
+
+    def to_bytes(token: str, where: str) -> bytes:
+        if token not in vocab:
+            raise ValueError(f"{where}: token {token!r} is not in {vocab_name}")
+        try:
+            return bytes(u2b[c] for c in token)
+        except KeyError:
+            raise ValueError(f"{where}: token {token!r} is not byte-level text") from None
+
+    merge_ids: list[tuple[int, int]] = []
+    merged_texts: set[str] = set()
+    for where, left, right in merges:
+        a, b = to_bytes(left, where), to_bytes(right, where)
+        result = left + right
+        if result not in vocab:
+            raise ValueError(f"{where}: merge result {result!r} is not in {vocab_name}")
         merged_texts.add(result)
         if a + b in encoder:
             continue
         encoder[a + b] = vocab[result]
-        merges.append((encoder[a], encoder[b]))
+        merge_ids.append((encoder[a], encoder[b]))
 
     byte_texts = set(b2u.values())
     specials = {t: i for t, i in vocab.items() if t not in byte_texts and t not in merged_texts}
-    return encoder, merges, specials
+    return encoder, merge_ids, specials
+
+
+def _kind(obj: Any) -> str:
+    return repr(obj.get("type")) if isinstance(obj, dict) else repr(obj)
+
+
+def _byte_level_problems(pre: Any) -> list[str]:
+    """What keeps a `pre_tokenizer` entry from being GPT-2's: ByteLevel with its built-in regex
+    (GPT-2's pattern) and no space put before the text. A Sequence holding only that is the
+    same thing."""
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        inner = pre.get("pretokenizers")
+        if isinstance(inner, list) and len(inner) == 1:
+            return _byte_level_problems(inner[0])
+        kinds = ", ".join(_kind(p) for p in inner) if isinstance(inner, list) else repr(inner)
+        return [f"pre_tokenizer is a Sequence of [{kinds}], not GPT-2's single ByteLevel"]
+    if not isinstance(pre, dict) or pre.get("type") != "ByteLevel":
+        return [f"pre_tokenizer is {_kind(pre)}, not 'ByteLevel'"]
+    problems = []
+    if pre.get("use_regex", True) is not True:
+        problems.append("pre_tokenizer ByteLevel has use_regex false (no GPT-2 pattern split)")
+    if pre.get("add_prefix_space", False) is not False:
+        problems.append(
+            "pre_tokenizer ByteLevel has add_prefix_space true (a space is put before the text)"
+        )
+    return problems
+
+
+def _gpt2_kind_problems(doc: dict[str, Any]) -> list[str]:
+    """Every way the tokenizer.json document `doc` encodes text differently from GPT-2's
+    byte-level BPE. The post-processor (tokens put around a whole sequence on request) and the
+    decoder (ids -> text) do not change the ids of a text, so they are not checked."""
+    problems: list[str] = []
+    model = doc.get("model")
+    if not isinstance(model, dict):
+        return ['no "model" object']
+    model_type = model.get("type", "BPE" if "merges" in model else None)
+    if model_type != "BPE":
+        problems.append(f"model.type is {model_type!r}, not 'BPE'")
+    if model.get("dropout") not in (None, 0, 0.0):
+        problems.append(f"model.dropout is {model['dropout']!r} (merges skipped at random)")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            problems.append(f"model.{key} is {model[key]!r} (GPT-2 has none)")
+    if model.get("byte_fallback"):
+        problems.append("model.byte_fallback is true")
+    if model.get("ignore_merges"):
+        problems.append("model.ignore_merges is true (whole words skip the merges)")
+    normalizer = doc.get("normalizer")
+    empty = isinstance(normalizer, dict) and normalizer.get("type") == "Sequence"
+    if normalizer is not None and not (empty and not normalizer.get("normalizers")):
+        problems.append(f"normalizer is {_kind(normalizer)} (GPT-2 has none)")
+    problems += _byte_level_problems(doc.get("pre_tokenizer"))
+    return problems
+
+
+def read_hf_tokenizer_json(
+    path: str | os.PathLike[str],
+) -> tuple[dict[bytes, int], list[tuple[int, int]], dict[str, int]]:
+    """Read a byte-level BPE from a Hugging Face `tokenizers` document (tokenizer.json).
+
+    Returns what `read_gpt2_files` returns. The vocabulary is ``model.vocab``; the merges are
+    ``model.merges`` in rank order, each "left right" or ["left", "right"] (the two forms
+    `tokenizers` writes); the special tokens are the ``added_tokens`` at their ids (an added
+    token the model vocabulary already holds keeps the model's id, as in `tokenizers`), plus any
+    vocabulary entry that is neither a byte nor a merge result. A document that would encode
+    text differently from GPT-2 (another model type, another pre-tokenizer, a normalizer, added
+    tokens that strip spaces or match only whole words) is refused, naming what differs.
+    """
+    path = Path(path)
+    doc = _read_json(path)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object (a Hugging Face tokenizer.json)")
+    problems = _gpt2_kind_problems(doc)
+    added = doc.get("added_tokens") or []
+    if not isinstance(added, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str)
+        for t in added
+    ):
+        raise ValueError(f'{path}: "added_tokens" must be a list of {{"id": int, "content": str}}')
+    for t in added:
+        flags = [f for f in ("lstrip", "rstrip", "single_word") if t.get(f)]
+        if flags:
+            problems.append(f"added token {t['content']!r} has {', '.join(flags)} set")
+    if problems:
+        raise ValueError(
+            f"{path}: not a byte-level BPE tokenizer of GPT-2's kind: {'; '.join(problems)}"
+        )
+
+    model = doc["model"]
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()
+    ):
+        raise ValueError(f"{path}: model.vocab must be a JSON object mapping token text to ids")
+    raw_merges = model.get("merges")
+    if not isinstance(raw_merges, list):
+        raise ValueError(f"{path}: model.merges must be a list")
+    merges: list[tuple[str, str, str]] = []
+    for rank, m in enumerate(raw_merges):
+        where = f"{path}: model.merges[{rank}]"
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+        ):
+            raise ValueError(f'{where}: expected "left right" or ["left", "right"], got {m!r}')
+        merges.append((where, pair[0], pair[1]))
+
+    # The model's ids and the added tokens' ids together must be exactly 0..n-1.
+    full = dict(vocab)
+    by_id = {i: t for t, i in vocab.items()}
+    if len(by_id) != len(vocab):
+        raise ValueError(f"{path}: model.vocab gives two tokens the same id")
+    for t in added:
+        content, i = t["content"], t["id"]
+        if content in full:
+            continue
+        if i in by_id:
+            raise ValueError(
+                f"{path}: added token {content!r} has id {i}, which is {by_id[i]!r}'s already"
+            )
+        full[content] = by_id[i] = i
+    if sorted(full.values()) != list(range(len(full))):
+        raise ValueError(
+            f"{path}: the ids of model.vocab and added_tokens must be exactly 0..{len(full) - 1}"
+        )
+    encoder, merge_ids, specials = _byte_level_bpe(
+        full, merges, f"{path}: model.vocab", "model.vocab"
+    )
+    for t in added:
+        if t["content"] not in specials:
+            raise ValueError(
+                f"{path}: added token {t['content']!r} is also an ordinary byte-level token of "
+                "model.vocab; a GPT-2 tokenizer cannot hold both"
+            )
+    return encoder, merge_ids, specials
 
 
 # ---------------------------------------------------------------------- tiktoken

@@ -53,7 +53,7 @@ def read_tokenizer_json(
         raise TokenizerFileError(
             path,
             "is a directory (handgrad.tokenizer.load_tokenizer reads a directory of GPT-2 "
-            "files: vocab.json + merges.txt or encoder.json + vocab.bpe)",
+            "files: vocab.json + merges.txt, encoder.json + vocab.bpe or tokenizer.json)",
         ) from None
     except UnicodeDecodeError as e:
         raise TokenizerFileError(path, f"not UTF-8 text ({e})") from None
@@ -69,8 +69,8 @@ def read_tokenizer_json(
         hint = ""
         if "model" in obj and "added_tokens" in obj:
             hint = (
-                " (it looks like a Hugging Face tokenizer.json: pass its directory, which "
-                "holds vocab.json + merges.txt, or use BPETokenizer.from_hf(directory))"
+                " (it looks like a Hugging Face tokenizer.json: pass its directory, or use "
+                "BPETokenizer.from_hf(directory))"
             )
         raise TokenizerFileError(
             path, f'not a handgrad tokenizer file: no "format": "{FORMAT_NAME}" key{hint}'

@@ -21,7 +21,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> BPETokenizer | CharTokenizer
 
     - a file saved with ``.save(path)`` (dispatching on its "type": bpe or char);
     - a directory holding GPT-2 tokenizer files (vocab.json + merges.txt, or OpenAI's
-      encoder.json + vocab.bpe), or one of those files: read with `BPETokenizer.from_hf`.
+      encoder.json + vocab.bpe, or only a Hugging Face tokenizer.json), or one of the GPT-2
+      files: read with `BPETokenizer.from_hf`.
     """
     path = Path(path)
     if path.is_dir():

@@ -1,20 +1,20 @@
-"""Checkpoints: one directory per saved step, published atomically, safetensors + JSON only.
+"""Saving and loading training checkpoints: one directory per saved step, published
+atomically, safetensors + JSON only. The layout and finding a checkpoint are
+``handgrad.checkpoint``'s; this module writes, prunes and reads what resuming needs.
 
-Layout of a run directory::
+A checkpoint directory ``<run>/checkpoints/step_0002000/`` holds::
 
-    <run>/latest                          text: "checkpoints/step_0002000" (the newest complete one)
-    <run>/checkpoints/step_0002000/
-        model.safetensors                 weights in their stored dtype (bf16 stays bf16)
-        optimizer.safetensors             AdamW moments and fp32 master weights; the rest of the
-                                          optimizer state (step counts, groups) is JSON in the
-                                          file's metadata under "optimizer"
-        config.json                       the full resolved config; "model" = GPT2Config.to_dict()
-        trainer_state.json                step, tokens seen, RNG states, best val loss, version
-        tokenizer.json                    a copy of the tokenizer the data was made with
+    model.safetensors                 weights in their stored dtype (bf16 stays bf16)
+    optimizer.safetensors             AdamW moments and fp32 master weights; the rest of the
+                                      optimizer state (step counts, groups) is JSON in the
+                                      file's metadata under "optimizer"
+    config.json                       the full resolved config; "model" = GPT2Config.to_dict()
+    trainer_state.json                step, tokens seen, RNG states, best val loss, version
+    tokenizer.json                    a copy of the tokenizer the data was made with
 
 Publishing: every file is written into ``checkpoints/.tmp-step_...`` which is then renamed to
 its final name (one atomic rename of a complete directory), and only then ``latest`` is
-replaced (write a temp file, ``os.replace``). A crash or a full disk at any point leaves
+replaced (atomically, ``handgrad.fileio``). A crash or a full disk at any point leaves
 ``latest`` naming the previous complete checkpoint. Older checkpoints beyond the newest
 ``keep`` are deleted afterwards.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,24 @@ from typing import Any
 
 import numpy as np
 
+from handgrad.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    CheckpointError,
+    list_checkpoints,
+    read_config,
+    read_json,
+    read_latest,
+    resolve_checkpoint,
+    run_dir_of,
+    step_dir_name,
+    write_latest,
+)
+from handgrad.fileio import fsync_dir, write_json_atomic
 from handgrad.optim import flatten_state_dict, unflatten_state_dict
 from handgrad.serialization import SafetensorsError, load_file, load_metadata, save_file
 
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 FILES = (
     "model.safetensors",
     "optimizer.safetensors",
@@ -44,50 +55,28 @@ FILES = (
     "trainer_state.json",
     "tokenizer.json",
 )
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
+__all__ = [
+    "CHECKPOINTS",
+    "FILES",
+    "FORMAT_VERSION",
+    "LATEST",
+    "Checkpoint",
+    "CheckpointError",
+    "list_checkpoints",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "read_latest",
+    "resolve_checkpoint",
+    "run_dir_of",
+    "save_checkpoint",
+    "step_dir_name",
+    "write_latest",
+]
 
 
 # ----------------------------------------------------------------------------------------
 # writing
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_latest(run_dir: Path, target: str) -> None:
-    """Point ``<run_dir>/latest`` at ``target`` (relative path), atomically."""
-    tmp = run_dir / f".{LATEST}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(target + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, run_dir / LATEST)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(run_dir)
 
 
 def save_checkpoint(
@@ -117,10 +106,12 @@ def save_checkpoint(
         save_file(weights, tmp / "model.safetensors", metadata={"step": str(step)})
         arrays, rest = flatten_state_dict(optimizer.state_dict())
         save_file(arrays, tmp / "optimizer.safetensors", metadata={"optimizer": json.dumps(rest)})
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "trainer_state.json", {"format_version": FORMAT_VERSION, **trainer_state})
+        write_json_atomic(tmp / "config.json", config)
+        write_json_atomic(
+            tmp / "trainer_state.json", {"format_version": FORMAT_VERSION, **trainer_state}
+        )
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a rerun): replace it whole
             old = root / f".old-{name}-{os.getpid()}"
             os.rename(final, old)
@@ -128,26 +119,13 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_latest(run_dir, f"{CHECKPOINTS}/{name}")
     prune_checkpoints(run_dir, keep)
     return final
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoint directories of a run, oldest first, as (step, path)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
@@ -168,43 +146,6 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
 # reading
 
 
-def read_latest(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint directory ``<run_dir>/latest`` names, or None without a latest file."""
-    run_dir = Path(run_dir)
-    path = run_dir / LATEST
-    if not path.is_file():
-        return None
-    target = path.read_text(encoding="utf-8").strip()
-    ckpt = run_dir / target
-    if not target or not ckpt.is_dir():
-        raise CheckpointError(f"{path} names {target!r}, which is not a directory in {run_dir}")
-    return ckpt
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a run directory (follows ``latest``) or a checkpoint
-    directory itself."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such directory")
-    latest = read_latest(path)
-    if latest is not None:
-        return latest
-    if (path / "trainer_state.json").exists() or (path / "model.safetensors").exists():
-        return path
-    raise CheckpointError(
-        f"{path}: not a checkpoint (no trainer_state.json) nor a run directory (no '{LATEST}' file)"
-    )
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run directory holding ``<run>/checkpoints/step_N``."""
-    checkpoint = checkpoint.resolve()
-    if checkpoint.parent.name == CHECKPOINTS:
-        return checkpoint.parent.parent
-    return checkpoint
-
-
 @dataclass
 class Checkpoint:
     """A checkpoint read and checked for completeness (not yet against a model)."""
@@ -220,13 +161,6 @@ class Checkpoint:
         return self.path / "tokenizer.json"
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read every file of a checkpoint; refuse a missing file, invalid JSON or safetensors,
     another format version or an incomplete trainer state."""
@@ -234,10 +168,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     missing = [f for f in FILES if not (ckpt / f).is_file()]
     if missing:
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
-    config = _read_json(ckpt / "config.json")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f'{ckpt / "config.json"}: has no "model" section')
-    state = _read_json(ckpt / "trainer_state.json")
+    config = read_config(ckpt)
+    state = read_json(ckpt / "trainer_state.json")
     if not isinstance(state, dict):
         raise CheckpointError(f"{ckpt / 'trainer_state.json'}: not a JSON object")
     if state.get("format_version") != FORMAT_VERSION:

@@ -137,9 +137,9 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from handgrad.checkpoint import CheckpointError, resolve_checkpoint
     from handgrad.models.gpt2 import GPT2
     from handgrad.tokenizer import load_tokenizer
-    from handgrad.train.checkpoint import CheckpointError, resolve_checkpoint
     from handgrad.train.trainer import prompt_ids
 
     if args.num_samples < 1:

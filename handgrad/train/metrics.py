@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from handgrad.fileio import atomic_path, write_text_atomic
+
 
 class MetricsLog:
     """Appends records to ``metrics.jsonl``, flushed line by line so a crash loses nothing
@@ -27,9 +29,7 @@ class MetricsLog:
                     continue  # a line cut short by a crash
                 if isinstance(rec, dict) and rec.get("step", math.inf) <= resume_step:
                     kept.append(rec)
-            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self.records = kept
         elif self.path.exists():
             self.path.unlink()
@@ -77,12 +77,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, title: s
     if title:
         fig.suptitle(title)
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path, suffix=path.suffix) as tmp:  # savefig picks the format by suffix
         fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _tokens_per_step(records: list[dict[str, Any]]) -> float | None:

@@ -228,3 +228,36 @@ def test_import_export_round_trip_tokenizers_trained(tmp_path, layout):
         reference = hf_logits(hf_model, ids)
         assert_close(hf_logits(exported, ids), reference)
         assert_close(ours_logits(model, ids), reference)
+
+
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_import_tokenizer_json_only(tmp_path, layout):
+    """A source whose tokenizer was saved by GPT2TokenizerFast.save_pretrained: with
+    transformers >= 5 only tokenizer.json + tokenizer_config.json, no vocab.json / merges.txt."""
+    hf_tok, hf_model = _hf_trained_source(tmp_path / "src", layout)
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "src" / name).unlink()
+    eot = "<|endoftext|>"
+    fast = transformers.GPT2TokenizerFast(
+        tokenizer_object=hf_tok, eos_token=eot, bos_token=eot, unk_token=eot
+    )
+    fast.save_pretrained(tmp_path / "src")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert not (tmp_path / "src" / "vocab.json").exists()
+    (tmp_path / "src" / "vocab.json").unlink(missing_ok=True)
+    (tmp_path / "src" / "merges.txt").unlink(missing_ok=True)
+    assert (tmp_path / "src" / "tokenizer.json").is_file()
+
+    run = import_hf(tmp_path / "src", tmp_path / "run")
+    from handgrad.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(run / "checkpoints" / "step_0000000" / "tokenizer.json")
+    reloaded = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "src")
+    assert ours.eot_token == hf_tok.token_to_id(eot) == reloaded.eos_token_id
+    model = GPT2.from_checkpoint(run)
+    model.eval()
+    for text in [f"{eot}Mary walked along the river", f"a village near the forest{eot}"]:
+        ids = reloaded(text)["input_ids"]
+        assert ids == hf_tok.encode(text).ids
+        assert ours.encode(text, allowed_special="all") == ids
+        assert_close(ours_logits(model, ids), hf_logits(hf_model, ids))

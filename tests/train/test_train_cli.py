@@ -9,10 +9,10 @@ import pytest
 
 import handgrad
 from handgrad.cli import main
+from handgrad.data.cache import data_cache_key, prepared_data_dir
 from handgrad.nn import functional as F
 from handgrad.train import evaluate, unigram_loss
 from handgrad.train.config import DataSection
-from handgrad.train.trainer import data_cache_key, prepared_data_dir
 
 TOML = """
 [model]
