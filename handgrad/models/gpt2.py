@@ -27,6 +27,7 @@ import numpy as np
 from handgrad import backend as B
 from handgrad import nn
 from handgrad.checkpoint import read_config, resolve_checkpoint
+from handgrad.device import device, new_array, to_device
 from handgrad.grad_mode import no_grad
 from handgrad.nn import functional as F
 from handgrad.nn import init
@@ -183,12 +184,13 @@ def flops_per_token(config: GPT2Config, seq_len: int | None = None) -> int:
 
 class KVCache:
     """Keys and values of the positions seen so far, one (B, n_head, block_size, head_dim)
-    float32 buffer per layer for each, filled left to right; ``length`` positions are valid."""
+    float32 buffer per layer for each on ``device`` (the model's), filled left to right;
+    ``length`` positions are valid."""
 
-    def __init__(self, config: GPT2Config, batch_size: int) -> None:
+    def __init__(self, config: GPT2Config, batch_size: int, device: Any = None) -> None:
         shape = (batch_size, config.n_head, config.block_size, config.head_dim)
-        self.k = [B.xp.zeros(shape, dtype=B.float32) for _ in range(config.n_layer)]
-        self.v = [B.xp.zeros(shape, dtype=B.float32) for _ in range(config.n_layer)]
+        self.k = [new_array(device, "zeros", shape, dtype=B.float32) for _ in range(config.n_layer)]
+        self.v = [new_array(device, "zeros", shape, dtype=B.float32) for _ in range(config.n_layer)]
         self.length = 0
 
 
@@ -222,7 +224,8 @@ class CausalSelfAttention(nn.Module):
             cache.v[layer][:, :, start:end] = v.data
             keys = Tensor._make(cache.k[layer][:, :, :end])
             values = Tensor._make(cache.v[layer][:, :, :end])
-            allowed = B.xp.arange(end)[None, :] <= B.xp.arange(start, end)[:, None]  # (T, end)
+            xp = B.get_array_module(k.data)
+            allowed = xp.arange(end)[None, :] <= xp.arange(start, end)[:, None]  # (T, end)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=Tensor._make(allowed))
         y = y.transpose(1, 2).reshape(Bsz, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -292,6 +295,11 @@ class GPT2(nn.Module):
             elif isinstance(module, nn.Embedding):
                 init.normal_(module.weight, 0.0, 0.02)
 
+    @property
+    def device(self) -> device:
+        """Where the parameters live (``model.to(device)`` moves them)."""
+        return self.transformer.wte.weight.device
+
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters counted on the built model (tied weights once); see ``num_parameters``."""
         n = sum(p.numel() for p in self.parameters())
@@ -331,12 +339,13 @@ class GPT2(nn.Module):
 
         With ``targets`` (B, T) (the next token at each position; -1 marks positions to
         ignore) returns ``(logits, loss)``, the loss the mean cross entropy over the counted
-        positions."""
+        positions. ``idx`` and ``targets`` given as arrays or lists are put on the model's
+        device; tensors must be there already."""
         idx = self._check_idx(idx, "idx")
         logits = self._logits(self._hidden(idx))
         if targets is None:
             return logits
-        targets = targets if isinstance(targets, Tensor) else Tensor(targets)
+        targets = targets if isinstance(targets, Tensor) else Tensor(targets, device=idx.device)
         if tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(
                 f"GPT2.forward: targets have shape {tuple(targets.shape)}, expected the shape "
@@ -347,7 +356,13 @@ class GPT2(nn.Module):
         return logits, loss
 
     def _check_idx(self, idx: Tensor | Any, what: str, limit: int | None = None) -> Tensor:
-        idx = idx if isinstance(idx, Tensor) else Tensor(np.asarray(idx))
+        """``idx`` as a (B, T) integer tensor, on the model's device when it was given as an
+        array. Token ids are range-checked where they are on the host: on a GPU that check
+        would wait for the device once per call, so device ids are trusted (the trainer's
+        batches come from shards checked against the vocabulary)."""
+        given = idx
+        if not isinstance(idx, Tensor):
+            idx = Tensor(idx if B.is_array(idx) else np.asarray(idx))
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(
                 f"GPT2: {what} must be a (batch, time) array of integer token ids, "
@@ -359,14 +374,10 @@ class GPT2(nn.Module):
                 f"GPT2: cannot forward a sequence of length {T}, block_size is only "
                 f"{self.config.block_size}"
             )
-        if idx.data.size:
-            lo, hi = int(idx.data.min()), int(idx.data.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"GPT2: token id {bad} in {what} is outside the vocabulary "
-                    f"[0, {self.config.vocab_size})"
-                )
+        if idx.device.type == "cpu":
+            _check_ids(idx.data, what, self.config.vocab_size)
+        if given is not idx and not isinstance(given, Tensor):
+            idx = idx.to(self.device)
         return idx
 
     # ---- sampling
@@ -400,8 +411,12 @@ class GPT2(nn.Module):
         Returns (B, T + n) int64, n <= max_new_tokens: a Tensor if ``idx`` is one, else an array.
         """
         as_tensor = isinstance(idx, Tensor)
+        where = idx.device if as_tensor else None
         idx = self._check_idx(idx, "idx", limit=math.inf)
-        tokens = idx.data.astype(B.int64)
+        # sampling runs on the host (one copy of the last logits per token), from the host
+        # generator, so a seed gives the same tokens on every device
+        tokens = B.to_numpy(idx.data).astype(B.int64)
+        _check_ids(tokens, "idx", self.config.vocab_size)
         if tokens.shape[1] == 0:
             raise ValueError("generate: idx needs at least one token per row to condition on")
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -418,7 +433,7 @@ class GPT2(nn.Module):
                 f"got {eos_token_id!r}"
             )
         if max_new_tokens == 0:
-            return Tensor._make(tokens) if as_tensor else tokens
+            return Tensor(tokens, device=where) if as_tensor else tokens
         rng = np.random.default_rng(seed) if seed is not None else default_generator()
         bs, Bsz = self.config.block_size, tokens.shape[0]
         done = np.zeros(Bsz, dtype=bool)
@@ -433,7 +448,7 @@ class GPT2(nn.Module):
             for p in self.parameters():
                 p.data = p.data.astype(B.float32, copy=False)
             with no_grad():
-                cache = KVCache(self.config, Bsz)
+                cache = KVCache(self.config, Bsz, self.device)
                 logits = self._step(tokens[:, -bs:], cache)  # prefill with the prompt
                 for step in range(max_new_tokens):
                     nxt = sample_next(logits, temperature, top_k, top_p, rng)
@@ -445,7 +460,7 @@ class GPT2(nn.Module):
                         break
                     if cache.length == bs:  # window full: slide it by re-running
                         context = np.concatenate([tokens, np.stack(new, axis=1)], axis=1)
-                        cache = KVCache(self.config, Bsz)
+                        cache = KVCache(self.config, Bsz, self.device)
                         logits = self._step(context[:, -bs:], cache)
                     else:
                         logits = self._step(nxt[:, None], cache)
@@ -454,15 +469,15 @@ class GPT2(nn.Module):
                 p.data = stored[id(p)]
             self.train(was_training)
         out = np.concatenate([tokens, *(t[:, None] for t in new)], axis=1)
-        return Tensor._make(out) if as_tensor else out
+        return Tensor(out, device=where) if as_tensor else out
 
     def _step(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Run ``tokens`` (B, T) after the cached positions, appending their keys and values;
-        returns the float32 logits (B, V) of the last one."""
-        x = self._hidden(Tensor._make(tokens), cache)
+        """Run host ``tokens`` (B, T) after the cached positions, appending their keys and
+        values; returns the float32 logits (B, V) of the last one, on the host."""
+        x = self._hidden(Tensor._make(to_device(tokens, self.device)), cache)
         cache.length += tokens.shape[1]
         # Only the last position's logits are needed: (B, 1, C) @ (C, V) instead of (B, T, V).
-        return self._logits(x[:, -1:]).data[:, 0].astype(B.float32, copy=False)
+        return B.to_numpy(self._logits(x[:, -1:]).data[:, 0].astype(B.float32, copy=False))
 
     # ---- loading
     @classmethod
@@ -501,6 +516,17 @@ class GPT2(nn.Module):
 
 # ----------------------------------------------------------------------------------------
 # sampling
+
+
+def _check_ids(ids: np.ndarray, what: str, vocab_size: int) -> None:
+    """Refuse host token ids outside [0, vocab_size), naming the first bad one."""
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"GPT2: token id {lo if lo < 0 else hi} in {what} is outside the vocabulary "
+                f"[0, {vocab_size})"
+            )
 
 
 def sample_next(

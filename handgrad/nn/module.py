@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from handgrad import backend as B
+from handgrad.device import parse_to, to_device
 from handgrad.tensor import Tensor
 
 # ----------------------------------------------------------------------------------------
@@ -373,23 +374,35 @@ class Module:
             else:
                 p.grad.data[...] = 0
 
-    def to(self, dtype: Any) -> Module:
-        """Cast floating point parameters and buffers (and their grads) to ``dtype`` in place:
-        the Parameter objects stay the same, only their arrays change. ``'cpu'`` is a no-op."""
-        if isinstance(dtype, str) and dtype == "cpu":
-            return self
-        dtype = B.to_dtype(dtype)
-        if not B.is_floating(dtype):
-            raise TypeError(
-                f"Module.to: only floating dtypes are allowed, got {B.dtype_name(dtype)}"
-            )
+    def to(self, *args: Any, **kwargs: Any) -> Module:
+        """Move parameters and buffers (and their grads) to a device and/or cast the floating
+        point ones to a dtype, in place, as torch's ``Module.to``: ``m.to('cuda')``,
+        ``m.to(hg.bfloat16)``, ``m.to('cuda:1', 'bf16')``. The Parameter objects stay the
+        same (an optimizer built on them keeps working); only their arrays change."""
+        target, dtype = parse_to(args, kwargs)
+        if dtype is not None:
+            dtype = B.to_dtype(dtype)
+            if not B.is_floating(dtype):
+                raise TypeError(
+                    f"Module.to: only floating dtypes are allowed, got {B.dtype_name(dtype)}"
+                )
         for t in [*self.parameters(), *self.buffers()]:
-            if not B.is_floating(t.dtype) or t.dtype == dtype:
-                continue
-            t.data = t.data.astype(dtype)
-            if t.grad is not None:
-                t.grad.data = t.grad.data.astype(B.compute_dtype(dtype))
+            if dtype is not None and B.is_floating(t.dtype) and t.dtype != dtype:
+                t.data = t.data.astype(dtype)
+                if t.grad is not None:
+                    t.grad.data = t.grad.data.astype(B.compute_dtype(dtype))
+            if target is not None:
+                t.data = to_device(t.data, target)
+                if t.grad is not None:
+                    t.grad.data = to_device(t.grad.data, target)
         return self
+
+    def cuda(self, device: Any = None) -> Module:
+        """Parameters and buffers on a CUDA GPU (``device``: its index or name)."""
+        return self.to("cuda" if device is None else device)
+
+    def cpu(self) -> Module:
+        return self.to("cpu")
 
     def float(self) -> Module:
         return self.to(B.float32)
