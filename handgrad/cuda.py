@@ -9,6 +9,7 @@ error that says which piece is missing: CuPy itself, or a GPU that CuPy can see.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 _cupy: Any = None
@@ -82,4 +83,33 @@ def synchronize(index: int | None = None) -> None:
         cp.cuda.Device(index).synchronize()
 
 
-__all__ = ["device_count", "is_available", "require", "synchronize"]
+_PRECISIONS = ("highest", "high")
+
+
+def set_matmul_precision(precision: str) -> None:
+    """How float32 matmuls run on CUDA, as ``torch.set_float32_matmul_precision``: "highest"
+    computes them in float32; "high" lets cuBLAS use TF32 tensor cores (inputs rounded to a
+    10-bit mantissa, float32 accumulation; ~8x the float32 throughput on an A100/H100).
+
+    CuPy reads ``CUPY_TF32`` when a dtype's cuBLAS compute type is first needed, so the
+    variable is set for that, and the compute type of float32 is set directly where this
+    CuPy exposes it (a cached choice would otherwise win). Without CuPy only the variable
+    changes: a no-op on the CPU. (Untested on a GPU.)"""
+    if precision not in _PRECISIONS:
+        raise ValueError(
+            f"set_matmul_precision: expected one of {list(_PRECISIONS)}, got {precision!r}"
+        )
+    tf32 = precision == "high"
+    os.environ["CUPY_TF32"] = "1" if tf32 else "0"
+    cp = _import_cupy()
+    if cp is None:
+        return
+    try:
+        linalg = importlib.import_module("cupy._core._routines_linalg")
+        kind = linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT
+        linalg.set_compute_type(cp.float32, kind)
+    except (ImportError, AttributeError):  # a CuPy without the setter, or a stand-in
+        pass
+
+
+__all__ = ["device_count", "is_available", "require", "set_matmul_precision", "synchronize"]

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from handgrad.device import device as as_device_spec
+
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "quickstart"
 SECTIONS = ("model", "data", "optim", "train", "eval")
@@ -101,6 +103,9 @@ class TrainSection:
     keep_checkpoints: int = 3
     processes: int = 1  # data-parallel processes on this machine (train/parallel.py)
     sample_tokens: int = 200  # length of the sample printed at each evaluation (0: none)
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where the model and its batches live
+    # "highest": float32 matmuls in full float32; "high": TF32 tensor cores allowed (CUDA only)
+    matmul_precision: str = "highest"
 
 
 @dataclass
@@ -288,6 +293,25 @@ def _check_type(value: Any, t: Any, where: str) -> Any:
 # validation of values (types were checked on the way in)
 
 
+def _device_problems(t: TrainSection) -> list[str]:
+    """What is wrong with ``[train] device`` and ``matmul_precision`` (empty when nothing)."""
+    out = []
+    try:
+        dev = as_device_spec(t.device)
+    except (TypeError, ValueError):
+        return [f"[train] device = {t.device!r}: expected 'cpu', 'cuda' or 'cuda:N'"]
+    if dev.type == "cuda" and t.processes > 1:
+        out.append(
+            f"[train] device = {t.device!r} with processes = {t.processes}: data parallelism "
+            "runs on the CPU only; set processes = 1 to train on the GPU"
+        )
+    if t.matmul_precision not in ("highest", "high"):
+        out.append(
+            f"[train] matmul_precision = {t.matmul_precision!r}: must be 'highest' or 'high'"
+        )
+    return out
+
+
 def validate(cfg: TrainConfig, origin: str = "config") -> None:
     """Impossible values are errors now, not an hour into a run."""
     problems: list[str] = []
@@ -384,6 +408,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         need(getattr(t, key) >= 0, f"[train] {key} = {getattr(t, key)}: must be >= 0")
     need(t.log_interval >= 1, f"[train] log_interval = {t.log_interval}: must be >= 1")
     need(t.keep_checkpoints >= 1, f"[train] keep_checkpoints = {t.keep_checkpoints}: must be >= 1")
+    problems.extend(_device_problems(t))
 
     need(e.interval >= 0, f"[eval] interval = {e.interval}: must be >= 0 (0: only at the end)")
     need(e.batches >= 0, f"[eval] batches = {e.batches}: must be >= 0 (0: no evaluation)")

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from handgrad import backend as B
 from handgrad.data import iter_batches_sequential
+from handgrad.device import to_device
 from handgrad.grad_mode import no_grad
 from handgrad.tensor import Tensor
 
@@ -50,20 +52,28 @@ def evaluate(
 
     The model runs in eval mode (no dropout) without a graph; its mode is restored after.
     Every batch has the same size, so the mean of the batch means is the mean over tokens.
+    Batches go to the model's device (``model.device`` when it has one); the batch losses
+    are summed there and read back once.
     """
     if batches < 1:
         raise ValueError(f"evaluate: batches must be >= 1, got {batches}")
     was_training = model.training
     model.eval()
-    total = 0.0
+    where = getattr(model, "device", None)
+    total: Any = None
     try:
         with no_grad():
             for x, y in iter_batches_sequential(tokens, micro_batch_size, block_size, batches):
-                _, loss = model(Tensor._make(x), Tensor._make(y))
-                total += float(loss.item())
+                _, loss = model(
+                    Tensor._make(to_device(x, where)), Tensor._make(to_device(y, where))
+                )
+                # summed in float64 on the device: the same sum, in the same order, as the
+                # float64 host sum of float(loss) it replaces
+                value = loss.data.astype(B.float64)
+                total = value if total is None else total + value
     finally:
         model.train(was_training)
-    return EvalResult(total / batches, batches * micro_batch_size * block_size)
+    return EvalResult(float(B.to_numpy(total)) / batches, batches * micro_batch_size * block_size)
 
 
 def unigram_loss(

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 import handgrad
+from handgrad import cuda
 from handgrad.checkpoint import check_same_model, latest_text
 from handgrad.data import TokenShards, get_batch
 from handgrad.data.cache import DataSpecError, prepared_data_dir
@@ -52,6 +53,12 @@ from handgrad.train.checkpoint import Checkpoint, CheckpointError, load_checkpoi
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.metrics import MetricsLog, plot_losses
+from handgrad.train.on_device import (
+    BatchUploader,
+    PendingLosses,
+    device_gradients,
+    mean_on_device,
+)
 from handgrad.train.parallel import DataParallel, accumulate_gradients, can_fork
 
 __all__ = [
@@ -154,7 +161,11 @@ def build_run(
         _check_resumable(ckpt, model_cfg, data, tokenizer_sha)
 
     manual_seed(t.seed)
-    model = GPT2(model_cfg)
+    # built (and initialised from the host generator) on the CPU, then moved: the same
+    # seed gives the same weights on every device
+    model = GPT2(model_cfg).to(t.device)
+    if model.device.type == "cuda":
+        cuda.set_matmul_precision(t.matmul_precision)
     optimizer = build_optimizer(model, cfg)
     resolved = cfg.to_dict()
     resolved["model"] = model_cfg.to_dict()
@@ -248,8 +259,10 @@ GradientFn = Callable[[int, np.ndarray, np.ndarray], list[float]]
 
 @dataclass
 class StepResult:
-    loss: float  # mean training loss over the global batch
-    grad_norm: float  # global gradient norm before clipping
+    # mean training loss over the global batch and global gradient norm before clipping:
+    # floats on the CPU; 0-d device arrays on a GPU, read later (see train/on_device.py)
+    loss: Any
+    grad_norm: Any
 
 
 def local_gradients(model: GPT2, rows: int, scale: float) -> GradientFn:
@@ -265,6 +278,9 @@ def local_gradients(model: GPT2, rows: int, scale: float) -> GradientFn:
 def _gradient_fn(run: Run, say: Callable[[str], None]) -> tuple[DataParallel | None, GradientFn]:
     """Data parallel over ``[train] processes`` where the platform can fork, else local."""
     t = run.cfg.train
+    if run.model.device.type != "cpu":
+        upload = BatchUploader(run.model.device)
+        return None, device_gradients(run.model, run.rows, 1.0 / t.grad_accum_steps, upload)
     if t.processes > 1 and can_fork():
         dp = DataParallel(run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed)
         say(
@@ -306,6 +322,12 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     losses = gradients(step, x, y)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if losses and not isinstance(losses[0], float):  # device values: nothing read back
+        norm = clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(mean_on_device(losses, grad_accum_steps), norm.data)
     for i, value in enumerate(losses):
         if not math.isfinite(value):
             raise TrainingDiverged(
@@ -313,7 +335,6 @@ def train_step(
                 f"{grad_accum_steps}, lr {lr:.3g}); stopping."
             )
     loss = sum(losses) / grad_accum_steps
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = float(clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item())
     if not math.isfinite(grad_norm):
         raise TrainingDiverged(
@@ -323,6 +344,26 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm)
+
+
+def _read_pending(pending: PendingLosses, result: TrainResult, step: int, out: Path) -> StepResult:
+    """Read the device losses of the steps since the last read (one host copy) into
+    ``result.train_losses``; TrainingDiverged names the first non-finite one."""
+    loss = norm = math.nan
+    for at, loss, norm in pending.read():
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            what = (
+                f"training loss is {loss}"
+                if not math.isfinite(loss)
+                else f"gradient norm is {norm}"
+            )
+            raise TrainingDiverged(
+                f"step {at}: {what} (read at step {step}: on a GPU losses are read every "
+                f"log_interval steps); stopping. The latest checkpoint is left as it was: "
+                f"{latest_text(out)}"
+            )
+        result.train_losses[at] = loss
+    return StepResult(loss, norm)
 
 
 # ----------------------------------------------------------------------------------------
@@ -462,6 +503,8 @@ def train(
         dynamic_ncols=True,
     )
     interval_time, interval_tokens = 0.0, 0
+    # on a GPU, losses stay on the device until a log line, an evaluation or a checkpoint
+    pending = PendingLosses() if run.model.device.type != "cpu" else None
     try:
         while run.step < t.max_steps:
             step_start = time.perf_counter()
@@ -482,18 +525,26 @@ def train(
                 ) from None
             run.step += 1
             run.tokens_seen += tokens_per_step
-            result.train_losses[run.step] = stepped.loss
-            interval_time += time.perf_counter() - step_start
-            interval_tokens += tokens_per_step
-            tok_s = interval_tokens / interval_time if interval_time > 0 else 0.0
-            bar.update(1)
-            bar.set_postfix(loss=f"{stepped.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-
             step, last = run.step, run.step == t.max_steps
             evaluating = ev_cfg.batches > 0 and (
                 last or (ev_cfg.interval > 0 and step % ev_cfg.interval == 0)
             )
-            if step % t.log_interval == 0 or last or evaluating:
+            logging = step % t.log_interval == 0 or last or evaluating
+            saving = last or (t.checkpoint_interval > 0 and step % t.checkpoint_interval == 0)
+            if pending is None:
+                result.train_losses[step] = stepped.loss
+            else:
+                pending.add(step, stepped.loss, stepped.grad_norm)
+                if logging or saving:
+                    stepped = _read_pending(pending, result, step, run.out)
+            interval_time += time.perf_counter() - step_start
+            interval_tokens += tokens_per_step
+            tok_s = interval_tokens / interval_time if interval_time > 0 else 0.0
+            bar.update(1)
+            if isinstance(stepped.loss, float):
+                bar.set_postfix(loss=f"{stepped.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+
+            if logging:
                 record = {
                     "step": step,
                     "tokens": run.tokens_seen,
@@ -518,7 +569,7 @@ def train(
                         metrics.records, run.out / "loss.png", title=f"{cfg.name}: {run.out}"
                     )
                 interval_time, interval_tokens = 0.0, 0
-            if last or (t.checkpoint_interval > 0 and step % t.checkpoint_interval == 0):
+            if saving:
                 result.checkpoint = save_run_checkpoint(run, elapsed())
     finally:
         bar.close()
