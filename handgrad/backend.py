@@ -268,6 +268,11 @@ def is_array(a: Any) -> bool:
     return t in _NAMESPACES or t.__module__.split(".")[0] == "cupy"
 
 
+def is_scalar(a: Any) -> bool:
+    """Whether ``a`` is a NumPy scalar (``np.float32(1.0)``, ``np.int64(3)`` ...)."""
+    return isinstance(a, np.generic)
+
+
 def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     """The shape ``shapes`` broadcast to; ValueError when they do not broadcast."""
     return np.broadcast_shapes(*shapes)
