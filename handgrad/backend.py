@@ -11,6 +11,7 @@ has no fast kernels for it, so ops compute in float32 and cast back (see ``compu
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -263,7 +264,7 @@ Generator = np.random.Generator
 SCALAR_TYPES: tuple[type, ...] = (int, float, bool, np.number)
 
 
-def is_array(data: Any) -> bool:
+def has_dtype(data: Any) -> bool:
     """Whether ``data`` carries its own dtype (an array of a registered namespace, a NumPy
     scalar or anything exposing ``__array_interface__``), so no default dtype applies."""
     return (
@@ -271,11 +272,6 @@ def is_array(data: Any) -> bool:
         or hasattr(data, "__array_interface__")
         or get_array_module(data) is not np
     )
-
-
-def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape ``shapes`` broadcast to; ValueError when they cannot be broadcast."""
-    return np.broadcast_shapes(*shapes)
 
 
 def ignore_float_errors() -> Any:
@@ -302,3 +298,106 @@ def scatter_add(out: Array, index: Any, values: Array) -> None:
 def format_array(a: Array) -> str:
     """The values of ``a`` as ``repr(tensor)`` shows them (16-bit floats printed as float32)."""
     return np.array2string(to_numpy(a).astype(compute_dtype(a.dtype)), separator=", ")
+
+
+# array helpers for nn/ and optim/: the few NumPy-only idioms those modules need, each taking
+# the namespace from the arrays it is given, so that the modules above never import NumPy.
+# On NumPy every helper does exactly what the inline NumPy code did (same draws, same bits).
+
+
+def is_numpy(module: Any) -> bool:
+    """Whether ``module`` (from ``get_array_module``) is NumPy, i.e. arrays live on the host."""
+    return module is np
+
+
+def is_array(a: Any) -> bool:
+    """Whether ``a`` is an array of NumPy or of a registered namespace (not a Python or NumPy
+    scalar, a Tensor or None)."""
+    if isinstance(a, np.ndarray):
+        return True
+    if a is None or isinstance(a, (int, float, bool, np.generic)):
+        return False
+    t = type(a)
+    return t in _NAMESPACES or t.__module__.split(".")[0] == "cupy"
+
+
+def is_scalar(a: Any) -> bool:
+    """Whether ``a`` is a NumPy scalar (``np.float32(1.0)``, ``np.int64(3)`` ...)."""
+    return isinstance(a, np.generic)
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``shapes`` broadcast to; ValueError when they do not broadcast."""
+    return np.broadcast_shapes(*shapes)
+
+
+_host_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def erf(a: Any) -> Any:
+    """The error function elementwise. NumPy has no vectorised erf (and handgrad does not depend
+    on SciPy), so on the host it is ``math.erf`` per element, in float64; on CuPy it is
+    ``cupyx.scipy.special.erf``."""
+    xp = get_array_module(a)
+    if xp is np:
+        return _host_erf(a)
+    import cupyx.scipy.special  # noqa: PLC0415  (only reached for CuPy arrays)
+
+    return cupyx.scipy.special.erf(a)
+
+
+def make_read_only(a: Any) -> Any:
+    """Mark ``a`` read-only where the namespace supports it (NumPy), so that a cached array
+    shared between calls cannot be changed in place by mistake. Returns ``a``."""
+    if isinstance(a, np.ndarray):
+        a.flags.writeable = False
+    return a
+
+
+def from_host(a: np.ndarray, like: Any) -> Any:
+    """The host array ``a`` in the namespace of ``like`` (``a`` itself when that is NumPy)."""
+    xp = get_array_module(like)
+    return a if xp is np else xp.asarray(a)
+
+
+def host_generator(seed: int) -> np.random.Generator:
+    """A NumPy generator seeded with ``seed`` (random draws always happen on the host, so that
+    a seed gives the same numbers on every backend)."""
+    return np.random.default_rng(seed)
+
+
+def dropout_scale(
+    generator: np.random.Generator, shape: tuple[int, ...], p: float, like: Any
+) -> Any:
+    """The dropout multiplier m / (1 - p), m ~ Bernoulli(1 - p), of ``shape`` in ``like``'s dtype
+    and namespace. The uniforms are drawn in float32 on the host generator (keep where u >= p),
+    so a seed gives the same mask on every backend."""
+    keep = generator.random(shape, dtype=np.float32) >= p
+    return from_host((keep / (1.0 - p)).astype(like.dtype), like)
+
+
+def zeros_like(a: Any) -> Any:
+    """Zeros of ``a``'s shape and dtype, in its namespace (optimizer moments start here)."""
+    return get_array_module(a).zeros_like(a)
+
+
+def contiguous(a: Any) -> Any:
+    """``a`` as a C-contiguous array of its namespace (``a`` itself when it already is one)."""
+    return get_array_module(a).ascontiguousarray(a)
+
+
+def copy_as(a: Any, dtype: np.dtype, like: Any = None) -> Any:
+    """A C-contiguous copy of ``a`` in ``dtype``, in the namespace of ``like`` (default: of
+    ``a``). Optimizer master weights (float32 copies of 16-bit parameters) and restored state
+    are made with it."""
+    xp = get_array_module(a if like is None else like)
+    if xp is not np and get_array_module(a) is not xp:
+        a = xp.asarray(a)
+    return xp.array(a, dtype=dtype, copy=True, order="C")
+
+
+def to_host_contiguous(a: Any) -> np.ndarray:
+    """A C-contiguous NumPy copy of ``a`` (``a`` itself when it already is one), for writing."""
+    if not isinstance(a, np.ndarray) and hasattr(a, "get"):
+        a = a.get()  # CuPy: device -> host
+    return np.ascontiguousarray(a)

@@ -36,7 +36,7 @@ def from_numpy(array: B.Array) -> Tensor:
     """A tensor that shares ``array``'s memory (as ``torch.from_numpy``): writes through either
     are seen by both, and the dtype is kept (float64 stays float64). ``array`` may be of any
     registered array namespace (a CuPy array stays on its GPU)."""
-    if not (B.is_array(array) and hasattr(array, "dtype") and hasattr(array, "shape")):
+    if not (B.has_dtype(array) and hasattr(array, "dtype") and hasattr(array, "shape")):
         raise TypeError(f"from_numpy: expected an array, got {type(array).__name__}")
     B.to_dtype(array.dtype)  # raises, naming the dtype, on unsupported ones such as complex
     xp = B.get_array_module(array)

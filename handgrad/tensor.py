@@ -50,7 +50,7 @@ def _infer_array(data: Any, dtype: Any, device: Any = None) -> Any:
     if dtype is not None:
         dtype = B.to_dtype(dtype)
         return xp.array(data, dtype=dtype)
-    if B.is_array(data):
+    if B.has_dtype(data):
         arr = xp.array(data)
     else:
         arr = xp.array(data)

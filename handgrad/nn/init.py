@@ -7,11 +7,9 @@ Samples are drawn in float32 (float64 for float64 tensors) and cast to the tenso
 from __future__ import annotations
 
 import math
-
-import numpy as np
+from typing import Any
 
 from handgrad import backend as B
-from handgrad.backend import xp
 from handgrad.random import default_generator
 from handgrad.tensor import Tensor
 
@@ -21,7 +19,7 @@ def _check(t: Tensor, fn: str) -> None:
         raise TypeError(f"init.{fn}: expected a Tensor, got {type(t).__name__}")
 
 
-def _draw_dtype(t: Tensor) -> np.dtype:
+def _draw_dtype(t: Tensor) -> Any:
     return B.float64 if t.dtype == B.float64 else B.float32
 
 
@@ -33,7 +31,7 @@ def normal_(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
     sample = default_generator().standard_normal(t.shape, dtype=_draw_dtype(t))
     sample *= std
     sample += mean
-    t.data[...] = xp.asarray(sample).astype(t.dtype, copy=False)
+    t.data[...] = B.from_host(sample, like=t.data).astype(t.dtype, copy=False)
     return t
 
 
@@ -45,7 +43,7 @@ def uniform_(t: Tensor, a: float = 0.0, b: float = 1.0) -> Tensor:
     sample = default_generator().random(t.shape, dtype=_draw_dtype(t))
     sample *= b - a
     sample += a
-    t.data[...] = xp.asarray(sample).astype(t.dtype, copy=False)
+    t.data[...] = B.from_host(sample, like=t.data).astype(t.dtype, copy=False)
     return t
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from handgrad import backend as B
 from handgrad.device import parse_to, to_device
 from handgrad.tensor import Tensor
@@ -35,7 +33,7 @@ class Parameter(Tensor):
 
     def __init__(self, data: Tensor | Any = None, requires_grad: bool = True) -> None:
         if data is None:
-            data = np.empty((0,), dtype=B.default_float)
+            data = B.asarray([], dtype=B.default_float)  # shape (0,)
         array = data.data if isinstance(data, Tensor) else Tensor(data).data
         self.data = array
         self.grad = None
@@ -312,7 +310,7 @@ class Module:
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         errors: list[str] = []
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, Any] = {}
         for key, target in own.items():
             if key not in state_dict:
                 continue
@@ -346,7 +344,7 @@ class Module:
             )
         for key, array in arrays.items():
             target = own[key]
-            target.data[...] = array.astype(target.dtype, copy=False)
+            target.data[...] = B.from_host(array, like=target.data).astype(target.dtype, copy=False)
         return _IncompatibleKeys(missing, unexpected)
 
     # ---- modes, grads, dtypes

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
-import numpy as np
-
-from handgrad.backend import xp
+from handgrad.backend import get_array_module
 from handgrad.tensor import Tensor
 
 
-def _vector_norm(a: np.ndarray, norm_type: float) -> np.generic:
+def _vector_norm(a: Any, norm_type: float) -> Any:
     """||a||_p over all elements, in a's dtype: (sum |a_i|^p)^(1/p); max |a_i| for p = inf."""
+    xp = get_array_module(a)
     if a.size == 0:
         return a.dtype.type(0)
     if norm_type == math.inf:
@@ -51,7 +51,8 @@ def clip_grad_norm_(
     grads = [p.grad.data for p in params if p.grad is not None]
     if not grads:
         return Tensor(0.0)
-    dtype = np.result_type(*grads)
+    xp = get_array_module(*grads)
+    dtype = xp.result_type(*grads)
     norms = xp.asarray([_vector_norm(g, norm_type) for g in grads], dtype=dtype)
     total = _vector_norm(norms, norm_type)
     if error_if_nonfinite and not math.isfinite(float(total)):

@@ -6,8 +6,8 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-
+from handgrad import backend as B
+from handgrad.backend import get_array_module
 from handgrad.optim.optimizer import Optimizer, _is_probability
 
 # Updates run over slices of this many elements so that the ~10 elementwise passes of one
@@ -39,7 +39,7 @@ class AdamW(Optimizer):
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self._scratch: dict[np.dtype, np.ndarray] = {}
+        self._scratch: dict[tuple[Any, Any], Any] = {}  # (namespace, dtype) -> flat buffer
 
     def _check_options(self, options: dict[str, Any], group_index: int) -> None:
         super()._check_options(options, group_index)
@@ -67,8 +67,8 @@ class AdamW(Optimizer):
                 w = self._weights(p, state)
                 if "step" not in state:
                     state["step"] = 0
-                    state["exp_avg"] = np.zeros_like(w)
-                    state["exp_avg_sq"] = np.zeros_like(w)
+                    state["exp_avg"] = B.zeros_like(w)
+                    state["exp_avg_sq"] = B.zeros_like(w)
                 state["step"] += 1
                 low_precision = w is not p.data
                 _adamw_update(
@@ -76,7 +76,7 @@ class AdamW(Optimizer):
                     self._grad(p, w.dtype).reshape(-1),
                     state["exp_avg"].reshape(-1),
                     state["exp_avg_sq"].reshape(-1),
-                    self._scratch_for(w.dtype),
+                    self._scratch_for(w),
                     p.data.reshape(-1) if low_precision else None,
                     lr=group["lr"],
                     beta1=beta1,
@@ -87,19 +87,22 @@ class AdamW(Optimizer):
                 )
         return loss
 
-    def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
-        if dtype not in self._scratch:
-            self._scratch[dtype] = np.empty(_CHUNK, dtype=dtype)
-        return self._scratch[dtype]
+    def _scratch_for(self, w: Any) -> Any:
+        """A flat scratch buffer of _CHUNK elements in w's namespace and dtype."""
+        xp = get_array_module(w)
+        key = (xp, w.dtype)
+        if key not in self._scratch:
+            self._scratch[key] = xp.empty(_CHUNK, dtype=w.dtype)
+        return self._scratch[key]
 
 
 def _adamw_update(
-    w: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    tmp: np.ndarray,
-    out: np.ndarray | None,
+    w: Any,
+    g: Any,
+    m: Any,
+    v: Any,
+    tmp: Any,
+    out: Any | None,
     *,
     lr: float,
     beta1: float,
@@ -113,6 +116,7 @@ def _adamw_update(
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     decay = 1 - lr * weight_decay
+    xp = get_array_module(w)
     for start in range(0, w.size, _CHUNK):
         s = slice(start, start + _CHUNK)
         ws, gs, ms, vs = w[s], g[s], m[s], v[s]
@@ -120,19 +124,19 @@ def _adamw_update(
         if decay != 1:
             ws *= decay
         # m <- m + (1 - beta1) (g - m)   (torch's lerp)
-        np.subtract(gs, ms, out=t)
+        xp.subtract(gs, ms, out=t)
         t *= 1 - beta1
         ms += t
         # v <- beta2 v + (1 - beta2) g g
         vs *= beta2
-        np.multiply(gs, 1 - beta2, out=t)
+        xp.multiply(gs, 1 - beta2, out=t)
         t *= gs
         vs += t
         # w <- w - step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-        np.sqrt(vs, out=t)
+        xp.sqrt(vs, out=t)
         t /= bias_correction2_sqrt
         t += eps
-        np.divide(ms, t, out=t)
+        xp.divide(ms, t, out=t)
         t *= step_size
         ws -= t
         if out is not None:

@@ -1,14 +1,15 @@
 """The ``Optimizer`` base class: parameter groups, per-parameter state, state dicts.
 
 State-dict layout (what ``state_dict()`` returns and ``load_state_dict()`` takes), as torch's
-but with NumPy arrays and plain Python scalars only, so it saves as safetensors + JSON::
+with arrays (in the parameters' array namespace: NumPy on the host) and plain Python scalars
+only, so it saves as safetensors + JSON::
 
     {
       "state": {                     # parameter index -> that parameter's state
         0: {"step": 10,                               # int
-            "exp_avg": np.ndarray, "exp_avg_sq": ...,  # AdamW moments, the parameter's shape
-            "master": np.ndarray},                     # float32 copy of a 16-bit parameter
-        1: {"momentum_buffer": np.ndarray},            # SGD with momentum
+            "exp_avg": array, "exp_avg_sq": array,    # AdamW moments, the parameter's shape
+            "master": array},                         # float32 copy of a 16-bit parameter
+        1: {"momentum_buffer": array},                # SGD with momentum
         ...                                            # parameters never stepped have no entry
       },
       "param_groups": [              # one dict per group, options as JSON-able scalars/lists
@@ -20,7 +21,7 @@ but with NumPy arrays and plain Python scalars only, so it saves as safetensors 
 
 Parameters are numbered 0, 1, ... in the order the groups list them, so a state dict fits any
 optimizer built over the same parameters in the same order. ``flatten_state_dict`` splits it
-into ``{"state.<i>.<key>": array}`` (for safetensors) and a JSON-able remainder;
+into ``{"state.<i>.<key>": NumPy array}`` (for safetensors) and a JSON-able remainder;
 ``unflatten_state_dict`` inverts that.
 
 16-bit parameters (bfloat16/float16) are updated through a float32 master copy kept in the
@@ -36,8 +37,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import numpy as np
 
 from handgrad import backend as B
 from handgrad.grad_mode import enable_grad
@@ -149,23 +148,23 @@ class Optimizer:
             return closure()
 
     @staticmethod
-    def _state_dtype(p: Tensor) -> np.dtype:
+    def _state_dtype(p: Tensor) -> Any:
         """dtype of the optimizer's arrays for ``p``: float32 for 16-bit parameters."""
         return B.compute_dtype(p.dtype)
 
-    def _weights(self, p: Tensor, state: dict[str, Any]) -> np.ndarray:
+    def _weights(self, p: Tensor, state: dict[str, Any]) -> Any:
         """The C-contiguous array an update is applied to: ``p.data`` itself, or for a 16-bit
         parameter its float32 master copy (created from ``p`` on the first step)."""
         if not p.data.flags.c_contiguous:
-            p.data = np.ascontiguousarray(p.data)
+            p.data = B.contiguous(p.data)
         if p.dtype in _LOW_PRECISION:
             if "master" not in state:
-                state["master"] = p.data.astype(B.float32)
+                state["master"] = B.copy_as(p.data, B.float32)
             return state["master"]
         return p.data
 
     @staticmethod
-    def _grad(p: Tensor, dtype: np.dtype) -> np.ndarray:
+    def _grad(p: Tensor, dtype: Any) -> Any:
         return p.grad.data.astype(dtype, copy=False)
 
     # ---- state dict
@@ -178,10 +177,7 @@ class Optimizer:
         state: dict[int, dict[str, Any]] = {}
         for i, p in enumerate(params):
             if p in self.state:
-                state[i] = {
-                    k: (v.copy() if isinstance(v, np.ndarray) else v)
-                    for k, v in self.state[p].items()
-                }
+                state[i] = {k: (v.copy() if B.is_array(v) else v) for k, v in self.state[p].items()}
         groups, start = [], 0
         for group in self.param_groups:
             options = {k: _to_json(v) for k, v in group.items() if k != "params"}
@@ -246,14 +242,14 @@ class Optimizer:
                 )
             p, restored = params[i], {}
             for k, v in entry.items():
-                if isinstance(v, np.ndarray | Tensor):
+                if isinstance(v, Tensor) or B.is_array(v):
                     arr = v.data if isinstance(v, Tensor) else v
                     if tuple(arr.shape) != tuple(p.shape):
                         raise ValueError(
                             f"{name}.load_state_dict: state[{i}][{k!r}] has shape "
                             f"{tuple(arr.shape)}, but parameter {i} has shape {tuple(p.shape)}"
                         )
-                    v = np.array(arr, dtype=self._state_dtype(p), copy=True, order="C")
+                    v = B.copy_as(arr, self._state_dtype(p), like=p.data)
                 restored[k] = v
             new_state[p] = restored
         for saved, group in zip(saved_groups, self.param_groups):
@@ -275,7 +271,7 @@ class Optimizer:
 def _to_json(v: Any) -> Any:
     if isinstance(v, tuple):
         return [_to_json(x) for x in v]
-    if isinstance(v, np.generic):
+    if B.is_scalar(v):  # a NumPy scalar (e.g. from a saved float64) -> a Python number
         return v.item()
     return v
 
@@ -284,23 +280,23 @@ def _to_json(v: Any) -> Any:
 # saving helpers
 
 
-def flatten_state_dict(state_dict: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def flatten_state_dict(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split an optimizer state dict into arrays ``{"state.<i>.<key>": ndarray}`` (write them
     with safetensors) and a JSON-able dict of everything else (write it with ``json``)."""
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     meta_state: dict[str, dict[str, Any]] = {}
     for i, entry in state_dict["state"].items():
         scalars = {}
         for k, v in entry.items():
-            if isinstance(v, np.ndarray):
-                arrays[f"state.{i}.{k}"] = np.ascontiguousarray(v)
+            if B.is_array(v):
+                arrays[f"state.{i}.{k}"] = B.to_host_contiguous(v)
             else:
                 scalars[k] = _to_json(v)
         meta_state[str(i)] = scalars
     return arrays, {"state": meta_state, "param_groups": state_dict["param_groups"]}
 
 
-def unflatten_state_dict(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+def unflatten_state_dict(arrays: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """Inverse of ``flatten_state_dict``."""
     state: dict[int, dict[str, Any]] = {int(i): dict(s) for i, s in meta["state"].items()}
     for name, arr in arrays.items():

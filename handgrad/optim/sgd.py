@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-
+from handgrad import backend as B
 from handgrad.optim.optimizer import Optimizer
 
 
@@ -63,7 +62,7 @@ class SGD(Optimizer):
                 if momentum != 0:
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = state["momentum_buffer"] = np.array(g, copy=True, order="C")
+                        buf = state["momentum_buffer"] = B.copy_as(g, g.dtype)
                     else:
                         buf *= momentum
                         buf += (1 - dampening) * g

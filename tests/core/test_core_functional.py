@@ -11,6 +11,8 @@ from _torchref import DTYPES, assert_close, compare, numerical_grad
 import handgrad as hg
 import handgrad.nn.functional as F
 from handgrad import backend as B
+from handgrad.nn import _threads
+from handgrad.nn import attention as A
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,9 +111,9 @@ def test_layer_norm(shape, norm, affine, dtype, rng):
 def small_pieces(monkeypatch):
     """gelu and layer_norm split big inputs into pieces shared over threads: make the pieces
     tiny (20 elements) and the threads 3, so that small test inputs go the same way."""
-    monkeypatch.setattr(F, "_ELEMENTWISE_CHUNK", 20)
+    monkeypatch.setattr(_threads, "ELEMENTWISE_CHUNK", 20)
     monkeypatch.setattr(B, "_num_threads", 3)
-    monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -278,10 +280,10 @@ def test_sdpa_blocks_give_the_same_result_as_one_block(rng, monkeypatch):
         (0, 5, True),
         (0, 5, False),
     ):
-        monkeypatch.setattr(F, "_ATTN_BATCH_ALL", batch_all)
-        monkeypatch.setattr(F, "_ATTN_TILE", 4)
+        monkeypatch.setattr(A, "_ATTN_BATCH_ALL", batch_all)
+        monkeypatch.setattr(A, "_ATTN_TILE", 4)
         monkeypatch.setattr(B, "_num_threads", workers)
-        monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 0)
         monkeypatch.setattr(B, "can_limit_blas", lambda can=can_limit_blas: can)
         ts = [hg.tensor(a, requires_grad=True) for a in (q, k, v)]
         out = F.scaled_dot_product_attention(*ts, is_causal=True)
@@ -319,10 +321,10 @@ def test_sdpa_softmax_with_and_without_the_row_max(
     subtract it. Scores of ~1 and of ~60 and more (rows whose exp would overflow or vanish
     without the max), with the limit at 0 (always subtract) and at its default: torch's
     attention must agree in every case, forward and backward."""
-    monkeypatch.setattr(F, "_SOFTMAX_NO_SHIFT", no_shift)
+    monkeypatch.setattr(A, "_SOFTMAX_NO_SHIFT", no_shift)
     if tiled:
-        monkeypatch.setattr(F, "_ATTN_BATCH_ALL", 0)
-        monkeypatch.setattr(F, "_ATTN_TILE", 4)
+        monkeypatch.setattr(A, "_ATTN_BATCH_ALL", 0)
+        monkeypatch.setattr(A, "_ATTN_TILE", 4)
     q = rng.standard_normal((2, 3, 9, 8)) * magnitude
     k = rng.standard_normal((2, 3, 9, 8)) * magnitude
     v = rng.standard_normal((2, 3, 9, 5))
@@ -356,10 +358,10 @@ def test_sdpa_tiled_matches_torch(name, dtype, rng, monkeypatch):
     """Small tiles (4) and several threads: causal tiles skip keys in the future and mask only
     across the diagonal (top-left aligned when L != S, as torch); explicit masks are sliced
     per tile. All of it must agree with torch's untiled attention."""
-    monkeypatch.setattr(F, "_ATTN_BATCH_ALL", 0)  # one head per item, however small
-    monkeypatch.setattr(F, "_ATTN_TILE", 4)
+    monkeypatch.setattr(A, "_ATTN_BATCH_ALL", 0)  # one head per item, however small
+    monkeypatch.setattr(A, "_ATTN_TILE", 4)
     monkeypatch.setattr(B, "_num_threads", 3)
-    monkeypatch.setattr(F, "_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 0)
     q_shape, kv_shape, kw = SDPA_TILED_CASES[name]
     kw = dict(kw)
     arrays = [rng.standard_normal(q_shape), rng.standard_normal(kv_shape)]
@@ -373,8 +375,8 @@ def test_sdpa_dropout_gradient_matches_finite_differences(per_head, rng, monkeyp
     gradient is checked against central differences with the same generator state; both
     with all heads in one item and with one item per head in tiles of 2."""
     if per_head:
-        monkeypatch.setattr(F, "_ATTN_BATCH_ALL", 0)
-        monkeypatch.setattr(F, "_ATTN_TILE", 2)
+        monkeypatch.setattr(A, "_ATTN_BATCH_ALL", 0)
+        monkeypatch.setattr(A, "_ATTN_TILE", 2)
     q, k, v = (rng.standard_normal((2, 3, 4)) for _ in range(3))
     g = rng.standard_normal((2, 3, 4))
     hg.manual_seed(123)
@@ -411,8 +413,8 @@ def test_sdpa_dropout_is_unbiased(rng):
     n = 20000
     hg.manual_seed(7)
     with hg.no_grad():
-        qs, ks, vs = (hg.tensor(np.broadcast_to(a, (n, 3, 4)).copy()) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=0.25).data
+        queries, keys, values = (hg.tensor(np.broadcast_to(a, (n, 3, 4)).copy()) for a in (q, k, v))
+        out = F.scaled_dot_product_attention(queries, keys, values, dropout_p=0.25).data
         clean = F.scaled_dot_product_attention(*map(hg.tensor, (q, k, v))).data[0]
     mean, sem = out.mean(axis=0), out.std(axis=0) / np.sqrt(n)
     assert np.all(np.abs(mean - clean) < 5 * sem + 1e-9)

@@ -1,0 +1,103 @@
+"""Activations: ``gelu`` (GPT-2's tanh form and the exact erf form) with hand-written
+backward, and ``relu``, ``tanh``, ``sigmoid`` as the Tensor methods."""
+
+from __future__ import annotations
+
+import math
+
+from handgrad import backend as B
+from handgrad.backend import get_array_module
+from handgrad.function import Function
+from handgrad.nn import _threads
+from handgrad.tensor import Tensor
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class _GeluTanh(Function):
+    # y = x s,  s = (1 + tanh(u))/2 = sigmoid(2u),  u = c x (1 + a x^2),  c = sqrt(2/pi),
+    # a = 0.044715. With tanh' = 1 - tanh^2 = 4 s (1 - s):
+    #   dy/dx = s + x s'(x) = s + 2 s (1 - s) x c (1 + 3 a x^2)
+    # Forward keeps x and s: backward is then 9 passes over the data and no tanh (recomputing
+    # s would double it). Both passes run piece by piece on scratch buffers (few full-size
+    # temporaries, data stays in cache) with the pieces shared over threads.
+    def forward(self, x):
+        xp = get_array_module(x)
+        x = xp.asarray(x, order="C")
+        xf, y, sv = x.reshape(-1), xp.empty(x.shape, dtype=x.dtype), xp.empty(x.size, x.dtype)
+        yf, dt = y.reshape(-1), x.dtype.type
+        ac, c = dt(_GELU_C * 0.044715), dt(_GELU_C)
+
+        def piece(sl):
+            xs, s, ys = xf[sl], sv[sl], yf[sl]
+            xp.multiply(xs, xs, out=s)
+            s *= ac
+            s += c
+            s *= xs  # u
+            xp.tanh(s, out=s)
+            s += 1
+            s *= 0.5  # s
+            xp.multiply(xs, s, out=ys)
+
+        _threads.map_items(xp, piece, _threads.chunks(xf.size), 0, 0, x.dtype, work=xf.size)
+        if self.needs_input_grad:
+            self.x, self.s = x, sv
+        return y
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        xf, sv, gf = self.x.reshape(-1), self.s, xp.asarray(g, order="C").reshape(-1)
+        dx = xp.empty(self.x.shape, dtype=g.dtype)
+        dxf, dt = dx.reshape(-1), xf.dtype.type
+        ac6, c2 = dt(6 * 0.044715 * _GELU_C), dt(2 * _GELU_C)
+
+        def piece(sl, w_buffer):
+            xs, s, w, out = xf[sl], sv[sl], w_buffer[: sl.stop - sl.start], dxf[sl]
+            xp.multiply(xs, xs, out=w)
+            w *= ac6
+            w += c2
+            w *= xs  # 2 x c (1 + 3 a x^2)
+            xp.subtract(1, s, out=out)
+            w *= out
+            w *= s
+            w += s  # dy/dx
+            xp.multiply(w, gf[sl], out=out)
+
+        pieces, size = _threads.chunks(xf.size), _threads.ELEMENTWISE_CHUNK
+        _threads.map_items(xp, piece, pieces, size, 1, xf.dtype, work=xf.size)
+        return (dx,)
+
+
+class _GeluErf(Function):
+    # y = x Phi(x), Phi the standard normal CDF  =>  dy/dx = Phi(x) + x phi(x)
+    # NumPy has no vectorised erf, so this exact form is slow; GPT-2 uses the tanh form.
+    def forward(self, x):
+        self.x = x
+        self.cdf = (0.5 * (1.0 + B.erf(x / math.sqrt(2.0)))).astype(x.dtype)
+        return x * self.cdf
+
+    def backward(self, g):
+        x = self.x
+        pdf = get_array_module(x).exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return (g * (self.cdf + x * pdf),)
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    """GELU. ``approximate='tanh'`` is GPT-2's form; ``'none'`` is the exact erf form."""
+    if approximate == "tanh":
+        return _GeluTanh.apply(input)
+    if approximate == "none":
+        return _GeluErf.apply(input)
+    raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def relu(input: Tensor) -> Tensor:
+    return input.relu()
+
+
+def tanh(input: Tensor) -> Tensor:
+    return input.tanh()
+
+
+def sigmoid(input: Tensor) -> Tensor:
+    return input.sigmoid()

@@ -1,0 +1,76 @@
+"""``linear`` and ``embedding``: the two ops that map tokens and features through a weight
+matrix (an embedding lookup is a product with a one-hot matrix, done as a gather)."""
+
+from __future__ import annotations
+
+from handgrad.backend import get_array_module
+from handgrad.function import Function
+from handgrad.tensor import Tensor
+
+
+class _Linear(Function):
+    # y = x W^T + b with x: (..., in), W: (out, in), b: (out,)
+    # dx = g W;  dW = g^T x (summed over all leading dims);  db = sum of g over leading dims.
+    # The leading dims are folded into one, so each product is a single 2-D GEMM (NumPy would
+    # otherwise run one small GEMM per leading index).
+    def forward(self, x, w, b=None):
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(
+                f"linear: input has {x.shape[-1]} features (shape {x.shape}) but weight "
+                f"expects {w.shape[1]} (shape {w.shape})"
+            )
+        self.lead = x.shape[:-1]
+        self.x2, self.w = x.reshape(-1, x.shape[-1]), w
+        y = self.x2 @ w.T
+        if b is not None:
+            y += b
+        return y.reshape(*self.lead, w.shape[0])
+
+    def backward(self, g):
+        x2, w = self.x2, self.w
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = (g2 @ w).reshape(*self.lead, w.shape[1]) if self.needs_input_grad[0] else None
+        dw = (g2.T @ x2) if self.needs_input_grad[1] else None
+        if len(self.needs_input_grad) == 3:
+            db = g2.sum(axis=0) if self.needs_input_grad[2] else None
+            return dx, dw, db
+        return dx, dw
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = input @ weight.T + bias.  input (..., in), weight (out, in), bias (out,) -> (..., out)."""
+    if bias is None:
+        return _Linear.apply(input, weight)
+    return _Linear.apply(input, weight, bias)
+
+
+class _Embedding(Function):
+    # y[i] = W[idx[i]] (a gather)  =>  dW[j] = sum of g[i] over all i with idx[i] == j
+    # (its adjoint is a scatter-add). Backward sorts the rows of g by token id and sums each
+    # run of equal ids with one reduceat: several times faster than np.add.at when ids repeat
+    # (a small vocabulary), as fast when they do not, and the sums come in a fixed order.
+    def forward(self, idx, w):
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"embedding: indices must be integers, got {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= w.shape[0]):
+            bad = int(idx.max() if idx.max() >= w.shape[0] else idx.min())
+            raise IndexError(f"embedding: index {bad} out of range for {w.shape[0]} embeddings")
+        self.idx, self.wshape = idx, w.shape
+        return w[idx]
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        dw = xp.zeros(self.wshape, dtype=g.dtype)
+        idx = self.idx.reshape(-1)
+        if idx.size:
+            order = xp.argsort(idx, kind="stable")
+            ids = idx[order]
+            starts = xp.flatnonzero(xp.concatenate((xp.ones(1, dtype=bool), ids[1:] != ids[:-1])))
+            rows = g.reshape(-1, self.wshape[1])[order]
+            dw[ids[starts]] = xp.add.reduceat(rows, starts, axis=0)
+        return None, dw
+
+
+def embedding(input: Tensor, weight: Tensor) -> Tensor:
+    """Rows of ``weight`` (num, dim) picked by integer ``input`` (...) -> (..., dim)."""
+    return _Embedding.apply(input, weight)

@@ -1,0 +1,126 @@
+"""Losses: ``cross_entropy`` (fused softmax + negative log-likelihood) and ``mse_loss``; and
+``one_hot`` for class targets."""
+
+from __future__ import annotations
+
+from handgrad import backend as B
+from handgrad.backend import get_array_module
+from handgrad.function import Function
+from handgrad.tensor import Tensor
+
+
+class _CrossEntropy(Function):
+    # Rows x (N, C), targets t (N,), smoothing e, lse = log sum_c e^(x_c):
+    #   loss_i = (1 - e) (lse - x_{t_i}) + e (lse - mean_c x_c)
+    #   dloss_i/dx_ic = softmax(x_i)_c - (1 - e) [c == t_i] - e / C
+    # Rows whose target is ignore_index contribute nothing. 'mean' divides by the number of
+    # counted rows. Only the logits (by reference) and lse are kept for backward; softmax
+    # is recomputed there, so no (N, C) temporary outlives the forward pass.
+    def forward(self, x, target, ignore_index, reduction, label_smoothing):
+        n, c = x.shape
+        xp = get_array_module(x)
+        valid = target != ignore_index
+        safe_t = xp.where(valid, target, 0)
+        if valid.any() and (safe_t.min() < 0 or safe_t.max() >= c):
+            bad = safe_t[(safe_t < 0) | (safe_t >= c)][0]
+            raise IndexError(f"cross_entropy: target {int(bad)} is out of bounds for {c} classes")
+        m = x.max(axis=1, keepdims=True)
+        e = x - m
+        xp.exp(e, out=e)
+        lse = (m[:, 0] + xp.log(e.sum(axis=1))).astype(x.dtype, copy=False)
+        del e
+        rows = xp.arange(n)
+        loss = lse - x[rows, safe_t]
+        if label_smoothing > 0:
+            loss = (1 - label_smoothing) * loss + label_smoothing * (lse - x.mean(axis=1))
+        loss = xp.where(valid, loss, 0).astype(x.dtype, copy=False)
+        self.x, self.lse, self.t, self.valid = x, lse, safe_t, valid
+        self.reduction, self.smoothing = reduction, label_smoothing
+        self.count = int(valid.sum())
+        if reduction == "none":
+            return loss
+        total = loss.sum(dtype=x.dtype)
+        if reduction == "sum":
+            return xp.asarray(total)
+        # torch returns nan when every target is ignored (0 / 0); so do we
+        with B.ignore_float_errors():
+            return xp.asarray(total / x.dtype.type(self.count))
+
+    def backward(self, g):
+        x, lse, t, valid = self.x, self.lse, self.t, self.valid
+        n, c = x.shape
+        xp = get_array_module(x)
+        dx = x - lse[:, None]
+        xp.exp(dx, out=dx)
+        dx[xp.arange(n), t] -= 1 - self.smoothing
+        if self.smoothing > 0:
+            dx -= self.smoothing / c
+        if self.reduction == "none":
+            scale = (g * valid)[:, None]
+        elif self.reduction == "sum":
+            scale = (valid * g)[:, None]
+        else:
+            scale = (valid * (g / max(self.count, 1)))[:, None]
+        dx *= scale.astype(dx.dtype, copy=False)
+        return dx, None
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Softmax cross entropy of logits against class indices, in one fused op.
+
+    input (N, C) or (C,) or (N, C, d1, ...), as torch: the class axis is 1.
+    target (N,) or () or (N, d1, ...) integer class indices.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(
+            f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if target.dtype.kind not in "iu":
+        raise TypeError(
+            f"cross_entropy: target must hold integer class indices, got {target.dtype}"
+        )
+    x, t = input, target
+    if x.ndim == 1:
+        x, t = x.reshape(1, -1), t.reshape(1)
+    elif x.ndim > 2:
+        # (N, C, d...) -> (N * d..., C)
+        perm = (0, *range(2, x.ndim), 1)
+        x = x.permute(*perm).reshape(-1, x.shape[1])
+        t = t.reshape(-1)
+    expected = (input.shape[0],) + tuple(input.shape[2:]) if input.ndim > 1 else ()
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"cross_entropy: target shape {target.shape} does not match input shape "
+            f"{input.shape} (expected target shape {expected})"
+        )
+    out = _CrossEntropy.apply(
+        x, t, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
+    if reduction == "none":
+        return out.reshape(*expected)
+    return out
+
+
+def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"mse_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    d = input - target
+    sq = d * d
+    return sq.mean() if reduction == "mean" else sq.sum() if reduction == "sum" else sq
+
+
+def one_hot(tensor: Tensor, num_classes: int) -> Tensor:
+    idx = tensor.data
+    if idx.size and (idx.min() < 0 or idx.max() >= num_classes):
+        bad = int(idx.min() if idx.min() < 0 else idx.max())
+        raise ValueError(f"one_hot: class values must be in [0, {num_classes}), got {bad}")
+    xp = get_array_module(idx)
+    return Tensor._make((idx[..., None] == xp.arange(num_classes)).astype(B.int64))
