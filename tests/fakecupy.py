@@ -323,9 +323,10 @@ class _Namespace(types.ModuleType):
 
         def function(*args: Any, **kwargs: Any) -> Any:
             if "out" in kwargs and kwargs["out"] is not None:
-                out = kwargs["out"]
+                out = kwargs.pop("out")
+                kwargs = _unwrap(kwargs, name)
                 kwargs["out"] = _unwrap(out, f"out= of {name}")
-                attr(*_unwrap(args, f"an argument of {name}"), **_unwrap(kwargs, name))
+                attr(*_unwrap(args, f"an argument of {name}"), **kwargs)
                 return out
             return _wrap(attr(*_unwrap(args, f"an argument of {name}"), **_unwrap(kwargs, name)))
 

@@ -3,6 +3,7 @@ matrix (an embedding lookup is a product with a one-hot matrix, done as a gather
 
 from __future__ import annotations
 
+from handgrad import backend as B
 from handgrad.backend import get_array_module
 from handgrad.function import Function
 from handgrad.tensor import Tensor
@@ -52,7 +53,10 @@ class _Embedding(Function):
     def forward(self, idx, w):
         if idx.dtype.kind not in "iu":
             raise TypeError(f"embedding: indices must be integers, got {idx.dtype}")
-        if idx.size and (idx.min() < 0 or idx.max() >= w.shape[0]):
+        # range-checked on the host only: on a GPU the check would wait for the device (an
+        # out-of-range id there is the caller's bug, as in torch's CUDA embedding)
+        host = B.is_numpy(get_array_module(idx))
+        if host and idx.size and (idx.min() < 0 or idx.max() >= w.shape[0]):
             bad = int(idx.max() if idx.max() >= w.shape[0] else idx.min())
             raise IndexError(f"embedding: index {bad} out of range for {w.shape[0]} embeddings")
         self.idx, self.wshape = idx, w.shape

@@ -21,7 +21,10 @@ class _CrossEntropy(Function):
         xp = get_array_module(x)
         valid = target != ignore_index
         safe_t = xp.where(valid, target, 0)
-        if valid.any() and (safe_t.min() < 0 or safe_t.max() >= c):
+        # targets are range-checked and counted on the host only: on a GPU either would wait
+        # for the device, so there the count stays a device array
+        host = B.is_numpy(xp)
+        if host and valid.any() and (safe_t.min() < 0 or safe_t.max() >= c):
             bad = safe_t[(safe_t < 0) | (safe_t >= c)][0]
             raise IndexError(f"cross_entropy: target {int(bad)} is out of bounds for {c} classes")
         m = x.max(axis=1, keepdims=True)
@@ -36,7 +39,7 @@ class _CrossEntropy(Function):
         loss = xp.where(valid, loss, 0).astype(x.dtype, copy=False)
         self.x, self.lse, self.t, self.valid = x, lse, safe_t, valid
         self.reduction, self.smoothing = reduction, label_smoothing
-        self.count = int(valid.sum())
+        self.count = int(valid.sum()) if host else valid.sum()
         if reduction == "none":
             return loss
         total = loss.sum(dtype=x.dtype)
@@ -44,7 +47,9 @@ class _CrossEntropy(Function):
             return xp.asarray(total)
         # torch returns nan when every target is ignored (0 / 0); so do we
         with B.ignore_float_errors():
-            return xp.asarray(total / x.dtype.type(self.count))
+            if host:
+                return xp.asarray(total / x.dtype.type(self.count))
+            return (total / self.count.astype(x.dtype)).astype(x.dtype)
 
     def backward(self, g):
         x, lse, t, valid = self.x, self.lse, self.t, self.valid
@@ -60,7 +65,8 @@ class _CrossEntropy(Function):
         elif self.reduction == "sum":
             scale = (valid * g)[:, None]
         else:
-            scale = (valid * (g / max(self.count, 1)))[:, None]
+            count = max(self.count, 1) if isinstance(self.count, int) else xp.maximum(self.count, 1)
+            scale = (valid * (g / count))[:, None]
         dx *= scale.astype(dx.dtype, copy=False)
         return dx, None
 

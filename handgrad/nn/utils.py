@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from handgrad import backend as B
 from handgrad.backend import get_array_module
 from handgrad.tensor import Tensor
 
@@ -53,7 +54,8 @@ def clip_grad_norm_(
         return Tensor(0.0)
     xp = get_array_module(*grads)
     dtype = xp.result_type(*grads)
-    norms = xp.asarray([_vector_norm(g, norm_type) for g in grads], dtype=dtype)
+    # stacked where the grads live (a list of device scalars must not go through the host)
+    norms = xp.stack([xp.asarray(_vector_norm(g, norm_type), dtype=dtype) for g in grads])
     total = _vector_norm(norms, norm_type)
     if error_if_nonfinite and not math.isfinite(float(total)):
         raise RuntimeError(
@@ -61,7 +63,14 @@ def clip_grad_norm_(
             "pass error_if_nonfinite=False to clip anyway"
         )
     clip_coef = dtype.type(max_norm) / (total + dtype.type(1e-6))
-    if clip_coef < 1.0:
+    if B.is_numpy(xp):
+        if clip_coef < 1.0:
+            for g in grads:
+                g *= clip_coef.astype(g.dtype)
+    else:
+        # on a GPU, `clip_coef < 1` would wait for the device; multiplying by
+        # min(clip_coef, 1) gives the same grads (x * 1 is exact) with no read
+        coef = xp.minimum(clip_coef, dtype.type(1.0))
         for g in grads:
-            g *= clip_coef.astype(g.dtype)
+            g *= coef.astype(g.dtype)
     return Tensor._make(xp.asarray(total, dtype=dtype))
