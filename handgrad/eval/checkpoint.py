@@ -30,9 +30,12 @@ __all__ = [
 ]
 
 
-def load_model(checkpoint: str | os.PathLike) -> GPT2:
-    """The GPT-2 of a checkpoint (any form ``resolve_checkpoint`` takes), in eval mode."""
+def load_model(checkpoint: str | os.PathLike, device: str | None = None) -> GPT2:
+    """The GPT-2 of a checkpoint (any form ``resolve_checkpoint`` takes), in eval mode, on
+    ``device`` ('cpu', 'cuda', 'cuda:N'; the CPU when None)."""
     model = GPT2.from_checkpoint(checkpoint)
+    if device is not None:
+        model.to(device)
     model.eval()
     return model
 

@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("mode", nargs="?", choices=["zero-shot"], help="zero-shot: run lm-eval")
     ev.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     ev.add_argument("--output", help="write the results as JSON to this file")
+    ev.add_argument("--device", help="cpu (default), cuda or cuda:N: where the model runs")
     g = ev.add_argument_group("validation metrics (no MODE)")
     g.add_argument("--data", help="prepared data directory (meta.json, val.bin, ...)")
     g.add_argument("--split", default="val", choices=["val", "train"])
@@ -86,8 +87,9 @@ def _eval(args: argparse.Namespace) -> int:
     from handgrad.fileio import write_json_atomic
 
     metrics = validation_metrics(
-        args.checkpoint, args.data, args.split, args.batches, args.micro_batch_size
-    )
+        args.checkpoint, args.data, args.split, args.batches, args.micro_batch_size,
+        device=args.device,
+    )  # fmt: skip
     print(format_metrics(metrics))
     if args.output:
         write_json_atomic(args.output, metrics)
@@ -112,6 +114,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
         limit=limit,
         data_dir=args.data_dir,
         bootstrap_iters=args.bootstrap_iters,
+        device=args.device,
     )
     print(results_table(results))
     if args.output:

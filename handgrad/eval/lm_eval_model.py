@@ -52,7 +52,6 @@ from tqdm import tqdm
 from handgrad import backend as B
 from handgrad.eval.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
 from handgrad.grad_mode import no_grad
-from handgrad.tensor import Tensor
 
 # A request as TemplateLM hands it to _loglikelihood_tokens: (cache key, context, continuation).
 TokenRequest = tuple[Any, list[int], list[int]]
@@ -84,8 +83,8 @@ class HandgradLM(TemplateLM):
         """``checkpoint`` names the directory; alternatively pass ``model`` (a GPT2) and
         ``tokenizer`` objects. ``max_length`` (default: the model's block_size) caps the tokens
         per forward pass. ``prefix_token_id`` (default: end-of-text) conditions the first
-        token of a text. lm-eval's generic ``device``/``max_batch_size`` arguments are accepted
-        and ignored (handgrad runs on the CPU, one fixed batch size)."""
+        token of a text. lm-eval's generic ``device`` ('cpu', 'cuda', 'cuda:N') puts the model
+        there; ``max_batch_size`` is accepted and ignored (one fixed batch size)."""
         super().__init__()
         unknown = set(kwargs) - {"device", "max_batch_size", "dtype", "trust_remote_code"}
         if unknown:
@@ -97,7 +96,9 @@ class HandgradLM(TemplateLM):
             if checkpoint is None:
                 raise ValueError("handgrad lm-eval model: pass model_args checkpoint=DIR")
             ckpt = resolve_checkpoint(checkpoint)
-            model, tokenizer = load_model(ckpt), load_checkpoint_tokenizer(ckpt)
+            device = kwargs.get("device")
+            model = load_model(ckpt, None if device in (None, "") else str(device))
+            tokenizer = load_checkpoint_tokenizer(ckpt)
         elif tokenizer is None:
             raise ValueError("handgrad lm-eval model: a model object needs a tokenizer too")
         self.model = model
@@ -169,8 +170,8 @@ class HandgradLM(TemplateLM):
         for i, r in enumerate(rows):
             idx[i, : len(r)] = r
         with no_grad():
-            logits = self.model(Tensor._make(idx)).data
-        return log_softmax(logits)
+            logits = self.model(idx).data  # the model puts idx on its own device
+        return log_softmax(B.to_numpy(logits))
 
     def _loglikelihood_tokens(
         self, requests: list[TokenRequest], disable_tqdm: bool = False, **kwargs: Any

@@ -25,8 +25,10 @@ def validation_metrics(
     batches: int | None = None,
     batch_size: int | None = None,
     block_size: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on the ``split`` of the prepared directory ``data``.
+    """Evaluate ``checkpoint`` on the ``split`` of the prepared directory ``data``, with the
+    model on ``device`` (the CPU when None).
 
     ``batches``, ``batch_size`` and ``block_size`` default to the run's own ([eval] batches,
     [train] micro_batch_size and block_size from the checkpoint's config.json)."""
@@ -37,7 +39,7 @@ def validation_metrics(
     ckpt = resolve_checkpoint(checkpoint)
     config = read_config(ckpt)
     train_cfg, eval_cfg = config.get("train", {}), config.get("eval", {})
-    model = load_model(ckpt)
+    model = load_model(ckpt, device)
     batches = int(batches if batches is not None else eval_cfg.get("batches", 20))
     batch_size = int(batch_size if batch_size is not None else train_cfg.get("micro_batch_size", 8))
     block_size = int(

@@ -112,11 +112,13 @@ def run_zero_shot(
     data_dir: str | os.PathLike | None = None,
     bootstrap_iters: int = 100_000,
     log_samples: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """lm-eval's results dict for the tasks (see ``simple_evaluate``).
 
     ``model`` is an lm-eval model name (default ``handgrad``, whose ``model_args`` default to
-    ``checkpoint=...,batch_size=...``) or an ``lm_eval.api.model.LM`` instance."""
+    ``checkpoint=...,batch_size=...``, and ``device=...`` when given) or an
+    ``lm_eval.api.model.LM`` instance."""
     _require_lm_eval()
     import lm_eval
 
@@ -131,6 +133,8 @@ def run_zero_shot(
         if checkpoint is None:
             raise ValueError("zero-shot: --checkpoint is required")
         model_args = {"checkpoint": str(checkpoint)}
+        if device is not None:
+            model_args["device"] = device
     results = lm_eval.simple_evaluate(
         model=model,
         model_args=model_args,

@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--stop-at-eos", action="store_true", help="stop a sample at end-of-text")
+    s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     s.set_defaults(func=_sample)
 
 
@@ -147,6 +148,8 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         model = GPT2.from_checkpoint(ckpt)
+        if args.device is not None:
+            model.to(args.device)
         tok_path = ckpt / "tokenizer.json"
         if not tok_path.is_file():
             raise FileNotFoundError(f"{tok_path}: missing (the checkpoint has no tokenizer)")
