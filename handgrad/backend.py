@@ -326,6 +326,25 @@ def is_scalar(a: Any) -> bool:
     return isinstance(a, np.generic)
 
 
+def host_scalar(a: Any) -> Any:
+    """A 0-d host array as a NumPy scalar (itself when it is one); None for anything else.
+    CuPy passes NumPy scalars to its kernels by value, where a 0-d array would first be
+    copied to the GPU (a copy from pageable memory that waits for the GPU's queue)."""
+    if isinstance(a, np.generic):
+        return a
+    if isinstance(a, np.ndarray) and a.ndim == 0:
+        return a[()]
+    return None
+
+
+def scalar_like(value: Any, dtype: np.dtype, like: Any) -> Any:
+    """``value`` (a Python or NumPy number) in ``dtype`` to combine with the array ``like``:
+    a 0-d NumPy array on the host, a NumPy scalar for another namespace (see host_scalar)."""
+    if get_array_module(like) is np:
+        return np.asarray(value, dtype=dtype)
+    return np.asarray(value, dtype=dtype)[()]
+
+
 def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     """The shape ``shapes`` broadcast to; ValueError when they do not broadcast."""
     return np.broadcast_shapes(*shapes)

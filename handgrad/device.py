@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from handgrad import cuda
-from handgrad.backend import get_array_module
+from handgrad.backend import get_array_module, to_dtype
 
 _TYPES = ("cpu", "cuda")
 
@@ -183,6 +183,14 @@ def parse_to(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[device | No
         else:
             if dtype is not None:
                 raise TypeError(f"to(): dtype given twice ({dtype} and {a!r})")
+            if isinstance(a, str):
+                try:
+                    to_dtype(a)
+                except TypeError:
+                    raise TypeError(
+                        f"to(): {a!r} is neither a device ('cpu', 'cuda', 'cuda:N') nor a "
+                        "dtype ('float32', 'bf16', ...)"
+                    ) from None
             dtype = a
     return (None if dev is None else as_device(dev)), dtype
 

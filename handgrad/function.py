@@ -100,7 +100,17 @@ def _on_one_device(op: str, arrays: list[Any]) -> list[Any]:
     else:  # only 0-d arrays: compute where the first non-CPU one lives
         everywhere = devices_of(arrays)
         target = next((d for d in everywhere if d.type != "cpu"), everywhere[0])
-    return [a if device_of(a) == target else to_device(a, target) for a in arrays]
+    return [a if device_of(a) == target else _scalar_to(a, target) for a in arrays]
+
+
+def _scalar_to(a: Any, target: Any) -> Any:
+    """The 0-d array ``a`` on ``target``: on a GPU a host one goes as a NumPy scalar (a
+    kernel argument, no copy; see ``backend.host_scalar``)."""
+    if target.type != "cpu":
+        scalar = B.host_scalar(a)
+        if scalar is not None:
+            return scalar
+    return to_device(a, target)
 
 
 def unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:

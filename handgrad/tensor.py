@@ -284,7 +284,7 @@ class Tensor:
                 if B.is_floating(self.dtype) or isinstance(other, int | bool)
                 else B.default_float
             )
-            return Tensor._make(B.get_array_module(self.data).asarray(other, dtype=dtype))
+            return Tensor._make(B.scalar_like(other, dtype, self.data))
         return Tensor(other)
 
     def __add__(self, o: Any) -> Tensor:

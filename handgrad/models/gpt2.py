@@ -355,9 +355,11 @@ class GPT2(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _check_idx(self, idx: Tensor | Any, what: str, limit: int | None = None) -> Tensor:
+    def _check_idx(
+        self, idx: Tensor | Any, what: str, limit: int | None = None, place: bool = True
+    ) -> Tensor:
         """``idx`` as a (B, T) integer tensor, on the model's device when it was given as an
-        array. Token ids are range-checked where they are on the host: on a GPU that check
+        array (unless not ``place``). Token ids are range-checked where they are on the host: on a GPU that check
         would wait for the device once per call, so device ids are trusted (the trainer's
         batches come from shards checked against the vocabulary)."""
         given = idx
@@ -376,7 +378,7 @@ class GPT2(nn.Module):
             )
         if idx.device.type == "cpu":
             _check_ids(idx.data, what, self.config.vocab_size)
-        if given is not idx and not isinstance(given, Tensor):
+        if place and not isinstance(given, Tensor):
             idx = idx.to(self.device)
         return idx
 
@@ -412,7 +414,7 @@ class GPT2(nn.Module):
         """
         as_tensor = isinstance(idx, Tensor)
         where = idx.device if as_tensor else None
-        idx = self._check_idx(idx, "idx", limit=math.inf)
+        idx = self._check_idx(idx, "idx", limit=math.inf, place=False)
         # sampling runs on the host (one copy of the last logits per token), from the host
         # generator, so a seed gives the same tokens on every device
         tokens = B.to_numpy(idx.data).astype(B.int64)

@@ -139,6 +139,7 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from handgrad.checkpoint import CheckpointError, resolve_checkpoint
+    from handgrad.device import device
     from handgrad.models.gpt2 import GPT2
     from handgrad.tokenizer import load_tokenizer
     from handgrad.train.trainer import prompt_ids
@@ -149,7 +150,7 @@ def _sample(args: argparse.Namespace) -> int:
         ckpt = resolve_checkpoint(args.checkpoint)
         model = GPT2.from_checkpoint(ckpt)
         if args.device is not None:
-            model.to(args.device)
+            model.to(device(args.device))  # device(): one clear error for a bad name
         tok_path = ckpt / "tokenizer.json"
         if not tok_path.is_file():
             raise FileNotFoundError(f"{tok_path}: missing (the checkpoint has no tokenizer)")

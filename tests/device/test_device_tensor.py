@@ -54,7 +54,7 @@ def test_to_errors_name_the_problem(cp) -> None:
         t.to("bf16", "float32")
     with pytest.raises(TypeError, match="unexpected keyword argument 'non_blocking_typo'"):
         t.to("cuda", non_blocking_typo=True)
-    with pytest.raises(TypeError, match="unknown dtype 'cuda0'"):
+    with pytest.raises(TypeError, match="'cuda0' is neither a device"):
         t.to("cuda0")
     with pytest.raises(RuntimeError, match="cuda:2 does not exist: 1 GPU"):
         t.to("cuda:2")
