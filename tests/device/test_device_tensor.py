@@ -180,3 +180,13 @@ def test_backward_gradient_indexing_and_assignment_across_devices(cp) -> None:
 def test_cuda_module_at_the_top_level(cp) -> None:
     assert hg.cuda.is_available() and hg.cuda.device_count() == 1
     hg.cuda.synchronize()
+
+
+def test_save_on_a_device_and_load_onto_one(cp, tmp_path) -> None:
+    state = {"w": hg.tensor(A, device="cuda"), "b": hg.tensor(A[0], dtype="bf16")}
+    hg.save(state, tmp_path / "s.safetensors")
+    back = hg.load(tmp_path / "s.safetensors")
+    assert type(back["w"].data) is np.ndarray and back["b"].dtype == hg.bfloat16
+    np.testing.assert_array_equal(back["w"].numpy(), A)
+    on = hg.load(tmp_path / "s.safetensors", device="cuda")
+    assert on["w"].is_cuda and on["b"].is_cuda and on["b"].dtype == hg.bfloat16
