@@ -69,9 +69,7 @@ def _check_name(name: Any, where: Path) -> str:
     return name
 
 
-def write_manifest(
-    directory: str | os.PathLike[str], files: Iterable[str] | None = None
-) -> Path:
+def write_manifest(directory: str | os.PathLike[str], files: Iterable[str] | None = None) -> Path:
     """Hash ``files`` (names relative to ``directory``; default: every visible regular file in
     it) and write ``directory/manifest.json``. Call it after the last of those files is
     written and before the directory is published. Returns the manifest's path."""

@@ -5,8 +5,9 @@ Output directory layout (everything written under a temporary name first, `meta.
     tokenizer.json   the tokenizer the shards were made with (JSON, loadable by load_tokenizer)
     train.bin        all training tokens, concatenated, as raw little-endian uint16 (or uint32)
     val.bin          the same for validation
-    meta.json        format version, dtype, vocab size, token/document counts, source, what was
-                     skipped or repaired; its absence means "not finished", so readers refuse
+    meta.json        format version, dtype, vocab size, token/document counts, each shard's size
+                     and sha256, source, what was skipped or repaired; its absence means "not
+                     finished", so readers refuse
 
 Every document is followed by the end-of-text token, so the model learns where documents stop and
 a training window that spans two documents sees the boundary (GPT-2 does the same). The char
@@ -45,6 +46,8 @@ import numpy as np
 from tqdm import tqdm
 
 from handgrad.data.sources import TextSource, open_source, sha256_file
+from handgrad.diskspace import raise_if_disk_full
+from handgrad.manifest import hash_file
 
 FORMAT_VERSION = 1
 ENDOFTEXT = "<|endoftext|>"
@@ -54,6 +57,7 @@ META_FILE = "meta.json"
 # Chunks per worker queued or running: enough to keep every worker busy while this process reads
 # and writes, few enough that memory stays bounded (4 x 256k characters per worker).
 MAX_IN_FLIGHT = 4
+_NOTHING_LOST = "the partial files were removed and files already there are unchanged"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -293,6 +297,8 @@ def prepare(
             )
         dtype = token_dtype(tok.vocab_size)
         counts = _write_shards(src, tmp, dtype, val_fraction, seed, workers, chunk_chars, progress)
+        for split in SPLITS:  # `handgrad verify` checks the shards against these
+            counts[split]["sha256"] = hash_file(tmp[f"{split}.bin"], "sha256")
         meta = {
             "format_version": FORMAT_VERSION,
             "source": src.description,
@@ -322,6 +328,9 @@ def prepare(
         for name in (TOKENIZER_FILE, "train.bin", "val.bin", META_FILE):
             os.replace(tmp[name], out / name)
         return meta
+    except OSError as err:
+        raise_if_disk_full(err, "token shards", out, note=_NOTHING_LOST)
+        raise
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)

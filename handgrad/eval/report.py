@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from handgrad.diskspace import disk_full_guard
 from handgrad.eval.checkpoint import (
     read_config,
     read_json,
@@ -26,6 +27,7 @@ from handgrad.eval.checkpoint import (
     run_directory,
     write_text_atomic,
 )
+from handgrad.fileio import atomic_path
 
 # Task names as the GPT-2 paper's table prints them.
 TASK_TITLES = {
@@ -221,9 +223,11 @@ def write_report(
         configuration_section(config),
     ]
     curves = sorted(run.glob("*.png"))
-    if curves:
-        image = out.parent / f"{out.stem}_{curves[0].name}"
-        shutil.copyfile(curves[0], image)
-        parts.append(f"## Loss curve\n\n![training and validation loss]({image.name})\n")
-    write_text_atomic(out, "\n".join(parts))
+    with disk_full_guard(f"the model card {out}", out.parent):
+        if curves:
+            image = out.parent / f"{out.stem}_{curves[0].name}"
+            with atomic_path(image) as tmp:  # a full disk leaves no half image behind
+                shutil.copyfile(curves[0], tmp)
+            parts.append(f"## Loss curve\n\n![training and validation loss]({image.name})\n")
+        write_text_atomic(out, "\n".join(parts))
     return out

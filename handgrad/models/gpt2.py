@@ -28,6 +28,7 @@ import numpy as np
 
 from handgrad import backend as B
 from handgrad import nn
+from handgrad.manifest import verify_manifest
 from handgrad.nn import functional as F
 from handgrad.nn import init
 from handgrad.tensor import Tensor, default_generator, no_grad
@@ -36,6 +37,8 @@ from handgrad.tensor import Tensor, default_generator, no_grad
 # configuration
 
 _DTYPES = ("float32", "bfloat16")
+# The files of a checkpoint that loading a model for evaluation or sampling reads.
+_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -497,6 +500,8 @@ class GPT2(nn.Module):
         for p in (config_path, weights_path):
             if not p.is_file():
                 raise FileNotFoundError(f"GPT2.from_checkpoint: {p} does not exist")
+        # The files a model (and its sampler) reads, against manifest.json's sizes and hashes.
+        verify_manifest(path, names=_MODEL_FILES, missing_ok=True)
         try:
             section = json.loads(config_path.read_text())["model"]
         except json.JSONDecodeError as e:
