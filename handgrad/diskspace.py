@@ -71,7 +71,7 @@ def free_bytes(directory: str | os.PathLike[str]) -> int:
 
 
 def _message(what: str, directory: Path, needed: int | None, free: int | None, note: str) -> str:
-    text = f"no space left on the device to write {what} in {directory}"
+    text = f"No space left on device for {what} in {directory}"
     if needed is not None and free is not None:
         text += f": needs {format_bytes(needed)}, {format_bytes(free)} free"
     elif free is not None:

@@ -168,8 +168,8 @@ def check_files(
             check.problem = f"missing (listed in {directory / MANIFEST_FILE})"
         elif size != entry["size"]:
             check.problem = (
-                f"{size:,} bytes but {MANIFEST_FILE} records {entry['size']:,} "
-                f"({'truncated' if size < entry['size'] else 'grown'} after it was written)"
+                f"{size:,} bytes but {MANIFEST_FILE} records {entry['size']:,}: the file is "
+                "truncated or corrupt"
             )
         pairs.append((check, entry))
     if hashes:

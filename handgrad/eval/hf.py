@@ -51,7 +51,6 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 _LAYER_NORM_EPS = 1e-5  # handgrad's LayerNorm default, the value of every GPT-2 release
 _ENDOFTEXT = "<|endoftext|>"
-_READ_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what export reads
 
 
 def _is_conv1d(name: str) -> bool:
@@ -120,7 +119,7 @@ def export_hf(
     ``out`` is never left half-written; ``out`` must not exist or be empty.
     """
     ckpt = resolve_checkpoint(checkpoint)
-    verify_manifest(ckpt, names=_READ_FILES, missing_ok=True)
+    verify_manifest(ckpt, missing_ok=True)
     model_cfg = read_config(ckpt)["model"]
     weights_path = ckpt / "model.safetensors"
     state = load_file(weights_path)

@@ -37,8 +37,6 @@ from handgrad.tensor import Tensor, default_generator, no_grad
 # configuration
 
 _DTYPES = ("float32", "bfloat16")
-# The files of a checkpoint that loading a model for evaluation or sampling reads.
-_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -500,8 +498,9 @@ class GPT2(nn.Module):
         for p in (config_path, weights_path):
             if not p.is_file():
                 raise FileNotFoundError(f"GPT2.from_checkpoint: {p} does not exist")
-        # The files a model (and its sampler) reads, against manifest.json's sizes and hashes.
-        verify_manifest(path, names=_MODEL_FILES, missing_ok=True)
+        # Every file against manifest.json's sizes and hashes, the optimizer's too: a damaged
+        # file anywhere means the checkpoint as a whole cannot be trusted.
+        verify_manifest(path, missing_ok=True)
         try:
             section = json.loads(config_path.read_text())["model"]
         except json.JSONDecodeError as e:

@@ -35,20 +35,22 @@ from typing import Any
 import numpy as np
 
 from handgrad.diskspace import check_free_space, raise_if_disk_full
-from handgrad.manifest import ManifestError, verify_manifest, write_manifest
+from handgrad.manifest import MANIFEST_FILE, ManifestError, verify_manifest, write_manifest
 from handgrad.optim import flatten_state_dict, unflatten_state_dict
 from handgrad.serialization import SafetensorsError, load_file, load_metadata, save_file
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-FILES = (
+# The files manifest.json lists; with it, every file of a checkpoint.
+HASHED_FILES = (
     "model.safetensors",
     "optimizer.safetensors",
     "config.json",
     "trainer_state.json",
     "tokenizer.json",
 )
+FILES = (*HASHED_FILES, MANIFEST_FILE)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -128,7 +130,7 @@ def save_checkpoint(
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "trainer_state.json", {"format_version": FORMAT_VERSION, **trainer_state})
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        write_manifest(tmp, FILES)  # last: a directory with a manifest is complete
+        write_manifest(tmp, HASHED_FILES)  # last: a directory with a manifest is complete
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a rerun): replace it whole
             old = root / f".old-{name}-{os.getpid()}"
@@ -276,7 +278,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read every file of a checkpoint; refuse a missing file, invalid JSON or safetensors,
     another format version or an incomplete trainer state."""
     ckpt = resolve_checkpoint(path)
-    missing = [f for f in FILES if not (ckpt / f).is_file()]
+    # manifest.json may be absent: checkpoints written before it existed still load
+    missing = [f for f in HASHED_FILES if not (ckpt / f).is_file()]
     if missing:
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
     try:  # before parsing anything: a damaged file is named as such, not as bad JSON
