@@ -131,7 +131,12 @@ def _with_manifest(directory: Path, hashes: bool, kind: str) -> Section:
         return Section(title, [Line(MANIFEST_FILE, None, FAILED, str(e))])
     assert manifest is not None
     lines = [
-        Line(c.name, c.size, FAILED if c.problem else OK, c.problem or "")
+        Line(
+            c.name,
+            c.size,
+            FAILED if c.problem else OK,
+            (c.problem or "").removeprefix(f"{c.size:,} bytes but "),
+        )
         for c in check_files(directory, hashes=hashes, manifest=manifest)
     ]
     if not hashes:
