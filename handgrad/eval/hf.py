@@ -149,8 +149,10 @@ def export_hf(
     # the weights, and the tokenizer's files at a few times the size of its handgrad file
     needed = sum(a.nbytes for a in tensors.values()) + 4 * (ckpt / "tokenizer.json").stat().st_size
     what = f"the Hugging Face export {out}"
-    check_free_space(Path(out).parent, needed, what)
-    with disk_full_guard(what, Path(out).parent, needed), _publish_dir(out, "export hf") as tmp:
+    note = f"nothing was written to {out}"
+    check_free_space(Path(out).parent, needed, what, note)
+    guard = disk_full_guard(what, Path(out).parent, needed, note)
+    with guard, _publish_dir(out, "export hf") as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         write_json_atomic(tmp / "config.json", hf_config(model_cfg, eot, out_dtype))
         if hasattr(tokenizer, "export_hf"):

@@ -223,7 +223,7 @@ def write_report(
         configuration_section(config),
     ]
     curves = sorted(run.glob("*.png"))
-    with disk_full_guard(f"the model card {out}", out.parent):
+    with disk_full_guard(f"the model card {out}", out.parent, note="no file was half written"):
         if curves:
             image = out.parent / f"{out.stem}_{curves[0].name}"
             with atomic_path(image) as tmp:  # a full disk leaves no half image behind
