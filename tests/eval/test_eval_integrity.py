@@ -24,7 +24,7 @@ Usage = namedtuple("Usage", "total used free")
 
 @pytest.fixture
 def run_copy(run_dir, tmp_path) -> Path:
-    """The session's run, its checkpoint given a manifest as the trainer writes one."""
+    """The shared tiny run, its checkpoint given a manifest as the trainer writes one."""
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
     write_manifest(out / (out / "latest").read_text().strip())
