@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from handgrad.checkpoint import read_config, read_json, resolve_checkpoint, run_dir_of
-from handgrad.fileio import write_bytes_atomic, write_text_atomic
+from handgrad.diskspace import disk_full_guard
+from handgrad.fileio import atomic_path, write_text_atomic
 
 # Task names as the GPT-2 paper's table prints them.
 TASK_TITLES = {
@@ -215,9 +217,11 @@ def write_report(
         configuration_section(config),
     ]
     curves = sorted(run.glob("*.png"))
-    if curves:
-        image = out.parent / f"{out.stem}_{curves[0].name}"
-        write_bytes_atomic(image, curves[0].read_bytes())
-        parts.append(f"## Loss curve\n\n![training and validation loss]({image.name})\n")
-    write_text_atomic(out, "\n".join(parts))
+    with disk_full_guard(f"the model card {out}", out.parent, note="no file was half written"):
+        if curves:
+            image = out.parent / f"{out.stem}_{curves[0].name}"
+            with atomic_path(image) as tmp:  # a full disk leaves no half image behind
+                shutil.copyfile(curves[0], tmp)
+            parts.append(f"## Loss curve\n\n![training and validation loss]({image.name})\n")
+        write_text_atomic(out, "\n".join(parts))
     return out
