@@ -22,11 +22,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from handgrad.checkpoint import CHECKPOINTS, LATEST, list_checkpoints
 from handgrad.data.prepare import META_FILE
 from handgrad.data.shards import load_meta
 from handgrad.manifest import MANIFEST_FILE, ManifestError, check_files, hash_file, read_manifest
-from handgrad.serialization import SafetensorsError, read_header
-from handgrad.checkpoint import CHECKPOINTS, LATEST, list_checkpoints
+from handgrad.serialization import SafetensorsError, load_metadata
 
 OK, FAILED, UNVERIFIED = "OK", "FAILED", "UNVERIFIED"
 
@@ -110,7 +110,7 @@ def _checkpoint(ckpt: Path, hashes: bool) -> Section:
         size = p.stat().st_size
         try:
             if p.suffix == ".safetensors":
-                read_header(p)
+                load_metadata(p)  # opens the header: size and layout checked
             elif p.suffix == ".json":
                 json.loads(p.read_text(encoding="utf-8"))
         except SafetensorsError as e:
