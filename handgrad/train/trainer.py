@@ -46,6 +46,7 @@ from handgrad.tensor import get_rng_state, manual_seed, set_rng_state
 from handgrad.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, DataSection, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
+from handgrad.train.hardware import hardware_info
 from handgrad.train.metrics import MetricsLog, plot_losses
 from handgrad.train.parallel import DataParallel, accumulate_gradients, can_fork
 
@@ -299,7 +300,8 @@ def train(
     resolved["model"] = model_cfg.to_dict()
     resolved["train"]["block_size"] = block_size
     (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt is not None else None)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt is not None else None,
+                         loggers=t.loggers, config=resolved)  # fmt: skip
     tokenizer = data.load_tokenizer()
     global_batch = cfg.global_batch_size
     tokens_per_step = global_batch * block_size
@@ -327,6 +329,7 @@ def train(
                 "tokenizer_sha256": tokenizer_sha,
             },
             "handgrad_version": handgrad.__version__,
+            "hardware": hardware_info(processes=1 if dp is None else dp.processes),
         }
         path = save_checkpoint(
             out, at_step, model, optimizer, resolved, trainer_state, data.tokenizer_path,
@@ -355,6 +358,7 @@ def train(
                 e.sample_top_k, seed=t.seed + at_step,
             )  # fmt: skip
             say("sample: " + text.replace("\n", "\n        "))
+            metrics.log_text(at_step, text)
         return ev
 
     # Rows of one micro batch over all processes; evaluation uses batches of this size too,
