@@ -72,6 +72,10 @@ class RunFacts:
         state_path = self.ckpt / "trainer_state.json"
         self.state = read_json(state_path) if state_path.is_file() else {}
         self.records = read_metrics(self.run / "metrics.jsonl")
+        step = self.state.get("step")
+        if isinstance(step, int):
+            # a card for an earlier checkpoint of a run that went on: its own steps only
+            self.records = [r for r in self.records if r.get("step", 0) <= step]
         self.evals = [r for r in self.records if "val_loss" in r]
         if not self.evals:
             raise ValueError(

@@ -162,7 +162,12 @@ def test_limitations_name_the_undertraining(card, run, tmp_path):
     assert "384 tokens for" in section and "tokens per parameter" in section
     # the step-3 checkpoint of the same run: 3 of the 6 planned steps
     out = write_report(run[0] / "checkpoints" / "step_0000003", tmp_path / "c3.md")
-    assert "Undertrained relative to its own schedule: 3 of 6 steps" in out.read_text()
+    text = out.read_text()
+    assert "Undertrained relative to its own schedule: 3 of 6 steps" in text
+    # and its numbers are step 3's, not those the run logged after it
+    at3 = [r for r in records(run[0]) if r["step"] == 3][0]
+    assert row(text, "Validation loss (nats/token)")[1] == f"{at3['val_loss']:,.4f}"
+    assert row(text, "Final training loss")[1] == f"{at3['train_loss']:,.4f} nats/token (step 3)"
 
 
 def test_newline_values_stay_in_one_cell(card):
