@@ -274,7 +274,7 @@ def training(f: RunFacts) -> str:
         per = f.tokens / f.steps
         rows.append(["Tokens per step", num(int(per) if per == int(per) else per)])
     rows.append(["Precision", f"{f.model.get('dtype', 'float32')} parameters"])
-    rows.append(["Seed", num(t.get("seed"))])
+    rows.append(["Seed", str(t.get("seed", "n/a"))])
     hardware = f.state.get("hardware")
     rows.append(["Hardware", hardware_text(hardware) if hardware else "not recorded"])
     if f.elapsed is not None:
