@@ -14,6 +14,7 @@ file or by the stem of a shipped one (``quickstart``, ``shakespeare-char``,
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import tomllib
@@ -24,6 +25,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "quickstart"
 SECTIONS = ("model", "data", "optim", "train", "eval")
+LOGGERS = ("tensorboard", "wandb")  # [train] loggers: metrics.jsonl is always written
 
 
 class ConfigError(ValueError):
@@ -101,6 +103,8 @@ class TrainSection:
     keep_checkpoints: int = 3
     processes: int = 1  # data-parallel processes on this machine (train/parallel.py)
     sample_tokens: int = 200  # length of the sample printed at each evaluation (0: none)
+    # where metrics go besides metrics.jsonl: "tensorboard", "wandb" (train/loggers.py)
+    loggers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -268,6 +272,9 @@ def _check_type(value: Any, t: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _check_type(value, inner[0], where)
     if get_origin(t) is list:
+        if args[0] is str and isinstance(value, str):
+            # --set train.loggers=tensorboard,wandb: a bare word list, comma separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where} = {value!r}: expected {_type_name(t)}")
         return [_check_type(v, args[0], where) for v in value]
@@ -384,6 +391,21 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         need(getattr(t, key) >= 0, f"[train] {key} = {getattr(t, key)}: must be >= 0")
     need(t.log_interval >= 1, f"[train] log_interval = {t.log_interval}: must be >= 1")
     need(t.keep_checkpoints >= 1, f"[train] keep_checkpoints = {t.keep_checkpoints}: must be >= 1")
+    for name in t.loggers:
+        need(
+            name in LOGGERS,
+            f"[train] loggers: unknown logger {name!r}; choose from {', '.join(LOGGERS)}",
+        )
+    for name in set(t.loggers) & set(LOGGERS):
+        need(
+            importlib.util.find_spec(name) is not None,
+            f"[train] loggers = [{name!r}] needs the {name!r} package, which is not installed: "
+            f"pip install 'handgrad[track]' (or pip install {name})",
+        )
+    need(
+        len(set(t.loggers)) == len(t.loggers),
+        f"[train] loggers = {t.loggers}: a logger is named twice",
+    )
 
     need(e.interval >= 0, f"[eval] interval = {e.interval}: must be >= 0 (0: only at the end)")
     need(e.batches >= 0, f"[eval] batches = {e.batches}: must be >= 0 (0: no evaluation)")

@@ -51,6 +51,7 @@ from handgrad.random import get_rng_state, manual_seed, set_rng_state
 from handgrad.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
+from handgrad.train.hardware import hardware_info
 from handgrad.train.metrics import MetricsLog, plot_losses
 from handgrad.train.parallel import DataParallel, accumulate_gradients, can_fork
 
@@ -330,9 +331,14 @@ def train_step(
 
 
 def run_evaluation(
-    run: Run, at_step: int, train_loss: float | None, say: Callable[[str], None]
+    run: Run,
+    at_step: int,
+    train_loss: float | None,
+    say: Callable[[str], None],
+    metrics: MetricsLog | None = None,
 ) -> EvalResult:
-    """Validation loss on ``[eval] batches`` fixed batches (and a sample, if asked), logged."""
+    """Validation loss on ``[eval] batches`` fixed batches (and a sample, if asked, which goes
+    to ``metrics``' loggers as text), logged."""
     ev_cfg, t = run.cfg.eval, run.cfg.train
     ev = evaluate(run.model, run.data.val, ev_cfg.batches, run.rows, run.block_size)
     if not math.isfinite(ev.loss):
@@ -352,6 +358,8 @@ def run_evaluation(
             ev_cfg.sample_temperature, ev_cfg.sample_top_k, seed=t.seed + at_step,
         )  # fmt: skip
         say("sample: " + text.replace("\n", "\n        "))
+        if metrics is not None:
+            metrics.log_text(at_step, text)
     return ev
 
 
@@ -370,6 +378,7 @@ def save_run_checkpoint(run: Run, elapsed_s: float) -> Path:
             "tokenizer_sha256": run.tokenizer_sha,
         },
         "handgrad_version": handgrad.__version__,
+        "hardware": hardware_info(processes=run.cfg.train.processes),
     }
     return save_checkpoint(
         run.out, run.step, run.model, run.optimizer, run.resolved, trainer_state,
@@ -437,7 +446,12 @@ def train(
     run = build_run(cfg, out, resume, progress, say)
     t, o, ev_cfg = cfg.train, cfg.optim, cfg.eval
     resumed = run.resumed_from is not None
-    metrics = MetricsLog(run.out / "metrics.jsonl", resume_step=run.step if resumed else None)
+    metrics = MetricsLog(
+        run.out / "metrics.jsonl",
+        resume_step=run.step if resumed else None,
+        loggers=t.loggers,
+        config=run.resolved,
+    )
     tokens_per_step = cfg.global_batch_size * run.block_size
     decay_steps = o.decay_steps if o.decay_steps is not None else t.max_steps
     say(
@@ -504,7 +518,7 @@ def train(
                     "elapsed_s": elapsed(),
                 }
                 if evaluating:
-                    result.final_eval = run_evaluation(run, step, stepped.loss, say)
+                    result.final_eval = run_evaluation(run, step, stepped.loss, say, metrics)
                     record.update(result.final_eval.as_dict())
                     record["elapsed_s"] = elapsed()
                 metrics.log(record)
