@@ -47,7 +47,7 @@ from handgrad.train.checkpoint import CheckpointError, load_checkpoint, save_che
 from handgrad.train.config import ConfigError, DataSection, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.metrics import MetricsLog, plot_losses
-from handgrad.train.parallel import DataParallel, accumulate_gradients, can_fork
+from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
 
 # GPT2Config fields that fix the shapes (and storage) of the weights: a checkpoint can only
 # be resumed by a model that agrees on all of them. dropout may change between runs.
@@ -362,7 +362,7 @@ def train(
     rows = t.micro_batch_size * t.processes
     dp = None
     if t.processes > 1 and can_fork():
-        dp = DataParallel(model, t.processes, global_batch, block_size, t.seed)
+        dp = DistributedDataParallel(model, t.processes, global_batch, block_size, t.seed)
         say(
             f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
         )
