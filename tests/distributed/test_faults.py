@@ -113,3 +113,6 @@ def test_no_process_outlives_rank_0(mode, how, flags):
     finally:
         proc.kill()
         proc.wait()
+        for pid in pids if "pids" in locals() else []:
+            if _alive(pid):  # a failed run must not leave its workers behind either
+                os.kill(pid, signal.SIGKILL)
