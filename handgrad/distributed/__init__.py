@@ -66,6 +66,7 @@ def init_process_group(
     world_size: int | None = None,
     worker: Callable[[], Any] | None = None,
     comm: Any = None,
+    capacity: int | None = None,
 ) -> Transport:
     """Join (or, for ``local``, create) the default process group; returns its transport.
 
@@ -73,7 +74,8 @@ def init_process_group(
     launcher started this process, and a one-process ``local`` group otherwise.
     ``world_size`` is for ``local`` (default 1); MPI's comes from the launcher. ``worker``
     (``local`` only) is what ranks 1 .. P-1 run; they exit when it returns. ``comm``: an
-    mpi4py communicator other than ``COMM_WORLD`` (``mpi``, ``nccl``)."""
+    mpi4py communicator other than ``COMM_WORLD`` (``mpi``, ``nccl``). ``capacity``
+    (``local``): bytes of shared memory per rank a collective moves at once (32 MiB)."""
     global _group, _previous_excepthook
     if _group is not None:
         raise RuntimeError("init_process_group: the default process group is already set up")
@@ -81,16 +83,16 @@ def init_process_group(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "local":
-        from handgrad.distributed.local import LocalTransport
+        from handgrad.distributed.local import DEFAULT_CAPACITY, LocalTransport
 
         size = 1 if world_size is None else world_size
         if size > 1 and worker is None:
             raise ValueError("init_process_group('local', world_size > 1) needs worker=")
-        transport = LocalTransport(size)
+        transport = LocalTransport(size, DEFAULT_CAPACITY if capacity is None else capacity)
         if size > 1:
             transport.start(_run_worker(worker))
     else:
-        if world_size is not None or worker is not None:
+        if world_size is not None or worker is not None or capacity is not None:
             raise ValueError(f"{backend}: world size and workers come from the MPI launcher")
         from handgrad.distributed.mpi import install_excepthook
 

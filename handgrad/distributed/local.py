@@ -66,7 +66,7 @@ _ERROR_BYTES = 1 << 16  # room for one traceback
 # int64: failed flag, failed rank, message length, exit code, 2 barrier counters, closed
 _HEADER_WORDS = 8
 _POLL_S = 0.1  # how often a waiting rank looks for failures
-DEFAULT_CAPACITY = 16 << 20  # bytes per rank slot; larger arrays go through in pieces
+DEFAULT_CAPACITY = 32 << 20  # bytes per rank slot (a 25 MB bucket at once); more in pieces
 _PR_SET_PDEATHSIG = 1
 # exit code a worker uses when it stops because another rank failed (it reports nothing)
 _EXIT_PEER_FAILED = 3
@@ -143,7 +143,8 @@ class LocalTransport(Transport):
                 "method; use world size 1 or the mpi transport"
             )
         self.rank, self.world_size = 0, world_size
-        self.capacity = max(_ALIGN, capacity // _ALIGN * _ALIGN)
+        # whole elements of any dtype (<= 16 bytes), and one of each rank per reduce_scatter piece
+        self.capacity = max(16 * world_size, capacity // 16 * 16)
         self.processes: list[Any] = []  # rank r's process at index r - 1 (rank 0 only)
         self._closed = False
         self._pipe_w: int | None = None

@@ -33,6 +33,11 @@ Nothing is pickled. A worker that raises, or dies, makes rank 0's next collectiv
 with a message naming it; a worker ends as soon as rank 0 does (see ``local.py``). Needs
 the ``fork`` start method (Linux; macOS untested); without it the trainer runs the P shares
 of each micro batch in one process (same batches, same mean gradient) and says so.
+
+Given a ``group`` whose every rank runs the training loop (MPI under mpirun), the same
+class skips the broadcast (each rank draws the same batch from the same generator) and
+all-reduces instead of reducing to rank 0, so every rank holds the summed gradient and
+steps its own optimizer to the same weights.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from handgrad import backend as B
-from handgrad.distributed import ProcessGroupError
+from handgrad.distributed import ProcessGroupError, Transport
 from handgrad.distributed.local import LocalTransport, SharedArrays, can_fork
 from handgrad.distributed.reducer import GradientReducer
 from handgrad.nn import Module
@@ -74,21 +79,39 @@ def accumulate_gradients(
 
 
 class DistributedDataParallel:
-    """Forward and backward of each step's batch over ``processes`` processes (rank 0 is
-    this one), for ``model`` trained on windows of shape ``(rows, block_size)``.
+    """Forward and backward of each step's batch over ``processes`` processes, for ``model``
+    trained on windows of shape ``(rows, block_size)``.
 
-    Moves the model's parameters into shared memory (same values) and forks the workers;
-    build the optimizer's state before or after, but do not replace a parameter's array
-    afterwards (``forward_backward`` checks). Call ``close()`` when done (or use ``with``).
+    Without ``group`` (``[train] processes = P``): this process is rank 0 and alone calls
+    ``forward_backward``; the parameters move into shared memory (same values), the workers
+    are forked and read them, and the summed gradient arrives on rank 0 only. Build the
+    optimizer's state before or after, but do not replace a parameter's array afterwards
+    (``forward_backward`` checks). Call ``close()`` when done (or use ``with``).
+
+    With ``group`` (a transport every rank of which runs the same training loop, e.g. MPI's
+    under mpirun): every rank calls ``forward_backward`` with the same ``x``, ``y`` and gets
+    the summed gradient, so each can step its own optimizer to the same weights.
     """
 
-    def __init__(self, model: Module, processes: int, rows: int, block_size: int, seed: int):
+    def __init__(
+        self,
+        model: Module,
+        processes: int,
+        rows: int,
+        block_size: int,
+        seed: int,
+        group: Transport | None = None,
+    ):
         name = type(self).__name__
         if processes < 2:
             raise ValueError(f"{name}: processes must be >= 2, got {processes}")
         if rows % processes:
             raise ValueError(f"{name}: {rows} rows do not split over {processes} processes")
-        if not can_fork():
+        if group is not None and group.world_size != processes:
+            raise ValueError(
+                f"{name}: processes = {processes}, but the group has {group.world_size} ranks"
+            )
+        if group is None and not can_fork():
             raise RuntimeError(
                 "data-parallel training (processes > 1) forks its workers, and this platform "
                 "has no fork start method; set [train] processes = 1"
@@ -96,24 +119,29 @@ class DistributedDataParallel:
         self.model, self.processes, self.seed = model, processes, seed
         self.rows, self.block_size = rows, block_size
         self.params = list(model.parameters())
-        shared = SharedArrays([(tuple(p.shape), p.dtype) for p in self.params])
-        for p, a in zip(self.params, shared.arrays):
-            a[...] = p.data
-            p.data = a
-        self._shared, self._param_arrays = shared, shared.arrays
         self._message = np.zeros(_HEAD + 2 * rows * block_size, dtype=np.int64)
         self._x = self._message[_HEAD : _HEAD + rows * block_size].reshape(rows, block_size)
         self._y = self._message[_HEAD + rows * block_size :].reshape(rows, block_size)
-        self.group = LocalTransport(processes)
-        self.reducer = GradientReducer(self.params, self.group)
-        self.group.start(self._serve, name="handgrad-rank")
+        self._forked = group is None
+        self._param_arrays: list[np.ndarray] = []
+        if self._forked:
+            shared = SharedArrays([(tuple(p.shape), p.dtype) for p in self.params])
+            for p, a in zip(self.params, shared.arrays):
+                a[...] = p.data
+                p.data = a
+            self._shared, self._param_arrays = shared, shared.arrays
+            group = LocalTransport(processes)
+        self.group = group
+        self.reducer = GradientReducer(self.params, group)
+        if self._forked:
+            group.start(self._serve, name="handgrad-rank")
 
     @property
     def workers(self) -> list[Any]:
-        """The worker processes (``multiprocessing.Process``), rank r at index r - 1."""
-        return self.group.processes
+        """The forked worker processes (``multiprocessing.Process``), rank r at index r - 1."""
+        return getattr(self.group, "processes", [])
 
-    # ---- rank 0
+    # ---- rank 0 (every rank with a group)
     def forward_backward(
         self, step: int, x: np.ndarray, y: np.ndarray, micro_batch_size: int, scale: float
     ) -> list[float]:
@@ -149,9 +177,12 @@ class DistributedDataParallel:
         )
 
     def _step(self) -> list[float]:
-        """One step on any rank, from the broadcast of rank 0's message on."""
+        """One step on any rank, from the broadcast of rank 0's message on (forked workers;
+        with a group every rank has the message already)."""
         group, rank = self.group, self.group.rank
-        group.broadcast(self._message, src=0)
+        dst = 0 if self._forked else None  # forked: only rank 0 steps the optimizer
+        if self._forked:
+            group.broadcast(self._message, src=0)
         if self._message[0] == _STOP:
             return []
         step, m = int(self._message[1]), int(self._message[2])
@@ -166,9 +197,12 @@ class DistributedDataParallel:
         stats = np.full(steps + len(self.params), math.nan)
         stats[: len(losses)] = losses
         stats[steps:] = [p.grad is not None for p in self.params]
-        group.reduce(stats, dst=0)
-        self.reducer.reduce("sum", dst=0, has_grad=[bool(f) for f in stats[steps:]])
-        if rank > 0:
+        if dst is None:
+            group.all_reduce(stats)
+        else:
+            group.reduce(stats, dst=dst)
+        self.reducer.reduce("sum", dst=dst, has_grad=[bool(f) for f in stats[steps:]])
+        if self._forked and rank > 0:
             for p in self.params:
                 p.grad = None
         return [float(v) / self.processes for v in stats[:steps]]
@@ -182,7 +216,10 @@ class DistributedDataParallel:
         ]
 
     def close(self) -> None:
-        """Stop the workers (they also stop by themselves when this process exits)."""
+        """Stop the forked workers (they also stop by themselves when this process exits);
+        a given group is left to its owner."""
+        if not self._forked:
+            return
         if self.group.failure() is None and not self.group._closed:
             self._message[0] = _STOP
             try:

@@ -26,10 +26,11 @@ def _load_checks():
 
 
 @pytest.mark.skipif(not can_fork(), reason="the local transport needs the fork start method")
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_local_collectives(world_size):
+# capacity 16 bytes per rank: every array larger than that goes through in pieces
+@pytest.mark.parametrize("world_size, capacity", [(2, None), (3, None), (2, 16), (3, 16)])
+def test_local_collectives(world_size, capacity):
     check = _load_checks()
-    dist.init_process_group("local", world_size=world_size, worker=check)
+    dist.init_process_group("local", world_size=world_size, worker=check, capacity=capacity)
     try:
         assert dist.get_world_size() == world_size and dist.get_rank() == 0
         check()
