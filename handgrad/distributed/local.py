@@ -283,8 +283,14 @@ class LocalTransport(Transport):
             for _ in range(self.world_size - 1):
                 self._sems[g].release()
         else:
-            while not self._sems[g].acquire(timeout=_POLL_S):
-                self._check()
+            try:
+                while not self._sems[g].acquire(timeout=_POLL_S):
+                    self._check()
+            except (KeyboardInterrupt, SystemExit):
+                # this rank leaves mid-barrier: the count is off for good, so break the group
+                # (the others stop) rather than let close() talk over a desynchronised one
+                self._record(self.rank, "interrupted while waiting in a collective")
+                raise
         err = self.failure()
         if err is not None:
             raise err
