@@ -1,7 +1,7 @@
 """Runs started by the fault tests as their own processes (``python ranks.py MODE``).
 
-- ``mpi-raise``: under mpirun -n 2; rank 1 prints ``raising at <time>`` and raises while
-  rank 0 waits in an all_reduce.
+- ``mpi-raise``, ``mpi-die``: under mpirun -n 2; rank 1 prints ``raising at <time>`` and
+  raises (or kills itself with SIGKILL) while rank 0 waits in an all_reduce.
 - ``local-wait``, ``local-busy``: a local group of 3; prints ``pids <json>`` (every rank's
   process id), then ranks wait in collectives (``wait``) or compute without any collective
   (``busy``) until they are stopped. ``--no-pdeathsig``: the workers rely on the pipe alone.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -33,11 +34,13 @@ def _busy_forever() -> None:
 
 
 def main(mode: str, flags: list[str]) -> None:
-    if mode == "mpi-raise":
+    if mode in ("mpi-raise", "mpi-die"):
         dist.init_process_group()
         if dist.get_rank() == 1:
             time.sleep(0.5)
             print(f"raising at {time.time()}", flush=True)
+            if mode == "mpi-die":
+                os.kill(os.getpid(), signal.SIGKILL)
             raise ValueError("boom on rank 1")
         _wait_forever()
     local.use_pdeathsig = "--no-pdeathsig" not in flags

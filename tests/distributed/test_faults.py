@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,16 +57,22 @@ def test_local_rank_that_fails_stops_the_others(worker, message, exitcode):
     assert proc.exitcode == exitcode
 
 
-def test_mpi_rank_that_raises_ends_the_job(mpirun, mpi_env):
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("mpi-raise", r"rank 1 of 2 failed: Traceback(.|\n)*ValueError: boom on rank 1"),
+        ("mpi-die", r"rank 1 (.|\n)*(signal 9|Killed|killed)"),  # the launcher's words
+    ],
+)
+def test_mpi_rank_that_fails_ends_the_job(mpirun, mpi_env, mode, message):
     start = time.time()
     run = subprocess.run(
-        [mpirun, "-n", "2", "--oversubscribe", sys.executable, str(HERE / "ranks.py"),
-         "mpi-raise"],
+        [mpirun, "-n", "2", "--oversubscribe", sys.executable, str(HERE / "ranks.py"), mode],
         env=mpi_env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     end, out = time.time(), run.stdout + run.stderr
     assert run.returncode != 0, out
-    assert "rank 1 of 2 failed" in out and "ValueError: boom on rank 1" in out, out
+    assert re.search(message, out), out
     raised = float(out.split("raising at ")[1].split()[0])
     assert start < raised < end and end - raised < 10, out  # rank 0 did not wait on
 
