@@ -53,7 +53,7 @@ from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.hardware import hardware_info
 from handgrad.train.metrics import MetricsLog, plot_losses
-from handgrad.train.parallel import DataParallel, accumulate_gradients, can_fork
+from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
 
 __all__ = [
     "GradientFn",
@@ -263,11 +263,15 @@ def local_gradients(model: GPT2, rows: int, scale: float) -> GradientFn:
     return gradients
 
 
-def _gradient_fn(run: Run, say: Callable[[str], None]) -> tuple[DataParallel | None, GradientFn]:
+def _gradient_fn(
+    run: Run, say: Callable[[str], None]
+) -> tuple[DistributedDataParallel | None, GradientFn]:
     """Data parallel over ``[train] processes`` where the platform can fork, else local."""
     t = run.cfg.train
     if t.processes > 1 and can_fork():
-        dp = DataParallel(run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed)
+        dp = DistributedDataParallel(
+            run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed
+        )
         say(
             f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
         )
