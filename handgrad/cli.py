@@ -7,6 +7,7 @@
     handgrad eval [zero-shot]                validation metrics / lm-eval zero-shot suite
     handgrad export hf | import hf           Hugging Face GPT-2 interop
     handgrad report                          write the model card
+    handgrad verify PATH                     check a run, checkpoint or data for damaged files
 
 Each area registers its own sub-commands (``handgrad/<area>/cli.py: register``) and
 imports its heavy dependencies only when its command runs.
@@ -17,8 +18,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-_AREAS = ("handgrad.tokenizer.cli", "handgrad.data.cli", "handgrad.train.cli", "handgrad.eval.cli")
+_AREAS = (
+    "handgrad.tokenizer.cli",
+    "handgrad.data.cli",
+    "handgrad.train.cli",
+    "handgrad.eval.cli",
+    "handgrad.verify_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    from handgrad.diskspace import DiskFullError
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as e:
+    except (
+        ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError, DiskFullError
+    ) as e:  # fmt: skip
         # Expected failures (bad config, bad input, missing files) get one clear line, not
         # a traceback; HANDGRAD_DEBUG=1 shows the traceback.
         import os
@@ -59,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"handgrad {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line of the command's output ("warning: ..."), not a source echo."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":

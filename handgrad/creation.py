@@ -230,7 +230,7 @@ def relu(t: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# state dicts to and from .safetensors files (``torch.save`` / ``torch.load`` for state dicts)
+# state dicts to and from .safetensors files, used as PyTorch's save and load are for them
 
 
 def save(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -13,8 +13,8 @@ It is what Hugging Face uses for model weights, so files written here load in
 leaves to its callers: writes are atomic (a crash never leaves a truncated file under the real
 name), and a bad file is refused with its name and the problem in words, never a raw error.
 
-``save(state_dict, path)`` / ``load(path)`` are the ``torch.save`` / ``torch.load`` of state
-dicts: Tensors (or arrays) in, Tensors out.
+``handgrad.save(state_dict, path)`` / ``handgrad.load(path)`` (in ``creation.py``) are built on
+``save_file`` / ``load_file``: state dicts of Tensors (or arrays) in, Tensors out.
 """
 
 from __future__ import annotations

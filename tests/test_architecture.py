@@ -16,7 +16,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "handgrad"
 # Lowest first; a module may import its own layer or a lower one. A module's layer is found
 # by its name under handgrad (``ops.shape`` -> "ops"); see ``layer_of``.
 LAYERS = [
-    {"backend", "fileio", "device", "cuda", "kernels"},  # kernels: array functions, no Tensor
+    {
+        "backend",
+        "fileio",
+        "manifest",
+        "diskspace",
+        "device",
+        "cuda",
+        "kernels",
+    },  # kernels: array functions, no Tensor
     {"tokenizer"},  # tokenizer/ and data/ never import the tensor library
     {"data"},
     {"grad_mode", "random", "function", "engine", "ops", "tensor", "creation", "serialization"},
@@ -24,7 +32,7 @@ LAYERS = [
     {"nn", "optim", "distributed"},
     {"models", "checkpoint"},
     {"train", "eval"},
-    {"cli", "__main__"},
+    {"cli", "verify_cli", "__main__"},
 ]
 NN_BLOCKS = {"nn", "nn.module", "nn.layers", "nn.init", "nn.utils"}
 
@@ -32,7 +40,7 @@ NN_BLOCKS = {"nn", "nn.module", "nn.layers", "nn.init", "nn.utils"}
 # import NumPy; host code (files, tokenizers, data loading, metrics, sampling) may.
 COMPUTE = {"grad_mode", "function", "engine", "ops", "tensor", "creation", "nn", "optim", "models"}
 HOST = {
-    "backend", "fileio", "device", "cuda", "kernels", "random", "serialization", "tokenizer", "data",
+    "backend", "fileio", "manifest", "diskspace", "device", "cuda", "kernels", "random", "verify_cli", "serialization", "tokenizer", "data",
     "distributed", "checkpoint", "train", "eval", "cli", "__main__",
 }  # fmt: skip
 

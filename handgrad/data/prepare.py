@@ -5,8 +5,9 @@ Output directory layout (everything written under a temporary name first, `meta.
     tokenizer.json   the tokenizer the shards were made with (JSON, loadable by load_tokenizer)
     train.bin        all training tokens, concatenated, as raw little-endian uint16 (or uint32)
     val.bin          the same for validation
-    meta.json        format version, dtype, vocab size, token/document counts, source, what was
-                     skipped or repaired; its absence means "not finished", so readers refuse
+    meta.json        format version, dtype, vocab size, token/document counts, each shard's size
+                     and sha256, source, what was skipped or repaired; its absence means "not
+                     finished", so readers refuse
 
 Every document is followed by the end-of-text token, so the model learns where documents stop and
 a training window that spans two documents sees the boundary (GPT-2 does the same). The char
@@ -46,7 +47,9 @@ import numpy as np
 from tqdm import tqdm
 
 from handgrad.data.sources import TextSource, open_source, sha256_file
+from handgrad.diskspace import raise_if_disk_full
 from handgrad.fileio import atomic_path
+from handgrad.manifest import hash_file
 
 FORMAT_VERSION = 1
 ENDOFTEXT = "<|endoftext|>"
@@ -56,6 +59,7 @@ META_FILE = "meta.json"
 # Chunks per worker queued or running: enough to keep every worker busy while this process reads
 # and writes, few enough that memory stays bounded (4 x 256k characters per worker).
 MAX_IN_FLIGHT = 4
+_NOTHING_LOST = "the partial files were removed and files already there are unchanged"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -280,53 +284,61 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     # Every file is written under a temporary name and renamed when the block ends, in the
     # reverse order of entering: tokenizer, shards, and meta.json last.
-    with ExitStack() as stack:
-        tmp = {
-            name: stack.enter_context(
-                # The tokenizer's temp name keeps a .json suffix in case its save() cares.
-                atomic_path(out / name, suffix=".json" if name == TOKENIZER_FILE else "")
+    try:
+        with ExitStack() as stack:
+            tmp = {
+                name: stack.enter_context(
+                    # The tokenizer's temp name keeps a .json suffix in case its save() cares.
+                    atomic_path(out / name, suffix=".json" if name == TOKENIZER_FILE else "")
+                )
+                for name in (META_FILE, "val.bin", "train.bin", TOKENIZER_FILE)
+            }
+            tok = build_tokenizer(tokenizer, src, val_fraction, seed)
+            if isinstance(tokenizer, str | os.PathLike) and Path(tokenizer).suffix == ".json":
+                shutil.copyfile(tokenizer, tmp[TOKENIZER_FILE])
+            else:
+                tok.save(tmp[TOKENIZER_FILE])
+            if tok.eot_token is None and type(tok).__name__ != "CharTokenizer":
+                warnings.warn(
+                    f"the tokenizer has no {ENDOFTEXT} token: documents are concatenated without a "
+                    "separator",
+                    stacklevel=2,
+                )
+            dtype = token_dtype(tok.vocab_size)
+            counts = _write_shards(
+                src, tmp, dtype, val_fraction, seed, workers, chunk_chars, progress
             )
-            for name in (META_FILE, "val.bin", "train.bin", TOKENIZER_FILE)
-        }
-        tok = build_tokenizer(tokenizer, src, val_fraction, seed)
-        if isinstance(tokenizer, str | os.PathLike) and Path(tokenizer).suffix == ".json":
-            shutil.copyfile(tokenizer, tmp[TOKENIZER_FILE])
-        else:
-            tok.save(tmp[TOKENIZER_FILE])
-        if tok.eot_token is None and type(tok).__name__ != "CharTokenizer":
-            warnings.warn(
-                f"the tokenizer has no {ENDOFTEXT} token: documents are concatenated without a "
-                "separator",
-                stacklevel=2,
-            )
-        dtype = token_dtype(tok.vocab_size)
-        counts = _write_shards(src, tmp, dtype, val_fraction, seed, workers, chunk_chars, progress)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "source": src.description,
-            "tokenizer": {
-                "file": TOKENIZER_FILE,
-                "sha256": sha256_file(tmp[TOKENIZER_FILE]),
-                "spec": (
-                    os.fspath(tokenizer)
-                    if isinstance(tokenizer, str | os.PathLike)
-                    else type(tokenizer).__name__
-                ),
-                "type": type(tok).__name__,
-            },
-            "vocab_size": int(tok.vocab_size),
-            "eot_token": tok.eot_token,
-            "dtype": dtype.name,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "split_mode": counts.pop("split_mode"),
-            "splits": counts,
-            **src.stats.as_dict(),
-        }
-        tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        # Publish: drop the old meta.json first, so that until the new one lands no reader can
-        # pair old metadata with new shards.
-        (out / META_FILE).unlink(missing_ok=True)
+            for split in SPLITS:  # `handgrad verify` checks the shards against these
+                counts[split]["sha256"] = hash_file(tmp[f"{split}.bin"], "sha256")
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "source": src.description,
+                "tokenizer": {
+                    "file": TOKENIZER_FILE,
+                    "sha256": sha256_file(tmp[TOKENIZER_FILE]),
+                    "spec": (
+                        os.fspath(tokenizer)
+                        if isinstance(tokenizer, str | os.PathLike)
+                        else type(tokenizer).__name__
+                    ),
+                    "type": type(tok).__name__,
+                },
+                "vocab_size": int(tok.vocab_size),
+                "eot_token": tok.eot_token,
+                "dtype": dtype.name,
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "split_mode": counts.pop("split_mode"),
+                "splits": counts,
+                **src.stats.as_dict(),
+            }
+            tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            # Publish: drop the old meta.json first, so that until the new one lands no reader can
+            # pair old metadata with new shards.
+            (out / META_FILE).unlink(missing_ok=True)
+    except OSError as err:
+        raise_if_disk_full(err, "token shards", out, note=_NOTHING_LOST)
+        raise
     return meta
 
 

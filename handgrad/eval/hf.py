@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from handgrad import backend as B
+from handgrad.diskspace import check_free_space, disk_full_guard
 from handgrad.eval.checkpoint import (
     load_checkpoint_tokenizer,
     read_config,
@@ -39,6 +40,7 @@ from handgrad.eval.checkpoint import (
     resolve_checkpoint,
 )
 from handgrad.fileio import fsync_dir, write_json_atomic, write_text_atomic
+from handgrad.manifest import verify_manifest, write_manifest
 from handgrad.serialization import load_file, save_file
 
 # Our Linear (out, in) <-> HF Conv1D (in, out): these weights are transposed on the way.
@@ -116,6 +118,7 @@ def export_hf(
     ``out`` is never left half-written; ``out`` must not exist or be empty.
     """
     ckpt = resolve_checkpoint(checkpoint)
+    verify_manifest(ckpt, missing_ok=True)
     model_cfg = read_config(ckpt)["model"]
     weights_path = ckpt / "model.safetensors"
     state = load_file(weights_path)
@@ -142,7 +145,13 @@ def export_hf(
     out_dtype = B.dtype_name(tensors["transformer.wte.weight"].dtype)
     _check_hf_state(tensors, model_cfg, str(weights_path))
 
-    with _publish_dir(out, "export hf") as tmp:
+    # the weights, and the tokenizer's files at a few times the size of its handgrad file
+    needed = sum(a.nbytes for a in tensors.values()) + 4 * (ckpt / "tokenizer.json").stat().st_size
+    what = f"the Hugging Face export {out}"
+    note = f"nothing was written to {out}"
+    check_free_space(Path(out).parent, needed, what, note)
+    guard = disk_full_guard(what, Path(out).parent, needed, note)
+    with guard, _publish_dir(out, "export hf") as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         write_json_atomic(tmp / "config.json", hf_config(model_cfg, eot, out_dtype))
         if hasattr(tokenizer, "export_hf"):
@@ -152,6 +161,7 @@ def export_hf(
                 f"export hf: {type(tokenizer).__name__} has no Hugging Face GPT-2 equivalent; "
                 "wrote the model without tokenizer files"
             )
+        write_manifest(tmp)  # last, over every file above
     return Path(out)
 
 
@@ -350,6 +360,7 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
             },
         )
         tokenizer.save(ckpt / "tokenizer.json")
+        write_manifest(ckpt)
         write_text_atomic(tmp / "latest", f"{step.as_posix()}\n")
     return Path(out)
 

@@ -1,13 +1,17 @@
 """``handgrad report``: the model card of a run, written from the run's own files.
 
-Every number in the card is read from a file (nothing is typed in):
+The card follows the sections of the original GPT-2 model card (Hugging Face's ``gpt2``):
+Model description, Intended uses & limitations, Training data, Training procedure
+(Preprocessing, Training), Evaluation results; then the loss curve and, as an appendix, the
+full resolved configuration. Every number in it is read from a file (nothing is typed in):
 
-    metrics.jsonl               training metrics (the last and first validation records)
-    <checkpoint>/config.json    architecture and training configuration
-    <checkpoint>/trainer_state.json   steps and tokens seen
-    <checkpoint>/tokenizer.json      tokenizer facts (vocabulary, merges, special tokens)
-    lm-eval results JSON        zero-shot table (``handgrad eval zero-shot --output``)
-    loss.png                    the loss curve, copied next to the card and linked relatively
+    metrics.jsonl                     training metrics (first and last validation records)
+    <checkpoint>/config.json          architecture and training configuration
+    <checkpoint>/trainer_state.json   steps, tokens seen, time, the data directory, hardware
+    <checkpoint>/tokenizer.json       tokenizer facts (vocabulary, merges, special tokens)
+    <data dir>/meta.json              the dataset: source, documents and tokens per split
+    lm-eval results JSON              zero-shot table (``handgrad eval zero-shot --output``)
+    loss.png                          the loss curve, copied next to the card and linked
 """
 
 from __future__ import annotations
@@ -15,24 +19,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from handgrad.checkpoint import read_config, read_json, resolve_checkpoint, run_dir_of
-from handgrad.fileio import write_bytes_atomic, write_text_atomic
+from handgrad.diskspace import disk_full_guard
+from handgrad.eval.card_text import (
+    TASK_TITLES,
+    duration,
+    hardware_text,
+    limitations,
+    num,
+    optimizer_text,
+    schedule_text,
+    short,
+    table,
+)
+from handgrad.fileio import atomic_path, write_text_atomic
 
-# Task names as the GPT-2 paper's table prints them.
-TASK_TITLES = {
-    "lambada_openai": "LAMBADA (OpenAI)",
-    "hg_cbt_cn": "CBT-CN",
-    "hg_cbt_ne": "CBT-NE",
-    "hg_wikitext2": "WikiText-2",
-    "hg_wikitext103": "WikiText-103",
-    "hg_ptb": "PTB",
-    "hg_enwik8": "enwik8",
-    "hg_text8": "text8",
-    "hg_lm1b": "One Billion Word",
-}
+__all__ = ["TASK_TITLES", "read_metrics", "write_report", "zero_shot_rows"]
+
+# Metrics normalised by the bytes or words of the text, not by tokens: they compare across
+# tokenizers (this model's vocabulary against GPT-2's 50,257 tokens).
+TOKENIZER_INDEPENDENT = ("bits_per_byte", "byte_perplexity", "word_perplexity")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -44,65 +54,279 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
     return records
 
 
-def _num(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return str(x).lower()
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if math.isinf(x) or math.isnan(x):
-            return str(x)
-        if abs(x) >= 1e6 or (x != 0 and abs(x) < 10**-digits):
-            return f"{x:.{digits}g}"
-        return f"{x:,.{digits}f}"
-    return str(x)
+class RunFacts:
+    """What the card needs, gathered once from the run's files."""
+
+    def __init__(self, checkpoint: str | os.PathLike) -> None:
+        self.ckpt = resolve_checkpoint(checkpoint)
+        self.run = run_dir_of(self.ckpt)
+        self.config = read_config(self.ckpt)
+        state_path = self.ckpt / "trainer_state.json"
+        self.state = read_json(state_path) if state_path.is_file() else {}
+        self.records = read_metrics(self.run / "metrics.jsonl")
+        step = self.state.get("step")
+        if isinstance(step, int):
+            # a card for an earlier checkpoint of a run that went on: its own steps only
+            self.records = [r for r in self.records if r.get("step", 0) <= step]
+        self.evals = [r for r in self.records if "val_loss" in r]
+        if not self.evals:
+            raise ValueError(
+                f"{self.run / 'metrics.jsonl'}: no validation record (val_loss); nothing to "
+                "report (train with [eval] batches > 0)"
+            )
+        self.model = self.config["model"]
+        self.data = self.config.get("data") or {}
+        self.optim = self.config.get("optim") or {}
+        self.train = self.config.get("train") or {}
+        self.eval = self.config.get("eval") or {}
+        self.meta = self._data_meta()
+        last = self.records[-1]
+        self.steps = self.state.get("step", last.get("step"))
+        self.tokens = self.state.get("tokens_seen", last.get("tokens"))
+        self.elapsed = self.state.get("elapsed_s", last.get("elapsed_s"))
+        self.block_size = self.train.get("block_size", self.model.get("block_size"))
+
+    def _data_meta(self) -> dict[str, Any] | None:
+        """meta.json of the data the run trained on, when that directory is still there."""
+        where = (self.state.get("data") or {}).get("dir") or self.data.get("source")
+        if not where or not (Path(where) / "meta.json").is_file():
+            return None
+        try:
+            meta = read_json(Path(where) / "meta.json")
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    @property
+    def processes(self) -> int:
+        hardware = self.state.get("hardware") or {}
+        return int(self.train.get("processes", hardware.get("processes", 1)))
+
+    @property
+    def global_batch(self) -> int | None:
+        t = self.train
+        if "micro_batch_size" not in t:
+            return None
+        return t["micro_batch_size"] * t.get("grad_accum_steps", 1) * self.processes
 
 
-def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    align = align or "l" * len(header)
-    rule = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------------------
+# sections, in the order of the original card
 
 
-def training_section(records: list[dict[str, Any]], config: dict, state: dict) -> str:
-    evals = [r for r in records if "val_loss" in r]
-    if not evals:
-        raise ValueError("metrics.jsonl has no validation record (val_loss); nothing to report")
-    first, last = evals[0], evals[-1]
-    steps = state.get("step", records[-1].get("step"))
-    planned = config.get("train", {}).get("max_steps")
-    tokens = state.get("tokens_seen", records[-1].get("tokens"))
-    per_step = tokens / steps if steps and tokens is not None else None
+def header(f: RunFacts, title: str) -> str:
+    from handgrad.models.gpt2 import GPT2Config, num_parameters
+
+    n = num_parameters(GPT2Config.from_dict(f.model))
+    source = (f.meta or {}).get("source") or f.data.get("source", "an unrecorded source")
+    rel = f.ckpt.relative_to(f.run) if f.ckpt.is_relative_to(f.run) else f.ckpt
+    return (
+        f"# Model card: {title}\n\n"
+        f"A GPT-2 language model of {num(n)} parameters trained from scratch with handgrad on "
+        f"{source}, with a causal language modelling objective (predict the next token).\n\n"
+        f"Checkpoint `{rel}` of run `{f.run}`. Every number below is read from the run's "
+        "files.\n"
+    )
+
+
+def model_description(f: RunFacts) -> str:
+    from handgrad.models.gpt2 import GPT2Config, num_parameters
+
+    cfg = GPT2Config.from_dict(f.model)
     rows = [
-        ["Validation loss (nats/token)", _num(last["val_loss"])],
-        ["Validation perplexity", _num(last.get("val_ppl", math.exp(last["val_loss"])))],
-        ["Bits per token", _num(last.get("val_bpt", last["val_loss"] / math.log(2)))],
-        ["Steps trained", f"{_num(steps)} of {_num(planned)} planned"],
-        ["Tokens seen", _num(tokens)],
-        ["Tokens per step", _num(int(per_step) if per_step == int(per_step or 0) else per_step)],
-        [
-            "Validation loss, start -> end",
-            f"{_num(first['val_loss'])} (step {first['step']}) -> "
-            f"{_num(last['val_loss'])} (step {last['step']})",
-        ],
+        ["Parameters", num(num_parameters(cfg))],
+        ["Layers (n_layer)", num(cfg.n_layer)],
+        ["Heads (n_head)", num(cfg.n_head)],
+        ["Embedding width (n_embd)", num(cfg.n_embd)],
+        ["Context (block_size)", num(cfg.block_size)],
+        ["Vocabulary (padded)", f"{num(cfg.vocab_size)} ({num(cfg.padded_vocab_size)})"],
+        ["Dropout", num(cfg.dropout, 2)],
+        ["Biases", num(cfg.bias)],
+        ["Parameter dtype", cfg.dtype],
     ]
-    if "elapsed_s" in records[-1]:
-        rows.append(["Training time", f"{records[-1]['elapsed_s'] / 3600:.2f} h"])
-    return "## Training metrics\n\n" + _table(["Metric", "Value"], rows, "lr") + "\n"
+    text = (
+        "## Model description\n\n"
+        "GPT-2 architecture: a decoder-only transformer (pre-LayerNorm blocks of causal "
+        "self-attention and a GELU (tanh) MLP, learnt position embeddings, input and output "
+        "embeddings tied). Inputs are sequences of consecutive tokens and the targets are the "
+        "same sequences shifted one token to the right; a causal mask makes the prediction for "
+        "token i use only tokens 1 to i. It was pre-trained on raw text only, with no labels.\n\n"
+    )
+    return text + table(["", "Value"], rows, "lr") + "\n"
+
+
+def intended_uses(f: RunFacts) -> str:
+    run = f.run
+    items = "\n".join(f"- {line}" for line in limitations(f))
+    return (
+        "## Intended uses & limitations\n\n"
+        "A small model for studying how a GPT-2 is trained and evaluated end to end: generating "
+        "text in the style of its training data, and as a baseline to compare training changes "
+        "against. It is not meant for any application where the text it produces matters.\n\n"
+        "### How to use\n\n"
+        "```bash\n"
+        f'handgrad sample --checkpoint {run} --prompt "..." --max-new-tokens 100\n'
+        f"handgrad export hf --checkpoint {run} --out hf-model   # transformers' GPT2LMHeadModel\n"
+        "```\n\n"
+        "### Limitations\n\n" + items + "\n"
+    )
+
+
+def training_data(f: RunFacts) -> str:
+    meta = f.meta
+    if meta is None:
+        return (
+            "## Training data\n\n"
+            f"`{f.data.get('source', 'unrecorded')}` (its prepared directory, with the "
+            "document and token counts, is no longer at the recorded path).\n"
+        )
+    splits = meta.get("splits") or {}
+    rows = [
+        [name, num(s.get("documents")), num(s.get("tokens")), num(s.get("bytes"))]
+        for name, s in splits.items()
+    ]
+    fraction = meta.get("val_fraction")
+    mode = meta.get("split_mode")
+    how = f"a fraction {short(fraction)}" if fraction is not None else "a share"
+    how += f", split by {mode}" if mode else ""
+    text = (
+        "## Training data\n\n"
+        f"{meta.get('source', 'unrecorded source')}. Held out for validation: {how} "
+        f"(seed {meta.get('seed', 'n/a')}), never trained on.\n\n"
+    )
+    table_ = table(["Split", "Documents", "Tokens", "Bytes (token ids on disk)"], rows, "lrrr")
+    return text + table_ + "\n"
+
+
+def preprocessing(f: RunFacts) -> str:
+    from handgrad.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(f.ckpt / "tokenizer.json")
+    merges = getattr(tok, "merges", None)
+    special = ", ".join(f"`{s}` = {i}" for s, i in tok.special_tokens.items()) or "none"
+    spec = ((f.meta or {}).get("tokenizer") or {}).get("spec", f.data.get("tokenizer"))
+    source = (f.meta or {}).get("source") or f.data.get("source", "the training data")
+    if merges is not None:
+        kind = (
+            f"a byte-level BPE of {num(tok.vocab_size)} tokens: 256 byte tokens, "
+            f"{num(len(merges))} merges and {num(len(tok.special_tokens))} special token(s)"
+        )
+    else:
+        kind = f"a character-level tokenizer of {num(tok.vocab_size)} characters"
+    if isinstance(spec, str) and spec.startswith("train:"):
+        origin = f"learnt (`{spec}`) on the training split of {source}"
+    elif isinstance(spec, str) and spec.endswith(".json"):
+        origin = f"read from `{spec}` (trained elsewhere; its own corpus is not recorded here)"
+    elif spec == "char":
+        origin = f"the characters of the training split of {source}"
+    else:
+        origin = "from an unrecorded origin"
+    padding = f.model.get("padded_vocab_size", f.model["vocab_size"]) - f.model["vocab_size"]
+    rows = [
+        ["Type", type(tok).__name__],
+        ["Vocabulary", num(tok.vocab_size)],
+        ["Merges", num(len(merges)) if merges is not None else "n/a (character level)"],
+        ["Special tokens", special],
+        ["Embedding padding rows", f"{num(padding)} (never predicted)"],
+    ]
+    eot = tok.eot_token
+    sep = (
+        f"Documents are separated by the end-of-text token (id {eot}). "
+        if eot is not None
+        else "Documents are concatenated without a separator. "
+    )
+    text = (
+        "### Preprocessing\n\n"
+        f"The texts are tokenized with {kind}, {origin}. {sep}The inputs are windows of "
+        f"{num(f.block_size)} consecutive tokens drawn at random from the training tokens.\n\n"
+    )
+    return text + table(["Tokenizer", "Value"], rows, "lr") + "\n"
+
+
+def training(f: RunFacts) -> str:
+    o, t = f.optim, f.train
+    clip = o.get("grad_clip", 0)
+    clip_text = f"global gradient norm clipped to {short(clip)}" if clip else "none"
+    rows = [["Optimizer", optimizer_text(o)]]
+    rows.append(["Learning-rate schedule", schedule_text(o, t.get("max_steps"))])
+    rows.append(["Gradient clipping", clip_text])
+    gb = f.global_batch
+    if gb is not None:
+        per_step = gb * f.block_size if f.block_size else None
+        rows.append([
+            "Global batch",
+            f"{num(gb)} sequences = {num(t['micro_batch_size'])} (micro batch) x "
+            f"{num(t.get('grad_accum_steps', 1))} (accumulation) x {num(f.processes)} "
+            f"(processes) of {num(f.block_size)} tokens = {num(per_step)} tokens per step",
+        ])  # fmt: skip
+    planned = t.get("max_steps")
+    rows.append(["Steps", f"{num(f.steps)} of {num(planned)} planned"])
+    rows.append(["Tokens seen", num(f.tokens)])
+    if f.steps and f.tokens is not None:
+        per = f.tokens / f.steps
+        rows.append(["Tokens per step", num(int(per) if per == int(per) else per)])
+    rows.append(["Precision", f"{f.model.get('dtype', 'float32')} parameters"])
+    rows.append(["Seed", str(t.get("seed", "n/a"))])
+    hardware = f.state.get("hardware")
+    rows.append(["Hardware", hardware_text(hardware) if hardware else "not recorded"])
+    if f.elapsed is not None:
+        speed = f" ({num(round(f.tokens / f.elapsed))} tokens/s)" if f.tokens and f.elapsed else ""
+        rows.append(["Training time", duration(f.elapsed) + speed])
+    first, last = f.evals[0], f.evals[-1]
+    train_losses = [r for r in f.records if "train_loss" in r]
+    if train_losses:
+        rows.append(["Final training loss", f"{num(train_losses[-1]['train_loss'])} nats/token "
+                     f"(step {train_losses[-1]['step']})"])  # fmt: skip
+    rows.append([
+        "Validation loss, start -> end",
+        f"{num(first['val_loss'])} (step {first['step']}) -> "
+        f"{num(last['val_loss'])} (step {last['step']})",
+    ])  # fmt: skip
+    return "### Training\n\n" + table(["", "Value"], rows, "ll") + "\n"
+
+
+def evaluation_results(f: RunFacts, zero_shot: Path | None) -> str:
+    last = f.evals[-1]
+    batches = f.eval.get("batches")
+    rows_per_batch = (f.train.get("micro_batch_size") or 0) * f.processes
+    scored = batches * rows_per_batch * f.block_size if batches and rows_per_batch else None
+    how = (
+        f"Eval: mean val loss over {num(batches)} batches of {num(rows_per_batch)} windows of "
+        f"{num(f.block_size)} tokens ({num(scored)} tokens) of the validation split, the same "
+        f"fixed windows at every evaluation; step {last['step']}."
+    )
+    rows = [
+        ["Validation loss (nats/token)", num(last["val_loss"])],
+        ["Validation perplexity", num(last.get("val_ppl", _exp(last["val_loss"])))],
+        ["Bits per token", num(last.get("val_bpt", last["val_loss"] / math.log(2)))],
+    ]
+    best = f.state.get("best_val_loss")
+    if best is not None:
+        rows.append(["Best validation loss", num(best)])
+    text = "## Evaluation results\n\n" + how + "\n\n" + table(["Metric", "Value"], rows, "lr")
+    text += "\n\n" + zero_shot_section(zero_shot) + "\n"
+    text += (
+        "bits_per_byte, byte_perplexity and word_perplexity are normalised by the bytes or "
+        "words of the text, so they are tokenizer-independent and compare with other models "
+        "(GPT-2's 50,257-token BPE included); the token-level perplexity above is not: a "
+        "tokenizer with longer tokens has fewer, harder tokens to predict, so it compares only "
+        "between models that share this tokenizer.\n"
+    )
+    return text
 
 
 def zero_shot_rows(results: dict[str, Any]) -> list[list[str]]:
-    """(task, metric, direction, value, stderr) from lm-eval's results JSON."""
+    """(task, metric, direction, value, stderr) from lm-eval's results JSON; direction is
+    ↑ (higher is better) or ↓ (lower is better) as lm-eval's ``higher_is_better`` says."""
     rows = []
     higher = results.get("higher_is_better", {})
     for task, metrics in sorted(results.get("results", {}).items()):
@@ -117,8 +341,8 @@ def zero_shot_rows(results: dict[str, Any]) -> list[list[str]]:
                 TASK_TITLES.get(task, task),
                 metric,
                 direction,
-                _num(float(value)),
-                _num(float(stderr)) if isinstance(stderr, int | float) else "n/a",
+                num(float(value)),
+                num(float(stderr)) if isinstance(stderr, int | float) else "n/a",
             ])  # fmt: skip
     return rows
 
@@ -126,7 +350,7 @@ def zero_shot_rows(results: dict[str, Any]) -> list[list[str]]:
 def zero_shot_section(path: Path | None) -> str:
     if path is None:
         return (
-            "## Zero-shot results\n\nNot evaluated (run `handgrad eval zero-shot --output "
+            "### Zero-shot results\n\nNot evaluated (run `handgrad eval zero-shot --output "
             "FILE.json` and pass `--zero-shot FILE.json`).\n"
         )
     results = read_json(path)
@@ -135,56 +359,30 @@ def zero_shot_section(path: Path | None) -> str:
     rows = zero_shot_rows(results)
     limit = (results.get("config") or {}).get("limit")
     note = f" on at most {limit} documents per task (--limit)" if limit else ""
-    text = "## Zero-shot results\n\n"
-    text += f"lm-evaluation-harness, 0-shot{note}; from `{path.name}`.\n\n"
-    return text + _table(["Task", "Metric", "", "Value", "Stderr"], rows, "lllrr") + "\n"
+    text = "### Zero-shot results\n\n"
+    text += f"lm-evaluation-harness, 0-shot{note}; from `{path.name}`. Better: ↑ higher is "
+    text += "better, ↓ lower is better; Stderr: the standard error of the value.\n\n"
+    return text + table(["Task", "Metric", "Better", "Value", "Stderr"], rows, "lllrr") + "\n"
 
 
-def architecture_section(model: dict[str, Any]) -> str:
-    from handgrad.models.gpt2 import GPT2Config, num_parameters
-
-    cfg = GPT2Config.from_dict(model)
-    rows = [
-        ["Parameters", _num(num_parameters(cfg))],
-        ["Layers (n_layer)", _num(cfg.n_layer)],
-        ["Heads (n_head)", _num(cfg.n_head)],
-        ["Embedding width (n_embd)", _num(cfg.n_embd)],
-        ["Context (block_size)", _num(cfg.block_size)],
-        ["Vocabulary (padded)", f"{_num(cfg.vocab_size)} ({_num(cfg.padded_vocab_size)})"],
-        ["Dropout", _num(cfg.dropout, 2)],
-        ["Biases", _num(cfg.bias)],
-        ["Parameter dtype", cfg.dtype],
-    ]
-    text = "## Architecture\n\nGPT-2 (pre-LayerNorm decoder, GELU (tanh), tied input/output "
-    text += "embeddings).\n\n"
-    return text + _table(["", "Value"], rows, "lr") + "\n"
-
-
-def tokenizer_section(ckpt: Path, model: dict[str, Any]) -> str:
-    from handgrad.tokenizer import load_tokenizer
-
-    path = ckpt / "tokenizer.json"
-    tok = load_tokenizer(path)
-    merges = getattr(tok, "merges", None)
-    padding = model.get("padded_vocab_size", model["vocab_size"]) - model["vocab_size"]
-    rows = [
-        ["Type", type(tok).__name__],
-        ["Vocabulary", _num(tok.vocab_size)],
-        ["Merges", _num(len(merges)) if merges is not None else "n/a (character level)"],
-        ["Special tokens", ", ".join(f"`{s}` = {i}" for s, i in tok.special_tokens.items())
-         or "none"],
-        ["Embedding padding rows", f"{_num(padding)} (never predicted)"],
-    ]  # fmt: skip
-    return "## Tokenizer\n\n" + _table(["", "Value"], rows, "lr") + "\n"
-
-
-def configuration_section(config: dict[str, Any]) -> str:
+def configuration_appendix(config: dict[str, Any]) -> str:
+    """Every key of the resolved config; values as JSON literals, so an empty string or a
+    newline (``eval.sample_prompt = "\\n"``) shows as ``""`` / ``"\\n"`` in one table cell."""
     rows = []
-    for section in ("data", "optim", "train", "eval"):
+    for section in ("model", "data", "optim", "train", "eval"):
         for key, value in (config.get(section) or {}).items():
-            shown = value if isinstance(value, str) else json.dumps(value)
-            rows.append([f"{section}.{key}", shown])
-    return "## Training configuration\n\n" + _table(["Setting", "Value"], rows, "ll") + "\n"
+            rows.append([f"{section}.{key}", f"`{json.dumps(value, ensure_ascii=False)}`"])
+    return (
+        "## Appendix: full resolved configuration\n\n"
+        "As the trainer wrote it to the checkpoint's `config.json` (the model section with the "
+        "preset and the data's vocabulary resolved).\n\n"
+        + table(["Setting", "Value"], rows, "ll")
+        + "\n"
+    )
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
 
 
 def write_report(
@@ -194,30 +392,26 @@ def write_report(
     title: str | None = None,
 ) -> Path:
     """Write the model card for ``checkpoint`` (a run or checkpoint directory) to ``out``."""
-    ckpt = resolve_checkpoint(checkpoint)
-    run = run_dir_of(ckpt)
-    config = read_config(ckpt)
-    state_path = ckpt / "trainer_state.json"
-    state = read_json(state_path) if state_path.is_file() else {}
-    records = read_metrics(run / "metrics.jsonl")
+    f = RunFacts(checkpoint)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    title = title or run.name
     parts = [
-        f"# Model card: {title}\n",
-        f"Checkpoint `{ckpt.relative_to(run) if ckpt.is_relative_to(run) else ckpt}` of run "
-        f"`{run}`. Every number below is read from the run's files.\n",
-        training_section(records, config, state),
-        zero_shot_section(Path(zero_shot) if zero_shot else None),
-        architecture_section(config["model"]),
-        tokenizer_section(ckpt, config["model"]),
-        configuration_section(config),
+        header(f, title or f.run.name),
+        model_description(f),
+        intended_uses(f),
+        training_data(f),
+        "## Training procedure\n",
+        preprocessing(f),
+        training(f),
+        evaluation_results(f, Path(zero_shot) if zero_shot else None),
     ]
-    curves = sorted(run.glob("*.png"))
-    if curves:
-        image = out.parent / f"{out.stem}_{curves[0].name}"
-        write_bytes_atomic(image, curves[0].read_bytes())
-        parts.append(f"## Loss curve\n\n![training and validation loss]({image.name})\n")
-    write_text_atomic(out, "\n".join(parts))
+    curves = sorted(f.run.glob("*.png"))
+    with disk_full_guard(f"the model card {out}", out.parent, note="no file was half written"):
+        if curves:
+            image = out.parent / f"{out.stem}_{curves[0].name}"
+            with atomic_path(image) as tmp:  # a full disk leaves no half image behind
+                shutil.copyfile(curves[0], tmp)
+            parts.append(f"## Loss curve\n\n![training and validation loss]({image.name})\n")
+        parts.append(configuration_appendix(f.config))
+        write_text_atomic(out, "\n".join(parts))
     return out

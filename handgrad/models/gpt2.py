@@ -29,6 +29,7 @@ from handgrad import nn
 from handgrad.checkpoint import read_config, resolve_checkpoint
 from handgrad.device import device, new_array, to_device
 from handgrad.grad_mode import no_grad
+from handgrad.manifest import verify_manifest
 from handgrad.nn import functional as F
 from handgrad.nn import init
 from handgrad.random import default_generator
@@ -503,6 +504,9 @@ class GPT2(nn.Module):
         config_path, weights_path = checkpoint / "config.json", checkpoint / "model.safetensors"
         if not weights_path.is_file():
             raise FileNotFoundError(f"GPT2.from_checkpoint: {weights_path} does not exist")
+        # Every file against manifest.json's sizes and hashes, the optimizer's too: a damaged
+        # file anywhere means the checkpoint as a whole cannot be trusted.
+        verify_manifest(checkpoint, missing_ok=True)
         section = read_config(checkpoint)["model"]
         if dtype is not None:
             section = {**section, "dtype": dtype}

@@ -4,19 +4,24 @@ atomically, safetensors + JSON only. The layout and finding a checkpoint are
 
 A checkpoint directory ``<run>/checkpoints/step_0002000/`` holds::
 
-    model.safetensors                 weights in their stored dtype (bf16 stays bf16)
-    optimizer.safetensors             AdamW moments and fp32 master weights; the rest of the
-                                      optimizer state (step counts, groups) is JSON in the
-                                      file's metadata under "optimizer"
-    config.json                       the full resolved config; "model" = GPT2Config.to_dict()
-    trainer_state.json                step, tokens seen, RNG states, best val loss, version
-    tokenizer.json                    a copy of the tokenizer the data was made with
+    <run>/latest                          text: "checkpoints/step_0002000" (the newest complete one)
+    <run>/checkpoints/step_0002000/
+        model.safetensors                 weights in their stored dtype (bf16 stays bf16)
+        optimizer.safetensors             AdamW moments and fp32 master weights; the rest of the
+                                          optimizer state (step counts, groups) is JSON in the
+                                          file's metadata under "optimizer"
+        config.json                       the full resolved config; "model" = GPT2Config.to_dict()
+        trainer_state.json                step, tokens seen, RNG states, best val loss, version
+        tokenizer.json                    a copy of the tokenizer the data was made with
+        manifest.json                     size and sha256 of each file above, written last;
+                                          loading refuses a file that does not match
 
 Publishing: every file is written into ``checkpoints/.tmp-step_...`` which is then renamed to
 its final name (one atomic rename of a complete directory), and only then ``latest`` is
 replaced (atomically, ``handgrad.fileio``). A crash or a full disk at any point leaves
 ``latest`` naming the previous complete checkpoint. Older checkpoints beyond the newest
-``keep`` are deleted afterwards.
+``keep`` are deleted afterwards. A checkpoint that does not fit on the disk raises
+DiskFullError (checked before writing, and on ENOSPC while writing) and leaves no trace.
 """
 
 from __future__ import annotations
@@ -43,18 +48,22 @@ from handgrad.checkpoint import (
     step_dir_name,
     write_latest,
 )
+from handgrad.diskspace import check_free_space, raise_if_disk_full
 from handgrad.fileio import fsync_dir, write_json_atomic
+from handgrad.manifest import MANIFEST_FILE, ManifestError, verify_manifest, write_manifest
 from handgrad.optim import flatten_state_dict, unflatten_state_dict
 from handgrad.serialization import SafetensorsError, load_file, load_metadata, save_file
 
 FORMAT_VERSION = 1
-FILES = (
+# The files manifest.json lists; with it, every file of a checkpoint.
+HASHED_FILES = (
     "model.safetensors",
     "optimizer.safetensors",
     "config.json",
     "trainer_state.json",
     "tokenizer.json",
 )
+FILES = (*HASHED_FILES, MANIFEST_FILE)
 
 __all__ = [
     "CHECKPOINTS",
@@ -99,18 +108,22 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    # model.state_dict() shares the parameters' arrays: no copy, no dtype conversion.
+    weights = {k: t.data for k, t in model.state_dict().items()}
+    arrays, rest = flatten_state_dict(optimizer.state_dict())
+    needed = _checkpoint_bytes(weights, arrays, tokenizer_path)
+    what = f"checkpoint {CHECKPOINTS}/{name}"
+    check_free_space(root, needed, what, _still_latest(run_dir))
     tmp.mkdir()
     try:
-        # model.state_dict() shares the parameters' arrays: no copy, no dtype conversion.
-        weights = {k: t.data for k, t in model.state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"step": str(step)})
-        arrays, rest = flatten_state_dict(optimizer.state_dict())
         save_file(arrays, tmp / "optimizer.safetensors", metadata={"optimizer": json.dumps(rest)})
         write_json_atomic(tmp / "config.json", config)
         write_json_atomic(
             tmp / "trainer_state.json", {"format_version": FORMAT_VERSION, **trainer_state}
         )
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        write_manifest(tmp, HASHED_FILES)  # last: a directory with a manifest is complete
         fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a rerun): replace it whole
             old = root / f".old-{name}-{os.getpid()}"
@@ -120,12 +133,48 @@ def save_checkpoint(
         else:
             os.rename(tmp, final)
         fsync_dir(root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(err, what, root, needed, lambda: _still_latest(run_dir))
         raise
-    write_latest(run_dir, f"{CHECKPOINTS}/{name}")
+    try:
+        write_latest(run_dir, f"{CHECKPOINTS}/{name}")
+    except OSError as err:
+        # Unpublished, the new directory would only be a stray copy taking the space.
+        if _latest_text(run_dir) != f"{CHECKPOINTS}/{name}":
+            shutil.rmtree(final, ignore_errors=True)
+        raise_if_disk_full(err, what, root, needed, lambda: _still_latest(run_dir))
+        raise
     prune_checkpoints(run_dir, keep)
     return final
+
+
+def _checkpoint_bytes(weights: dict, arrays: dict, tokenizer_path: str | os.PathLike) -> int:
+    """Bytes a checkpoint takes on disk: its arrays, the tokenizer copy, and 1 MiB for the
+    safetensors headers and the JSON files."""
+    n = sum(a.nbytes for a in weights.values()) + sum(a.nbytes for a in arrays.values())
+    return n + os.path.getsize(tokenizer_path) + (1 << 20)
+
+
+def _latest_text(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _still_latest(run_dir: Path) -> str:
+    """The end of a disk-full message: which checkpoint a resume would use."""
+    try:
+        latest = read_latest(run_dir)
+    except CheckpointError:
+        latest = None
+    if latest is None:
+        return "nothing was written, and the run has no complete checkpoint yet"
+    return (
+        f"nothing was written; {run_dir / LATEST} still names "
+        f"{latest.relative_to(run_dir).as_posix()}, which is unchanged"
+    )
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
@@ -165,9 +214,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read every file of a checkpoint; refuse a missing file, invalid JSON or safetensors,
     another format version or an incomplete trainer state."""
     ckpt = resolve_checkpoint(path)
-    missing = [f for f in FILES if not (ckpt / f).is_file()]
+    # manifest.json may be absent: checkpoints written before it existed still load
+    missing = [f for f in HASHED_FILES if not (ckpt / f).is_file()]
     if missing:
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
+    try:  # before parsing anything: a damaged file is named as such, not as bad JSON
+        verify_manifest(ckpt, missing_ok=True)
+    except ManifestError as e:
+        raise CheckpointError(str(e)) from None
     config = read_config(ckpt)
     state = read_json(ckpt / "trainer_state.json")
     if not isinstance(state, dict):

@@ -14,6 +14,7 @@ file or by the stem of a shipped one (``quickstart``, ``shakespeare-char``,
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import tomllib
@@ -26,6 +27,7 @@ from handgrad.device import device as as_device_spec
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "quickstart"
 SECTIONS = ("model", "data", "optim", "train", "eval")
+LOGGERS = ("tensorboard", "wandb")  # [train] loggers: metrics.jsonl is always written
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,8 @@ class TrainSection:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where the model and its batches live
     # "highest": float32 matmuls in full float32; "high": TF32 tensor cores allowed (CUDA only)
     matmul_precision: str = "highest"
+    # where metrics go besides metrics.jsonl: "tensorboard", "wandb" (train/loggers.py)
+    loggers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -273,6 +277,9 @@ def _check_type(value: Any, t: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _check_type(value, inner[0], where)
     if get_origin(t) is list:
+        if args[0] is str and isinstance(value, str):
+            # --set train.loggers=tensorboard,wandb: a bare word list, comma separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where} = {value!r}: expected {_type_name(t)}")
         return [_check_type(v, args[0], where) for v in value]
@@ -409,6 +416,21 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     need(t.log_interval >= 1, f"[train] log_interval = {t.log_interval}: must be >= 1")
     need(t.keep_checkpoints >= 1, f"[train] keep_checkpoints = {t.keep_checkpoints}: must be >= 1")
     problems.extend(_device_problems(t))
+    for name in t.loggers:
+        need(
+            name in LOGGERS,
+            f"[train] loggers: unknown logger {name!r}; choose from {', '.join(LOGGERS)}",
+        )
+    for name in set(t.loggers) & set(LOGGERS):
+        need(
+            importlib.util.find_spec(name) is not None,
+            f"[train] loggers = [{name!r}] needs the {name!r} package, which is not installed: "
+            f"pip install 'handgrad[track]' (or pip install {name})",
+        )
+    need(
+        len(set(t.loggers)) == len(t.loggers),
+        f"[train] loggers = {t.loggers}: a logger is named twice",
+    )
 
     need(e.interval >= 0, f"[eval] interval = {e.interval}: must be >= 0 (0: only at the end)")
     need(e.batches >= 0, f"[eval] batches = {e.batches}: must be >= 0 (0: no evaluation)")

@@ -5,17 +5,28 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from handgrad.fileio import atomic_path, write_text_atomic
+from handgrad.train.loggers import SAMPLE_TAG, make_loggers, scalar_values
 
 
 class MetricsLog:
     """Appends records to ``metrics.jsonl``, flushed line by line so a crash loses nothing
     already logged. Records keep every step key they are given (train_loss, lr, ...)."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resume_step: int | None = None,
+        loggers: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        """``loggers``: more sinks for the same records (``[train] loggers``: "tensorboard",
+        "wandb"; train/loggers.py), writing beside ``path``; ``config`` is the run's resolved
+        config, which W&B stores with the run."""
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.is_file():
@@ -33,15 +44,27 @@ class MetricsLog:
             self.records = kept
         elif self.path.exists():
             self.path.unlink()
+        self.sinks = make_loggers(loggers, self.path.parent, config, resume_step) if loggers else []
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.sinks and "step" in record:
+            values = scalar_values(record)
+            for sink in self.sinks:
+                sink.scalars(record["step"], values)
+
+    def log_text(self, step: int, text: str, tag: str = SAMPLE_TAG) -> None:
+        """Text (a sample) for the loggers that show it; metrics.jsonl holds numbers only."""
+        for sink in self.sinks:
+            sink.text(step, tag, text)
 
     def close(self) -> None:
         self._file.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:

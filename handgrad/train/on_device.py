@@ -18,6 +18,7 @@ untested on a GPU: the machines this was written on have none.)
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,10 @@ class BatchUploader:
         return out
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A loss or gradient norm read back from the device is NaN or infinite."""
+
+
 class PendingLosses:
     """Per-step device values (loss, gradient norm) kept until read in one host copy."""
 
@@ -111,6 +116,24 @@ class PendingLosses:
         ]
         self._steps, self._values = [], []
         return out
+
+    def read_into(self, losses: dict[int, float], now: int) -> tuple[float, float]:
+        """``read()`` into ``losses`` (step -> loss); returns the last (loss, grad norm).
+        Raises NonFiniteLoss naming the first step whose loss or norm is not finite."""
+        loss = norm = math.nan
+        for at, loss, norm in self.read():
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                what = (
+                    f"training loss is {loss}"
+                    if not math.isfinite(loss)
+                    else f"gradient norm is {norm}"
+                )
+                raise NonFiniteLoss(
+                    f"step {at}: {what} (read at step {now}: on a GPU losses are read every "
+                    "log_interval steps); stopping."
+                )
+            losses[at] = loss
+        return loss, norm
 
 
 def device_gradients(model: Module, rows: int, scale: float, upload: BatchUploader) -> Any:

@@ -22,35 +22,44 @@ evaluates, samples and writes checkpoints, so the data and every saved RNG state
 same for any P. Dropout in worker r draws from a generator seeded with (seed, step, r), so a
 resumed run repeats it exactly.
 
-Messages are a few bytes of JSON over a pipe; the windows and the gradients go through
-shared memory (nothing is pickled). Needs the ``fork`` start method (Linux; macOS untested);
-without it the trainer runs the P shares of each micro batch in one process (same batches,
-same mean gradient) and says so.
+Every rank runs the same few collectives of the ``local`` transport
+(``handgrad.distributed.local``: forked processes, shared memory) per step:
+
+    broadcast  [step, m, scale, x, y]         from rank 0
+    reduce     [losses..., has-grad flags]    to rank 0 (float64, sums in rank order)
+    reduce     the gradients, bucketed        to rank 0 (``distributed.reducer``)
+
+Nothing is pickled. A worker that raises, or dies, makes rank 0's next collective fail
+with a message naming it; a worker ends as soon as rank 0 does (see ``local.py``). Needs
+the ``fork`` start method (Linux; macOS untested); without it the trainer runs the P shares
+of each micro batch in one process (same batches, same mean gradient) and says so.
+
+Given a ``group`` whose every rank runs the training loop (MPI under mpirun), the same
+class skips the broadcast (each rank draws the same batch from the same generator) and
+all-reduces instead of reducing to rank 0, so every rank holds the summed gradient and
+steps its own optimizer to the same weights.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import mmap
-import multiprocessing as mp
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from handgrad import backend as B
+from handgrad.distributed import ProcessGroupError, Transport
+from handgrad.distributed.local import LocalTransport, SharedArrays, can_fork
+from handgrad.distributed.reducer import GradientReducer
 from handgrad.nn import Module
 from handgrad.random import manual_seed
 from handgrad.tensor import Tensor
 
-_ALIGN = 64  # bytes: each shared array starts on a cache line
+__all__ = ["DistributedDataParallel", "accumulate_gradients", "can_fork"]
 
-
-def can_fork() -> bool:
-    """Whether this platform has the ``fork`` start method the workers need."""
-    return "fork" in mp.get_all_start_methods()
+_HEAD = 4  # int64 words before x and y in the step message: command, step, m, scale bits
+_STEP, _STOP = 1, 0
 
 
 def accumulate_gradients(
@@ -70,74 +79,70 @@ def accumulate_gradients(
     return losses
 
 
-class _SharedArrays:
-    """Arrays of given shapes and dtypes laid out in one anonymous shared mapping, which
-    processes forked afterwards see (and write) as the same memory."""
+class DistributedDataParallel:
+    """Forward and backward of each step's batch over ``processes`` processes, for ``model``
+    trained on windows of shape ``(rows, block_size)``.
 
-    def __init__(self, specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
-        offsets, end = [], 0
-        for shape, dtype in specs:
-            end = -(-end // _ALIGN) * _ALIGN
-            offsets.append(end)
-            end += math.prod(shape) * np.dtype(dtype).itemsize
-        self._map = mmap.mmap(-1, max(end, 1))  # anonymous + MAP_SHARED: shared with children
-        raw = np.frombuffer(self._map, dtype=np.uint8)
-        self.arrays = [
-            raw[o : o + math.prod(shape) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
-            for o, (shape, dtype) in zip(offsets, specs)
-        ]
+    Without ``group`` (``[train] processes = P``): this process is rank 0 and alone calls
+    ``forward_backward``; the parameters move into shared memory (same values), the workers
+    are forked and read them, and the summed gradient arrives on rank 0 only. Build the
+    optimizer's state before or after, but do not replace a parameter's array afterwards
+    (``forward_backward`` checks). Call ``close()`` when done (or use ``with``).
 
-
-class DataParallel:
-    """Forward and backward of each step's batch over ``processes`` processes (rank 0 is
-    this one), for ``model`` trained on windows of shape ``(rows, block_size)``.
-
-    Moves the model's parameters into shared memory (same values) and forks the workers;
-    build the optimizer's state before or after, but do not replace a parameter's array
-    afterwards (``forward_backward`` checks). Call ``close()`` when done (or use ``with``).
+    With ``group`` (a transport every rank of which runs the same training loop, e.g. MPI's
+    under mpirun): every rank calls ``forward_backward`` with the same ``x``, ``y`` and gets
+    the summed gradient, so each can step its own optimizer to the same weights.
     """
 
-    def __init__(self, model: Module, processes: int, rows: int, block_size: int, seed: int):
+    def __init__(
+        self,
+        model: Module,
+        processes: int,
+        rows: int,
+        block_size: int,
+        seed: int,
+        group: Transport | None = None,
+    ):
+        name = type(self).__name__
         if processes < 2:
-            raise ValueError(f"DataParallel: processes must be >= 2, got {processes}")
+            raise ValueError(f"{name}: processes must be >= 2, got {processes}")
         if rows % processes:
-            raise ValueError(f"DataParallel: {rows} rows do not split over {processes} processes")
-        if not can_fork():
+            raise ValueError(f"{name}: {rows} rows do not split over {processes} processes")
+        if group is not None and group.world_size != processes:
+            raise ValueError(
+                f"{name}: processes = {processes}, but the group has {group.world_size} ranks"
+            )
+        if group is None and not can_fork():
             raise RuntimeError(
                 "data-parallel training (processes > 1) forks its workers, and this platform "
                 "has no fork start method; set [train] processes = 1"
             )
         self.model, self.processes, self.seed = model, processes, seed
+        self.rows, self.block_size = rows, block_size
         self.params = list(model.parameters())
-        workers = processes - 1
-        specs = [(tuple(p.shape), p.dtype) for p in self.params]
-        specs += [((rows, block_size), np.dtype(np.int64))] * 2  # the step's x and y
-        # gradients come in the compute dtype (float32 for bfloat16 parameters)
-        specs += [
-            (tuple(p.shape), B.compute_dtype(p.dtype)) for _ in range(workers) for p in self.params
-        ]
-        shared = _SharedArrays(specs)
-        n = len(self.params)
-        self._param_arrays = shared.arrays[:n]
-        self._x, self._y = shared.arrays[n : n + 2]
-        self._grads = [shared.arrays[n + 2 + w * n : n + 2 + (w + 1) * n] for w in range(workers)]
-        for p, a in zip(self.params, self._param_arrays):
-            a[...] = p.data
-            p.data = a
-        self._shared = shared
-        ctx = mp.get_context("fork")
-        self._conns, self._procs = [], []
-        for rank in range(1, processes):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=self._serve, args=(rank, child), daemon=True, name=f"handgrad-rank{rank}"
-            )
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
+        self._message = np.zeros(_HEAD + 2 * rows * block_size, dtype=np.int64)
+        self._x = self._message[_HEAD : _HEAD + rows * block_size].reshape(rows, block_size)
+        self._y = self._message[_HEAD + rows * block_size :].reshape(rows, block_size)
+        self._forked = group is None
+        self._param_arrays: list[np.ndarray] = []
+        if self._forked:
+            shared = SharedArrays([(tuple(p.shape), p.dtype) for p in self.params])
+            for p, a in zip(self.params, shared.arrays):
+                a[...] = p.data
+                p.data = a
+            self._shared, self._param_arrays = shared, shared.arrays
+            group = LocalTransport(processes)
+        self.group = group
+        self.reducer = GradientReducer(self.params, group)
+        if self._forked:
+            group.start(self._serve, name="handgrad-rank")
 
-    # ---- rank 0
+    @property
+    def workers(self) -> list[Any]:
+        """The forked worker processes (``multiprocessing.Process``), rank r at index r - 1."""
+        return getattr(self.group, "processes", [])
+
+    # ---- rank 0 (every rank with a group)
     def forward_backward(
         self, step: int, x: np.ndarray, y: np.ndarray, micro_batch_size: int, scale: float
     ) -> list[float]:
@@ -148,50 +153,63 @@ class DataParallel:
         for i, (p, a) in enumerate(zip(self.params, self._param_arrays)):
             if p.data is not a:
                 raise RuntimeError(
-                    f"DataParallel: parameter {i} (shape {tuple(p.shape)}) was given a new array "
-                    "after the workers started; they would train on stale weights"
+                    f"{type(self).__name__}: parameter {i} (shape {tuple(p.shape)}) was given "
+                    "a new array after the workers started; they would train on stale weights"
                 )
         if x.shape != self._x.shape or y.shape != self._y.shape:
             raise ValueError(
-                f"DataParallel: batch shapes {x.shape} and {y.shape}, expected {self._x.shape}"
+                f"{type(self).__name__}: batch shapes {x.shape} and {y.shape}, expected "
+                f"{self._x.shape}"
             )
+        scale_bits = np.array(scale, dtype=np.float64).view(np.int64)
+        self._message[:_HEAD] = _STEP, step, micro_batch_size, scale_bits
         self._x[...], self._y[...] = x, y
-        message = json.dumps({"step": step, "micro": micro_batch_size, "scale": scale}).encode()
-        for rank, conn in enumerate(self._conns, start=1):
-            try:
-                conn.send_bytes(message)
-            except OSError:
-                raise RuntimeError(
-                    f"data-parallel worker {rank} has stopped (exit code "
-                    f"{self._procs[rank - 1].exitcode})"
-                ) from None
-        with B.num_threads(1):  # this process's share of the cores, as each worker's
-            per_rank = [accumulate_gradients(self.model, self._shard(0, micro_batch_size), scale)]
-        for rank, conn in enumerate(self._conns, start=1):
-            try:
-                reply = json.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                self._procs[rank - 1].join(timeout=1)
-                raise RuntimeError(
-                    f"data-parallel worker {rank} stopped without replying (exit code "
-                    f"{self._procs[rank - 1].exitcode}; killed, e.g. for lack of memory?)"
-                ) from None
-            if "error" in reply:
-                raise RuntimeError(f"data-parallel worker {rank} failed:\n{reply['error']}")
-            per_rank.append(reply["losses"])
-            for p, g, has in zip(self.params, self._grads[rank - 1], reply["has_grad"]):
-                if not has:
-                    continue
-                if p.grad is None:
-                    p.grad = Tensor._make(g.copy())
-                else:
-                    p.grad.data += g
-        steps = len(x) // (micro_batch_size * self.processes)
-        padded = [losses + [math.nan] * (steps - len(losses)) for losses in per_rank]
-        return [sum(values) / self.processes for values in zip(*padded)]
+        try:
+            return self._step()
+        except ProcessGroupError as err:
+            raise self._worker_error(err) from None
+
+    def _worker_error(self, err: ProcessGroupError) -> RuntimeError:
+        if err.exitcode is None:
+            return RuntimeError(f"data-parallel worker {err.rank} failed:\n{err.detail}")
+        return RuntimeError(
+            f"data-parallel worker {err.rank} stopped without replying (exit code "
+            f"{err.exitcode}; killed, e.g. for lack of memory?)"
+        )
+
+    def _step(self) -> list[float]:
+        """One step on any rank, from the broadcast of rank 0's message on (forked workers;
+        with a group every rank has the message already)."""
+        group, rank = self.group, self.group.rank
+        dst = 0 if self._forked else None  # forked: only rank 0 steps the optimizer
+        if self._forked:
+            group.broadcast(self._message, src=0)
+        if self._message[0] == _STOP:
+            return []
+        step, m = int(self._message[1]), int(self._message[2])
+        scale = float(self._message[3:4].view(np.float64)[0])
+        if rank > 0:  # this rank's dropout at this step
+            seed = np.random.SeedSequence([self.seed, step, rank]).generate_state(1)
+            manual_seed(int(seed[0]))
+        with B.num_threads(1):  # one core per rank
+            losses = accumulate_gradients(self.model, self._shard(rank, m), scale)
+        steps = self.rows // (m * self.processes)
+        # losses (nan where this rank stopped) then has-grad flags, summed over ranks
+        stats = np.full(steps + len(self.params), math.nan)
+        stats[: len(losses)] = losses
+        stats[steps:] = [p.grad is not None for p in self.params]
+        if dst is None:
+            group.all_reduce(stats)
+        else:
+            group.reduce(stats, dst=dst)
+        self.reducer.reduce("sum", dst=dst, has_grad=[bool(f) for f in stats[steps:]])
+        if self._forked and rank > 0:
+            for p in self.params:
+                p.grad = None
+        return [float(v) / self.processes for v in stats[:steps]]
 
     def _shard(self, rank: int, m: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Rank ``rank``'s rows of every micro batch in the shared x, y."""
+        """Rank ``rank``'s rows of every micro batch in x, y."""
         per_step = m * self.processes
         return [
             (self._x[s + rank * m : s + (rank + 1) * m], self._y[s + rank * m : s + (rank + 1) * m])
@@ -199,50 +217,28 @@ class DataParallel:
         ]
 
     def close(self) -> None:
-        """Stop the workers (they also stop by themselves when this process exits)."""
-        for conn in self._conns:
+        """Stop the forked workers (they also stop by themselves when this process exits);
+        a given group is left to its owner."""
+        if not self._forked:
+            return
+        if self.group.failure() is None and not self.group._closed:
+            self._message[0] = _STOP
             try:
-                conn.send_bytes(b"null")
-            except OSError:
-                pass
-        for proc in self._procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-        for conn in self._conns:
-            conn.close()
-        self._conns, self._procs = [], []
+                self.group.broadcast(self._message, src=0)
+            except ProcessGroupError:
+                pass  # close() also ends workers that can no longer hear
+        self.group.close()
 
-    def __enter__(self) -> DataParallel:
+    def __enter__(self) -> DistributedDataParallel:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     # ---- ranks 1..P-1 (in the forked child)
-    def _serve(self, rank: int, conn: Any) -> None:
+    def _serve(self, group: LocalTransport) -> None:
         B.set_num_threads(1)
-        for conn_of_other in self._conns:  # pipes of earlier workers, inherited by the fork
-            conn_of_other.close()
-        grads = self._grads[rank - 1]
-        try:
-            while True:
-                msg = json.loads(conn.recv_bytes())
-                if msg is None:
-                    return
-                seed = np.random.SeedSequence([self.seed, msg["step"], rank]).generate_state(1)
-                manual_seed(int(seed[0]))  # this rank's dropout at this step
-                losses = accumulate_gradients(
-                    self.model, self._shard(rank, msg["micro"]), msg["scale"]
-                )
-                has_grad = []
-                for p, g in zip(self.params, grads):
-                    has_grad.append(p.grad is not None)
-                    if p.grad is not None:
-                        np.copyto(g, p.grad.data)
-                        p.grad = None
-                conn.send_bytes(json.dumps({"losses": losses, "has_grad": has_grad}).encode())
-        except (EOFError, KeyboardInterrupt):  # rank 0 has gone (or the user stopped the run)
-            return
-        except BaseException:  # noqa: BLE001 - whatever it is, rank 0 must hear of it
-            conn.send_bytes(json.dumps({"error": traceback.format_exc()}).encode())
+        while True:
+            self._step()
+            if self._message[0] == _STOP:
+                return

@@ -52,14 +52,16 @@ from handgrad.random import get_rng_state, manual_seed, set_rng_state
 from handgrad.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
+from handgrad.train.hardware import hardware_info
 from handgrad.train.metrics import MetricsLog, plot_losses
 from handgrad.train.on_device import (
     BatchUploader,
+    NonFiniteLoss,
     PendingLosses,
     device_gradients,
     mean_on_device,
 )
-from handgrad.train.parallel import DataParallel, accumulate_gradients, can_fork
+from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
 
 __all__ = [
     "GradientFn",
@@ -275,14 +277,18 @@ def local_gradients(model: GPT2, rows: int, scale: float) -> GradientFn:
     return gradients
 
 
-def _gradient_fn(run: Run, say: Callable[[str], None]) -> tuple[DataParallel | None, GradientFn]:
+def _gradient_fn(
+    run: Run, say: Callable[[str], None]
+) -> tuple[DistributedDataParallel | None, GradientFn]:
     """Data parallel over ``[train] processes`` where the platform can fork, else local."""
     t = run.cfg.train
     if run.model.device.type != "cpu":
         upload = BatchUploader(run.model.device)
         return None, device_gradients(run.model, run.rows, 1.0 / t.grad_accum_steps, upload)
     if t.processes > 1 and can_fork():
-        dp = DataParallel(run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed)
+        dp = DistributedDataParallel(
+            run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed
+        )
         say(
             f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
         )
@@ -346,34 +352,19 @@ def train_step(
     return StepResult(loss, grad_norm)
 
 
-def _read_pending(pending: PendingLosses, result: TrainResult, step: int, out: Path) -> StepResult:
-    """Read the device losses of the steps since the last read (one host copy) into
-    ``result.train_losses``; TrainingDiverged names the first non-finite one."""
-    loss = norm = math.nan
-    for at, loss, norm in pending.read():
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            what = (
-                f"training loss is {loss}"
-                if not math.isfinite(loss)
-                else f"gradient norm is {norm}"
-            )
-            raise TrainingDiverged(
-                f"step {at}: {what} (read at step {step}: on a GPU losses are read every "
-                f"log_interval steps); stopping. The latest checkpoint is left as it was: "
-                f"{latest_text(out)}"
-            )
-        result.train_losses[at] = loss
-    return StepResult(loss, norm)
-
-
 # ----------------------------------------------------------------------------------------
 # evaluation and checkpoints
 
 
 def run_evaluation(
-    run: Run, at_step: int, train_loss: float | None, say: Callable[[str], None]
+    run: Run,
+    at_step: int,
+    train_loss: float | None,
+    say: Callable[[str], None],
+    metrics: MetricsLog | None = None,
 ) -> EvalResult:
-    """Validation loss on ``[eval] batches`` fixed batches (and a sample, if asked), logged."""
+    """Validation loss on ``[eval] batches`` fixed batches (and a sample, if asked, which goes
+    to ``metrics``' loggers as text), logged."""
     ev_cfg, t = run.cfg.eval, run.cfg.train
     ev = evaluate(run.model, run.data.val, ev_cfg.batches, run.rows, run.block_size)
     if not math.isfinite(ev.loss):
@@ -393,6 +384,8 @@ def run_evaluation(
             ev_cfg.sample_temperature, ev_cfg.sample_top_k, seed=t.seed + at_step,
         )  # fmt: skip
         say("sample: " + text.replace("\n", "\n        "))
+        if metrics is not None:
+            metrics.log_text(at_step, text)
     return ev
 
 
@@ -411,6 +404,7 @@ def save_run_checkpoint(run: Run, elapsed_s: float) -> Path:
             "tokenizer_sha256": run.tokenizer_sha,
         },
         "handgrad_version": handgrad.__version__,
+        "hardware": hardware_info(processes=run.cfg.train.processes),
     }
     return save_checkpoint(
         run.out, run.step, run.model, run.optimizer, run.resolved, trainer_state,
@@ -478,7 +472,12 @@ def train(
     run = build_run(cfg, out, resume, progress, say)
     t, o, ev_cfg = cfg.train, cfg.optim, cfg.eval
     resumed = run.resumed_from is not None
-    metrics = MetricsLog(run.out / "metrics.jsonl", resume_step=run.step if resumed else None)
+    metrics = MetricsLog(
+        run.out / "metrics.jsonl",
+        resume_step=run.step if resumed else None,
+        loggers=t.loggers,
+        config=run.resolved,
+    )
     tokens_per_step = cfg.global_batch_size * run.block_size
     decay_steps = o.decay_steps if o.decay_steps is not None else t.max_steps
     say(
@@ -535,8 +534,14 @@ def train(
                 result.train_losses[step] = stepped.loss
             else:
                 pending.add(step, stepped.loss, stepped.grad_norm)
-                if logging or saving:
-                    stepped = _read_pending(pending, result, step, run.out)
+            if pending is not None and (logging or saving):
+                try:
+                    stepped = StepResult(*pending.read_into(result.train_losses, step))
+                except NonFiniteLoss as err:
+                    latest = latest_text(run.out)
+                    raise TrainingDiverged(
+                        f"{err} The latest checkpoint is left as it was: {latest}"
+                    ) from None
             interval_time += time.perf_counter() - step_start
             interval_tokens += tokens_per_step
             tok_s = interval_tokens / interval_time if interval_time > 0 else 0.0
@@ -555,7 +560,7 @@ def train(
                     "elapsed_s": elapsed(),
                 }
                 if evaluating:
-                    result.final_eval = run_evaluation(run, step, stepped.loss, say)
+                    result.final_eval = run_evaluation(run, step, stepped.loss, say, metrics)
                     record.update(result.final_eval.as_dict())
                     record["elapsed_s"] = elapsed()
                 metrics.log(record)

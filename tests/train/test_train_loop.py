@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from handgrad.manifest import write_manifest
 from handgrad.models.gpt2 import GPT2
 from handgrad.serialization import load_file, save_file
 from handgrad.train import CheckpointError, TrainingDiverged, load_checkpoint, train
@@ -122,6 +123,8 @@ def test_corrupt_or_mismatched_checkpoints_refused(tiny, tmp_path):
     weights = load_file(bad / "checkpoints" / "step_0000002" / "model.safetensors")
     weights["transformer.ln_f.weight"] = np.ones(7, dtype=np.float32)
     save_file(weights, bad / "checkpoints" / "step_0000002" / "model.safetensors")
+    # recorded as written, so the shape check (not the hash check) is what refuses it
+    write_manifest(bad / "checkpoints" / "step_0000002", ckpt_module.HASHED_FILES)
     with pytest.raises(
         CheckpointError, match=r"(?s)model.safetensors.*transformer.ln_f.weight.*\(7,\)"
     ):

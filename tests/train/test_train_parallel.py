@@ -17,7 +17,7 @@ from handgrad.models.gpt2 import GPT2
 from handgrad.serialization import load_file
 from handgrad.train import TrainingDiverged, train
 from handgrad.train.config import from_dict
-from handgrad.train.parallel import DataParallel
+from handgrad.train.parallel import DistributedDataParallel
 
 pytestmark = pytest.mark.skipif(
     "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
@@ -102,7 +102,7 @@ def test_data_parallel_sums_gradients_and_reports_worker_errors():
     model = _Picky()
     x = np.arange(8, dtype=np.int64).reshape(4, 2)
     y = np.ones((4, 2), dtype=np.int64)
-    with DataParallel(model, 2, rows=4, block_size=2, seed=0) as dp:
+    with DistributedDataParallel(model, 2, rows=4, block_size=2, seed=0) as dp:
         losses = dp.forward_backward(0, x, y, micro_batch_size=2, scale=0.5)
         # rank 0: rows 0-1 (sums 6 + 4), rank 1: rows 2-3 (22 + 4); w = 1
         assert losses == [pytest.approx((10 + 26) / 2)]
@@ -120,18 +120,18 @@ def test_data_parallel_sums_gradients_and_reports_worker_errors():
         with pytest.raises(RuntimeError, match="worker 1 failed(.|\n)*negative token id"):
             dp.forward_backward(2, bad, y, micro_batch_size=2, scale=1.0)
     # the worker has stopped after its error; a fresh one shows a replaced array is caught
-    with DataParallel(model, 2, rows=4, block_size=2, seed=0) as dp:
+    with DistributedDataParallel(model, 2, rows=4, block_size=2, seed=0) as dp:
         model.w.data = np.zeros(3, dtype=np.float32)
         with pytest.raises(RuntimeError, match="parameter 0 .* new array"):
             dp.forward_backward(0, x, y, micro_batch_size=2, scale=1.0)
     # a worker that dies (e.g. killed for lack of memory) is reported, not waited for forever
-    with DataParallel(model, 2, rows=4, block_size=2, seed=0) as dp:
-        os.kill(dp._procs[0].pid, signal.SIGKILL)
-        dp._procs[0].join(timeout=10)
+    with DistributedDataParallel(model, 2, rows=4, block_size=2, seed=0) as dp:
+        os.kill(dp.workers[0].pid, signal.SIGKILL)
+        dp.workers[0].join(timeout=10)
         with pytest.raises(RuntimeError, match="worker 1 (has stopped|stopped without)"):
             dp.forward_backward(0, x, y, micro_batch_size=2, scale=1.0)
     with pytest.raises(ValueError, match="5 rows do not split over 2 processes"):
-        DataParallel(model, 2, rows=5, block_size=2, seed=0)
+        DistributedDataParallel(model, 2, rows=5, block_size=2, seed=0)
 
 
 def test_without_fork_the_shares_run_in_one_process(tiny, tmp_path, monkeypatch):

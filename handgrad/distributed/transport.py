@@ -1,0 +1,126 @@
+"""The one small interface every transport (``local``, ``mpi``, ``nccl``) implements.
+
+A transport moves the bytes of backend arrays (NumPy, or CuPy for ``nccl``) between the
+``world_size`` ranks of one run. Every collective is called by every rank, in the same order,
+with arrays of the same shape and dtype on every rank (the usual MPI contract); the arrays
+must be C-contiguous because they are handed over as flat buffers.
+
+    all_reduce(a, op)        a <- op over ranks of a           (in place; sum, avg, max)
+    reduce(a, dst, op)       on rank dst only: a <- op of a    (others' a is left as it was)
+    broadcast(a, src)        a <- a of rank src
+    reduce_scatter(out, in)  in: world*n elements, out: n;   out_r = sum over ranks of in[r*n:(r+1)*n]
+    all_gather(out, in)      in: n elements, out: world*n;   out[r*n:(r+1)*n] = in of rank r
+    barrier()                returns once every rank has called it
+
+A rank that fails makes every other rank's next (or current) collective raise
+``ProcessGroupError`` naming the failed rank and its error, within seconds; the group is
+unusable afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+OPS = ("sum", "avg", "max")
+
+
+class ProcessGroupError(RuntimeError):
+    """Another rank of the group failed (raised, was killed, or went away).
+
+    ``rank`` is the rank that failed first and ``detail`` its error (a traceback, or how
+    the process ended)."""
+
+    def __init__(self, rank: int, detail: str, exitcode: int | None = None) -> None:
+        super().__init__(f"rank {rank} failed: {detail}")
+        self.rank, self.detail = rank, detail
+        self.exitcode = exitcode  # set when the rank's process ended rather than raised
+
+
+def check_rank_count(world_size: int) -> int:
+    """``world_size`` when it is an int >= 1; a ValueError naming it otherwise."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world size must be an integer >= 1, got {world_size!r}")
+    return world_size
+
+
+def check_op(op: str) -> str:
+    """``op`` as given, when it is a supported reduction; a ValueError naming it otherwise."""
+    if op not in OPS:
+        raise ValueError(f"unknown reduction op {op!r}; expected one of {OPS}")
+    return op
+
+
+def check_array(array: Any, what: str) -> None:
+    """A clear error for an array a collective cannot hand over as one flat buffer."""
+    if not hasattr(array, "flags") or not array.flags.c_contiguous:
+        shape = getattr(array, "shape", None)
+        raise ValueError(
+            f"{what}: needs a C-contiguous array (NumPy or CuPy), got "
+            f"{type(array).__name__} of shape {shape}"
+        )
+
+
+def check_avg_dtype(array: Any, what: str) -> None:
+    """avg divides by the world size: only for floating arrays."""
+    if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
+        raise ValueError(f"{what}: op 'avg' needs a floating array, got dtype {array.dtype}")
+
+
+def check_scatter_sizes(output: Any, input: Any, world_size: int, what: str) -> int:
+    """n, the elements per rank: reduce_scatter's output (all_gather's input) has n elements
+    and the other array world_size x n, both of one dtype; a ValueError naming the shapes
+    otherwise."""
+    check_array(output, what)
+    check_array(input, what)
+    if input.dtype != output.dtype:
+        raise ValueError(f"{what}: dtypes differ, input {input.dtype}, output {output.dtype}")
+    small, big = (output, input) if what == "reduce_scatter" else (input, output)
+    if big.size != world_size * small.size:
+        names = ("output", "input") if what == "reduce_scatter" else ("input", "output")
+        raise ValueError(
+            f"{what}: {names[1]} of shape {tuple(big.shape)} ({big.size} elements) must hold "
+            f"world size {world_size} x {names[0]} of shape {tuple(small.shape)} "
+            f"({math.prod(small.shape)} elements)"
+        )
+    return int(small.size)
+
+
+class Transport:
+    """The collectives of one group of ``world_size`` processes, seen from rank ``rank``.
+
+    Subclasses implement the methods below; argument checks are shared (``check_*``)."""
+
+    name = "base"
+    rank: int = 0
+    world_size: int = 1
+
+    def all_reduce(self, array: Any, op: str = "sum") -> None:
+        raise NotImplementedError
+
+    def reduce(self, array: Any, dst: int = 0, op: str = "sum") -> None:
+        raise NotImplementedError
+
+    def broadcast(self, array: Any, src: int = 0) -> None:
+        raise NotImplementedError
+
+    def reduce_scatter(self, output: Any, input: Any) -> None:
+        raise NotImplementedError
+
+    def all_gather(self, output: Any, input: Any) -> None:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def abort(self, detail: str) -> None:
+        """Tell the other ranks this one has failed with ``detail`` (best effort; may not
+        return, e.g. MPI's Abort ends the whole job)."""
+
+    def close(self) -> None:
+        """Release what the transport holds; collectives are not allowed afterwards."""
+
+    def check_rank(self, rank: int, what: str) -> int:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"{what}: rank {rank} is outside 0 .. {self.world_size - 1}")
+        return rank
