@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from handgrad import cuda
 from handgrad.backend import available_cores, get_num_threads, xp
+from handgrad.device import device
 
 
 def cpu_model() -> str:
@@ -43,19 +45,31 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def device_name() -> str:
-    """ "cpu" for NumPy; the GPU's name when the array backend is CuPy."""
-    if xp.__name__.split(".")[0] != "cupy":
+def device_name(where: str | None = None) -> str:
+    """ "cpu" for the CPU; the GPU's name for ``where`` = 'cuda' / 'cuda:N' (by default:
+    when the array backend is CuPy)."""
+    if where is not None:
+        dev = device(where)
+        if dev.type == "cpu":
+            return "cpu"
+        try:
+            cp = cuda.require(dev.index)
+        except RuntimeError:
+            return "gpu"
+        index = 0 if dev.index is None else dev.index
+    elif xp.__name__.split(".")[0] != "cupy":
         return "cpu"
+    else:
+        cp, index = xp, xp.cuda.Device().id
     try:
-        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+        props = cp.cuda.runtime.getDeviceProperties(index)
         name = props["name"]
         return "gpu: " + (name.decode() if isinstance(name, bytes) else str(name))
     except Exception:  # noqa: BLE001  (a name is a nicety; never fail a run over it)
         return "gpu"
 
 
-def hardware_info(processes: int = 1) -> dict[str, Any]:
+def hardware_info(processes: int = 1, where: str | None = None) -> dict[str, Any]:
     """The facts the model card prints under "Hardware":
 
     cpu                 CPU model name
@@ -64,17 +78,18 @@ def hardware_info(processes: int = 1) -> dict[str, Any]:
     processes           training processes (data parallel over processes)
     threads_per_process threads one op may use in the main process
     array_module        "numpy" or "cupy"
-    device              "cpu" or "gpu: <name>"
+    device              "cpu" or "gpu: <name>" (of ``where``, the run's ``[train] device``)
     platform, python    OS and interpreter versions
     """
+    name = device_name(where)
     return {
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count() or 1,
         "available_cores": available_cores(),
         "processes": int(processes),
         "threads_per_process": get_num_threads() if processes == 1 else 1,
-        "array_module": xp.__name__.split(".")[0],
-        "device": device_name(),
+        "array_module": "cupy" if name != "cpu" else xp.__name__.split(".")[0],
+        "device": name,
         "platform": platform.platform(terse=True),
         "python": platform.python_version(),
     }

@@ -404,7 +404,7 @@ def save_run_checkpoint(run: Run, elapsed_s: float) -> Path:
             "tokenizer_sha256": run.tokenizer_sha,
         },
         "handgrad_version": handgrad.__version__,
-        "hardware": hardware_info(processes=run.cfg.train.processes),
+        "hardware": hardware_info(run.cfg.train.processes, run.cfg.train.device),
     }
     return save_checkpoint(
         run.out, run.step, run.model, run.optimizer, run.resolved, trainer_state,

@@ -4,6 +4,7 @@ read once per log interval, checkpoints independent of the device that wrote the
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -105,6 +106,8 @@ def test_log_interval_losses_and_checkpoints_match_the_cpu(tiny, tmp_path) -> No
         for k in a:
             assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), k
             np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-4, err_msg=k)
+    hardware = json.loads((dev.checkpoint / "trainer_state.json").read_text())["hardware"]
+    assert hardware["device"].startswith("gpu") and hardware["array_module"] == "cupy"
     with fakecupy.installed():  # a checkpoint written on the device resumes on the CPU
         more = tiny(train={"log_interval": 4, "max_steps": 7}, optim={"decay_steps": 8})
         resumed = train(from_dict(more), tmp_path / "dev", resume=dev.checkpoint, progress=False,
