@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from handgrad import backend as B
+from handgrad.device import device_of, is_on, to_device
 from handgrad.function import Function
 
 if TYPE_CHECKING:
@@ -69,6 +70,9 @@ def _accumulate(t: Tensor, g: Any, owned: bool = False) -> None:
     gradient without a copy."""
     if isinstance(g, SliceGrad):
         g, owned = g.dense(), True
+    if type(g) is not type(t.data) and not is_on(g, device_of(t.data)):
+        # a CPU scalar tensor that met a GPU tensor: its gradient comes back to the CPU
+        g, owned = to_device(g, device_of(t.data)), True
     if g.shape != t.shape:  # a bug in some op's backward, never a user error
         raise RuntimeError(
             f"internal error: gradient of shape {g.shape} for a tensor of shape {t.shape}"

@@ -190,3 +190,12 @@ def test_save_on_a_device_and_load_onto_one(cp, tmp_path) -> None:
     np.testing.assert_array_equal(back["w"].numpy(), A)
     on = hg.load(tmp_path / "s.safetensors", device="cuda")
     assert on["w"].is_cuda and on["b"].is_cuda and on["b"].dtype == hg.bfloat16
+
+
+def test_a_cpu_scalar_tensor_gets_its_gradient_on_the_cpu(cp) -> None:
+    s = hg.tensor(2.0, requires_grad=True)
+    d = hg.tensor(A, requires_grad=True, device="cuda")
+    (d * s).sum().backward()
+    assert type(s.grad.data) is np.ndarray and d.grad.is_cuda
+    assert s.grad.item() == pytest.approx(float(A.sum()))
+    np.testing.assert_array_equal(d.grad.numpy(), np.full_like(A, 2.0))
