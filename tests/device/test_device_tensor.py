@@ -199,3 +199,20 @@ def test_a_cpu_scalar_tensor_gets_its_gradient_on_the_cpu(cp) -> None:
     assert type(s.grad.data) is np.ndarray and d.grad.is_cuda
     assert s.grad.item() == pytest.approx(float(A.sum()))
     np.testing.assert_array_equal(d.grad.numpy(), np.full_like(A, 2.0))
+
+
+def test_cuda_without_cupy_or_with_a_bad_name_is_one_clear_error(monkeypatch) -> None:
+    from handgrad import cuda
+
+    monkeypatch.setattr(cuda, "_cupy", None)
+    monkeypatch.setattr(cuda, "_cupy_error", "No module named 'cupy'")
+    for make in (
+        lambda: hg.zeros(2, device="cuda"),
+        lambda: hg.randn(2, device="cuda:0"),
+        lambda: hg.tensor([1.0]).cuda(),
+        lambda: hg.nn.Linear(2, 2).to("cuda"),
+    ):
+        with pytest.raises(RuntimeError, match="CUDA is not available: no CuPy"):
+            make()
+    with pytest.raises(ValueError, match="unknown device type in 'tpu'"):
+        hg.ones(2, device="tpu")
