@@ -8,6 +8,7 @@ from typing import Any
 
 from handgrad import backend as B
 from handgrad.backend import get_array_module
+from handgrad.device import device_of
 from handgrad.optim.optimizer import Optimizer, _is_probability
 
 # Updates run over slices of this many elements so that the ~10 elementwise passes of one
@@ -90,7 +91,7 @@ class AdamW(Optimizer):
     def _scratch_for(self, w: Any) -> Any:
         """A flat scratch buffer of _CHUNK elements in w's namespace and dtype."""
         xp = get_array_module(w)
-        key = (xp, w.dtype)
+        key = (xp, w.dtype, device_of(w))  # one buffer per GPU: kernels read one device
         if key not in self._scratch:
             self._scratch[key] = xp.empty(_CHUNK, dtype=w.dtype)
         return self._scratch[key]
