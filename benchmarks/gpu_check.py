@@ -65,7 +65,7 @@ def _to(obj: Any, device: str) -> Any:
 
 def _sync(device: str) -> None:
     if device != "cpu":
-        from handgrad import cuda
+        from handgrad.backend import cuda
 
         cuda.synchronize()
 
@@ -74,7 +74,7 @@ def _peak_device_bytes(device: str) -> int | None:
     """Bytes CuPy's memory pool holds (it keeps what it once needed: the peak reserved)."""
     if device == "cpu":
         return None
-    from handgrad import cuda
+    from handgrad.backend import cuda
 
     return int(cuda.require().get_default_memory_pool().total_bytes())
 
@@ -204,7 +204,7 @@ def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
             tried[B] = "out of memory"
             opt.zero_grad()
             if device != "cpu":
-                from handgrad import cuda
+                from handgrad.backend import cuda
 
                 cuda.require().get_default_memory_pool().free_all_blocks()
             continue

@@ -12,10 +12,11 @@ The public API mirrors PyTorch's so that what you know carries over::
 
 # nn and optim load with the package, so ``hg.nn.Linear`` and ``hg.optim.AdamW`` work after
 # ``import handgrad as hg``, as ``torch.nn`` and ``torch.optim`` do
-from handgrad import cuda, nn, optim
+from handgrad import nn, optim
 from handgrad.backend import (
     bfloat16,
     bool_,
+    cuda,
     float16,
     float32,
     float64,
@@ -27,6 +28,7 @@ from handgrad.backend import (
     uint16,
     uint32,
 )
+from handgrad.backend.device import device
 from handgrad.creation import (
     arange,
     cat,
@@ -53,7 +55,6 @@ from handgrad.creation import (
     zeros,
     zeros_like,
 )
-from handgrad.device import device
 from handgrad.function import Function
 from handgrad.grad_mode import enable_grad, is_grad_enabled, no_grad
 from handgrad.random import get_rng_state, manual_seed, set_rng_state

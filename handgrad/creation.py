@@ -16,7 +16,7 @@ from typing import Any
 
 from handgrad import backend as B
 from handgrad import serialization
-from handgrad.device import new_array, to_device
+from handgrad.backend.device import new_array, to_device
 from handgrad.ops.matmul import MatMul
 from handgrad.ops.shape import Cat, Stack
 from handgrad.random import default_generator

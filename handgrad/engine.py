@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from handgrad import backend as B
-from handgrad.device import device_of, is_on, to_device
+from handgrad.backend.device import device_of, is_on, to_device
 from handgrad.function import Function
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from handgrad import backend as B
-from handgrad.device import device_of, devices_of, to_device
+from handgrad.backend.device import device_of, devices_of, to_device
 from handgrad.grad_mode import is_grad_enabled
 
 if TYPE_CHECKING:

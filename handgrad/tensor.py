@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from handgrad import backend as B
-from handgrad.device import device, device_of, is_on, parse_to, to_device
+from handgrad.backend.device import device, device_of, is_on, parse_to, to_device
 from handgrad.engine import run_backward
 from handgrad.function import Function
 from handgrad.grad_mode import is_grad_enabled

@@ -12,7 +12,7 @@ It is a wrapper, not an ``np.ndarray`` subclass: NumPy converts any subclass imp
 (``np.asarray`` never calls ``__array__`` on one), so a subclass could not refuse.
 
 ``install()`` registers it with ``handgrad.backend.register_array_module`` and makes it
-``handgrad.cuda``'s CuPy with one fake GPU; ``uninstall()`` undoes that.
+``handgrad.backend.cuda``'s CuPy with one fake GPU; ``uninstall()`` undoes that.
 """
 
 from __future__ import annotations
@@ -355,9 +355,8 @@ _saved: list[Any] = []
 
 
 def install() -> Any:
-    """Register the fake with handgrad (array namespace and ``handgrad.cuda``'s CuPy)."""
-    from handgrad import cuda
-    from handgrad.backend import register_array_module
+    """Register the fake with handgrad (array namespace and ``handgrad.backend.cuda``'s CuPy)."""
+    from handgrad.backend import cuda, register_array_module
 
     register_array_module(ndarray, namespace)
     _saved.append(cuda._set_cupy_module(namespace))
@@ -366,7 +365,7 @@ def install() -> Any:
 
 
 def uninstall() -> None:
-    from handgrad import cuda
+    from handgrad.backend import cuda
 
     cuda._set_cupy_module(_saved.pop() if _saved else None)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from handgrad import cuda
+from handgrad.backend import cuda
 from handgrad.kernels.cuda_sources import SOURCES
 
 _compiled: dict[str, Any] = {}

@@ -26,8 +26,8 @@ import numpy as np
 
 from handgrad import backend as B
 from handgrad import nn
+from handgrad.backend.device import device, new_array, to_device
 from handgrad.checkpoint import read_config, resolve_checkpoint
-from handgrad.device import device, new_array, to_device
 from handgrad.grad_mode import no_grad
 from handgrad.manifest import verify_manifest
 from handgrad.nn import functional as F

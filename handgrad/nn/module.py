@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from handgrad import backend as B
-from handgrad.device import parse_to, to_device
+from handgrad.backend.device import parse_to, to_device
 from handgrad.tensor import Tensor
 
 # ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from itertools import accumulate
 from typing import Any
 
 from handgrad import backend as B
-from handgrad.device import device_of, to_device
+from handgrad.backend.device import device_of, to_device
 from handgrad.engine import SliceGrad
 from handgrad.function import Function, unbroadcast
 

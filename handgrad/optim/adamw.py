@@ -8,7 +8,7 @@ from typing import Any
 
 from handgrad import backend as B
 from handgrad.backend import get_array_module
-from handgrad.device import device_of
+from handgrad.backend.device import device_of
 from handgrad.optim.optimizer import Optimizer, _is_probability
 
 # Updates run over slices of this many elements so that the ~10 elementwise passes of one

@@ -138,8 +138,8 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from handgrad.backend.device import device
     from handgrad.checkpoint import CheckpointError, resolve_checkpoint
-    from handgrad.device import device
     from handgrad.models.gpt2 import GPT2
     from handgrad.tokenizer import load_tokenizer
     from handgrad.train.trainer import prompt_ids

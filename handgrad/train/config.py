@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from handgrad.device import device as as_device_spec
+from handgrad.backend.device import device as as_device_spec
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "quickstart"

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from handgrad import backend as B
+from handgrad.backend.device import to_device
 from handgrad.data import iter_batches_sequential
-from handgrad.device import to_device
 from handgrad.grad_mode import no_grad
 from handgrad.tensor import Tensor
 

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from handgrad import cuda
-from handgrad.backend import available_cores, get_num_threads, xp
-from handgrad.device import device
+from handgrad.backend import available_cores, cuda, get_num_threads, xp
+from handgrad.backend.device import device
 
 
 def cpu_model() -> str:

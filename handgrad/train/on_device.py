@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from handgrad import backend as B
-from handgrad.device import as_device, device, to_device
+from handgrad.backend.device import as_device, device, to_device
 from handgrad.nn import Module
 from handgrad.tensor import Tensor
 
@@ -48,7 +48,7 @@ class BatchUploader:
         self._pinned: dict[tuple[tuple[int, ...], str], list[list[Any]]] = {}
         self._turn: dict[tuple[tuple[int, ...], str], int] = {}
         if self.device.type == "cuda":
-            from handgrad import cuda  # noqa: PLC0415  (only for CUDA targets)
+            from handgrad.backend import cuda  # noqa: PLC0415  (only for CUDA targets)
 
             cp = cuda.require(self.device.index)
             if hasattr(cp.cuda, "get_current_stream") and hasattr(cp.cuda, "Event"):

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 import handgrad
-from handgrad import cuda
+from handgrad.backend import cuda
 from handgrad.checkpoint import check_same_model, latest_text
 from handgrad.data import TokenShards, get_batch
 from handgrad.data.cache import DataSpecError, prepared_data_dir

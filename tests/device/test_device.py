@@ -1,4 +1,4 @@
-"""handgrad.device and handgrad.cuda: parsing, equality, errors, moving arrays."""
+"""handgrad.backend.device and handgrad.backend.cuda: parsing, equality, errors, moving arrays."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import fakecupy
 import numpy as np
 import pytest
 
-from handgrad import cuda
-from handgrad.device import as_device, device, device_of, to_device
+from handgrad.backend import cuda
+from handgrad.backend.device import as_device, device, device_of, to_device
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,7 @@ def test_a_cpu_scalar_tensor_gets_its_gradient_on_the_cpu(cp) -> None:
 
 
 def test_cuda_without_cupy_or_with_a_bad_name_is_one_clear_error(monkeypatch) -> None:
-    from handgrad import cuda
+    from handgrad.backend import cuda
 
     monkeypatch.setattr(cuda, "_cupy", None)
     monkeypatch.setattr(cuda, "_cupy_error", "No module named 'cupy'")

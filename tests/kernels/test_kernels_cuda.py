@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from handgrad import cuda
+from handgrad.backend import cuda
 from handgrad.kernels import cuda as K
 from handgrad.kernels import reference as ref
 from handgrad.kernels.cuda_sources import SOURCES

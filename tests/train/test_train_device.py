@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from handgrad import cuda
+from handgrad.backend import cuda
 from handgrad.cli import main
 from handgrad.data import get_batch
 from handgrad.serialization import load_file

@@ -1,4 +1,4 @@
-"""``handgrad.cuda``: is a CUDA GPU usable here, how many, and the CuPy module that drives it.
+"""``handgrad.backend.cuda``: is a CUDA GPU usable here, how many, and the CuPy module that drives it.
 
 CuPy is optional (``pip install handgrad[cuda]``): this module imports without it, and
 ``is_available()`` is then False. Asking for a CUDA device without one raises one clear

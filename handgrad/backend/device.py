@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from handgrad import cuda
-from handgrad.backend import get_array_module, to_dtype
+from handgrad.backend import cuda, get_array_module, to_dtype
 
 _TYPES = ("cpu", "cuda")
 
