@@ -493,7 +493,9 @@ def train(
     group, cfg = join_mpi_group(cfg)
     rank0 = group is None or group.rank == 0
     say = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if rank0 else (lambda msg: None)
-    run = agree(group, lambda: build_run(cfg, out, resume, progress if rank0 else False, say, group))
+    run = agree(
+        group, lambda: build_run(cfg, out, resume, progress if rank0 else False, say, group)
+    )
     t, o, ev_cfg = cfg.train, cfg.optim, cfg.eval
     resumed = run.resumed_from is not None
     metrics = (
