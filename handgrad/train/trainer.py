@@ -48,6 +48,7 @@ from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
 from handgrad.random import get_rng_state, manual_seed, set_rng_state
+from handgrad.train import ranks
 from handgrad.train.checkpoint import (
     CHECKPOINTS,
     Checkpoint,
@@ -61,16 +62,7 @@ from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.hardware import hardware_info
 from handgrad.train.metrics import MetricsLog, plot_losses
 from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
-from handgrad.train.ranks import (
-    NullMetrics,
-    RankStopped,
-    abort_job,
-    agree,
-    evaluate_split,
-    join_mpi_group,
-    rank0_first,
-    abort_job,
-)
+from handgrad.train.ranks import RankStopped
 
 __all__ = [
     "GradientFn",
@@ -169,7 +161,7 @@ def build_run(
     ``group``, rank 0 prepares the data before the others read it and alone writes."""
     t = cfg.train
     try:
-        data = TokenShards(rank0_first(group, lambda: prepared_data_dir(cfg.data, progress)))
+        data = TokenShards(ranks.rank0_first(group, lambda: prepared_data_dir(cfg.data, progress)))
     except DataSpecError as err:
         raise ConfigError(str(err)) from None
     model_cfg, block_size = _check_model_and_data(cfg, data)
@@ -374,7 +366,7 @@ def run_evaluation(
     if run.group is None:
         ev = evaluate(run.model, run.data.val, ev_cfg.batches, run.rows, run.block_size)
     else:
-        ev = evaluate_split(
+        ev = ranks.evaluate_split(
             run.model, run.data.val, ev_cfg.batches, run.rows, run.block_size, run.group
         )
     if not math.isfinite(ev.loss):
@@ -490,10 +482,10 @@ def train(
     its share of each batch (train/ranks.py); the others raise RankStopped when one rank
     refuses to start."""
     started = time.perf_counter()
-    group, cfg = join_mpi_group(cfg)
+    group, cfg = ranks.join_mpi_group(cfg)
     rank0 = group is None or group.rank == 0
     say = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if rank0 else (lambda msg: None)
-    run = agree(
+    run = ranks.agree(
         group, lambda: build_run(cfg, out, resume, progress if rank0 else False, say, group)
     )
     t, o, ev_cfg = cfg.train, cfg.optim, cfg.eval
@@ -506,7 +498,7 @@ def train(
             config=run.resolved,
         )
         if rank0
-        else NullMetrics()
+        else ranks.NullMetrics()
     )
     tokens_per_step = cfg.global_batch_size * run.block_size
     decay_steps = o.decay_steps if o.decay_steps is not None else t.max_steps
@@ -595,7 +587,7 @@ def train(
             raise RankStopped("training diverged (rank 0 reports it)") from None
         raise
     except BaseException as err:
-        abort_job(group, err)  # under MPI: end every rank, naming this one
+        ranks.abort_job(group, err)  # under MPI: end every rank, naming this one
         raise
     finally:
         bar.close()
