@@ -63,6 +63,7 @@ from handgrad.train.hardware import hardware_info
 from handgrad.train.metrics import MetricsLog, plot_losses
 from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
 from handgrad.train.ranks import RankStopped
+from handgrad.train.zero import ZeroAdamW
 
 __all__ = [
     "GradientFn",
@@ -174,6 +175,8 @@ def build_run(
     manual_seed(t.seed)
     model = GPT2(model_cfg)
     optimizer = build_optimizer(model, cfg)
+    if t.zero and group is not None:
+        optimizer = ZeroAdamW(optimizer, group)  # type: ignore[assignment]
     resolved = cfg.to_dict()
     resolved["model"] = model_cfg.to_dict()
     resolved["train"]["block_size"] = block_size
@@ -289,8 +292,9 @@ def _gradient_fn(
     t = run.cfg.train
     if t.processes > 1 and (run.group is not None or can_fork()):
         dp = DistributedDataParallel(
-            run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed, run.group
-        )
+            run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed, run.group,
+            reduce_gradients=not isinstance(run.optimizer, ZeroAdamW),
+        )  # fmt: skip
         say(
             f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
         )
@@ -337,8 +341,12 @@ def train_step(
                 f"{grad_accum_steps}, lr {lr:.3g}); stopping."
             )
     loss = sum(losses) / grad_accum_steps
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = float(clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item())
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    if isinstance(optimizer, ZeroAdamW):  # reduce-scatter; the norm over every rank's slice
+        grad_norm = optimizer.reduce_and_clip(max_norm)
+    else:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = float(clip_grad_norm_(params, max_norm).item())
     if not math.isfinite(grad_norm):
         raise TrainingDiverged(
             f"step {step + 1}: gradient norm is {grad_norm} (training loss {loss:.4f}); "
@@ -395,6 +403,8 @@ def save_run_checkpoint(run: Run, elapsed_s: float) -> Path:
     """The checkpoint of ``run.step`` (published as latest; older ones pruned); under MPI
     rank 0 writes it while the others wait at a barrier."""
     path = run.out / CHECKPOINTS / step_dir_name(run.step)
+    if isinstance(run.optimizer, ZeroAdamW):
+        run.optimizer.gather_state()  # every rank: AdamW's whole state, for rank 0 to write
     if run.rank == 0:
         path = _save_checkpoint_files(run, elapsed_s)
     if run.group is not None:
