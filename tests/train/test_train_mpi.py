@@ -186,3 +186,32 @@ def test_processes_other_than_the_world_size_is_refused(mpirun, config, tmp_path
     assert done.returncode != 0
     assert out.count("[train] processes = 3, but this run was started by MPI with 2 ranks") == 1
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_zero1_trains_like_plain_data_parallel_and_resumes_either_way(mpirun, config, tmp_path):
+    plain, zero = tmp_path / "plain", tmp_path / "zero"
+    assert mpi_train(mpirun, str(config), "--out", str(plain)).returncode == 0
+    done = mpi_train(mpirun, str(config), "--out", str(zero), "--set", "train.zero=1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the same update on the same summed gradient; only the clipping norm is summed in
+    # another order (over shards instead of parameters)
+    for step, loss in losses(plain).items():
+        assert losses(zero)[step] == pytest.approx(loss, rel=1e-5, abs=0), step
+    for name in ("model", "optimizer"):  # AdamW's own layout, whole parameters
+        a, b = files(plain, 30, name), files(zero, 30, name)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-4, err_msg=f"{name} {k}")
+    # ZeRO's checkpoint resumed by plain data parallel in one process, and a plain one by ZeRO
+    z1, p2z = tmp_path / "z1", tmp_path / "p2z"
+    args = str(config), "--set", "train.max_steps=15"
+    assert mpi_train(mpirun, *args, "--out", str(z1), "--set", "train.zero=1").returncode == 0
+    one_process("--resume", str(z1), "--set", "train.max_steps=30", "--set", "train.zero=0")
+    assert mpi_train(mpirun, *args, "--out", str(p2z)).returncode == 0
+    done = mpi_train(mpirun, "--resume", str(p2z), "--set", "train.max_steps=30",
+                     "--set", "train.zero=1")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for run in (z1, p2z):
+        assert sorted(losses(run)) == list(range(1, 31))
+        for step, loss in losses(plain).items():
+            assert losses(run)[step] == pytest.approx(loss, rel=1e-5, abs=0), (run, step)
