@@ -61,13 +61,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _error(command: str, message: object) -> int:
-    print(f"handgrad {command}: error: {message}", file=sys.stderr)
+    from handgrad import distributed as dist
+
+    where = ""
+    if dist.is_initialized() and dist.get_rank() > 0:  # rank 0's errors are the usual case
+        where = f"rank {dist.get_rank()} of {dist.get_world_size()}: "
+    print(f"handgrad {command}: error: {where}{message}", file=sys.stderr)
     return 1
 
 
 def _train(args: argparse.Namespace) -> int:
     from handgrad.train.checkpoint import CheckpointError, load_checkpoint, run_dir_of
     from handgrad.train.config import from_dict, parse_override
+    from handgrad.train.ranks import RankStopped
     from handgrad.train.trainer import TrainingDiverged, train
 
     if args.preset and args.config and args.preset != args.config:
@@ -105,6 +111,8 @@ def _train(args: argparse.Namespace) -> int:
                     "another --out (or delete that directory)",
                 )
         result = train(cfg, out, resume=resume, progress=False if args.no_progress else None)
+    except RankStopped:
+        return 1  # under MPI: another rank failed and printed why
     except (ConfigError, CheckpointError) as e:
         return _error("train", e)
     except TrainingDiverged as e:
@@ -114,6 +122,8 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         return _error("train", e)
+    if result.rank != 0:  # under MPI, rank 0 reports
+        return 0
     summary = (
         f"done: {result.step} steps, {result.tokens_seen:,} tokens in {result.elapsed_s:.1f} s"
     )

@@ -104,6 +104,7 @@ class TrainSection:
     checkpoint_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
     processes: int = 1  # data-parallel processes on this machine (train/parallel.py)
+    zero: int = 0  # 1: AdamW state sharded over MPI ranks (ZeRO-1, train/zero.py)
     sample_tokens: int = 200  # length of the sample printed at each evaluation (0: none)
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where the model and its batches live
     # "highest": float32 matmuls in full float32; "high": TF32 tensor cores allowed (CUDA only)
@@ -388,6 +389,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     need(t.micro_batch_size >= 1, f"[train] micro_batch_size = {t.micro_batch_size}: must be >= 1")
     need(t.grad_accum_steps >= 1, f"[train] grad_accum_steps = {t.grad_accum_steps}: must be >= 1")
     need(t.processes >= 1, f"[train] processes = {t.processes}: must be >= 1")
+    need(t.zero in (0, 1), f"[train] zero = {t.zero}: must be 0 or 1 (ZeRO stage 1)")
     if t.global_batch_size is not None and t.micro_batch_size >= 1 and t.processes >= 1:
         per_step = t.micro_batch_size * t.processes
         if t.global_batch_size % per_step != 0:

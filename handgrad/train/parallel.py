@@ -91,7 +91,9 @@ class DistributedDataParallel:
 
     With ``group`` (a transport every rank of which runs the same training loop, e.g. MPI's
     under mpirun): every rank calls ``forward_backward`` with the same ``x``, ``y`` and gets
-    the summed gradient, so each can step its own optimizer to the same weights.
+    the summed gradient, so each can step its own optimizer to the same weights; with
+    ``reduce_gradients=False`` each rank keeps its own gradient (ZeRO-1 reduce-scatters
+    them: train/zero.py).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class DistributedDataParallel:
         block_size: int,
         seed: int,
         group: Transport | None = None,
+        reduce_gradients: bool = True,
     ):
         name = type(self).__name__
         if processes < 2:
@@ -112,12 +115,15 @@ class DistributedDataParallel:
             raise ValueError(
                 f"{name}: processes = {processes}, but the group has {group.world_size} ranks"
             )
+        if group is None and not reduce_gradients:
+            raise ValueError(f"{name}: reduce_gradients=False needs a group (ZeRO-1 under MPI)")
         if group is None and not can_fork():
             raise RuntimeError(
                 "data-parallel training (processes > 1) forks its workers, and this platform "
                 "has no fork start method; set [train] processes = 1"
             )
         self.model, self.processes, self.seed = model, processes, seed
+        self.reduce_gradients = reduce_gradients  # False: each rank keeps its own (ZeRO-1)
         self.rows, self.block_size = rows, block_size
         self.params = list(model.parameters())
         self._message = np.zeros(_HEAD + 2 * rows * block_size, dtype=np.int64)
@@ -202,7 +208,8 @@ class DistributedDataParallel:
             group.all_reduce(stats)
         else:
             group.reduce(stats, dst=dst)
-        self.reducer.reduce("sum", dst=dst, has_grad=[bool(f) for f in stats[steps:]])
+        if self.reduce_gradients:
+            self.reducer.reduce("sum", dst=dst, has_grad=[bool(f) for f in stats[steps:]])
         if self._forked and rank > 0:
             for p in self.params:
                 p.grad = None

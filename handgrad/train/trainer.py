@@ -49,7 +49,15 @@ from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
 from handgrad.random import get_rng_state, manual_seed, set_rng_state
-from handgrad.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from handgrad.train import ranks
+from handgrad.train.checkpoint import (
+    CHECKPOINTS,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.hardware import hardware_info
@@ -62,6 +70,8 @@ from handgrad.train.on_device import (
     mean_on_device,
 )
 from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
+from handgrad.train.ranks import RankStopped
+from handgrad.train.zero import ZeroAdamW
 
 __all__ = [
     "GradientFn",
@@ -95,6 +105,7 @@ class TrainResult:
     final_eval: EvalResult | None = None
     unigram_loss: float | None = None
     checkpoint: Path | None = None
+    rank: int = 0  # this process's rank under MPI (only rank 0 reports)
 
 
 # ----------------------------------------------------------------------------------------
@@ -122,6 +133,11 @@ class Run:
     elapsed_before: float = 0.0  # seconds spent by the runs this one resumes
     best_val: float = math.inf
     resumed_from: Path | None = None
+    group: Any = None  # the MPI process group (train/ranks.py); None in one process
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.group is None else self.group.rank
 
     @property
     def rows(self) -> int:
@@ -146,13 +162,15 @@ def build_run(
     resume: str | os.PathLike | None = None,
     progress: bool | None = None,
     say: Callable[[str], None] = print,
+    group: Any = None,
 ) -> Run:
     """Prepare the data, check everything that can be refused (before any training work),
     build the model and optimizer, restore them from ``resume`` (a checkpoint, a run
-    directory or its ``latest`` file) and write ``<out>/config.json``."""
+    directory or its ``latest`` file) and write ``<out>/config.json``. With an MPI
+    ``group``, rank 0 prepares the data before the others read it and alone writes."""
     t = cfg.train
     try:
-        data = TokenShards(prepared_data_dir(cfg.data, progress))
+        data = TokenShards(ranks.rank0_first(group, lambda: prepared_data_dir(cfg.data, progress)))
     except DataSpecError as err:
         raise ConfigError(str(err)) from None
     model_cfg, block_size = _check_model_and_data(cfg, data)
@@ -169,18 +187,21 @@ def build_run(
     if model.device.type == "cuda":
         cuda.set_matmul_precision(t.matmul_precision)
     optimizer = build_optimizer(model, cfg)
+    if t.zero and group is not None:
+        optimizer = ZeroAdamW(optimizer, group)  # type: ignore[assignment]
     resolved = cfg.to_dict()
     resolved["model"] = model_cfg.to_dict()
     resolved["train"]["block_size"] = block_size
     run = Run(
         cfg, Path(out), data, model_cfg, model, optimizer, np.random.default_rng(t.seed),
-        data.load_tokenizer(), tokenizer_sha, block_size, resolved,
+        data.load_tokenizer(), tokenizer_sha, block_size, resolved, group=group,
     )  # fmt: skip
     if ckpt is not None:
         _restore(run, ckpt)
         say(f"resuming from {ckpt.path} at step {run.step} ({run.tokens_seen:,} tokens seen)")
-    run.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run.out / "config.json", resolved)
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.out / "config.json", resolved)
     return run
 
 
@@ -280,15 +301,22 @@ def local_gradients(model: GPT2, rows: int, scale: float) -> GradientFn:
 def _gradient_fn(
     run: Run, say: Callable[[str], None]
 ) -> tuple[DistributedDataParallel | None, GradientFn]:
-    """Data parallel over ``[train] processes`` where the platform can fork, else local."""
+    """Data parallel over the MPI ranks, or over ``[train] processes`` where the platform
+    can fork, else local."""
     t = run.cfg.train
     if run.model.device.type != "cpu":
+        if run.group is not None:
+            raise ConfigError(
+                f"[train] device = {t.device!r} under MPI: data parallel over GPUs (NCCL) is not "
+                "wired into the trainer; run one process per GPU job, or train on the CPU"
+            )
         upload = BatchUploader(run.model.device)
         return None, device_gradients(run.model, run.rows, 1.0 / t.grad_accum_steps, upload)
-    if t.processes > 1 and can_fork():
+    if t.processes > 1 and (run.group is not None or can_fork()):
         dp = DistributedDataParallel(
-            run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed
-        )
+            run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed, run.group,
+            reduce_gradients=not isinstance(run.optimizer, ZeroAdamW),
+        )  # fmt: skip
         say(
             f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
         )
@@ -341,7 +369,11 @@ def train_step(
                 f"{grad_accum_steps}, lr {lr:.3g}); stopping."
             )
     loss = sum(losses) / grad_accum_steps
-    grad_norm = float(clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item())
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    if isinstance(optimizer, ZeroAdamW):  # reduce-scatter; the norm over every rank's slice
+        grad_norm = optimizer.reduce_and_clip(max_norm)
+    else:
+        grad_norm = float(clip_grad_norm_(params, max_norm).item())
     if not math.isfinite(grad_norm):
         raise TrainingDiverged(
             f"step {step + 1}: gradient norm is {grad_norm} (training loss {loss:.4f}); "
@@ -366,7 +398,12 @@ def run_evaluation(
     """Validation loss on ``[eval] batches`` fixed batches (and a sample, if asked, which goes
     to ``metrics``' loggers as text), logged."""
     ev_cfg, t = run.cfg.eval, run.cfg.train
-    ev = evaluate(run.model, run.data.val, ev_cfg.batches, run.rows, run.block_size)
+    if run.group is None:
+        ev = evaluate(run.model, run.data.val, ev_cfg.batches, run.rows, run.block_size)
+    else:
+        ev = ranks.evaluate_split(
+            run.model, run.data.val, ev_cfg.batches, run.rows, run.block_size, run.group
+        )
     if not math.isfinite(ev.loss):
         raise TrainingDiverged(
             f"step {at_step}: validation loss is {ev.loss}; stopping (latest checkpoint "
@@ -378,7 +415,7 @@ def run_evaluation(
         f"step {at_step}: {tl}val {ev.loss:.4f} nats (ppl {ev.perplexity:.2f}, "
         f"{ev.bits_per_token:.3f} bits/token)"
     )
-    if t.sample_tokens > 0:
+    if t.sample_tokens > 0 and run.rank == 0:
         text = sample_text(
             run.model, run.tokenizer, ev_cfg.sample_prompt, t.sample_tokens,
             ev_cfg.sample_temperature, ev_cfg.sample_top_k, seed=t.seed + at_step,
@@ -390,7 +427,19 @@ def run_evaluation(
 
 
 def save_run_checkpoint(run: Run, elapsed_s: float) -> Path:
-    """The checkpoint of ``run.step`` (published as latest; older ones pruned)."""
+    """The checkpoint of ``run.step`` (published as latest; older ones pruned); under MPI
+    rank 0 writes it while the others wait at a barrier."""
+    path = run.out / CHECKPOINTS / step_dir_name(run.step)
+    if isinstance(run.optimizer, ZeroAdamW):
+        run.optimizer.gather_state()  # every rank: AdamW's whole state, for rank 0 to write
+    if run.rank == 0:
+        path = _save_checkpoint_files(run, elapsed_s)
+    if run.group is not None:
+        run.group.barrier()
+    return path
+
+
+def _save_checkpoint_files(run: Run, elapsed_s: float) -> Path:
     trainer_state = {
         "step": run.step,
         "tokens_seen": run.tokens_seen,
@@ -466,17 +515,27 @@ def train(
     ``out``. ``resume`` is a checkpoint or run directory (or its ``latest`` file).
     ``progress`` None shows the bar on a terminal only. ``log`` is where status lines go
     (default: stderr via tqdm.write). Raises ConfigError, CheckpointError (before training
-    starts) or TrainingDiverged."""
+    starts) or TrainingDiverged. Under an MPI launcher every rank calls this and trains
+    its share of each batch (train/ranks.py); the others raise RankStopped when one rank
+    refuses to start."""
     started = time.perf_counter()
-    say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    run = build_run(cfg, out, resume, progress, say)
+    group, cfg = ranks.join_mpi_group(cfg)
+    rank0 = group is None or group.rank == 0
+    say = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if rank0 else (lambda msg: None)
+    run = ranks.agree(
+        group, lambda: build_run(cfg, out, resume, progress if rank0 else False, say, group)
+    )
     t, o, ev_cfg = cfg.train, cfg.optim, cfg.eval
     resumed = run.resumed_from is not None
-    metrics = MetricsLog(
-        run.out / "metrics.jsonl",
-        resume_step=run.step if resumed else None,
-        loggers=t.loggers,
-        config=run.resolved,
+    metrics = (
+        MetricsLog(
+            run.out / "metrics.jsonl",
+            resume_step=run.step if resumed else None,
+            loggers=t.loggers,
+            config=run.resolved,
+        )
+        if rank0
+        else ranks.NullMetrics()
     )
     tokens_per_step = cfg.global_batch_size * run.block_size
     decay_steps = o.decay_steps if o.decay_steps is not None else t.max_steps
@@ -486,7 +545,7 @@ def train(
         f"vocab {run.data.vocab_size}); global batch {cfg.global_batch_size} x "
         f"{run.block_size} = {tokens_per_step:,} tokens/step"
     )
-    result = TrainResult(run.out, run.step, run.tokens_seen, run.elapsed_before)
+    result = TrainResult(run.out, run.step, run.tokens_seen, run.elapsed_before, rank=run.rank)
 
     def elapsed() -> float:
         return run.elapsed_before + time.perf_counter() - started
@@ -497,7 +556,7 @@ def train(
         initial=run.step,
         desc="train",
         unit="step",
-        disable=False if progress else None if progress is None else True,
+        disable=True if not rank0 or progress is False else None if progress is None else False,
         file=sys.stderr,
         dynamic_ncols=True,
     )
@@ -569,13 +628,20 @@ def train(
                         f"step {step}/{t.max_steps}: loss {stepped.loss:.4f}, lr {lr:.2e}, "
                         f"grad norm {stepped.grad_norm:.3f}, {tok_s:,.0f} tok/s"
                     )
-                if evaluating:
+                if evaluating and rank0:
                     plot_losses(
                         metrics.records, run.out / "loss.png", title=f"{cfg.name}: {run.out}"
                     )
                 interval_time, interval_tokens = 0.0, 0
             if saving:
                 result.checkpoint = save_run_checkpoint(run, elapsed())
+    except TrainingDiverged:  # every rank sees the same reduced losses and norms
+        if not rank0:
+            raise RankStopped("training diverged (rank 0 reports it)") from None
+        raise
+    except BaseException as err:
+        ranks.abort_job(group, err)  # under MPI: end every rank, naming this one
+        raise
     finally:
         bar.close()
         metrics.close()

@@ -1,0 +1,153 @@
+"""ZeRO-1 (``[train] zero = 1`` under MPI): AdamW with its moments and fp32 master weights
+sharded over the ranks.
+
+Every rank holds the whole model and computes the gradient of its share of the batch, as in
+plain data parallelism; the optimizer state is cut instead. All parameters are laid end to
+end in one flat fp32 vector, padded to P x n elements (``distributed.reducer.FlatShards``);
+rank r owns elements r*n .. (r+1)*n - 1 and keeps m, v and the master weights of those
+only, 3n floats instead of 3 x P x n. One step:
+
+    g_r   = reduce_scatter(flat gradients)               rank r's slice of the summed gradient
+    total = sqrt(all_reduce(sum(g_r^2)))                  the global norm (padding adds 0)
+    g_r  *= min(1, clip / (total + 1e-6))                 clip_grad_norm_'s rule
+    AdamW on (w_r, m_r, v_r) with g_r, each parameter's    decay only where the parameter's
+      piece of the slice under its own group's options     group has it (2-D weights)
+    params = all_gather(w_r)                              cast to each parameter's dtype
+
+The update is the same elementwise arithmetic as ``AdamW.step`` on the same summed
+gradient, so only the norm's order of summation differs from plain data parallelism.
+
+Checkpoints hold AdamW's own state dict: before a save every rank all-gathers m, v and the
+masters, and rank 0 writes them per parameter, so the files are the same for any world
+size and with or without ZeRO, and a run resumes from them either way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from handgrad import backend as B
+from handgrad.distributed import Transport
+from handgrad.distributed.reducer import FlatShards
+from handgrad.optim import AdamW
+from handgrad.optim.adamw import _adamw_update
+
+__all__ = ["ZeroAdamW"]
+
+
+class ZeroAdamW:
+    """``optimizer``'s param groups and options (an ``AdamW`` with no state yet), its state
+    sharded over ``group``. Offers what the trainer uses of AdamW: ``param_groups``,
+    ``step``, ``zero_grad``, ``state_dict`` (after ``gather_state``), ``load_state_dict``,
+    plus ``reduce_and_clip``, which the step needs first."""
+
+    def __init__(self, optimizer: AdamW, group: Transport) -> None:
+        self.optimizer, self.group = optimizer, group
+        self.param_groups = optimizer.param_groups
+        self.params = [p for g in self.param_groups for p in g["params"]]
+        self.shards = FlatShards(self.params, group)
+        lo, hi = self.shards.shard_range()
+        # (group, parameter index, slice of the shard, slice of the parameter's flat data)
+        self.pieces: list[tuple[dict[str, Any], int, slice, slice]] = []
+        i = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                start = self.shards.offsets[i]
+                a, b = max(lo, start), min(hi, start + p.data.size)
+                if a < b:
+                    self.pieces.append((g, i, slice(a - lo, b - lo), slice(a - start, b - start)))
+                i += 1
+        self.master = self.shards.parameter_shard()
+        self.exp_avg = np.zeros_like(self.master)
+        self.exp_avg_sq = np.zeros_like(self.master)
+        self.steps = 0
+        self._grad: Any = None
+        self._tmp = np.empty(min(self.master.size, 1 << 15), dtype=self.master.dtype)
+        self._gathered: dict[str, Any] | None = None
+
+    def reduce_and_clip(self, max_norm: float) -> float:
+        """This rank's slice of the summed gradient, clipped to a global norm of
+        ``max_norm`` (inf: no clipping); returns the norm before clipping (every rank)."""
+        self._grad = self.shards.reduce_scatter_gradients("sum")
+        sumsq = np.array([np.dot(self._grad.astype(np.float64), self._grad)])
+        self.group.all_reduce(sumsq)
+        dtype = self._grad.dtype.type
+        total = dtype(math.sqrt(sumsq[0]))
+        clip_coef = dtype(max_norm) / (total + dtype(1e-6))
+        if clip_coef < 1.0:
+            self._grad *= clip_coef
+        return float(total)
+
+    def step(self) -> None:
+        """The AdamW update of this rank's slice, then every rank's parameters gathered."""
+        if self._grad is None:
+            raise RuntimeError("ZeroAdamW.step: call reduce_and_clip first")
+        self.steps += 1
+        for g, _, s, _ in self.pieces:
+            beta1, beta2 = g["betas"]
+            _adamw_update(
+                self.master[s], self._grad[s], self.exp_avg[s], self.exp_avg_sq[s],
+                self._tmp, None, lr=g["lr"], beta1=beta1, beta2=beta2, eps=g["eps"],
+                weight_decay=g["weight_decay"], step=self.steps,
+            )  # fmt: skip
+        self._grad, self._gathered = None, None
+        self.shards.all_gather_parameters(self.master)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    # ---- checkpoints: AdamW's layout, whole parameters
+    def _gather(self, shard: Any) -> Any:
+        full = np.empty(self.shards.shard_size * self.group.world_size, dtype=shard.dtype)
+        self.group.all_gather(full, np.ascontiguousarray(shard))
+        return full
+
+    def gather_state(self) -> None:
+        """Collective (every rank calls it): assemble AdamW's state dict for
+        ``state_dict()``."""
+        sd = self.optimizer.state_dict()  # the groups and options; no state (never stepped)
+        state: dict[int, dict[str, Any]] = {}
+        if self.steps:
+            m, v, w = (self._gather(a) for a in (self.exp_avg, self.exp_avg_sq, self.master))
+            for i, p in enumerate(self.params):
+                o = self.shards.offsets[i]
+                whole = slice(o, o + p.data.size)
+                entry = {
+                    "step": self.steps,
+                    "exp_avg": m[whole].reshape(p.shape).copy(),
+                    "exp_avg_sq": v[whole].reshape(p.shape).copy(),
+                }
+                if p.data.dtype != w.dtype:  # 16-bit parameters keep fp32 masters
+                    entry["master"] = w[whole].reshape(p.shape).copy()
+                state[i] = entry
+        sd["state"] = state
+        self._gathered = sd
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._gathered is None:
+            raise RuntimeError("ZeroAdamW.state_dict: call gather_state() on every rank first")
+        return self._gathered
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """AdamW's state dict (from any world size, with or without ZeRO) into the shards."""
+        self.optimizer.load_state_dict(state_dict)  # checks it; options into the groups
+        states = [self.optimizer.state.get(p) for p in self.params]
+        steps = {int(s["step"]) for s in states if s}
+        if len(steps) > 1:
+            raise ValueError(f"ZeroAdamW: parameters at different steps {sorted(steps)}")
+        self.steps = steps.pop() if steps else 0
+        self.master = self.shards.parameter_shard()
+        self.exp_avg[...], self.exp_avg_sq[...] = 0, 0
+        for _, i, s, part in self.pieces:
+            st = states[i]
+            if not st:
+                continue
+            self.exp_avg[s] = B.to_numpy(st["exp_avg"]).reshape(-1)[part]
+            self.exp_avg_sq[s] = B.to_numpy(st["exp_avg_sq"]).reshape(-1)[part]
+            if "master" in st:
+                self.master[s] = B.to_numpy(st["master"]).reshape(-1)[part]
+        self.optimizer.state.clear()  # the full-size copies: this rank keeps its slice only
