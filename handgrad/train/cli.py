@@ -152,7 +152,7 @@ def _sample(args: argparse.Namespace) -> int:
     from handgrad.checkpoint import CheckpointError, resolve_checkpoint
     from handgrad.models.gpt2 import GPT2
     from handgrad.tokenizer import load_tokenizer
-    from handgrad.train.trainer import prompt_ids
+    from handgrad.train.sampling import prompt_ids
 
     if args.num_samples < 1:
         return _error("sample", f"--num-samples must be >= 1, got {args.num_samples}")

@@ -60,17 +60,17 @@ from handgrad.train.checkpoint import (
 )
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
+from handgrad.train.gradients import GradientFn, gradient_function
 from handgrad.train.hardware import hardware_info
 from handgrad.train.metrics import MetricsLog, plot_losses
 from handgrad.train.on_device import (
-    BatchUploader,
     NonFiniteLoss,
     PendingLosses,
-    device_gradients,
     mean_on_device,
 )
-from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
+from handgrad.train.parallel import DistributedDataParallel
 from handgrad.train.ranks import RankStopped
+from handgrad.train.sampling import prompt_ids, sample_text
 from handgrad.train.zero import ZeroAdamW
 
 __all__ = [
@@ -276,9 +276,6 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
 # ----------------------------------------------------------------------------------------
 # one training step
 
-# (step, x, y) -> the loss of each micro batch, with scale x its gradient added to .grad
-GradientFn = Callable[[int, np.ndarray, np.ndarray], list[float]]
-
 
 @dataclass
 class StepResult:
@@ -288,48 +285,14 @@ class StepResult:
     grad_norm: Any
 
 
-def local_gradients(model: GPT2, rows: int, scale: float) -> GradientFn:
-    """Gradients in this process: the global batch cut into micro batches of ``rows``."""
-
-    def gradients(step: int, x: np.ndarray, y: np.ndarray) -> list[float]:
-        micro = [(x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)]
-        return accumulate_gradients(model, micro, scale)
-
-    return gradients
-
-
 def _gradient_fn(
     run: Run, say: Callable[[str], None]
 ) -> tuple[DistributedDataParallel | None, GradientFn]:
-    """Data parallel over the MPI ranks, or over ``[train] processes`` where the platform
-    can fork, else local."""
-    t = run.cfg.train
-    if run.model.device.type != "cpu":
-        if run.group is not None:
-            raise ConfigError(
-                f"[train] device = {t.device!r} under MPI: data parallel over GPUs (NCCL) is not "
-                "wired into the trainer; run one process per GPU job, or train on the CPU"
-            )
-        upload = BatchUploader(run.model.device)
-        return None, device_gradients(run.model, run.rows, 1.0 / t.grad_accum_steps, upload)
-    if t.processes > 1 and (run.group is not None or can_fork()):
-        dp = DistributedDataParallel(
-            run.model, t.processes, run.cfg.global_batch_size, run.block_size, t.seed, run.group,
-            reduce_gradients=not isinstance(run.optimizer, ZeroAdamW),
-        )  # fmt: skip
-        say(
-            f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
-        )
-        # the mean over the global batch = the mean of the micro-batch means over all ranks
-        scale = 1.0 / (t.grad_accum_steps * dp.processes)
-        return dp, lambda step, x, y: dp.forward_backward(step, x, y, t.micro_batch_size, scale)
-    if t.processes > 1:
-        say(
-            f"[train] processes = {t.processes}, but this platform cannot fork worker processes: "
-            f"each micro batch of {run.rows} windows runs in this one process (same batches, same "
-            "mean gradient, slower)"
-        )
-    return None, local_gradients(run.model, run.rows, 1.0 / t.grad_accum_steps)
+    """How this run's gradients are made (``train.gradients.gradient_function``)."""
+    return gradient_function(
+        run.model, run.cfg.train, run.cfg.global_batch_size, run.rows, run.block_size,
+        run.group, isinstance(run.optimizer, ZeroAdamW), say,
+    )  # fmt: skip
 
 
 def train_step(
@@ -463,41 +426,6 @@ def _save_checkpoint_files(run: Run, elapsed_s: float) -> Path:
 
 # ----------------------------------------------------------------------------------------
 # sampling text for the log
-
-
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt's ids; an empty prompt starts from end-of-text (a document boundary) or,
-    for tokenizers without one, from a newline (or id 0 if even that is not encodable)."""
-    if prompt:
-        return tokenizer.encode(prompt)
-    if tokenizer.eot_token is not None:
-        return [tokenizer.eot_token]
-    try:
-        ids = tokenizer.encode("\n")
-    except (KeyError, ValueError):
-        ids = []
-    return ids or [0]
-
-
-def sample_text(
-    model: GPT2,
-    tokenizer: Any,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    seed: int,
-) -> str:
-    ids = prompt_ids(tokenizer, prompt)
-    out = model.generate(
-        np.asarray([ids], dtype=np.int64),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        seed=seed,  # its own generator: sampling never moves the training RNG
-    )
-    new = [int(t) for t in out[0, len(ids) :]]
-    return prompt + tokenizer.decode(new)
 
 
 # ----------------------------------------------------------------------------------------

@@ -135,9 +135,9 @@ def test_data_parallel_sums_gradients_and_reports_worker_errors():
 
 
 def test_without_fork_the_shares_run_in_one_process(tiny, tmp_path, monkeypatch):
-    import handgrad.train.trainer as trainer_module
+    import handgrad.train.gradients as gradients_module
 
-    monkeypatch.setattr(trainer_module, "can_fork", lambda: False)
+    monkeypatch.setattr(gradients_module, "can_fork", lambda: False)
     said = []
     cfg = tiny(train={"micro_batch_size": 4, "processes": 2, "max_steps": 3})
     alone = train(from_dict(cfg), tmp_path / "alone", progress=False, log=said.append)

@@ -1,0 +1,71 @@
+"""Where a training step's gradients are made: in this process, over forked processes or MPI
+ranks (``train/parallel.py``), or on a GPU (``train/on_device.py``). Each way is a
+``GradientFn``: (step, x, y) -> the loss of each micro batch, with scale x its gradient added to
+``.grad``, so the training step does not depend on which is used."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from handgrad.models.gpt2 import GPT2
+from handgrad.train.config import ConfigError, TrainSection
+from handgrad.train.on_device import BatchUploader, device_gradients
+from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
+
+# (step, x, y) -> the loss of each micro batch, with scale x its gradient added to .grad
+GradientFn = Callable[[int, np.ndarray, np.ndarray], list[float]]
+
+
+def local_gradients(model: GPT2, rows: int, scale: float) -> GradientFn:
+    """Gradients in this process: the global batch cut into micro batches of ``rows``."""
+
+    def gradients(step: int, x: np.ndarray, y: np.ndarray) -> list[float]:
+        micro = [(x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)]
+        return accumulate_gradients(model, micro, scale)
+
+    return gradients
+
+
+def gradient_function(
+    model: GPT2,
+    t: TrainSection,
+    global_batch: int,
+    rows: int,
+    block_size: int,
+    group: Any,
+    zero: bool,
+    say: Callable[[str], None],
+) -> tuple[DistributedDataParallel | None, GradientFn]:
+    """The gradients of a run: on its GPU; data parallel over the MPI ``group`` or over
+    ``[train] processes`` forked processes where the platform can fork; else in this process.
+    ``rows`` windows make one micro batch over all processes; ``zero``: ZeRO-1 reduces the
+    gradients itself (reduce-scatter), so data parallel leaves them unreduced."""
+    if model.device.type != "cpu":
+        if group is not None:
+            raise ConfigError(
+                f"[train] device = {t.device!r} under MPI: data parallel over GPUs (NCCL) is not "
+                "wired into the trainer; run one process per GPU job, or train on the CPU"
+            )
+        upload = BatchUploader(model.device)
+        return None, device_gradients(model, rows, 1.0 / t.grad_accum_steps, upload)
+    if t.processes > 1 and (group is not None or can_fork()):
+        dp = DistributedDataParallel(
+            model, t.processes, global_batch, block_size, t.seed, group,
+            reduce_gradients=not zero,
+        )  # fmt: skip
+        say(
+            f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
+        )
+        # the mean over the global batch = the mean of the micro-batch means over all ranks
+        scale = 1.0 / (t.grad_accum_steps * dp.processes)
+        return dp, lambda step, x, y: dp.forward_backward(step, x, y, t.micro_batch_size, scale)
+    if t.processes > 1:
+        say(
+            f"[train] processes = {t.processes}, but this platform cannot fork worker processes: "
+            f"each micro batch of {rows} windows runs in this one process (same batches, same "
+            "mean gradient, slower)"
+        )
+    return None, local_gradients(model, rows, 1.0 / t.grad_accum_steps)
