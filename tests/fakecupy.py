@@ -354,12 +354,20 @@ namespace.pi = math.pi
 _saved: list[Any] = []
 
 
-def install() -> Any:
-    """Register the fake with handgrad (array namespace and ``handgrad.backend.cuda``'s CuPy)."""
+def install(kernels: bool = False, bf16_matmul: bool = False) -> Any:
+    """Register the fake with handgrad (array namespace and ``handgrad.backend.cuda``'s CuPy).
+
+    The fake cannot run CUDA kernels nor compile them, so by default ops take their generic
+    array path (``kernels=False``) and bfloat16 products are computed in float32
+    (``bf16_matmul=False``); ``uninstall`` restores both switches. Tests of the kernel path
+    pass ``kernels=True`` and replace the launchers (see ``reference_kernels``)."""
     from handgrad.backend import cuda, register_array_module
 
     register_array_module(ndarray, namespace)
-    _saved.append(cuda._set_cupy_module(namespace))
+    switches = (cuda._kernels_on, cuda._bf16_on)
+    _saved.append((cuda._set_cupy_module(namespace), switches))
+    cuda.use_kernels(kernels)
+    cuda.use_bf16_matmul(bf16_matmul)
     stats.reset()
     return namespace
 
@@ -367,12 +375,14 @@ def install() -> Any:
 def uninstall() -> None:
     from handgrad.backend import cuda
 
-    cuda._set_cupy_module(_saved.pop() if _saved else None)
+    module, switches = _saved.pop() if _saved else (None, (None, None))
+    cuda._set_cupy_module(module)
+    cuda._kernels_on, cuda._bf16_on = switches
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[Any]:
-    install()
+def installed(kernels: bool = False, bf16_matmul: bool = False) -> Iterator[Any]:
+    install(kernels, bf16_matmul)
     try:
         yield namespace
     finally:
