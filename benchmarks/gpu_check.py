@@ -283,7 +283,32 @@ def _gpu_paths(device: str) -> dict[str, Any]:
 
     return {"kernels": cuda.kernels_enabled(), "bf16_matmul": cuda.bf16_matmul_enabled(),
             "bf16_matmul_error": cuda.bf16_matmul_error(),
-            "cupy": getattr(cuda.require(), "__version__", None)}  # fmt: skip
+            "cupy": getattr(cuda.require(), "__version__", None),
+            "matmul_tflops": _matmul_tflops()}  # fmt: skip
+
+
+def _matmul_tflops(n: int = 4096, reps: int = 5) -> dict[str, Any]:
+    """TFLOP/s of an (n, n) @ (n, n) CuPy product in float32 and in bfloat16: a bfloat16
+    product that runs far below the float32 one is not using tensor cores (set
+    HANDGRAD_CUDA_BF16_MATMUL=0 then)."""
+    import ml_dtypes
+
+    from handgrad.backend import cuda
+
+    cp, out = cuda.require(), {}
+    for name, dtype in (("float32", "float32"), ("bfloat16", ml_dtypes.bfloat16)):
+        try:
+            a = cp.ones((n, n), dtype="float32").astype(dtype)
+            a @ a  # warm-up: the cuBLAS handle and heuristics
+            cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ a
+            cuda.synchronize()
+            out[name] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"{type(e).__name__}: {e}"[:300]
+    return out
 
 
 def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
