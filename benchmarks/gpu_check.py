@@ -6,15 +6,25 @@
 Parts, each in its own process with its own time budget (one failing or running out of time
 still leaves the others' results):
 
-  a. cuda_tests   pytest -m cuda (the kernels against their references, device round trips)
+  a. cuda_tests   pytest -m cuda, the CUDA kernel tests first (each kernel against its NumPy
+                  reference, each op's kernel path against CuPy's generic path), then the
+                  device tests
   b. parity       20 training steps of a small float32 GPT-2 on the GPU and on the CPU, same
-                  weights and batches: every loss within 1e-4 relative
+                  weights and batches: every loss within 1e-4 relative. Run with the CUDA
+                  kernels on; when that fails, again with them off, so that a kernel bug does
+                  not hide whether the device plumbing works. Also whether
+                  ``set_matmul_precision("high")`` reached cuBLAS (TF32)
   c. throughput   GPT-2 124M, bfloat16 parameters, T = 1024, the largest micro batch of
-                  32 / 16 / 8 that fits: tokens/s, MFU (against 989 TFLOP/s dense bf16,
-                  FLOPs per token from handgrad.models.gpt2.flops_per_token) and peak device
-                  memory, beside PyTorch eager (benchmarks/torch_gpt2.py) on the same shapes
+                  32 / 16 / 8 that fits, kernels on: tokens/s, MFU (against 989 TFLOP/s dense
+                  bf16, FLOPs per token from handgrad.models.gpt2.flops_per_token), peak
+                  device memory and whether linear multiplied in bfloat16; then
+                  ``kernels_ratio``, a short run at micro batch 8 with kernels on and off;
+                  beside PyTorch eager (benchmarks/torch_gpt2.py) on the same shapes
   d. shakespeare  configs/shakespeare-char.toml on the GPU: wall time and final val loss
                   (<= 1.90), with tiny Shakespeare from ../shared/data beside the repo
+
+Every part catches its own failure: the summary shows the error's last lines (a traceback,
+or the tail of the part's output when it ran out of time) and the JSON holds everything.
 
 The summary goes to stdout and, as JSON, to $OUT/gpu_check.json when $OUT is set (or to
 --json PATH). The GPU paths use the device API (``hg.device``, ``Tensor.to``, ``Module.to``,
@@ -42,8 +52,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100/H200 SXM
 
 # seconds per part on the GPU: 465 s in all, so the run ends within 8 minutes
-BUDGET = {"cuda_tests": 100, "parity": 45, "throughput_handgrad": 110, "throughput_torch": 60,
-          "shakespeare": 150}  # fmt: skip
+BUDGET = {"cuda_tests": 85, "parity": 50, "throughput_handgrad": 110, "kernels_ratio": 40,
+          "throughput_torch": 50, "shakespeare": 130}  # fmt: skip
 SMOKE_BUDGET = {name: 120 for name in BUDGET}
 
 
@@ -84,7 +94,10 @@ def _peak_device_bytes(device: str) -> int | None:
 
 
 def part_cuda_tests(smoke: bool, budget: float) -> dict[str, Any]:
-    paths = ["tests/kernels", "tests/device"] if smoke else ["tests"]
+    # pytest runs each test once, in the order of the paths: the kernel tests come first
+    paths = (
+        ["tests/kernels", "tests/device"] if smoke else ["tests/kernels", "tests/device", "tests"]
+    )
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *paths]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
     tail = (r.stdout + r.stderr).strip().splitlines()
@@ -97,8 +110,11 @@ def part_cuda_tests(smoke: bool, budget: float) -> dict[str, Any]:
     ok = r.returncode in (0, 5) and counts["failed"] == counts["error"] == 0
     if not smoke:
         ok = ok and counts["passed"] > 0
-    return {"ok": ok, **counts, "returncode": r.returncode, "failures": failures[:20],
-            "summary": tail[-1] if tail else ""}  # fmt: skip
+    res = {"ok": ok, **counts, "returncode": r.returncode, "failures": failures[:20],
+           "summary": tail[-1] if tail else ""}  # fmt: skip
+    if not ok:
+        res["output_tail"] = "\n".join(tail[-60:])
+    return res
 
 
 # ----------------------------------------------------------------------------------------
@@ -132,15 +148,57 @@ def _train_losses(device: str, steps: int, cfg: dict[str, Any], batch: int, dead
     return losses
 
 
+def _error(e: BaseException) -> dict[str, Any]:
+    """A failure as the summary shows it: the error and the last lines of its traceback."""
+    return {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000],
+            "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+
+
+def _tf32_reaches_cublas() -> dict[str, Any]:
+    """Whether ``set_matmul_precision("high")`` changed CuPy's float32 compute type to TF32
+    (and "highest" changed it back)."""
+    from handgrad.backend import cuda
+
+    try:
+        import cupy
+        from cupy._core import _routines_linalg as linalg
+
+        cuda.set_matmul_precision("high")
+        high = linalg.get_compute_type(cupy.float32)
+        cuda.set_matmul_precision("highest")
+        back = linalg.get_compute_type(cupy.float32)
+        ok = high == linalg.COMPUTE_TYPE_TF32 and back != linalg.COMPUTE_TYPE_TF32
+        return {"ok": bool(ok), "high": int(high), "highest": int(back)}
+    except Exception as e:  # noqa: BLE001
+        return _error(e)
+
+
 def part_parity(smoke: bool, budget: float) -> dict[str, Any]:
+    from handgrad.backend import cuda
+
     deadline = time.monotonic() + budget - 2
     cfg = dict(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=512, dropout=0.0)
     steps = 3 if smoke else 20
     cpu = _train_losses("cpu", steps, cfg, 4, deadline)
-    dev = _train_losses(_device(smoke), steps, cfg, 4, deadline)
-    rel = max(abs(a - b) / abs(b) for a, b in zip(dev, cpu))
-    return {"ok": rel <= 1e-4, "steps": steps, "max_rel_diff": rel, "device": _device(smoke),
-            "losses_device": dev, "losses_cpu": cpu}  # fmt: skip
+    print(f"cpu losses: {cpu}", flush=True)
+    res: dict[str, Any] = {"steps": steps, "device": _device(smoke), "losses_cpu": cpu}
+    for kernels in (True, False):
+        name = "kernels_on" if kernels else "kernels_off"
+        cuda.use_kernels(kernels)
+        try:
+            dev = _train_losses(_device(smoke), steps, cfg, 4, deadline)
+            rel = max(abs(a - b) / abs(b) for a, b in zip(dev, cpu))
+            res[name] = {"ok": rel <= 1e-4, "max_rel_diff": rel, "losses_device": dev}
+        except Exception as e:  # noqa: BLE001  (reported; the other setting still runs)
+            res[name] = _error(e)
+        print(f"{name}: {res[name]}", flush=True)
+        if res[name]["ok"]:
+            break  # kernels on and matching: nothing more to learn from kernels off
+    on = res["kernels_on"]
+    res.update(ok=on["ok"], max_rel_diff=on.get("max_rel_diff"))
+    if not smoke:
+        res["tf32"] = _tf32_reaches_cublas()
+    return res
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,8 +271,92 @@ def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
         return {"ok": True, "micro_batch": B, "seq_len": T, "steps": done, "tokens_per_s": tps,
                 "mfu": tps * fpt / H200_BF16_FLOPS, "flops_per_token": fpt,
                 "peak_device_bytes": _peak_device_bytes(device), "loss": float(loss.item()),
-                "tried": tried}  # fmt: skip
-    return {"ok": False, "error": f"no micro batch fits: {tried}"}
+                "tried": tried, **_gpu_paths(device)}  # fmt: skip
+    return {"ok": False, "error": f"no micro batch fits: {tried}", **_gpu_paths(device)}
+
+
+def _gpu_paths(device: str) -> dict[str, Any]:
+    """Which GPU code paths ran: the CUDA kernels, bfloat16 products (or why not)."""
+    if device == "cpu":
+        return {}
+    from handgrad.backend import cuda
+
+    return {"kernels": cuda.kernels_enabled(), "bf16_matmul": cuda.bf16_matmul_enabled(),
+            "bf16_matmul_error": cuda.bf16_matmul_error(),
+            "cupy": getattr(cuda.require(), "__version__", None),
+            "matmul_tflops": _matmul_tflops()}  # fmt: skip
+
+
+def _matmul_tflops(n: int = 4096, reps: int = 5) -> dict[str, Any]:
+    """TFLOP/s of an (n, n) @ (n, n) CuPy product in float32 and in bfloat16: a bfloat16
+    product that runs far below the float32 one is not using tensor cores (set
+    HANDGRAD_CUDA_BF16_MATMUL=0 then)."""
+    import ml_dtypes
+
+    from handgrad.backend import cuda
+
+    cp, out = cuda.require(), {}
+    for name, dtype in (("float32", "float32"), ("bfloat16", ml_dtypes.bfloat16)):
+        try:
+            a = cp.ones((n, n), dtype="float32").astype(dtype)
+            a @ a  # warm-up: the cuBLAS handle and heuristics
+            cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ a
+            cuda.synchronize()
+            out[name] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
+    """124M bf16 at micro batch 8 (smoke: 2), a few steps with the kernels on, then off:
+    what the kernels buy over the generic CuPy code."""
+    import numpy as np
+
+    import handgrad as hg
+    from handgrad.backend import cuda
+    from handgrad.models.gpt2 import GPT2, GPT2Config
+    from handgrad.optim import AdamW
+
+    deadline = time.monotonic() + budget - 5
+    device = _device(smoke)
+    cfg, _, T, _ = _throughput_shapes(smoke)
+    B, steps = (2, 1) if smoke else (8, 2)
+    config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0})
+    hg.manual_seed(0)
+    model = _to(GPT2(config), device)
+    opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    x = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
+    y = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
+    res: dict[str, Any] = {"micro_batch": B, "seq_len": T}
+    for kernels in (True, False):
+        name = "kernels_on" if kernels else "kernels_off"
+        cuda.use_kernels(kernels)
+        try:
+            done, dt = 0, 0.0
+            for i in range(steps + 1):  # the first: warm-up
+                if time.monotonic() > deadline:
+                    break
+                t0 = time.perf_counter()
+                _, loss = model(x, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                _sync(device)
+                if i > 0:
+                    done, dt = done + 1, dt + time.perf_counter() - t0
+            res[name] = {"steps": done, "tokens_per_s": B * T * done / dt if done else None}
+        except Exception as e:  # noqa: BLE001
+            res[name] = _error(e)
+        print(f"{name}: {res[name]}", flush=True)
+    on, off = res["kernels_on"].get("tokens_per_s"), res["kernels_off"].get("tokens_per_s")
+    res["on_over_off"] = on / off if on and off else None
+    res["ok"] = bool(on)
+    return res
 
 
 def part_throughput_torch(smoke: bool, budget: float, micro_batch: int | None) -> dict[str, Any]:
@@ -307,7 +449,8 @@ def part_shakespeare(smoke: bool, budget: float) -> dict[str, Any]:
 # the driver: each part in a child process with a time limit
 
 
-PARTS = ["cuda_tests", "parity", "throughput_handgrad", "throughput_torch", "shakespeare"]
+PARTS = ["cuda_tests", "parity", "throughput_handgrad", "kernels_ratio", "throughput_torch",
+         "shakespeare"]  # fmt: skip
 
 
 def run_part(name: str, smoke: bool, budget: float, extra: dict[str, Any]) -> dict[str, Any]:
@@ -320,20 +463,22 @@ def run_part(name: str, smoke: bool, budget: float, extra: dict[str, Any]) -> di
         t0 = time.perf_counter()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=budget + 30)
-        except subprocess.TimeoutExpired:
-            return {
-                "ok": False,
-                "error": f"over its time budget of {budget:.0f} s",
-                "time_s": budget,
-            }
+        except subprocess.TimeoutExpired as e:
+            return {"ok": False, "error": f"over its time budget of {budget:.0f} s",
+                    "time_s": budget, "output_tail": _tail(e.stdout, e.stderr)}  # fmt: skip
         out = {"time_s": round(time.perf_counter() - t0, 1)}
         if result.is_file():
             out.update(json.loads(result.read_text()))
-        else:
-            out.update(
-                ok=False, error=f"exit status {r.returncode}: {(r.stderr or r.stdout)[-3000:]}"
-            )
+        else:  # killed (out of memory, a crash in a CUDA library ...) before it wrote
+            out.update(ok=False, error=f"exit status {r.returncode}",
+                       output_tail=_tail(r.stdout, r.stderr))  # fmt: skip
         return out
+
+
+def _tail(stdout: Any, stderr: Any, chars: int = 3000) -> str:
+    """The last ``chars`` characters of a child's output (str or bytes, either may be None)."""
+    parts = [p.decode(errors="replace") if isinstance(p, bytes) else p for p in (stdout, stderr)]
+    return "\n".join(p for p in parts if p)[-chars:]
 
 
 def child(name: str, smoke: bool, budget: float, extra: dict[str, Any], result: Path) -> None:
@@ -345,12 +490,14 @@ def child(name: str, smoke: bool, budget: float, extra: dict[str, Any], result: 
     except subprocess.TimeoutExpired as e:
         res = {"ok": False, "error": f"over its time budget of {budget:.0f} s: {e.cmd[:3]}"}
     except Exception as e:  # noqa: BLE001  (reported in the summary, not raised)
-        res = {"ok": False, "error": f"{type(e).__name__}: {e}",
-               "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
-    result.write_text(json.dumps(res, default=float))
+        res = _error(e)
+    result.write_text(json.dumps(res, default=str))
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, dict):  # a nested result: its tails and loss lists are printed apart
+        skip = ("traceback", "output_tail", "losses_device")
+        return "{" + ", ".join(f"{k}={_fmt(x)}" for k, x in v.items() if k not in skip) + "}"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -374,12 +521,17 @@ def print_summary(results: dict[str, dict[str, Any]], smoke: bool, total: float)
     for name, res in results.items():
         status = "ok  " if res.get("ok") else "FAIL"
         keys = [k for k in res if k not in ("ok", "traceback", "losses_device", "losses_cpu",
-                                            "failures")]  # fmt: skip
+                                            "failures", "output_tail")]  # fmt: skip
         print(f"[{status}] {name}: " + ", ".join(f"{k}={_fmt(res[k])}" for k in keys))
         for line in res.get("failures", []):
             print(f"         {line}")
-        if "traceback" in res:
-            print("         " + res["traceback"].strip().replace("\n", "\n         "))
+        tails = [(name, res)] + [(f"{name}.{k}", v) for k, v in res.items() if isinstance(v, dict)]
+        for where, r in tails:
+            for key in ("traceback", "output_tail"):
+                if r.get(key):
+                    lines = r[key].strip().splitlines()[-25:]
+                    print(f"         [{where} {key}, last lines]")
+                    print("         " + "\n         ".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(summary, indent=2, default=float))
+        target.write_text(json.dumps(summary, indent=2, default=str))
         print(f"JSON summary: {target}")
     return 0 if summary["all_ok"] else 1
 

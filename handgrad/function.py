@@ -45,6 +45,12 @@ class Function:
     # module cannot import Tensor without an import circle.
     output_type: ClassVar[Any] = None
 
+    @classmethod
+    def keeps_low_precision(cls, arrays: list[Any]) -> bool:
+        """Whether this op takes these 16-bit inputs as they are (it computes in 16 bits
+        itself, e.g. a bfloat16 GEMM on a GPU) instead of receiving float32 copies."""
+        return False
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
 
@@ -61,7 +67,8 @@ class Function:
             if first is not B.HostArray or any(type(a) is not first for a in arrays):
                 arrays = _on_one_device(cls.__name__, arrays)
         cast_back = None
-        if not cls.native and any(a.dtype in _LOW_PRECISION for a in arrays):
+        low = any(a.dtype in _LOW_PRECISION for a in arrays)
+        if low and not cls.native and not cls.keeps_low_precision(arrays):
             floats = [a.dtype for a in arrays if B.is_floating(a.dtype)]
             cast_back = B.get_array_module(*arrays).result_type(*floats)
             arrays = [a.astype(B.float32) if a.dtype in _LOW_PRECISION else a for a in arrays]

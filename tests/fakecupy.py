@@ -354,12 +354,20 @@ namespace.pi = math.pi
 _saved: list[Any] = []
 
 
-def install() -> Any:
-    """Register the fake with handgrad (array namespace and ``handgrad.backend.cuda``'s CuPy)."""
+def install(kernels: bool = False, bf16_matmul: bool = False) -> Any:
+    """Register the fake with handgrad (array namespace and ``handgrad.backend.cuda``'s CuPy).
+
+    The fake cannot run CUDA kernels nor compile them, so by default ops take their generic
+    array path (``kernels=False``) and bfloat16 products are computed in float32
+    (``bf16_matmul=False``); ``uninstall`` restores both switches. Tests of the kernel path
+    pass ``kernels=True`` and replace the launchers (see ``reference_kernels``)."""
     from handgrad.backend import cuda, register_array_module
 
     register_array_module(ndarray, namespace)
-    _saved.append(cuda._set_cupy_module(namespace))
+    switches = (cuda._kernels_on, cuda._bf16_on)
+    _saved.append((cuda._set_cupy_module(namespace), switches))
+    cuda.use_kernels(kernels)
+    cuda.use_bf16_matmul(bf16_matmul)
     stats.reset()
     return namespace
 
@@ -367,13 +375,64 @@ def install() -> Any:
 def uninstall() -> None:
     from handgrad.backend import cuda
 
-    cuda._set_cupy_module(_saved.pop() if _saved else None)
+    module, switches = _saved.pop() if _saved else (None, (None, None))
+    cuda._set_cupy_module(module)
+    cuda._kernels_on, cuda._bf16_on = switches
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[Any]:
-    install()
+def installed(kernels: bool = False, bf16_matmul: bool = False) -> Iterator[Any]:
+    install(kernels, bf16_matmul)
     try:
         yield namespace
     finally:
         uninstall()
+
+
+# ---- the CUDA launchers, run by their NumPy references on the fake's arrays
+
+_LAUNCHERS = ("layer_norm_forward", "layer_norm_backward", "gelu_tanh_forward",
+              "gelu_tanh_backward", "causal_softmax_forward", "causal_softmax_backward",
+              "cross_entropy_forward", "cross_entropy_backward", "embedding_backward",
+              "adamw_flat")  # fmt: skip
+
+
+def _as_device(x: Any) -> Any:
+    if isinstance(x, tuple):
+        return tuple(_as_device(v) for v in x)
+    return ndarray(np.asarray(x)) if isinstance(x, np.ndarray | np.generic) else x
+
+
+def _reference_launcher(name: str, calls: dict[str, int]) -> Any:
+    """``handgrad.kernels.cuda.<name>`` done by ``handgrad.kernels.reference.<name>``: the
+    arguments are checked as the real launcher checks them (CuPy arrays, float32 / int64,
+    C-contiguous), then the reference runs on the arrays underneath (no sync counted)."""
+    from handgrad.kernels import cuda as K
+    from handgrad.kernels import reference as ref
+
+    def launcher(*args: Any, **kwargs: Any) -> Any:
+        calls[name] = calls.get(name, 0) + 1
+        if name == "adamw_flat":
+            kwargs["norm_sq"] = float(kwargs["norm_sq"]._a[0])
+        given = [*enumerate(args), *kwargs.items()]
+        floats = {f"{k}": a for k, a in given if isinstance(a, ndarray) and a.dtype.kind == "f"}
+        K._check(name, **floats)
+        for k, a in given:
+            if isinstance(a, ndarray) and a.dtype.kind in "iu":
+                assert a.dtype == np.int64 and a.flags.c_contiguous, f"{name}: indices {k}"
+        kwargs.pop("out", None)
+        result = getattr(ref, name)(*_unwrap(args), **_unwrap(kwargs))
+        return _as_device(result)
+
+    return launcher
+
+
+def reference_kernels(monkeypatch: Any) -> dict[str, int]:
+    """Replace every launcher of ``handgrad.kernels.cuda`` that the ops dispatch to with its
+    NumPy reference (see ``_reference_launcher``); returns the call counts by name."""
+    from handgrad.kernels import cuda as K
+
+    calls: dict[str, int] = {}
+    for name in _LAUNCHERS:
+        monkeypatch.setattr(K, name, _reference_launcher(name, calls))
+    return calls

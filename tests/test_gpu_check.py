@@ -16,7 +16,7 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_part(tmp_path: Path) -> None:
-    parts = ["cuda_tests", "parity", "throughput_handgrad", "throughput_torch"]
+    parts = ["cuda_tests", "parity", "throughput_handgrad", "kernels_ratio", "throughput_torch"]
     if SHAKESPEARE.is_file():
         parts.append("shakespeare")
     out = tmp_path / "gpu_check.json"

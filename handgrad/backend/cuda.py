@@ -29,9 +29,10 @@ def _import_cupy() -> Any:
 
 def _set_cupy_module(module: Any) -> Any:
     """Use ``module`` as CuPy (a stand-in in tests; None forgets it); returns the previous."""
-    global _cupy, _cupy_error
+    global _cupy, _cupy_error, _bf16_works, _bf16_error
     previous = _cupy
     _cupy, _cupy_error = module, None
+    _bf16_works = _bf16_error = None  # probe the new module afresh
     return previous
 
 
@@ -112,4 +113,120 @@ def set_matmul_precision(precision: str) -> None:
         pass
 
 
-__all__ = ["device_count", "is_available", "require", "set_matmul_precision", "synchronize"]
+# ----------------------------------------------------------------------------------------
+# which GPU code paths run: handgrad's CUDA kernels, and bfloat16 matrix products
+
+
+def _env_flag(name: str) -> bool:
+    """``name`` read as a switch: unset, "1", "true", "on" or "yes" is on; "0", "false",
+    "off" or "no" is off; anything else is a ValueError naming the variable."""
+    value = os.environ.get(name, "1").strip().lower()
+    if value in ("1", "true", "on", "yes", ""):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"environment variable {name}={value!r}: expected 0 or 1")
+
+
+_kernels_on: bool | None = None  # None: from HANDGRAD_CUDA_KERNELS on first use
+
+
+def use_kernels(enabled: bool) -> None:
+    """Run the fused CUDA kernels of ``handgrad.kernels.cuda`` for ops on CuPy arrays (the
+    default; env ``HANDGRAD_CUDA_KERNELS=0`` turns them off), or, with False, the generic
+    array code that runs on any namespace. NumPy arrays never see the kernels."""
+    global _kernels_on
+    if not isinstance(enabled, bool):
+        raise TypeError(f"use_kernels: expected True or False, got {enabled!r}")
+    _kernels_on = enabled
+
+
+def kernels_enabled() -> bool:
+    """Whether ops on CuPy arrays run handgrad's CUDA kernels (see ``use_kernels``)."""
+    global _kernels_on
+    if _kernels_on is None:
+        _kernels_on = _env_flag("HANDGRAD_CUDA_KERNELS")
+    return _kernels_on
+
+
+def is_cupy(xp: Any) -> bool:
+    """Whether the array namespace ``xp`` is the CuPy that drives the GPU here (a stand-in
+    installed by the tests counts)."""
+    if xp is None or getattr(xp, "__name__", "") == "numpy":
+        return False
+    return xp is (_cupy if _cupy is not None else _import_cupy())
+
+
+_bf16_on: bool | None = None  # None: from HANDGRAD_CUDA_BF16_MATMUL on first use
+_bf16_works: bool | None = None  # None: not probed yet
+_bf16_error: str | None = None
+
+
+def use_bf16_matmul(enabled: bool) -> None:
+    """Let ``linear`` multiply bfloat16 operands on the GPU as bfloat16 (cuBLAS, float32
+    accumulation; the default, env ``HANDGRAD_CUDA_BF16_MATMUL=0`` turns it off), or, with
+    False, in float32 after a cast, as on the CPU."""
+    global _bf16_on
+    if not isinstance(enabled, bool):
+        raise TypeError(f"use_bf16_matmul: expected True or False, got {enabled!r}")
+    _bf16_on = enabled
+
+
+def bf16_matmul_error() -> str | None:
+    """Why the bfloat16 matmul probe failed (None when it passed or has not run)."""
+    return _bf16_error
+
+
+def bf16_matmul_enabled() -> bool:
+    """Whether bfloat16 products on the GPU run in bfloat16: switched on (``use_bf16_matmul``)
+    and CuPy's bfloat16 support (experimental in CuPy 14, through ``ml_dtypes``) passed a
+    probe the first time it is asked: a small product against its float32 result. When the
+    probe fails, products stay in float32 and ``bf16_matmul_error`` says why. (Untested on
+    a GPU.)"""
+    global _bf16_on, _bf16_works, _bf16_error
+    if _bf16_on is None:
+        _bf16_on = _env_flag("HANDGRAD_CUDA_BF16_MATMUL")
+    if not _bf16_on or _cupy is None:
+        return False
+    if _bf16_works is None:
+        _bf16_works, _bf16_error = _probe_bf16_matmul(_cupy)
+    return _bf16_works
+
+
+def _probe_bf16_matmul(cp: Any) -> tuple[bool, str | None]:
+    import ml_dtypes  # noqa: PLC0415  (a dependency of handgrad; only needed here)
+    import numpy as np  # noqa: PLC0415
+
+    a = np.arange(-24, 24, dtype=np.float32).reshape(6, 8) / 8  # exact in bfloat16
+    b = np.arange(-20, 20, dtype=np.float32).reshape(8, 5) / 4
+    try:
+        da = cp.asarray(a).astype(ml_dtypes.bfloat16)  # cast on the device
+        db = cp.asarray(b.astype(ml_dtypes.bfloat16))
+        got = cp.asnumpy((da @ db).astype(np.float32))
+        got_t = cp.asnumpy((db.T @ da.T).astype(np.float32))
+    except Exception as e:  # noqa: BLE001  (any failure means: not usable here)
+        return False, f"{type(e).__name__}: {e}"
+    # exact in float32; a bfloat16 result is that rounded once (float32 accumulation)
+    exact = a @ b
+    rounded = exact.astype(ml_dtypes.bfloat16).astype(np.float32)
+    want = exact if np.array_equal(got, exact) else rounded
+    if not (np.array_equal(got, want) and np.array_equal(got_t, want.T)):
+        return False, (
+            f"bfloat16 product differs from float32: {got.ravel()[:4]} vs {want.ravel()[:4]}"
+        )
+    return True, None
+
+
+__all__ = [
+    "bf16_matmul_enabled",
+    "bf16_matmul_error",
+    "device_count",
+    "is_available",
+    "is_cupy",
+    "kernels_enabled",
+    "require",
+    "set_matmul_precision",
+    "synchronize",
+    "use_bf16_matmul",
+    "use_kernels",
+]

@@ -5,4 +5,9 @@ and checked against PyTorch and handgrad's own ops on the CPU. ``cuda`` holds th
 computations as CUDA C (CuPy ``RawKernel``s), each checked against its reference on a GPU.
 The CUDA half is untested on a GPU: the machines this was written on have none (every
 source is compiled with nvcc by the tests when nvcc is present).
+
+``dispatch.cuda_kernels`` is the one test the fused ops of ``handgrad.nn`` (layer norm, tanh
+GELU, cross entropy, embedding backward, causal softmax) and ``AdamW`` make before calling a
+kernel: CuPy arrays, kernels switched on (``handgrad.backend.cuda.use_kernels``, env
+``HANDGRAD_CUDA_KERNELS``), float32 data. Everywhere else their generic array code runs.
 """

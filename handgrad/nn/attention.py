@@ -29,6 +29,7 @@ from handgrad import backend as B
 from handgrad.backend import get_array_module
 from handgrad.creation import arange, where
 from handgrad.function import Function
+from handgrad.kernels.dispatch import cuda_kernels
 from handgrad.nn import _threads
 from handgrad.nn._threads import tile as _tile
 from handgrad.random import default_generator
@@ -170,8 +171,13 @@ class _AttentionUntiled(_Attention):
     # p is kept from forward for backward when a backward will follow, p covers every key
     # (causal with L < S leaves keys unseen) and no row can be fully masked (there p = 0/0 =
     # nan, where recomputing it gives 0).
+    # On a GPU with kernels on, causal self-attention without mask or dropout takes the
+    # softmax step from one fused kernel per pass (``_cuda_forward``), p kept for backward.
     def forward(self, q, k, v, mask, is_causal, scale, dropout_p, gen):
         xp = self.xp = get_array_module(q, k, v)
+        self.kernels = _causal_kernels(q, k, v, mask, is_causal, dropout_p)
+        if self.kernels is not None:
+            return self._cuda_forward(q, k, v, scale)
         lead, L, S = self._setup(q, k, v, mask, is_causal, scale, dropout_p)
         if L == S:
             self.k_t_scaled = xp.empty((*lead, k.shape[-1], S), dtype=k.dtype)
@@ -196,7 +202,31 @@ class _AttentionUntiled(_Attention):
         self.out /= denom
         return self.out
 
+    def _cuda_forward(self, q, k, v, scale):
+        """s = q k^T (cuBLAS), p = causal_softmax(s * scale) (one kernel), o = p v; p is
+        kept. Untested on a GPU."""
+        xp = self.xp
+        self.q, self.k, self.v, self.scale = q, k, v, scale
+        s = xp.ascontiguousarray(xp.matmul(q, _mT(k)))
+        p = self.kernels.causal_softmax_forward(s, scale)
+        del s
+        self.p = p if any(self.needs_input_grad) else None
+        return xp.matmul(p, v)
+
+    def _cuda_backward(self, g):
+        """dv = p^T g, dp = g v^T, ds = scale p (dp - rowsum(p dp)) (one kernel; the scale
+        is in ds), dq = ds k, dk = ds^T q."""
+        xp, q, k, v, p = self.xp, self.q, self.k, self.v, self.p
+        g = xp.ascontiguousarray(g, dtype=q.dtype)
+        dv = xp.matmul(_mT(p), g)
+        dp = xp.ascontiguousarray(xp.matmul(g, _mT(v)))
+        ds = self.kernels.causal_softmax_backward(dp, p, self.scale)
+        del dp
+        return xp.matmul(ds, k), xp.matmul(_mT(ds), q), dv
+
     def backward(self, g):
+        if self.kernels is not None:
+            return self._cuda_backward(g)
         xp, q, k, v = self.xp, self.q, self.k, self.v
         L, S = q.shape[-2], k.shape[-2]
         scale = q.dtype.type(self.scale)
@@ -316,6 +346,14 @@ class _AttentionTiled(_Attention):
         dk *= scale
 
 
+def _causal_kernels(q, k, v, mask, is_causal, dropout_p, cast_16bit=False):
+    """The CUDA launchers when causal self-attention (L == S, no mask, no dropout) of float32
+    arrays on a GPU may use the fused softmax kernels; else None."""
+    if not is_causal or mask is not None or dropout_p > 0 or q.shape[-2] != k.shape[-2]:
+        return None
+    return cuda_kernels(q, k, v, cast_16bit=cast_16bit)
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -359,6 +397,10 @@ def scaled_dot_product_attention(
             f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}"
         )
     small = math.prod(lead) * L * S <= _ATTN_BATCH_ALL
+    # on a GPU the fused softmax kernels run in the untiled path at every size: tiles would
+    # cost a kernel launch per head and tile, and a GPU holds the (..., L, L) scores
+    if not small and _causal_kernels(q.data, k.data, v.data, mask, is_causal, dropout_p, True):
+        small = True
     path = _AttentionUntiled if small else _AttentionTiled
     return path.apply(
         q,

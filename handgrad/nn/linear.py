@@ -4,8 +4,9 @@ matrix (an embedding lookup is a product with a one-hot matrix, done as a gather
 from __future__ import annotations
 
 from handgrad import backend as B
-from handgrad.backend import get_array_module
+from handgrad.backend import cuda, get_array_module
 from handgrad.function import Function
+from handgrad.kernels.dispatch import cuda_kernels, f32, i64
 from handgrad.tensor import Tensor
 
 
@@ -14,6 +15,19 @@ class _Linear(Function):
     # dx = g W;  dW = g^T x (summed over all leading dims);  db = sum of g over leading dims.
     # The leading dims are folded into one, so each product is a single 2-D GEMM (NumPy would
     # otherwise run one small GEMM per leading index).
+    # On a GPU, bfloat16 x and W are multiplied as bfloat16 by cuBLAS (float32 accumulation,
+    # one rounding of each product to bfloat16; ``backend.cuda.bf16_matmul_enabled``): the
+    # gradient g is rounded to bfloat16 for dx and dW, whose products come back as float32.
+    @classmethod
+    def keeps_low_precision(cls, arrays):
+        xp = get_array_module(*arrays)
+        return (
+            not B.is_numpy(xp)
+            and all(a.dtype == B.bfloat16 for a in arrays)
+            and cuda.is_cupy(xp)
+            and cuda.bf16_matmul_enabled()
+        )
+
     def forward(self, x, w, b=None):
         if x.shape[-1] != w.shape[1]:
             raise ValueError(
@@ -23,6 +37,10 @@ class _Linear(Function):
         self.lead = x.shape[:-1]
         self.x2, self.w = x.reshape(-1, x.shape[-1]), w
         y = self.x2 @ w.T
+        if w.dtype == B.bfloat16:  # a GPU (keeps_low_precision): bias added in float32
+            if b is not None:
+                y = y.astype(B.float32, copy=False) + b.astype(B.float32)
+            return y.astype(B.bfloat16, copy=False).reshape(*self.lead, w.shape[0])
         if b is not None:
             y += b
         return y.reshape(*self.lead, w.shape[0])
@@ -30,8 +48,12 @@ class _Linear(Function):
     def backward(self, g):
         x2, w = self.x2, self.w
         g2 = g.reshape(-1, g.shape[-1])
-        dx = (g2 @ w).reshape(*self.lead, w.shape[1]) if self.needs_input_grad[0] else None
-        dw = (g2.T @ x2) if self.needs_input_grad[1] else None
+        gm = g2.astype(B.bfloat16) if w.dtype == B.bfloat16 else g2  # the GEMM operand
+        dx = (gm @ w).reshape(*self.lead, w.shape[1]) if self.needs_input_grad[0] else None
+        dw = (gm.T @ x2) if self.needs_input_grad[1] else None
+        if w.dtype == B.bfloat16:  # gradients are float32, as for every 16-bit tensor
+            dx = None if dx is None else dx.astype(B.float32, copy=False)
+            dw = None if dw is None else dw.astype(B.float32, copy=False)
         if len(self.needs_input_grad) == 3:
             db = g2.sum(axis=0) if self.needs_input_grad[2] else None
             return dx, dw, db
@@ -63,6 +85,10 @@ class _Embedding(Function):
         return w[idx]
 
     def backward(self, g):
+        kernels = cuda_kernels(g)
+        if kernels is not None:  # a GPU: one atomic scatter-add kernel (untested on a GPU)
+            rows = f32(g).reshape(-1, self.wshape[1])
+            return None, kernels.embedding_backward(i64(self.idx).reshape(-1), rows, self.wshape[0])
         xp = get_array_module(g)
         dw = xp.zeros(self.wshape, dtype=g.dtype)
         idx = self.idx.reshape(-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from handgrad import backend as B
 from handgrad.backend import get_array_module
 from handgrad.function import Function
+from handgrad.kernels.dispatch import cuda_kernels, f32, i64
 from handgrad.tensor import Tensor
 
 
@@ -16,9 +17,14 @@ class _CrossEntropy(Function):
     # Rows whose target is ignore_index contribute nothing. 'mean' divides by the number of
     # counted rows. Only the logits (by reference) and lse are kept for backward; softmax
     # is recomputed there, so no (N, C) temporary outlives the forward pass.
+    # On a GPU with kernels on (no smoothing), one kernel per pass reads each row of logits
+    # twice (forward: max, then sum of exp; backward: one read, one write).
     def forward(self, x, target, ignore_index, reduction, label_smoothing):
         n, c = x.shape
         xp = get_array_module(x)
+        self.kernels = cuda_kernels(x) if label_smoothing == 0 else None
+        if self.kernels is not None:
+            return self._cuda_forward(xp, x, target, ignore_index, reduction)
         valid = target != ignore_index
         safe_t = xp.where(valid, target, 0)
         # targets are range-checked and counted on the host only: on a GPU either would wait
@@ -51,7 +57,43 @@ class _CrossEntropy(Function):
                 return xp.asarray(total / x.dtype.type(self.count))
             return (total / self.count.astype(x.dtype)).astype(x.dtype)
 
+    def _cuda_forward(self, xp, x, target, ignore_index, reduction):
+        """Per-row loss and lse from ``handgrad.kernels.cuda.cross_entropy_forward``; the
+        reduction, as the generic path, stays on the device (untested on a GPU). A target
+        out of range gives a NaN loss there instead of an IndexError (checking would wait
+        for the device)."""
+        self.x, self.t, self.ignore_index = f32(x), i64(target), ignore_index
+        self.reduction = reduction
+        loss, self.lse = self.kernels.cross_entropy_forward(
+            self.x, self.t, x.shape[1], ignore_index
+        )
+        self.valid = self.t != ignore_index
+        if reduction == "none":
+            return loss
+        total = loss.sum(dtype=B.float32)
+        if reduction == "sum":
+            return xp.asarray(total)
+        self.count = self.valid.sum()
+        with B.ignore_float_errors():  # nan when every target is ignored, as torch
+            return (total / self.count.astype(B.float32)).astype(B.float32)
+
+    def _cuda_backward(self, g):
+        """dlogits from ``handgrad.kernels.cuda.cross_entropy_backward`` with the upstream
+        gradient per row: g_n ('none'), g ('sum') or g / count ('mean')."""
+        xp = get_array_module(self.x)
+        n = self.x.shape[0]
+        if self.reduction == "mean":
+            g = g / xp.maximum(self.count, 1).astype(B.float32)
+        dloss = xp.empty(n, dtype=B.float32)
+        dloss[...] = g  # broadcasts a 0-d gradient over the rows
+        d = self.kernels.cross_entropy_backward(
+            self.x, self.lse, self.t, dloss, self.x.shape[1], self.ignore_index
+        )
+        return d, None
+
     def backward(self, g):
+        if self.kernels is not None:
+            return self._cuda_backward(g)
         x, lse, t, valid = self.x, self.lse, self.t, self.valid
         n, c = x.shape
         xp = get_array_module(x)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from handgrad.backend import get_array_module
 from handgrad.function import Function
+from handgrad.kernels.dispatch import cuda_kernels, f32
 from handgrad.nn import _threads
 from handgrad.nn._threads import tile as _tile
 from handgrad.tensor import Tensor
@@ -30,9 +31,13 @@ class _LayerNorm(Function):
     # (the difference is taken before scaling by r, as in the formula: when n = 1 it is
     # exactly 0, as torch's).
     # Rows are processed in cache-sized blocks shared over threads.
+    # On a GPU with kernels on, one fused kernel per pass does it all (``_cuda_forward``).
     def forward(self, x, w=None, b=None, *, k, eps):
         self.shape, self.wshape = x.shape, x.shape[x.ndim - k :]
         n = math.prod(self.wshape)
+        self.kernels = cuda_kernels(x, w, b)
+        if self.kernels is not None:
+            return self._cuda_forward(x, w, b, n, eps)
         xp = get_array_module(x)
         self.x = x2 = xp.asarray(x, order="C").reshape(-1, n)
         self.w = wf = None if w is None else w.reshape(n)
@@ -62,11 +67,33 @@ class _LayerNorm(Function):
         _threads.map_items(xp, block, self._blocks(n), 0, 0, x.dtype, work=x.size)
         return y.reshape(x.shape)
 
+    def _cuda_forward(self, x, w, b, n, eps):
+        """x (..., *wshape) seen as (N, n): one block per row computes mu, rstd and y
+        (``handgrad.kernels.cuda.layer_norm_forward``; untested on a GPU)."""
+        self.x = f32(x).reshape(-1, n)
+        self.w = get_array_module(x).ones(n, dtype=x.dtype) if w is None else f32(w).reshape(n)
+        bf = None if b is None else f32(b).reshape(n)
+        y, self.mu, self.rstd = self.kernels.layer_norm_forward(self.x, self.w, bf, eps)
+        return y.reshape(self.shape)
+
+    def _cuda_backward(self, g):
+        """dx, dw, db from one row kernel and one column kernel (untested on a GPU)."""
+        g2 = f32(g).reshape(self.x.shape)
+        dx, dw, db = self.kernels.layer_norm_backward(g2, self.x, self.w, self.mu, self.rstd)
+        wants = self.needs_input_grad
+        grads = [dx.reshape(self.shape) if wants[0] else None]
+        for i, d in ((1, dw), (2, db)):
+            if len(wants) > i:
+                grads.append(d.reshape(self.wshape) if wants[i] else None)
+        return tuple(grads)
+
     def _blocks(self, n: int) -> list[slice]:
         rows, step = self.x.shape[0], max(1, _threads.ELEMENTWISE_CHUNK // max(n, 1))
         return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
     def backward(self, g):
+        if self.kernels is not None:
+            return self._cuda_backward(g)
         x, n = self.x, self.x.shape[1]
         xp = get_array_module(g)
         w = xp.ones(n, dtype=g.dtype) if self.w is None else self.w

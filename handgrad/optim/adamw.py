@@ -9,6 +9,7 @@ from typing import Any
 from handgrad import backend as B
 from handgrad.backend import get_array_module
 from handgrad.backend.device import device_of
+from handgrad.kernels.dispatch import cuda_kernels, f32
 from handgrad.optim.optimizer import Optimizer, _is_probability
 
 # Updates run over slices of this many elements so that the ~10 elementwise passes of one
@@ -72,13 +73,35 @@ class AdamW(Optimizer):
                     state["exp_avg_sq"] = B.zeros_like(w)
                 state["step"] += 1
                 low_precision = w is not p.data
+                out = p.data.reshape(-1) if low_precision else None
+                kernels = cuda_kernels(w)
+                if kernels is not None and (out is None or out.dtype == B.bfloat16):
+                    # one fused kernel per parameter (untested on a GPU); no clipping here:
+                    # clip_grad_norm_ has already scaled the gradient
+                    kernels.adamw_flat(
+                        w.reshape(-1),
+                        f32(p.grad.data).reshape(-1),
+                        state["exp_avg"].reshape(-1),
+                        state["exp_avg_sq"].reshape(-1),
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                        step=state["step"],
+                        n_decay=w.size,
+                        norm_sq=self._no_norm(w),
+                        max_norm=0.0,
+                        out_bf16=out,
+                    )
+                    continue
                 _adamw_update(
                     w.reshape(-1),
                     self._grad(p, w.dtype).reshape(-1),
                     state["exp_avg"].reshape(-1),
                     state["exp_avg_sq"].reshape(-1),
                     self._scratch_for(w),
-                    p.data.reshape(-1) if low_precision else None,
+                    out,
                     lr=group["lr"],
                     beta1=beta1,
                     beta2=beta2,
@@ -87,6 +110,14 @@ class AdamW(Optimizer):
                     step=state["step"],
                 )
         return loss
+
+    def _no_norm(self, w: Any) -> Any:
+        """The 1-element float64 device array the AdamW kernel reads as the squared global
+        norm; with max_norm = 0 it only needs to exist (one per device)."""
+        key = ("norm", device_of(w))
+        if key not in self._scratch:
+            self._scratch[key] = get_array_module(w).zeros(1, dtype=B.float64)
+        return self._scratch[key]
 
     def _scratch_for(self, w: Any) -> Any:
         """A flat scratch buffer of _CHUNK elements in w's namespace and dtype."""
