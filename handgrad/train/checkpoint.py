@@ -44,7 +44,6 @@ from handgrad.checkpoint import (
     read_json,
     read_latest,
     resolve_checkpoint,
-    run_dir_of,
     step_dir_name,
     write_latest,
 )
@@ -66,21 +65,13 @@ HASHED_FILES = (
 FILES = (*HASHED_FILES, MANIFEST_FILE)
 
 __all__ = [
-    "CHECKPOINTS",
     "FILES",
     "FORMAT_VERSION",
-    "LATEST",
+    "HASHED_FILES",
     "Checkpoint",
-    "CheckpointError",
-    "list_checkpoints",
     "load_checkpoint",
     "prune_checkpoints",
-    "read_latest",
-    "resolve_checkpoint",
-    "run_dir_of",
     "save_checkpoint",
-    "step_dir_name",
-    "write_latest",
 ]
 
 
