@@ -69,21 +69,17 @@ from handgrad.train.on_device import (
 )
 from handgrad.train.parallel import DistributedDataParallel
 from handgrad.train.ranks import RankStopped
-from handgrad.train.sampling import prompt_ids, sample_text
+from handgrad.train.sampling import sample_text
 from handgrad.train.zero import ZeroAdamW
 
 __all__ = [
-    "GradientFn",
     "Run",
     "StepResult",
     "TrainResult",
     "TrainingDiverged",
     "build_optimizer",
     "build_run",
-    "prepared_data_dir",
-    "prompt_ids",
     "run_evaluation",
-    "sample_text",
     "save_run_checkpoint",
     "train",
     "train_step",
