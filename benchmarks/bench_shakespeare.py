@@ -79,10 +79,10 @@ def run_torch(
 
     import handgrad
     from handgrad.data import TokenShards, get_batch, iter_batches_sequential
+    from handgrad.data.cache import prepared_data_dir
     from handgrad.models.gpt2 import GPT2
     from handgrad.optim import cosine_with_warmup
     from handgrad.train.config import resolve_model_config
-    from handgrad.train.trainer import prepared_data_dir
 
     cfg = _config(steps, cache, extra)
     t, o, e = cfg.train, cfg.optim, cfg.eval
@@ -218,7 +218,7 @@ def main() -> None:
             print(json.dumps(fn(args.steps, args.cache, args.set)))
         return
     # prepare the data once, outside the timings
-    from handgrad.train.trainer import prepared_data_dir
+    from handgrad.data.cache import prepared_data_dir
 
     cfg = _config(args.steps, args.cache, args.set)
     prepared_data_dir(cfg.data)

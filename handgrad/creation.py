@@ -53,22 +53,25 @@ def _shape(size: tuple[Any, ...]) -> tuple[int, ...]:
 # filled
 
 
-def zeros(*size: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None) -> Tensor:
-    dtype = B.to_dtype(dtype or B.default_float)
-    arr = new_array(device, "zeros", _shape(size), dtype=dtype)
+def _filled(
+    kind: str, size: tuple[Any, ...], dtype: Any, requires_grad: bool, device: Any
+) -> Tensor:
+    """A tensor of shape ``size`` made by the namespace's ``kind`` ("zeros", "ones",
+    "empty") on ``device``, in ``dtype`` (the default float when None)."""
+    arr = new_array(device, kind, _shape(size), dtype=B.to_dtype(dtype or B.default_float))
     return Tensor._make(arr).requires_grad_(requires_grad)
+
+
+def zeros(*size: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None) -> Tensor:
+    return _filled("zeros", size, dtype, requires_grad, device)
 
 
 def ones(*size: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None) -> Tensor:
-    dtype = B.to_dtype(dtype or B.default_float)
-    arr = new_array(device, "ones", _shape(size), dtype=dtype)
-    return Tensor._make(arr).requires_grad_(requires_grad)
+    return _filled("ones", size, dtype, requires_grad, device)
 
 
 def empty(*size: Any, dtype: Any = None, requires_grad: bool = False, device: Any = None) -> Tensor:
-    dtype = B.to_dtype(dtype or B.default_float)
-    arr = new_array(device, "empty", _shape(size), dtype=dtype)
-    return Tensor._make(arr).requires_grad_(requires_grad)
+    return _filled("empty", size, dtype, requires_grad, device)
 
 
 def full(
@@ -88,28 +91,29 @@ def full(
     return Tensor._make(arr).requires_grad_(requires_grad)
 
 
+def _filled_like(kind: str, t: Tensor, dtype: Any, requires_grad: bool, device: Any) -> Tensor:
+    """``kind`` ("zeros", "ones") of ``t``'s shape, in ``t``'s dtype and on its device unless
+    given."""
+    dtype = B.to_dtype(dtype or t.dtype)
+    if device is None:
+        arr = getattr(B.get_array_module(t.data), kind)(t.shape, dtype=dtype)
+    else:
+        arr = new_array(device, kind, t.shape, dtype=dtype)
+    return Tensor._make(arr).requires_grad_(requires_grad)
+
+
 def zeros_like(
     t: Tensor, dtype: Any = None, requires_grad: bool = False, device: Any = None
 ) -> Tensor:
     """Zeros of ``t``'s shape, in ``t``'s dtype and on its device unless given."""
-    dtype = B.to_dtype(dtype or t.dtype)
-    if device is None:
-        arr = B.get_array_module(t.data).zeros(t.shape, dtype=dtype)
-    else:
-        arr = new_array(device, "zeros", t.shape, dtype=dtype)
-    return Tensor._make(arr).requires_grad_(requires_grad)
+    return _filled_like("zeros", t, dtype, requires_grad, device)
 
 
 def ones_like(
     t: Tensor, dtype: Any = None, requires_grad: bool = False, device: Any = None
 ) -> Tensor:
     """Ones of ``t``'s shape, in ``t``'s dtype and on its device unless given."""
-    dtype = B.to_dtype(dtype or t.dtype)
-    if device is None:
-        arr = B.get_array_module(t.data).ones(t.shape, dtype=dtype)
-    else:
-        arr = new_array(device, "ones", t.shape, dtype=dtype)
-    return Tensor._make(arr).requires_grad_(requires_grad)
+    return _filled_like("ones", t, dtype, requires_grad, device)
 
 
 def arange(

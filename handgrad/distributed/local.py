@@ -55,8 +55,6 @@ from handgrad.distributed.transport import (
     ProcessGroupError,
     Transport,
     check_array,
-    check_avg_dtype,
-    check_op,
     check_rank_count,
     check_scatter_sizes,
 )
@@ -314,10 +312,6 @@ class LocalTransport(Transport):
             out /= self.world_size
 
     def _reduce(self, array: Any, op: str, dst: int | None, what: str) -> None:
-        check_op(op)
-        check_array(array, what)
-        if op == "avg":
-            check_avg_dtype(array, what)
         if self.world_size == 1:
             return
         flat, P = array.reshape(-1), self.world_size
@@ -332,12 +326,6 @@ class LocalTransport(Transport):
             self._barrier()
             if dst is None or dst == self.rank:
                 part[...] = self._slot(P, flat.dtype, n)
-
-    def all_reduce(self, array: Any, op: str = "sum") -> None:
-        self._reduce(array, op, None, "all_reduce")
-
-    def reduce(self, array: Any, dst: int = 0, op: str = "sum") -> None:
-        self._reduce(array, op, self.check_rank(dst, "reduce"), "reduce")
 
     def broadcast(self, array: Any, src: int = 0) -> None:
         check_array(array, "broadcast")

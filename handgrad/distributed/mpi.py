@@ -24,8 +24,6 @@ import numpy as np
 from handgrad.distributed.transport import (
     Transport,
     check_array,
-    check_avg_dtype,
-    check_op,
     check_scatter_sizes,
 )
 
@@ -85,10 +83,6 @@ class MPITransport(Transport):
         return self.MPI.MAX if op == "max" else self.MPI.SUM
 
     def _reduce(self, array: np.ndarray, op: str, dst: int | None, what: str) -> None:
-        check_op(op)
-        check_array(array, what)
-        if op == "avg":
-            check_avg_dtype(array, what)
         if _is_bf16(array):  # MPI has no bfloat16: reduce in float32, store back
             wide = array.astype(np.float32)
             self._reduce(wide, op, dst, what)
@@ -104,12 +98,6 @@ class MPITransport(Transport):
             self.comm.Reduce(buf, None, op=mpi_op, root=dst)
         if op == "avg" and (dst is None or dst == self.rank):
             array /= self.world_size
-
-    def all_reduce(self, array: Any, op: str = "sum") -> None:
-        self._reduce(array, op, None, "all_reduce")
-
-    def reduce(self, array: Any, dst: int = 0, op: str = "sum") -> None:
-        self._reduce(array, op, self.check_rank(dst, "reduce"), "reduce")
 
     def broadcast(self, array: Any, src: int = 0) -> None:
         check_array(array, "broadcast")

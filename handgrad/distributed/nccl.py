@@ -22,8 +22,6 @@ from handgrad.distributed.mpi import MPITransport
 from handgrad.distributed.transport import (
     Transport,
     check_array,
-    check_avg_dtype,
-    check_op,
     check_scatter_sizes,
 )
 
@@ -96,10 +94,6 @@ class NCCLTransport(Transport):
         return self.nccl.NCCL_SUM
 
     def _reduce(self, array: Any, op: str, dst: int | None, what: str) -> None:
-        check_op(op)
-        check_array(array, what)
-        if op == "avg":
-            check_avg_dtype(array, what)
         ptr, count, kind = array.data.ptr, array.size, self._type(array, what)
         if dst is None:
             self.comm.allReduce(ptr, ptr, count, kind, self._op(op), self._stream())
@@ -107,12 +101,6 @@ class NCCLTransport(Transport):
             self.comm.reduce(ptr, ptr, count, kind, self._op(op), dst, self._stream())
         if op == "avg" and self._avg is None and (dst is None or dst == self.rank):
             array /= self.world_size
-
-    def all_reduce(self, array: Any, op: str = "sum") -> None:
-        self._reduce(array, op, None, "all_reduce")
-
-    def reduce(self, array: Any, dst: int = 0, op: str = "sum") -> None:
-        self._reduce(array, op, self.check_rank(dst, "reduce"), "reduce")
 
     def broadcast(self, array: Any, src: int = 0) -> None:
         check_array(array, "broadcast")

@@ -67,6 +67,15 @@ def check_avg_dtype(array: Any, what: str) -> None:
         raise ValueError(f"{what}: op 'avg' needs a floating array, got dtype {array.dtype}")
 
 
+def check_reduction(array: Any, op: str, what: str) -> None:
+    """The checks of all_reduce and reduce: a known ``op``, a flat-able array, and a floating
+    one for "avg"."""
+    check_op(op)
+    check_array(array, what)
+    if op == "avg":
+        check_avg_dtype(array, what)
+
+
 def check_scatter_sizes(output: Any, input: Any, world_size: int, what: str) -> int:
     """n, the elements per rank: reduce_scatter's output (all_gather's input) has n elements
     and the other array world_size x n, both of one dtype; a ValueError naming the shapes
@@ -89,16 +98,25 @@ def check_scatter_sizes(output: Any, input: Any, world_size: int, what: str) -> 
 class Transport:
     """The collectives of one group of ``world_size`` processes, seen from rank ``rank``.
 
-    Subclasses implement the methods below; argument checks are shared (``check_*``)."""
+    Subclasses implement ``_reduce`` (behind ``all_reduce`` and ``reduce``, which check the
+    arguments here) and the other collectives below; argument checks are shared (``check_*``)."""
 
     name = "base"
     rank: int = 0
     world_size: int = 1
 
     def all_reduce(self, array: Any, op: str = "sum") -> None:
-        raise NotImplementedError
+        check_reduction(array, op, "all_reduce")
+        self._reduce(array, op, None, "all_reduce")
 
     def reduce(self, array: Any, dst: int = 0, op: str = "sum") -> None:
+        dst = self.check_rank(dst, "reduce")
+        check_reduction(array, op, "reduce")
+        self._reduce(array, op, dst, "reduce")
+
+    def _reduce(self, array: Any, op: str, dst: int | None, what: str) -> None:
+        """``array`` <- ``op`` over ranks, on every rank (``dst`` None) or on rank ``dst``
+        only; the arguments are already checked. ``what`` names the collective in errors."""
         raise NotImplementedError
 
     def broadcast(self, array: Any, src: int = 0) -> None:

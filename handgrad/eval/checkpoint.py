@@ -1,33 +1,18 @@
 """Reading a checkpoint for evaluation: its model and its tokenizer.
 
 Finding the checkpoint (a run directory, its ``latest`` file or a checkpoint directory), the
-run it belongs to and its config are ``handgrad.checkpoint``'s, re-exported here for the
-evaluation commands.
+run it belongs to and its config are ``handgrad.checkpoint``'s.
 """
 
 from __future__ import annotations
 
 import os
 
-from handgrad.checkpoint import (
-    CheckpointError,
-    read_config,
-    read_json,
-    resolve_checkpoint,
-    run_dir_of,
-)
+from handgrad.checkpoint import resolve_checkpoint
 from handgrad.models.gpt2 import GPT2
 from handgrad.tokenizer import load_tokenizer
 
-__all__ = [
-    "CheckpointError",
-    "load_checkpoint_tokenizer",
-    "load_model",
-    "read_config",
-    "read_json",
-    "resolve_checkpoint",
-    "run_dir_of",
-]
+__all__ = ["load_checkpoint_tokenizer", "load_model"]
 
 
 def load_model(checkpoint: str | os.PathLike, device: str | None = None) -> GPT2:

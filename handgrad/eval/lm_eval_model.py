@@ -50,7 +50,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from tqdm import tqdm
 
 from handgrad import backend as B
-from handgrad.eval.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
+from handgrad.checkpoint import resolve_checkpoint
+from handgrad.eval.checkpoint import load_checkpoint_tokenizer, load_model
 from handgrad.grad_mode import no_grad
 
 # A request as TemplateLM hands it to _loglikelihood_tokens: (cache key, context, continuation).

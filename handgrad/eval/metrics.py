@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from handgrad.eval.checkpoint import load_model, read_config, read_json, resolve_checkpoint
+from handgrad.checkpoint import read_config, read_json, resolve_checkpoint
+from handgrad.eval.checkpoint import load_model
 
 
 def validation_metrics(

@@ -38,7 +38,7 @@ from handgrad.eval.card_text import (
 )
 from handgrad.fileio import atomic_path, write_text_atomic
 
-__all__ = ["TASK_TITLES", "read_metrics", "write_report", "zero_shot_rows"]
+__all__ = ["read_metrics", "write_report", "zero_shot_rows"]
 
 # Metrics normalised by the bytes or words of the text, not by tokens: they compare across
 # tokenizers (this model's vocabulary against GPT-2's 50,257 tokens).

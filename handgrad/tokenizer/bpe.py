@@ -33,7 +33,7 @@ import regex
 
 from handgrad.tokenizer import interop
 from handgrad.tokenizer.bpe_train import count_words, learn_merges
-from handgrad.tokenizer.bytelevel import ENDOFTEXT, GPT2_PATTERN, bytes_to_unicode, fix_surrogates
+from handgrad.tokenizer.bytelevel import ENDOFTEXT, GPT2_PATTERN, fix_surrogates
 from handgrad.tokenizer.io import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -43,7 +43,7 @@ from handgrad.tokenizer.io import (
 )
 
 # Re-exported: the byte-level helpers are part of this module's public surface.
-__all__ = ["BPETokenizer", "ENDOFTEXT", "GPT2_PATTERN", "bytes_to_unicode", "fix_surrogates"]
+__all__ = ["BPETokenizer"]
 
 # Entries of the per-instance word cache before it is emptied (bounds memory on huge corpora).
 WORD_CACHE_SIZE = 500_000

@@ -10,13 +10,8 @@
 by training and by ``handgrad eval``.
 """
 
-from handgrad.train.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from handgrad.checkpoint import CheckpointError, resolve_checkpoint
+from handgrad.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, TrainConfig, load_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.trainer import TrainingDiverged, TrainResult, train

@@ -44,7 +44,6 @@ from handgrad.checkpoint import (
     read_json,
     read_latest,
     resolve_checkpoint,
-    run_dir_of,
     step_dir_name,
     write_latest,
 )
@@ -66,21 +65,13 @@ HASHED_FILES = (
 FILES = (*HASHED_FILES, MANIFEST_FILE)
 
 __all__ = [
-    "CHECKPOINTS",
     "FILES",
     "FORMAT_VERSION",
-    "LATEST",
+    "HASHED_FILES",
     "Checkpoint",
-    "CheckpointError",
-    "list_checkpoints",
     "load_checkpoint",
     "prune_checkpoints",
-    "read_latest",
-    "resolve_checkpoint",
-    "run_dir_of",
     "save_checkpoint",
-    "step_dir_name",
-    "write_latest",
 ]
 
 
@@ -141,7 +132,7 @@ def save_checkpoint(
         write_latest(run_dir, f"{CHECKPOINTS}/{name}")
     except OSError as err:
         # Unpublished, the new directory would only be a stray copy taking the space.
-        if _latest_text(run_dir) != f"{CHECKPOINTS}/{name}":
+        if _latest_target(run_dir) != f"{CHECKPOINTS}/{name}":
             shutil.rmtree(final, ignore_errors=True)
         raise_if_disk_full(err, what, root, needed, lambda: _still_latest(run_dir))
         raise
@@ -156,7 +147,9 @@ def _checkpoint_bytes(weights: dict, arrays: dict, tokenizer_path: str | os.Path
     return n + os.path.getsize(tokenizer_path) + (1 << 20)
 
 
-def _latest_text(run_dir: Path) -> str | None:
+def _latest_target(run_dir: Path) -> str | None:
+    """What ``latest`` holds (e.g. "checkpoints/step_0000100"), as written; None when it
+    cannot be read. Unlike ``read_latest`` it does not ask the target to exist."""
     try:
         return (run_dir / LATEST).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):

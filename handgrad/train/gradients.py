@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from handgrad.distributed.local import can_fork
 from handgrad.models.gpt2 import GPT2
 from handgrad.train.config import ConfigError, TrainSection
 from handgrad.train.on_device import BatchUploader, device_gradients
-from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients, can_fork
+from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients
 
 # (step, x, y) -> the loss of each micro batch, with scale x its gradient added to .grad
 GradientFn = Callable[[int, np.ndarray, np.ndarray], list[float]]

@@ -56,7 +56,7 @@ from handgrad.nn import Module
 from handgrad.random import manual_seed
 from handgrad.tensor import Tensor
 
-__all__ = ["DistributedDataParallel", "accumulate_gradients", "can_fork"]
+__all__ = ["DistributedDataParallel", "accumulate_gradients"]
 
 _HEAD = 4  # int64 words before x and y in the step message: command, step, m, scale bits
 _STEP, _STOP = 1, 0

@@ -40,7 +40,13 @@ from tqdm import tqdm
 
 import handgrad
 from handgrad.backend import cuda
-from handgrad.checkpoint import check_same_model, latest_text
+from handgrad.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    check_same_model,
+    latest_text,
+    step_dir_name,
+)
 from handgrad.data import TokenShards, get_batch
 from handgrad.data.cache import DataSpecError, prepared_data_dir
 from handgrad.data.sources import sha256_file
@@ -50,14 +56,7 @@ from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
 from handgrad.random import get_rng_state, manual_seed, set_rng_state
 from handgrad.train import ranks
-from handgrad.train.checkpoint import (
-    CHECKPOINTS,
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-    step_dir_name,
-)
+from handgrad.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.gradients import GradientFn, gradient_function
@@ -70,21 +69,17 @@ from handgrad.train.on_device import (
 )
 from handgrad.train.parallel import DistributedDataParallel
 from handgrad.train.ranks import RankStopped
-from handgrad.train.sampling import prompt_ids, sample_text
+from handgrad.train.sampling import sample_text
 from handgrad.train.zero import ZeroAdamW
 
 __all__ = [
-    "GradientFn",
     "Run",
     "StepResult",
     "TrainResult",
     "TrainingDiverged",
     "build_optimizer",
     "build_run",
-    "prepared_data_dir",
-    "prompt_ids",
     "run_evaluation",
-    "sample_text",
     "save_run_checkpoint",
     "train",
     "train_step",

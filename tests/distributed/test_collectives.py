@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +39,8 @@ def test_local_collectives(world_size, capacity):
     assert not dist.is_initialized()
 
 
-def test_mpi_collectives(mpirun, mpi_env):
-    run = subprocess.run(
-        [mpirun, "-n", "2", "--oversubscribe", sys.executable, str(HERE / "collectives.py")],
-        env=mpi_env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+def test_mpi_collectives(mpirun):
+    run = mpirun(HERE / "collectives.py")
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
     assert "rank 0 of 2: ok" in out and "rank 1 of 2: ok" in out, out

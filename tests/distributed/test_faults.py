@@ -64,12 +64,9 @@ def test_local_rank_that_fails_stops_the_others(worker, message, exitcode):
         ("mpi-die", r"rank 1 (.|\n)*(signal 9|Killed|killed)"),  # the launcher's words
     ],
 )
-def test_mpi_rank_that_fails_ends_the_job(mpirun, mpi_env, mode, message):
+def test_mpi_rank_that_fails_ends_the_job(mpirun, mode, message):
     start = time.time()
-    run = subprocess.run(
-        [mpirun, "-n", "2", "--oversubscribe", sys.executable, str(HERE / "ranks.py"), mode],
-        env=mpi_env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = mpirun(HERE / "ranks.py", mode)
     end, out = time.time(), run.stdout + run.stderr
     assert run.returncode != 0, out
     assert re.search(message, out), out

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import handgrad.tokenizer.bpe as bpe
 import handgrad.tokenizer.bpe_train as bpe_train
-from handgrad.tokenizer import ENDOFTEXT, BPETokenizer
+from handgrad.tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
+from handgrad.tokenizer.bytelevel import fix_surrogates
 
 # ---------------------------------------------------------------- training
 
@@ -52,7 +54,7 @@ def test_train_counts_each_merge_greedily(make_corpus):
     # Brute force reference: recount all pairs from scratch after each merge.
     docs = make_corpus(seed=3, n_docs=40)
     tok = BPETokenizer.train(docs, 256 + 30, special_tokens=(), show_progress=False)
-    words = [list(w.encode()) for d in docs for w in bpe.regex.findall(bpe.GPT2_PATTERN, d)]
+    words = [list(w.encode()) for d in docs for w in regex.findall(GPT2_PATTERN, d)]
     for rank, (a, b) in enumerate(tok.merges):
         counts: dict[tuple[int, int], int] = {}
         for w in words:
@@ -81,16 +83,14 @@ def test_train_from_files_matches_documents(tmp_path, monkeypatch, corpus):
     from_file = BPETokenizer.train([path], 350, show_progress=False)
     from_doc = BPETokenizer.train([text], 350, show_progress=False)
     assert from_file.merges == from_doc.merges
-    counted_file = bpe_train.count_words([path], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,))
-    counted_doc = bpe_train.count_words([text], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,))
+    counted_file = bpe_train.count_words([path], regex.compile(GPT2_PATTERN), (ENDOFTEXT,))
+    counted_doc = bpe_train.count_words([text], regex.compile(GPT2_PATTERN), (ENDOFTEXT,))
     assert counted_file == counted_doc
     assert b"<|" not in counted_doc and b"endoftext" not in counted_doc
 
 
 def test_train_special_tokens_are_boundaries():
-    counts = bpe_train.count_words(
-        ["ab<|endoftext|>ab"], bpe.regex.compile(bpe.GPT2_PATTERN), (ENDOFTEXT,)
-    )
+    counts = bpe_train.count_words(["ab<|endoftext|>ab"], regex.compile(GPT2_PATTERN), (ENDOFTEXT,))
     assert counts == {b"ab": 2}
 
 
@@ -153,7 +153,7 @@ def test_lone_surrogates_become_replacement_char(small_tok):
     assert small_tok.decode(small_tok.encode("x \udfff")) == "x \ufffd"
     assert small_tok.decode(small_tok.encode("\ud83d\ude00!")) == "😀!"
     assert small_tok.encode("a\ud800b") == small_tok.encode("a\ufffdb")
-    assert bpe.fix_surrogates("ok\udc00") == "ok\ufffd"
+    assert fix_surrogates("ok\udc00") == "ok\ufffd"
 
 
 def test_word_cache_gives_same_ids(small_tok, varied_texts):

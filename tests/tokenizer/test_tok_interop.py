@@ -8,11 +8,12 @@ import unicodedata
 from collections import Counter
 
 import pytest
+import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handgrad.tokenizer import ENDOFTEXT, BPETokenizer
-from handgrad.tokenizer.bpe import GPT2_PATTERN, bytes_to_unicode, regex
+from handgrad.tokenizer.bytelevel import GPT2_PATTERN, bytes_to_unicode
 
 tokenizers = pytest.importorskip("tokenizers")
 tiktoken = pytest.importorskip("tiktoken")
