@@ -1,8 +1,8 @@
 """The ``nccl`` transport: CuPy arrays reduced by NCCL (``cupy.cuda.nccl``), one GPU per
 rank, ranks started by an MPI launcher.
 
-NEVER RUN: written against CuPy's documented ``NcclCommunicator`` API, on a machine with
-no GPU. Importing this module needs neither CuPy nor a GPU; creating the transport does.
+Untested on a GPU: it follows CuPy's documented ``NcclCommunicator`` API and has not run.
+Importing this module needs neither CuPy nor a GPU; creating the transport does.
 
 Start-up: rank 0 draws NCCL's unique id (128 bytes) and MPI broadcasts it as a byte array;
 each rank uses GPU ``local rank mod device count``, where the local rank is its rank among

@@ -5,7 +5,7 @@ data, each pass on one core. Sharing each op out over threads does not pay there
 piece to another thread costs ~0.1 ms on this project's VM (``benchmarks/bench_threads.py``),
 more than most ops of the shakespeare-char model take, and the GIL serialises the Python
 between NumPy calls. Whole forward and backward passes side by side do pay. Threads could
-run them too (a prototype was about as fast), but they would share the global dropout
+run them about as fast (``benchmarks/README.md``), but they would share the global dropout
 generator and each parameter's ``.grad``, making results depend on thread timing; processes
 keep every rank's work deterministic. So P processes each run their share of the batch, on
 one core with single-threaded ops, as PyTorch's DistributedDataParallel does on one machine:
