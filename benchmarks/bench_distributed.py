@@ -18,7 +18,8 @@ MPI ranks; the same with ``[train] zero = 1``), each run in fresh processes:
 
 - tokens/s over steps 2 .. N (the first warms up), from rank 0's ``train_step`` times;
 - comm share per rank: time inside the gradient collectives (``GradientReducer.reduce``;
-  ZeRO-1's reduce-scatter, norm all-reduce and parameter all-gather) / rank 0's step time.
+  ZeRO-1's reduce-scatter and parameter all-gather; neither counts the one-number
+  all-reduces of the losses or of ZeRO's gradient norm) / rank 0's step time.
   Forked ranks reduce to rank 0, MPI ranks all-reduce; either way the time includes waiting
   for the slower rank to arrive;
 - peak RSS per rank (``getrusage`` ru_maxrss after the last step, before the final
@@ -118,8 +119,8 @@ def train_sets(
 class Probe:
     """Instruments this process's training (every rank installs one): the wall time of each
     ``train_step`` (rank 0 of forked ranks, every MPI rank), the time inside the gradient
-    collectives during each step (``GradientReducer.reduce``; for ZeRO-1 the reduce-scatter,
-    the norm's all-reduce and the parameters' all-gather), peak RSS after the last step
+    collectives during each step (``GradientReducer.reduce``; for ZeRO-1 the reduce-scatter
+    and the parameters' all-gather), peak RSS after the last step
     (before the final checkpoint, whose gathering of ZeRO's state is not a training cost) and
     the optimizer's state bytes. A forked worker has no ``train_step``: its collective time is
     counted per ``DistributedDataParallel._step`` call. Each rank writes ``rank<r>.json``
@@ -136,7 +137,6 @@ class Probe:
     def install(self) -> None:
         from handgrad.distributed.reducer import FlatShards, GradientReducer
         from handgrad.train import parallel, trainer
-        from handgrad.train.zero import ZeroAdamW
 
         def timed(fn):  # noqa: ANN001, ANN202
             def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -151,16 +151,6 @@ class Probe:
         GradientReducer.reduce = timed(GradientReducer.reduce)
         FlatShards.reduce_scatter_gradients = timed(FlatShards.reduce_scatter_gradients)
         FlatShards.all_gather_parameters = timed(FlatShards.all_gather_parameters)
-        real_clip = ZeroAdamW.reduce_and_clip
-
-        def reduce_and_clip(zero, max_norm):  # noqa: ANN001, ANN202
-            before = self._comm  # reduce_scatter_gradients is timed inside: count it once
-            start = time.perf_counter()
-            value = real_clip(zero, max_norm)
-            self._comm = before + time.perf_counter() - start
-            return value
-
-        ZeroAdamW.reduce_and_clip = reduce_and_clip
         real_step = trainer.train_step
 
         def train_step(optimizer, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202

@@ -83,7 +83,12 @@ class ZeroAdamW:
         """This rank's slice of the summed gradient, clipped to a global norm of
         ``max_norm`` (inf: no clipping); returns the norm before clipping (every rank)."""
         self._grad = self.shards.reduce_scatter_gradients("sum")
-        sumsq = np.array([np.dot(self._grad.astype(np.float64), self._grad)])
+        # sum of squares in float64, a chunk at a time: a float64 copy of the whole shard
+        # would cost twice the shard's own memory at once
+        sumsq = np.zeros(1)
+        for start in range(0, self._grad.size, 1 << 20):
+            chunk = self._grad[start : start + (1 << 20)].astype(np.float64)
+            sumsq[0] += np.dot(chunk, chunk)
         self.group.all_reduce(sumsq)
         dtype = self._grad.dtype.type
         total = dtype(math.sqrt(sumsq[0]))
