@@ -65,13 +65,13 @@ class ZeroAdamW:
                     self.pieces.append((g, i, slice(a - lo, b - lo), slice(a - start, b - start)))
                 i += 1
         # fp32 masters only for parameters stored in another dtype (bfloat16); float32
-        # parameters are updated in place, their pieces copied into _send for the gather
+        # parameters are updated in place, and their updated pieces are sent to the gather
+        # from the gradient shard's buffer (each piece's gradient is used up by then)
         self.keeps_masters = any(
             p.data.dtype != self.shards.dtype or not p.data.flags.c_contiguous for p in self.params
         )
         n, dtype = self.shards.shard_size, self.shards.dtype
         self.master: Any = self.shards.parameter_shard() if self.keeps_masters else None
-        self._send: Any = None if self.keeps_masters else np.zeros(n, dtype=dtype)
         self.exp_avg = np.zeros(n, dtype=dtype)
         self.exp_avg_sq = np.zeros(n, dtype=dtype)
         self.steps = 0
@@ -111,9 +111,11 @@ class ZeroAdamW:
                 weight_decay=g["weight_decay"], step=self.steps,
             )  # fmt: skip
             if not self.keeps_masters:
-                self._send[s] = w
+                self._grad[s] = w
+        # the padding past the last parameter holds gradient zeros: gathered, never read
+        send = self.master if self.keeps_masters else self._grad
         self._grad, self._gathered = None, None
-        self.shards.all_gather_parameters(self.master if self.keeps_masters else self._send)
+        self.shards.all_gather_parameters(send)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank: the moments' shards and the masters'."""
