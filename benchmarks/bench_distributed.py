@@ -3,7 +3,7 @@ training speed of data parallelism (shakespeare-char, tokens/s).
 
     .venv/bin/python benchmarks/bench_distributed.py                     # local and mpi, 2 ranks
     .venv/bin/python benchmarks/bench_distributed.py --ranks 3 --sizes 1e3 1e6
-    .venv/bin/python benchmarks/bench_distributed.py --train-steps 200   # + training tokens/s
+    .venv/bin/python benchmarks/bench_distributed.py --train-steps 20 --big-steps 3
 
 For each float32 array size: the median time of one in-place ``all_reduce(a, "sum")`` over
 ``--repeats`` calls (after two warm-up calls), and the bus bandwidth it amounts to, as NCCL's
@@ -12,12 +12,24 @@ often in a ring all-reduce), so transports and rank counts compare on one scale.
 rows come from the same measurement run by every rank under ``mpirun -n P`` (skipped when
 mpi4py or mpirun is missing).
 
-``--train-steps N`` also trains for N steps (after one warm-up step, not timed) and prints
-tokens/s of three ways to run the same global batch: one process, ``[train] processes = P``
-(forked local ranks) and ``mpirun -n P handgrad train`` (MPI ranks, each running the loop).
+``--train-steps N`` also trains for N steps and reports, for four ways to run the same
+global batch (one process; ``[train] processes = P`` forked local ranks; ``mpirun -n P``
+MPI ranks; the same with ``[train] zero = 1``), each run in fresh processes:
+
+- tokens/s over steps 2 .. N (the first warms up), from rank 0's ``train_step`` times;
+- comm share per rank: time inside the gradient collectives (``GradientReducer.reduce``;
+  ZeRO-1's reduce-scatter and parameter all-gather; neither counts the one-number
+  all-reduces of the losses or of ZeRO's gradient norm) / rank 0's step time.
+  Forked ranks reduce to rank 0, MPI ranks all-reduce; either way the time includes waiting
+  for the slower rank to arrive;
+- peak RSS per rank (``getrusage`` ru_maxrss after the last step, before the final
+  checkpoint; forked ranks share the parameters' pages, counted in each);
+- optimizer state per rank: AdamW's moments and fp32 masters (ZeRO-1: this rank's shards).
+
 Two models: shakespeare-char (global batch 12 x 64) and GPT-2 124M on the same characters
-(12 layers, 768 wide, vocab 50,304, global batch ``--big-batch`` x
-``--big-block``; ``--big-steps`` steps, 0 to skip).
+(12 layers, 768 wide, vocab 50,304, global batch ``--big-batch`` x ``--big-block``;
+``--big-steps`` steps, 0 to skip). Targets printed beside the figures: P MPI ranks within
+10% of P local ranks' tokens/s; ZeRO-1 ~P x less optimizer state per rank.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,9 +100,14 @@ def mpi_rows(ranks: int, sizes: list[int], repeats: int) -> list[dict] | None:
     return json.loads(lines[-1])
 
 
-def train_sets(model: str, batch: int, block: int, ways: int, steps: int) -> list[str]:
-    """--set overrides: ``batch`` windows of ``block`` tokens per step over ``ways`` ranks."""
+def train_sets(
+    model: str, batch: int, block: int, ways: int, steps: int, processes: int = 1
+) -> list[str]:
+    """--set overrides: ``batch`` windows of ``block`` tokens per step over ``ways`` ranks,
+    ``processes`` of them forked (the recipe's own ``processes = 2`` is always overridden:
+    under mpirun the ranks are the processes, and 1 means one process without MPI)."""
     sets = [f"train.max_steps={steps}", "train.sample_tokens=0", "eval.batches=0"]
+    sets += [f"train.processes={processes}"]
     sets += [f"train.micro_batch_size={batch // ways}", "train.grad_accum_steps=1"]
     sets += ["train.checkpoint_interval=0", f"train.block_size={block}", "optim.warmup_steps=1"]
     if model == "124m":
@@ -98,40 +116,152 @@ def train_sets(model: str, batch: int, block: int, ways: int, steps: int) -> lis
     return sets
 
 
-def timed_train(sets: list[str], steps: int, out: str | None = None) -> float | None:
-    """tokens/s of steps 2 .. ``steps`` (the first step warms up); every rank of an MPI job
-    calls this with the same ``out`` (a fresh directory; default: a temporary one), rank 0
-    returns the figure (the others None)."""
+class Probe:
+    """Instruments this process's training (every rank installs one): the wall time of each
+    ``train_step`` (rank 0 of forked ranks, every MPI rank), the time inside the gradient
+    collectives during each step (``GradientReducer.reduce``; for ZeRO-1 the reduce-scatter
+    and the parameters' all-gather), peak RSS after the last step
+    (before the final checkpoint, whose gathering of ZeRO's state is not a training cost) and
+    the optimizer's state bytes. A forked worker has no ``train_step``: its collective time is
+    counted per ``DistributedDataParallel._step`` call. Each rank writes ``rank<r>.json``
+    into ``out``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.rank = out, 0
+        self.step_s: list[float] = []  # per train_step (or worker _step)
+        self.comm_s: list[float] = []  # collective time inside each of them
+        self._comm = 0.0
+        self.peak_rss = 0
+        self.state_bytes = 0
+
+    def install(self) -> None:
+        from handgrad.distributed.reducer import FlatShards, GradientReducer
+        from handgrad.train import parallel, trainer
+
+        def timed(fn):  # noqa: ANN001, ANN202
+            def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._comm += time.perf_counter() - start
+
+            return wrapper
+
+        GradientReducer.reduce = timed(GradientReducer.reduce)
+        FlatShards.reduce_scatter_gradients = timed(FlatShards.reduce_scatter_gradients)
+        FlatShards.all_gather_parameters = timed(FlatShards.all_gather_parameters)
+        real_step = trainer.train_step
+
+        def train_step(optimizer, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            comm, start = self._comm, time.perf_counter()
+            result = real_step(optimizer, *args, **kwargs)
+            self.step_s.append(time.perf_counter() - start)
+            self.comm_s.append(self._comm - comm)
+            self.peak_rss = peak_rss_bytes()
+            self.state_bytes = optimizer_state_bytes(optimizer)
+            return result
+
+        trainer.train_step = train_step
+        real_serve, real_inner = (
+            parallel.DistributedDataParallel._serve,
+            parallel.DistributedDataParallel._step,
+        )
+
+        def worker_step(dp):  # noqa: ANN001, ANN202
+            comm, start = self._comm, time.perf_counter()
+            losses = real_inner(dp)
+            if dp._forked and dp.group.rank > 0 and losses:
+                self.step_s.append(time.perf_counter() - start)
+                self.comm_s.append(self._comm - comm)
+            return losses
+
+        def serve(dp, group):  # noqa: ANN001, ANN202
+            real_serve(dp, group)
+            self.rank, self.peak_rss = group.rank, peak_rss_bytes()
+            self.write()
+
+        parallel.DistributedDataParallel._step = worker_step
+        parallel.DistributedDataParallel._serve = serve
+
+    def write(self) -> None:
+        record = {
+            "rank": self.rank, "step_s": self.step_s, "comm_s": self.comm_s,
+            "peak_rss": self.peak_rss, "state_bytes": self.state_bytes,
+        }  # fmt: skip
+        (self.out / f"rank{self.rank}.json").write_text(json.dumps(record))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def optimizer_state_bytes(optimizer: object) -> int:
+    """Bytes of moments and fp32 masters this rank's optimizer holds."""
+    if hasattr(optimizer, "state_bytes"):  # ZeroAdamW: its shards
+        return int(optimizer.state_bytes())
+    return sum(
+        int(a.nbytes)
+        for st in optimizer.state.values()
+        for key, a in st.items()
+        if key in ("exp_avg", "exp_avg_sq", "master")
+    )
+
+
+def probed_train(sets: list[str], out: Path) -> None:
+    """Train the shakespeare-char recipe with ``sets`` on this rank (every rank of an MPI
+    job calls it with the same ``out``, a fresh directory), writing each rank's probe."""
     from handgrad.train import train
     from handgrad.train.config import load_config
 
-    cfg1 = load_config("shakespeare-char", [*sets, "train.max_steps=1"])
-    cfgn = load_config("shakespeare-char", sets)
+    probe = Probe(out)
+    probe.install()
+    result = train(load_config("shakespeare-char", sets), out / "run", progress=False,
+                   log=lambda m: None)  # fmt: skip
+    probe.rank = result.rank
+    probe.write()
+
+
+def measure_training(ranks: str, sets: list[str], tokens_per_step: int) -> dict | None:
+    """One training measurement in fresh processes (so peak RSS is this run's alone):
+    ``ranks`` "1", "local" (forked, ``sets`` has processes = P) or "mpi:P". Returns the
+    summary of the ranks' probes, or None when mpirun is missing or the run failed."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(out or tmp) / "run"
-        train(cfg1, run, progress=False, log=lambda m: None)
-        start = time.perf_counter()
-        result = train(cfgn, run, resume=run, progress=False, log=lambda m: None)
-        elapsed = time.perf_counter() - start
-    if result.rank:
-        return None
-    return result.tokens_seen * (steps - 1) / steps / elapsed  # the timed steps' tokens
-
-
-def mpi_tokens_per_s(ranks: int, sets: list[str], steps: int) -> float | None:
-    mpirun = _mpirun()
-    if mpirun is None:
-        return None
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    cmd = [mpirun, "-n", str(ranks), "--oversubscribe", sys.executable, __file__]
-    with tempfile.TemporaryDirectory() as out:  # one run directory for every rank
-        cmd += ["--mpi-train", str(steps), out, *sets]
+        out = Path(tmp)
+        cmd = [sys.executable, __file__, "--probe-train", str(out), *sets]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if ranks.startswith("mpi:"):
+            mpirun = _mpirun()
+            if mpirun is None:
+                return None
+            env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+            cmd = [mpirun, "-n", ranks[4:], "--oversubscribe", *cmd]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("tokens/s ")]
-    if run.returncode or not lines:
-        print(f"mpirun failed ({run.returncode}):\n{run.stdout}{run.stderr}", file=sys.stderr)
-        return None
-    return float(lines[-1].split()[1])
+        probes = sorted(
+            (json.loads(f.read_text()) for f in out.glob("rank*.json")), key=lambda r: r["rank"]
+        )
+        if run.returncode or not probes:
+            print(f"training failed ({run.returncode}):\n{run.stdout}{run.stderr}", file=sys.stderr)
+            return None
+    return summarize(probes, tokens_per_step)
+
+
+def summarize(probes: list[dict], tokens_per_step: int) -> dict:
+    """tokens/s over the timed steps (all but the first, which warms up), each rank's
+    collective time as a share of rank 0's step time, peak RSS and optimizer state bytes
+    per rank."""
+    timed = len(probes[0]["step_s"]) - 1
+    if timed < 1:
+        raise SystemExit("--train-steps and --big-steps must be >= 2 (the first is untimed)")
+    step_s = sum(probes[0]["step_s"][1:])
+    return {
+        "tokens_per_s": tokens_per_step * timed / step_s,
+        "step_s": step_s / timed,
+        "comm_share": [sum(p["comm_s"][1:]) / step_s for p in probes],
+        "peak_rss": [p["peak_rss"] for p in probes],
+        "state_bytes": [p["state_bytes"] for p in probes],
+    }
 
 
 def _mpirun() -> str | None:
@@ -153,12 +283,10 @@ def main() -> None:
     ap.add_argument("--big-batch", type=int, default=2)
     ap.add_argument("--big-block", type=int, default=256)
     ap.add_argument("--mpi-rank", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--mpi-train", nargs="+", help=argparse.SUPPRESS)  # steps, out, sets
+    ap.add_argument("--probe-train", nargs="+", help=argparse.SUPPRESS)  # out, sets
     args = ap.parse_args()
-    if args.mpi_train:  # one rank of an MPI training measurement
-        tok_s = timed_train(args.mpi_train[2:], int(args.mpi_train[0]), args.mpi_train[1])
-        if tok_s is not None:
-            print(f"tokens/s {tok_s}", flush=True)
+    if args.probe_train:  # one rank of a training measurement
+        probed_train(args.probe_train[1:], Path(args.probe_train[0]))
         return
     sizes = [int(s) for s in args.sizes]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -185,17 +313,47 @@ def main() -> None:
     if args.train_steps and args.big_steps:
         models.append(("124m", args.big_batch, args.big_block, args.big_steps))
     for model, batch, block, steps in models if args.train_steps else []:
-        P = args.ranks
-        one = timed_train(train_sets(model, batch, block, 1, steps), steps)
-        local = timed_train(
-            [*train_sets(model, batch, block, P, steps), f"train.processes={P}"], steps
+        print_training(model, batch, block, steps, args.ranks)
+
+
+def print_training(model: str, batch: int, block: int, steps: int, P: int) -> None:
+    """The training table of one model: 1 process, P forked ranks, P MPI ranks with and
+    without ZeRO-1, and how they compare with the targets."""
+    sets = train_sets(model, batch, block, P, steps)
+    ways = [
+        ("1 process", "1", train_sets(model, batch, block, 1, steps)),
+        (f"{P} local ranks", "1", train_sets(model, batch, block, P, steps, processes=P)),
+        (f"{P} MPI ranks", f"mpi:{P}", sets),
+        (f"{P} MPI ranks ZeRO-1", f"mpi:{P}", [*sets, "train.zero=1"]),
+    ]
+    results = {name: measure_training(how, s, batch * block) for name, how, s in ways}
+    print(f"\n{model}, global batch {batch} x {block}, {steps} steps (the first untimed):")
+    print(
+        f"  {'':<22}{'tokens/s':>10}{'step s':>9}  {'comm share/rank':<17}"
+        f"{'peak RSS MiB/rank':<20}{'optim state MiB/rank'}"
+    )
+    mib = 1 << 20
+    for name, r in results.items():
+        if r is None:
+            print(f"  {name:<22}{'(mpirun missing or the run failed)':>10}")
+            continue
+        share = " ".join(f"{x:.1%}" for x in r["comm_share"]) if "1 process" not in name else "-"
+        rss = " ".join(f"{x / mib:,.0f}" for x in r["peak_rss"])
+        state = " ".join(f"{x / mib:,.1f}" for x in r["state_bytes"])
+        print(
+            f"  {name:<22}{r['tokens_per_s']:>10,.0f}{r['step_s']:>9.2f}  {share:<17}{rss:<20}{state}"
         )
-        mpi = mpi_tokens_per_s(P, train_sets(model, batch, block, P, steps), steps)
-        print(f"{model}, global batch {batch} x {block}, {steps} steps (1 untimed):")
-        print(f"  1 process          {one:>10,.0f} tokens/s")
-        print(f"  {P} local ranks      {local:>10,.0f} tokens/s")
-        figure = "mpirun missing" if mpi is None else f"{mpi:>10,.0f} tokens/s"
-        print(f"  {P} MPI ranks        {figure}")
+    local, mpi, zero = (results[k] for k in list(results)[1:])
+    if local and mpi:
+        ratio = mpi["tokens_per_s"] / local["tokens_per_s"]
+        print(f"  MPI / local tokens/s: {ratio:.2f} (target: within 10%, >= 0.90)")
+    if mpi and zero:
+        state = max(mpi["state_bytes"]) / max(max(zero["state_bytes"]), 1)
+        rss = max(mpi["peak_rss"]) / max(zero["peak_rss"])
+        print(
+            f"  plain / ZeRO-1 per-rank optimizer state: {state:.2f}x (target ~{P}x); "
+            f"peak RSS: {rss:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -122,7 +122,10 @@ class FlatShards:
         self.shard_size = -(-total // group.world_size)
         (self.dtype,) = dtypes
         self._grads = xp.zeros(self.shard_size * group.world_size, dtype=self.dtype)
-        self._values = xp.zeros_like(self._grads)
+        # the flat parameters share the flat gradients' buffer: a step reduce-scatters the
+        # gradients out of it before the parameters are gathered into it, and neither is
+        # needed across that point, so ZeRO-1 pays for one flat copy of the model, not two
+        self._values = self._grads
         self._grad_shard = xp.zeros(self.shard_size, dtype=self.dtype)
 
     def shard_range(self, rank: int | None = None) -> tuple[int, int]:

@@ -70,16 +70,24 @@ def join_mpi_group(cfg: TrainConfig) -> tuple[Transport | None, TrainConfig]:
     one rank), and ``cfg`` with ``[train] processes`` = the world size.
 
     Raises ConfigError for ``processes`` other than 1 or the world size: under MPI the ranks
-    are the processes, and forking more inside each rank would multiply the batch."""
+    are the processes, and forking more inside each rank would multiply the batch. Raises
+    ConfigError for ``[train] zero = 1`` outside an MPI job of 2 or more ranks: ZeRO-1 needs
+    every rank to step its own slice of AdamW's state, and the forked ranks of
+    ``processes = P`` only compute gradients (rank 0 alone steps the whole optimizer), so it
+    would silently train as plain data parallel."""
     from handgrad import distributed as dist
     from handgrad.distributed.mpi import launched_by_mpi
 
     if not launched_by_mpi():
+        if cfg.train.zero:
+            raise ConfigError(_zero_needs_mpi(cfg.train.processes, None))
         return None, cfg
     group = dist.group() if dist.is_initialized() else dist.init_process_group()
     world, t = group.world_size, cfg.train
     error = None
-    if t.processes not in (1, world):
+    if t.zero and world < 2:
+        error = _zero_needs_mpi(t.processes, world)
+    elif t.processes not in (1, world):
         error = (
             f"[train] processes = {t.processes}, but this run was started by MPI with "
             f"{world} ranks: under mpirun the ranks are the data-parallel processes; set "
@@ -95,6 +103,24 @@ def join_mpi_group(cfg: TrainConfig) -> tuple[Transport | None, TrainConfig]:
     if error is not None:  # the same on every rank: rank 0 says it
         raise ConfigError(error) if group.rank == 0 else RankStopped(error)
     return (group if world > 1 else None), cfg
+
+
+def _zero_needs_mpi(processes: int, world: int | None) -> str:
+    """Why ``[train] zero = 1`` is refused: ``world`` MPI ranks (None: not under MPI)."""
+    if world is not None:
+        where = f"this run has {world} MPI rank"
+    elif processes > 1:
+        where = (
+            f"this run was not started by MPI, and its [train] processes = {processes} forked "
+            "ranks only compute gradients (rank 0 steps the whole optimizer)"
+        )
+    else:
+        where = "this run was not started by MPI"
+    return (
+        "[train] zero = 1 needs MPI ranks (mpirun -n P handgrad train CONFIG, P >= 2): ZeRO-1 "
+        f"shards AdamW's state over ranks that each step their own slice, but {where}; run it "
+        "under mpirun or set [train] zero = 0"
+    )
 
 
 def rank0_first(group: Transport | None, fn: Callable[[], T]) -> T:

@@ -4,8 +4,10 @@ sharded over the ranks.
 Every rank holds the whole model and computes the gradient of its share of the batch, as in
 plain data parallelism; the optimizer state is cut instead. All parameters are laid end to
 end in one flat fp32 vector, padded to P x n elements (``distributed.reducer.FlatShards``);
-rank r owns elements r*n .. (r+1)*n - 1 and keeps m, v and the master weights of those
-only, 3n floats instead of 3 x P x n. One step:
+rank r owns elements r*n .. (r+1)*n - 1 and keeps m and v of those only, 2n floats instead
+of 2 x P x n (half of AdamW's state at P = 2). 16-bit parameters also need fp32 master
+weights; those are sharded too (n more floats). float32 parameters are their own masters: the
+update runs in place on this rank's pieces of them, as ``AdamW.step`` does. One step:
 
     g_r   = reduce_scatter(flat gradients)               rank r's slice of the summed gradient
     total = sqrt(all_reduce(sum(g_r^2)))                  the global norm (padding adds 0)
@@ -13,6 +15,8 @@ only, 3n floats instead of 3 x P x n. One step:
     AdamW on (w_r, m_r, v_r) with g_r, each parameter's    decay only where the parameter's
       piece of the slice under its own group's options     group has it (2-D weights)
     params = all_gather(w_r)                              cast to each parameter's dtype
+                                                          (w_r: the masters, or the pieces
+                                                          of the float32 parameters)
 
 The update is the same elementwise arithmetic as ``AdamW.step`` on the same summed
 gradient, so only the norm's order of summation differs from plain data parallelism.
@@ -60,19 +64,31 @@ class ZeroAdamW:
                 if a < b:
                     self.pieces.append((g, i, slice(a - lo, b - lo), slice(a - start, b - start)))
                 i += 1
-        self.master = self.shards.parameter_shard()
-        self.exp_avg = np.zeros_like(self.master)
-        self.exp_avg_sq = np.zeros_like(self.master)
+        # fp32 masters only for parameters stored in another dtype (bfloat16); float32
+        # parameters are updated in place, and their updated pieces are sent to the gather
+        # from the gradient shard's buffer (each piece's gradient is used up by then)
+        self.keeps_masters = any(
+            p.data.dtype != self.shards.dtype or not p.data.flags.c_contiguous for p in self.params
+        )
+        n, dtype = self.shards.shard_size, self.shards.dtype
+        self.master: Any = self.shards.parameter_shard() if self.keeps_masters else None
+        self.exp_avg = np.zeros(n, dtype=dtype)
+        self.exp_avg_sq = np.zeros(n, dtype=dtype)
         self.steps = 0
         self._grad: Any = None
-        self._tmp = np.empty(min(self.master.size, 1 << 15), dtype=self.master.dtype)
+        self._tmp = np.empty(min(n, 1 << 15), dtype=dtype)
         self._gathered: dict[str, Any] | None = None
 
     def reduce_and_clip(self, max_norm: float) -> float:
         """This rank's slice of the summed gradient, clipped to a global norm of
         ``max_norm`` (inf: no clipping); returns the norm before clipping (every rank)."""
         self._grad = self.shards.reduce_scatter_gradients("sum")
-        sumsq = np.array([np.dot(self._grad.astype(np.float64), self._grad)])
+        # sum of squares in float64, a chunk at a time: a float64 copy of the whole shard
+        # would cost twice the shard's own memory at once
+        sumsq = np.zeros(1)
+        for start in range(0, self._grad.size, 1 << 20):
+            chunk = self._grad[start : start + (1 << 20)].astype(np.float64)
+            sumsq[0] += np.dot(chunk, chunk)
         self.group.all_reduce(sumsq)
         dtype = self._grad.dtype.type
         total = dtype(math.sqrt(sumsq[0]))
@@ -86,15 +102,25 @@ class ZeroAdamW:
         if self._grad is None:
             raise RuntimeError("ZeroAdamW.step: call reduce_and_clip first")
         self.steps += 1
-        for g, _, s, _ in self.pieces:
+        for g, i, s, part in self.pieces:
             beta1, beta2 = g["betas"]
+            w = self.master[s] if self.keeps_masters else self.params[i].data.reshape(-1)[part]
             _adamw_update(
-                self.master[s], self._grad[s], self.exp_avg[s], self.exp_avg_sq[s],
+                w, self._grad[s], self.exp_avg[s], self.exp_avg_sq[s],
                 self._tmp, None, lr=g["lr"], beta1=beta1, beta2=beta2, eps=g["eps"],
                 weight_decay=g["weight_decay"], step=self.steps,
             )  # fmt: skip
+            if not self.keeps_masters:
+                self._grad[s] = w
+        # the padding past the last parameter holds gradient zeros: gathered, never read
+        send = self.master if self.keeps_masters else self._grad
         self._grad, self._gathered = None, None
-        self.shards.all_gather_parameters(self.master)
+        self.shards.all_gather_parameters(send)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state on this rank: the moments' shards and the masters'."""
+        arrays = [self.exp_avg, self.exp_avg_sq, self.master]
+        return sum(a.nbytes for a in arrays if a is not None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -112,7 +138,8 @@ class ZeroAdamW:
         sd = self.optimizer.state_dict()  # the groups and options; no state (never stepped)
         state: dict[int, dict[str, Any]] = {}
         if self.steps:
-            m, v, w = (self._gather(a) for a in (self.exp_avg, self.exp_avg_sq, self.master))
+            m, v = self._gather(self.exp_avg), self._gather(self.exp_avg_sq)
+            w = self._gather(self.master) if self.keeps_masters else None
             for i, p in enumerate(self.params):
                 o = self.shards.offsets[i]
                 whole = slice(o, o + p.data.size)
@@ -121,7 +148,7 @@ class ZeroAdamW:
                     "exp_avg": m[whole].reshape(p.shape).copy(),
                     "exp_avg_sq": v[whole].reshape(p.shape).copy(),
                 }
-                if p.data.dtype != w.dtype:  # 16-bit parameters keep fp32 masters
+                if w is not None and p.data.dtype != w.dtype:  # 16-bit: fp32 masters
                     entry["master"] = w[whole].reshape(p.shape).copy()
                 state[i] = entry
         sd["state"] = state
@@ -140,7 +167,8 @@ class ZeroAdamW:
         if len(steps) > 1:
             raise ValueError(f"ZeroAdamW: parameters at different steps {sorted(steps)}")
         self.steps = steps.pop() if steps else 0
-        self.master = self.shards.parameter_shard()
+        if self.keeps_masters:  # the parameters' values, unless the state has masters
+            self.master = self.shards.parameter_shard()
         self.exp_avg[...], self.exp_avg_sq[...] = 0, 0
         for _, i, s, part in self.pieces:
             st = states[i]
@@ -148,6 +176,6 @@ class ZeroAdamW:
                 continue
             self.exp_avg[s] = B.to_numpy(st["exp_avg"]).reshape(-1)[part]
             self.exp_avg_sq[s] = B.to_numpy(st["exp_avg_sq"]).reshape(-1)[part]
-            if "master" in st:
+            if "master" in st and self.keeps_masters:
                 self.master[s] = B.to_numpy(st["master"]).reshape(-1)[part]
         self.optimizer.state.clear()  # the full-size copies: this rank keeps its slice only

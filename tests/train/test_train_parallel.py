@@ -16,7 +16,7 @@ from handgrad import nn
 from handgrad.models.gpt2 import GPT2
 from handgrad.serialization import load_file
 from handgrad.train import TrainingDiverged, train
-from handgrad.train.config import from_dict
+from handgrad.train.config import ConfigError, from_dict
 from handgrad.train.parallel import DistributedDataParallel
 
 pytestmark = pytest.mark.skipif(
@@ -145,3 +145,38 @@ def test_without_fork_the_shares_run_in_one_process(tiny, tmp_path, monkeypatch)
     one = run(tiny(train={"micro_batch_size": 8, "processes": 1, "max_steps": 3}), tmp_path / "one")
     # the very same computation as one process on micro batches of 8
     assert bits(alone.train_losses) == bits(one.train_losses)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_zero1_without_mpi_is_refused_before_any_work(tiny, tmp_path, processes):
+    # forked ranks only compute gradients and rank 0 steps the whole optimizer, so ZeRO-1
+    # there would silently be plain data parallel; one process has nothing to shard over
+    out = tmp_path / "run"
+    cfg = tiny(train={"micro_batch_size": 2, "processes": processes, "zero": 1})
+    with pytest.raises(ConfigError) as err:
+        run(cfg, out)
+    message = str(err.value)
+    assert "[train] zero = 1 needs MPI ranks" in message
+    assert "set [train] zero = 0" in message
+    assert ("forked" in message) == (processes > 1)
+    assert not out.exists()  # refused before the run directory was made
+    # the same config with zero = 0 trains
+    plain = run(tiny(train={"micro_batch_size": 2, "processes": processes}), out)
+    assert sorted(plain.train_losses) == [1, 2, 3, 4, 5, 6]
+
+
+def test_zero1_without_mpi_is_a_cli_error(tiny, tmp_path, capsys):
+    from handgrad.cli import main
+
+    cfg = tiny()
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        "[model]\nn_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 16\n"
+        f"[data]\nsource = {str(cfg['data']['source'])!r}\n"
+        "[train]\nmax_steps = 2\nzero = 1\n"
+    )
+    code = main(["train", str(config), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "[train] zero = 1 needs MPI ranks" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,116 @@
+"""ZeRO-1 (``train/zero.py``) on a local group of forked ranks: every rank ends with the
+weights AdamW gives on the summed, clipped gradient, keeps 1/P of its state, and its
+gathered state dict is AdamW's."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import handgrad as hg
+import handgrad.distributed as dist
+from handgrad import nn
+from handgrad.distributed.local import can_fork
+from handgrad.nn.utils import clip_grad_norm_
+from handgrad.optim import AdamW
+from handgrad.train.zero import ZeroAdamW
+
+pytestmark = pytest.mark.skipif(not can_fork(), reason="the local transport needs fork")
+
+SHAPES = [(5, 3), (4, 4), (7,), (3,)]  # 15 + 16 + 7 + 3 = 41 elements, in group order
+
+
+def make_params(dtype: str) -> list[nn.Parameter]:
+    rng = np.random.default_rng(0)
+    return [
+        nn.Parameter(hg.tensor(rng.standard_normal(s).astype(np.float32)).to(dtype=dtype))
+        for s in SHAPES
+    ]
+
+
+def groups(params: list[nn.Parameter]) -> list[dict]:
+    # decay on the 2-D weights only, as param_groups_for_weight_decay makes them
+    return [
+        {"params": [p for p in params if p.ndim == 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.ndim != 2], "weight_decay": 0.0},
+    ]
+
+
+def grads(step: int, rank: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([step, rank])
+    return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+
+
+def check_zero(dtype: str, max_norm: float) -> None:
+    """Run by every rank: 3 ZeRO steps against AdamW on the sum of every rank's gradient."""
+    r, P = dist.get_rank(), dist.get_world_size()
+    mine, ref = make_params(dtype), make_params(dtype)
+    zero = ZeroAdamW(AdamW(groups(mine), lr=0.05), dist.group())
+    adamw = AdamW(groups(ref), lr=0.05)
+    for step in range(3):
+        for k, p in enumerate(mine):
+            p.grad = hg.tensor(grads(step, r)[k])
+        for k, p in enumerate(ref):
+            p.grad = hg.tensor(sum(grads(step, q)[k] for q in range(P)))
+        norm = zero.reduce_and_clip(max_norm)
+        want = float(clip_grad_norm_(ref, max_norm).item())
+        assert norm == pytest.approx(want, rel=1e-5)
+        zero.step()
+        adamw.step()
+        zero.zero_grad()
+        assert all(p.grad is None for p in mine)
+        for a, b in zip(mine, ref):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(
+                a.data.astype(np.float32),
+                b.data.astype(np.float32),
+                rtol=0,
+                atol=1e-5 if dtype == "float32" else 1e-2,
+            )
+    # this rank's state: m and v of ceil(41 / P) elements, plus fp32 masters for bfloat16
+    n = math.ceil(41 / P)
+    assert zero.state_bytes() == (2 if dtype == "float32" else 3) * n * 4
+    zero.gather_state()
+    sd, want = zero.state_dict(), adamw.state_dict()
+    assert sorted(sd["state"]) == sorted(want["state"]) == [0, 1, 2, 3]
+    for i, st in want["state"].items():
+        assert sorted(sd["state"][i]) == sorted(st), i  # "master" only for bfloat16
+        for key in ("exp_avg", "exp_avg_sq", "master"):
+            if key in st:
+                np.testing.assert_allclose(
+                    np.asarray(sd["state"][i][key]), np.asarray(st[key]), rtol=1e-4, atol=1e-6
+                )
+    # loaded back into a fresh ZeroAdamW: the same next step
+    again = ZeroAdamW(AdamW(groups(make_params(dtype)), lr=0.05), dist.group())
+    for p, q in zip(again.params, zero.params):
+        p.data[...] = q.data
+    again.load_state_dict(sd)
+    for z in (zero, again):
+        for k, p in enumerate(z.params):
+            p.grad = hg.tensor(grads(9, r)[k])
+        z.reduce_and_clip(max_norm)
+        z.step()
+    for a, b in zip(zero.params, again.params):
+        assert a.data.tobytes() == b.data.tobytes()
+    dist.barrier()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize(
+    "dtype, max_norm", [("float32", math.inf), ("float32", 1.0), ("bfloat16", 1.0)]
+)
+def test_zero1_on_local_ranks_matches_adamw_on_the_summed_gradient(world_size, dtype, max_norm):
+    def check() -> None:
+        check_zero(dtype, max_norm)
+
+    dist.init_process_group("local", world_size=world_size, worker=check)
+    try:
+        check()
+        workers = list(dist.group().processes)
+    finally:
+        dist.destroy_process_group()
+    for p in workers:
+        p.join(timeout=30)
+    assert [p.exitcode for p in workers] == [0] * (world_size - 1)  # their asserts held too
