@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,40 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
     """JSON with a trailing newline, UTF-8, non-ASCII kept as is."""
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
+    """Yield a new empty directory beside ``path`` (``.tmp-NAME-PID``); on a clean exit its
+    contents are flushed and it is renamed to ``path``, else it is deleted. A reader sees the
+    old directory or the complete new one, never a half-written one.
+
+    ``path`` must be absent or an empty directory, unless ``replace``: then an existing one is
+    renamed aside, the new one renamed in, and the old one deleted."""
+    path = Path(path)
+    if path.exists() and not replace and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    if tmp.exists():  # left by an earlier process with this pid
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        old = None
+        if path.is_dir() and any(path.iterdir()):
+            old = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.rename(path, old)
+        elif path.exists():
+            path.rmdir()
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +32,7 @@ from handgrad import backend as B
 from handgrad.checkpoint import read_config, read_json, resolve_checkpoint
 from handgrad.diskspace import check_free_space, disk_full_guard
 from handgrad.eval.checkpoint import load_checkpoint_tokenizer
-from handgrad.fileio import fsync_dir, write_json_atomic, write_text_atomic
+from handgrad.fileio import atomic_dir, write_json_atomic, write_text_atomic
 from handgrad.manifest import verify_manifest, write_manifest
 from handgrad.serialization import load_file, save_file
 
@@ -161,25 +158,14 @@ def export_hf(
     return Path(out)
 
 
-@contextlib.contextmanager
-def _publish_dir(out: str | os.PathLike, command: str) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``out``; when the block succeeds, rename it
-    to ``out`` (which must be absent or empty), else delete it: a failure leaves no half
-    directory under the real name."""
+def _publish_dir(out: str | os.PathLike, command: str) -> contextlib.AbstractContextManager[Path]:
+    """An empty temporary directory beside ``out`` that becomes ``out`` (which must be absent
+    or empty) when the block succeeds, and is deleted when it fails: no half directory is ever
+    left under the real name (``fileio.atomic_dir``)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{command}: {out} exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_dir(out)
 
 
 def _export_tokenizer(tokenizer: Any, directory: Path, block_size: int) -> None:

@@ -48,7 +48,7 @@ from handgrad.checkpoint import (
     write_latest,
 )
 from handgrad.diskspace import check_free_space, raise_if_disk_full
-from handgrad.fileio import fsync_dir, write_json_atomic
+from handgrad.fileio import atomic_dir, write_json_atomic
 from handgrad.manifest import MANIFEST_FILE, ManifestError, verify_manifest, write_manifest
 from handgrad.optim import flatten_state_dict, unflatten_state_dict
 from handgrad.serialization import SafetensorsError, load_file, load_metadata, save_file
@@ -96,36 +96,26 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     # model.state_dict() shares the parameters' arrays: no copy, no dtype conversion.
     weights = {k: t.data for k, t in model.state_dict().items()}
     arrays, rest = flatten_state_dict(optimizer.state_dict())
     needed = _checkpoint_bytes(weights, arrays, tokenizer_path)
     what = f"checkpoint {CHECKPOINTS}/{name}"
     check_free_space(root, needed, what, _still_latest(run_dir))
-    tmp.mkdir()
     try:
-        save_file(weights, tmp / "model.safetensors", metadata={"step": str(step)})
-        save_file(arrays, tmp / "optimizer.safetensors", metadata={"optimizer": json.dumps(rest)})
-        write_json_atomic(tmp / "config.json", config)
-        write_json_atomic(
-            tmp / "trainer_state.json", {"format_version": FORMAT_VERSION, **trainer_state}
-        )
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        write_manifest(tmp, HASHED_FILES)  # last: a directory with a manifest is complete
-        fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. a rerun): replace it whole
-            old = root / f".old-{name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(root)
+        # the same step saved again (e.g. a rerun) replaces the old directory whole
+        with atomic_dir(final, replace=True) as tmp:
+            save_file(weights, tmp / "model.safetensors", metadata={"step": str(step)})
+            save_file(
+                arrays, tmp / "optimizer.safetensors", metadata={"optimizer": json.dumps(rest)}
+            )
+            write_json_atomic(tmp / "config.json", config)
+            write_json_atomic(
+                tmp / "trainer_state.json", {"format_version": FORMAT_VERSION, **trainer_state}
+            )
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+            write_manifest(tmp, HASHED_FILES)  # last: a directory with a manifest is complete
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise_if_disk_full(err, what, root, needed, lambda: _still_latest(run_dir))
         raise
     try:
