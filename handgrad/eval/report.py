@@ -128,12 +128,14 @@ def header(f: RunFacts, title: str) -> str:
 
     n = num_parameters(GPT2Config.from_dict(f.model))
     source = (f.meta or {}).get("source") or f.data.get("source", "an unrecorded source")
-    rel = f.ckpt.relative_to(f.run) if f.ckpt.is_relative_to(f.run) else f.ckpt
+    ckpt = f.ckpt.resolve()
+    rel = ckpt.relative_to(f.run) if ckpt.is_relative_to(f.run) else ckpt
     return (
         f"# Model card: {title}\n\n"
         f"A GPT-2 language model of {num(n)} parameters trained from scratch with handgrad on "
         f"{source}, with a causal language modelling objective (predict the next token).\n\n"
-        f"Checkpoint `{rel}` of run `{f.run}`. Every number below is read from the run's "
+        f"Checkpoint `{rel}` of run `{shown_path(f.run)}`. Every number below is read from the "
+        "run's "
         "files.\n"
     )
 
@@ -164,8 +166,14 @@ def model_description(f: RunFacts) -> str:
     return text + table(["", "Value"], rows, "lr") + "\n"
 
 
+def shown_path(path: Path) -> str:
+    """``path`` as the reader would type it: relative to the working directory when inside it."""
+    cwd = Path.cwd()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
 def intended_uses(f: RunFacts) -> str:
-    run = f.run
+    run = shown_path(f.run)
     items = "\n".join(f"- {line}" for line in limitations(f))
     return (
         "## Intended uses & limitations\n\n"
