@@ -75,6 +75,14 @@ class AdamW(Optimizer):
                 low_precision = w is not p.data
                 out = p.data.reshape(-1) if low_precision else None
                 kernels = cuda_kernels(w)
+                hyper = dict(
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=state["step"],
+                )
                 if kernels is not None and (out is None or out.dtype == B.bfloat16):
                     # one fused kernel per parameter (untested on a GPU); no clipping here:
                     # clip_grad_norm_ has already scaled the gradient
@@ -83,12 +91,7 @@ class AdamW(Optimizer):
                         f32(p.grad.data).reshape(-1),
                         state["exp_avg"].reshape(-1),
                         state["exp_avg_sq"].reshape(-1),
-                        lr=group["lr"],
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        step=state["step"],
+                        **hyper,
                         n_decay=w.size,
                         norm_sq=self._no_norm(w),
                         max_norm=0.0,
@@ -102,12 +105,7 @@ class AdamW(Optimizer):
                     state["exp_avg_sq"].reshape(-1),
                     self._scratch_for(w),
                     out,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    step=state["step"],
+                    **hyper,
                 )
         return loss
 
