@@ -45,7 +45,10 @@ def _cupy() -> tuple[Any, Any]:
     """CuPy (as ``handgrad.backend.cuda`` has it, so a stand-in counts) and its NCCL."""
     from handgrad.backend import cuda
 
-    cp = cuda.require()  # a RuntimeError naming what is missing: CuPy or a GPU
+    try:
+        cp = cuda.require()
+    except RuntimeError as e:  # what is missing: CuPy or a GPU
+        raise RuntimeError(f"the nccl transport needs CuPy and a GPU per rank: {e}") from None
     nccl = getattr(cp.cuda, "nccl", None)
     if nccl is None:
         try:
@@ -118,21 +121,23 @@ class NCCLTransport(Transport):
     def _choose(self, device: int | None, gpus: int) -> tuple[str, int]:
         """(why this rank cannot have a GPU of its own, or ""; the GPU index)."""
         here = f"{self.local_size} ranks run on this node"
+        # every message names the transport: they reach the user as ConfigError
         if device is None:
             if self.local_size > gpus:
                 return (
-                    f"{here} but it has {gpus} GPU{'s' if gpus != 1 else ''}; NCCL needs one "
-                    f"GPU per rank: start at most {gpus} ranks per node"
+                    f"the nccl transport: {here} but it has {gpus} GPU"
+                    f"{'s' if gpus != 1 else ''}; NCCL needs one GPU per rank: start at most "
+                    f"{gpus} ranks per node"
                 ), -1
             return "", self.local_rank
         if self.local_size > 1:
             return (
-                f"[train] device = 'cuda:{device}' names one GPU, but {here}, which NCCL "
-                "cannot put on one GPU; use device = 'cuda' (each rank takes the GPU of its "
-                "local rank)"
+                f"the nccl transport: [train] device = 'cuda:{device}' names one GPU, but "
+                f"{here}, which NCCL cannot put on one GPU; use device = 'cuda' (each rank "
+                "takes the GPU of its local rank)"
             ), -1
         if not 0 <= device < gpus:
-            return f"cuda:{device} does not exist on this node ({gpus} GPUs)", -1
+            return f"the nccl transport: cuda:{device} does not exist here ({gpus} GPUs)", -1
         return "", device
 
     def _agree(self, problem: str) -> None:
@@ -151,7 +156,7 @@ class NCCLTransport(Transport):
             text[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         world.Bcast(text, root=first)
         words = text.tobytes().rstrip(b"\0").decode("utf-8", "replace")
-        raise NCCLSetupError(f"nccl transport, rank {first}: {words}")
+        raise NCCLSetupError(f"{words} (rank {first} of {self.world_size})")
 
     def _stream(self) -> int:
         return self.cupy.cuda.get_current_stream().ptr

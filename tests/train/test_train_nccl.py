@@ -172,3 +172,13 @@ def test_a_failing_fake_gpu_rank_stops_every_rank(mpirun, reference, tmp_path):
     assert end - failed < 10, out
     assert (run / "latest").read_text().strip() == "checkpoints/step_0000005"
     assert "done:" not in out
+
+
+def test_gpu_data_parallel_config_is_refused_only_outside_mpi(tiny, monkeypatch):
+    from handgrad.train.config import ConfigError, from_dict
+
+    two = tiny(train={"device": "cuda", "processes": 2})
+    with pytest.raises(ConfigError, match="forked data parallelism runs on the CPU only"):
+        from_dict(two)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # as mpirun sets it: one rank per GPU
+    assert from_dict(two).train.processes == 2
