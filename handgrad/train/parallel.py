@@ -97,7 +97,9 @@ class DistributedDataParallel:
     under mpirun): every rank calls ``forward_backward`` with the same ``x``, ``y`` and gets
     the summed gradient, so each can step its own optimizer to the same weights; with
     ``reduce_gradients=False`` each rank keeps its own gradient (ZeRO-1 reduce-scatters
-    them: train/zero.py).
+    them: train/zero.py). ``upload`` (a group only): the model is on this rank's GPU and
+    ``upload`` copies a host batch there (``on_device.BatchUploader``); the losses then come
+    back as 0-d device arrays, read later.
     """
 
     def __init__(
