@@ -22,6 +22,12 @@ still leaves the others' results):
                   beside PyTorch eager (benchmarks/torch_gpt2.py) on the same shapes
   d. shakespeare  configs/shakespeare-char.toml on the GPU: wall time and final val loss
                   (<= 1.90), with tiny Shakespeare from ../shared/data beside the repo
+  e. nccl         the nccl transport (never run on a GPU before this part): under
+                  ``mpirun -n 1`` (one GPU: NCCL cannot put two ranks on one), every
+                  collective on CuPy arrays through CuPy's NCCL bindings checked against its
+                  expected values, then 10 training steps with ``train.device=cuda`` in that
+                  MPI job; "skipped" without mpi4py or an MPI launcher. --cpu-smoke runs it
+                  on 2 ranks with the CuPy and NCCL stand-ins of tests/ (data parallel)
 
 Every part catches its own failure: the summary shows the error's last lines (a traceback,
 or the tail of the part's output when it ran out of time) and the JSON holds everything.
@@ -37,6 +43,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,8 +60,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100/H200 SXM
 
 # seconds per part on the GPU: 465 s in all, so the run ends within 8 minutes
-BUDGET = {"cuda_tests": 85, "parity": 50, "throughput_handgrad": 110, "kernels_ratio": 40,
-          "throughput_torch": 50, "shakespeare": 130}  # fmt: skip
+BUDGET = {"cuda_tests": 85, "parity": 50, "throughput_handgrad": 95, "kernels_ratio": 40,
+          "throughput_torch": 50, "shakespeare": 115, "nccl": 30}  # fmt: skip
 SMOKE_BUDGET = {name: 120 for name in BUDGET}
 
 
@@ -445,12 +453,164 @@ def part_shakespeare(smoke: bool, budget: float) -> dict[str, Any]:
             "device": _device(smoke)}  # fmt: skip
 
 
+NCCL_CONFIG = """
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 16
+dropout = 0.0
+[data]
+source = "{source}"
+tokenizer = "char"
+val_fraction = 0.1
+[optim]
+lr = 3e-3
+warmup_steps = 2
+[train]
+max_steps = 10
+micro_batch_size = 4
+log_interval = 5
+checkpoint_interval = 0
+sample_tokens = 0
+[eval]
+interval = 10
+batches = 2
+"""
+
+
+def _mpi_launcher() -> str | None:
+    """mpirun (or mpiexec) next to this Python or on PATH; None when there is none."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which("mpirun", path=path) or shutil.which("mpiexec", path=path)
+
+
+def part_nccl(smoke: bool, budget: float) -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("mpi4py") is None:
+        return {"ok": True, "skipped": "no mpi4py"}
+    launcher = _mpi_launcher()
+    if launcher is None:
+        return {"ok": True, "skipped": "no MPI launcher (mpirun / mpiexec)"}
+    ranks = 2 if smoke else 1  # one GPU here: NCCL refuses two ranks on one GPU
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [launcher, "-n", str(ranks)]
+        if smoke:
+            cmd.append("--oversubscribe")  # Open MPI's (the venv's wheel) on a small CPU
+        cmd += [sys.executable, __file__, "--nccl-rank", tmp]
+        if smoke:
+            cmd.append("--cpu-smoke")
+        env = {**os.environ, "HANDGRAD_CACHE": tmp, "OMP_NUM_THREADS": "1",
+               "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        # its own process group, so that a hung job is killed whole (launcher and ranks)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        try:
+            output, _ = p.communicate(timeout=max(budget - 5, 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            try:
+                output, _ = p.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                output = ""
+            return {"ok": False, "error": f"mpirun -n {ranks} over {budget - 5:.0f} s",
+                    "output_tail": _tail(output, None)}  # fmt: skip
+        result = Path(tmp) / "nccl_result.json"
+        if not result.is_file():
+            return {"ok": False, "error": f"exit status {p.returncode}, no result",
+                    "output_tail": _tail(output, None)}  # fmt: skip
+        res = json.loads(result.read_text())
+    res["ranks"] = ranks
+    res["ok"] = p.returncode == 0 and res.get("ok", False)
+    if p.returncode != 0:
+        res["output_tail"] = _tail(output, None)
+    return res
+
+
+def nccl_rank(smoke: bool, tmp: Path) -> int:
+    """One rank of ``part_nccl``'s MPI job: the collectives, then 10 training steps; rank 0
+    writes ``tmp/nccl_result.json``."""
+    import numpy as np
+
+    if smoke:  # the stand-ins, with two fake GPUs
+        sys.path.insert(0, str(ROOT / "tests"))
+        import fakecupy
+        import fakenccl
+
+        fakecupy.install()
+        fakenccl.install(gpus=2)
+    import handgrad.distributed as dist
+    from handgrad.backend import cuda
+    from handgrad.cli import main as cli
+
+    res: dict[str, Any] = {"ok": False}
+    try:
+        g = dist.init_process_group("nccl")
+        cp = cuda.require(g.device_index)
+        P, r = g.world_size, g.rank
+        res["device_index"] = g.device_index
+        checks = {}
+        with cp.cuda.Device(g.device_index):
+            a = cp.full(5, r + 1, dtype=cp.float32)
+            g.all_reduce(a)
+            checks["all_reduce"] = a.get().tolist() == [P * (P + 1) / 2] * 5
+            a = cp.full(3, 2.0 * (r + 1), dtype=cp.float64)
+            g.all_reduce(a, op="avg")
+            checks["all_reduce_avg"] = bool(np.allclose(a.get(), P + 1))
+            a = cp.full(3, r, dtype=cp.float32)
+            g.all_reduce(a, op="max")
+            checks["all_reduce_max"] = a.get().tolist() == [P - 1] * 3
+            a = cp.full(4, r + 1, dtype=cp.float32)
+            g.reduce(a, dst=0)
+            checks["reduce"] = a.get().tolist() == [P * (P + 1) / 2 if r == 0 else r + 1] * 4
+            a = cp.arange(4, dtype=cp.float32) + 10 * r
+            g.broadcast(a, src=0)
+            checks["broadcast"] = a.get().tolist() == [0, 1, 2, 3]
+            a = cp.arange(3 * P, dtype=cp.float32) * (r + 1)
+            out = cp.empty(3, dtype=cp.float32)
+            g.reduce_scatter(out, a)
+            want = np.arange(3 * r, 3 * r + 3) * (P * (P + 1) / 2)
+            checks["reduce_scatter"] = out.get().tolist() == want.tolist()
+            out = cp.empty(2 * P, dtype=cp.float32)
+            g.all_gather(out, cp.full(2, r, dtype=cp.float32))
+            checks["all_gather"] = out.get().tolist() == [q for q in range(P) for _ in (0, 1)]
+            host = np.full(2, r + 1.0)
+            g.all_reduce(host)  # a host array: over MPI
+            checks["host_all_reduce"] = host.tolist() == [P * (P + 1) / 2] * 2
+            g.barrier()
+        res["checks"] = checks
+        corpus = tmp / "corpus.txt"
+        if r == 0:
+            corpus.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+        g.barrier()
+        config = tmp / f"nccl_{r}.toml"
+        config.write_text(NCCL_CONFIG.format(source=corpus))
+        run = tmp / "run"
+        t0 = time.perf_counter()
+        code = cli(["train", str(config), "--out", str(run), "--set", "train.device=cuda",
+                    "--no-progress"])  # fmt: skip
+        res["train_s"] = time.perf_counter() - t0
+        res["train_exit"] = code
+        if r == 0 and code == 0:
+            recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            res["train_losses"] = [rec["train_loss"] for rec in recs]
+        res["ok"] = all(checks.values()) and code == 0 and bool(res.get("train_losses", r))
+    except Exception as e:  # noqa: BLE001  (reported in the summary)
+        res.update(_error(e))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0 if res["ok"] else 1
+    (tmp / "nccl_result.json").write_text(json.dumps(res, default=str))
+    return 0 if res["ok"] else 1
+
+
 # ----------------------------------------------------------------------------------------
 # the driver: each part in a child process with a time limit
 
 
 PARTS = ["cuda_tests", "parity", "throughput_handgrad", "kernels_ratio", "throughput_torch",
-         "shakespeare"]  # fmt: skip
+         "shakespeare", "nccl"]  # fmt: skip
 
 
 def run_part(name: str, smoke: bool, budget: float, extra: dict[str, Any]) -> dict[str, Any]:
@@ -543,7 +703,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--nccl-rank", type=Path, help=argparse.SUPPRESS)  # a rank of part nccl
     args = ap.parse_args(argv)
+    if args.nccl_rank:
+        return nccl_rank(args.cpu_smoke, args.nccl_rank)
     if args.part:
         child(args.part, args.cpu_smoke, args.budget, json.loads(args.extra), args.result)
         return 0

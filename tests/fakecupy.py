@@ -84,8 +84,19 @@ class _Device:
     def synchronize(self) -> None:
         return None
 
+    def use(self) -> None:
+        return None
+
     def __repr__(self) -> str:
         return f"<CUDA Device {self.id} (fake)>"
+
+
+class _Memory:
+    """``ndarray.data`` as CuPy's ``MemoryPointer``: ``ptr`` is the address of the first
+    element (host memory here, which tests/fakenccl.py reads and writes through)."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
 
 
 class ndarray(NDArrayOperatorsMixin):  # noqa: N801  (named as cupy.ndarray)
@@ -212,6 +223,17 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801  (named as cupy.ndarray)
     @property
     def device(self) -> _Device:
         return _Device(0)
+
+    @property
+    def data(self) -> _Memory:
+        return _Memory(self._a.__array_interface__["data"][0])
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        # CuPy's arrays expose it; code that tells arrays from tensors by ``.data`` needs it
+        face = dict(self._a.__array_interface__)
+        face["version"] = 3
+        return face
 
     def __len__(self) -> int:
         return len(self._a)

@@ -12,8 +12,8 @@ Transports (one module each, one interface: ``transport.Transport``):
   ``init_process_group("local", world_size=P, worker=fn)`` forks ranks 1 .. P-1, each
   running ``fn()`` with the group set up, and returns in rank 0.
 - ``mpi``: mpi4py over any MPI; chosen by default when an MPI launcher started the process.
-- ``nccl``: CuPy arrays over NCCL, one GPU per rank, started by MPI. Never run (written on
-  a machine without a GPU).
+- ``nccl``: CuPy arrays over NCCL (NumPy ones over MPI), one GPU per rank, started by MPI.
+  Never run on a GPU: tested through stand-ins for CuPy and its NCCL bindings.
 
 Gradient reduction in buckets and ZeRO-1's shards: ``reducer.GradientReducer``,
 ``reducer.FlatShards``.
@@ -67,6 +67,7 @@ def init_process_group(
     worker: Callable[[], Any] | None = None,
     comm: Any = None,
     capacity: int | None = None,
+    device: int | None = None,
 ) -> Transport:
     """Join (or, for ``local``, create) the default process group; returns its transport.
 
@@ -75,7 +76,8 @@ def init_process_group(
     ``world_size`` is for ``local`` (default 1); MPI's comes from the launcher. ``worker``
     (``local`` only) is what ranks 1 .. P-1 run; they exit when it returns. ``comm``: an
     mpi4py communicator other than ``COMM_WORLD`` (``mpi``, ``nccl``). ``capacity``
-    (``local``): bytes of shared memory per rank a collective moves at once (32 MiB)."""
+    (``local``): bytes of shared memory per rank a collective moves at once (32 MiB).
+    ``device`` (``nccl``): this rank's GPU (default: its local rank on its node)."""
     global _group, _previous_excepthook
     if _group is not None:
         raise RuntimeError("init_process_group: the default process group is already set up")
@@ -94,6 +96,8 @@ def init_process_group(
     else:
         if world_size is not None or worker is not None or capacity is not None:
             raise ValueError(f"{backend}: world size and workers come from the MPI launcher")
+        if device is not None and backend != "nccl":
+            raise ValueError(f"{backend}: device= is for the nccl backend (one GPU per rank)")
         from handgrad.distributed.mpi import install_excepthook
 
         if backend == "mpi":
@@ -103,7 +107,7 @@ def init_process_group(
         else:
             from handgrad.distributed.nccl import NCCLTransport
 
-            transport = NCCLTransport(comm)
+            transport = NCCLTransport(comm, device)
         _previous_excepthook = install_excepthook(transport)
     _group = transport
     return transport

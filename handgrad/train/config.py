@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from handgrad.backend.device import device as as_device_spec
+from handgrad.distributed.mpi import launched_by_mpi
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "quickstart"
@@ -308,10 +309,12 @@ def _device_problems(t: TrainSection) -> list[str]:
         dev = as_device_spec(t.device)
     except (TypeError, ValueError):
         return [f"[train] device = {t.device!r}: expected 'cpu', 'cuda' or 'cuda:N'"]
-    if dev.type == "cuda" and t.processes > 1:
+    if dev.type == "cuda" and t.processes > 1 and not launched_by_mpi():
+        # under MPI the ranks are the processes, one GPU each (train/ranks.py)
         out.append(
-            f"[train] device = {t.device!r} with processes = {t.processes}: data parallelism "
-            "runs on the CPU only; set processes = 1 to train on the GPU"
+            f"[train] device = {t.device!r} with processes = {t.processes}: forked data "
+            "parallelism runs on the CPU only; set processes = 1 to train on one GPU, or run "
+            "one MPI rank per GPU (mpirun -n P handgrad train CONFIG)"
         )
     if t.matmul_precision not in ("highest", "high"):
         out.append(

@@ -1,5 +1,6 @@
 """Where a training step's gradients are made: in this process, over forked processes or MPI
-ranks (``train/parallel.py``), or on a GPU (``train/on_device.py``). Each way is a
+ranks (``train/parallel.py``), on a GPU (``train/on_device.py``), or on one GPU per MPI rank
+(both; NCCL reduces the gradients, never run on a GPU). Each way is a
 ``GradientFn``: (step, x, y) -> the loss of each micro batch, with scale x its gradient added to
 ``.grad``, so the training step does not depend on which is used."""
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from handgrad.distributed.local import can_fork
 from handgrad.models.gpt2 import GPT2
-from handgrad.train.config import ConfigError, TrainSection
+from handgrad.train.config import TrainSection
 from handgrad.train.on_device import BatchUploader, device_gradients
 from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients
 
@@ -40,25 +41,25 @@ def gradient_function(
     zero: bool,
     say: Callable[[str], None],
 ) -> tuple[DistributedDataParallel | None, GradientFn]:
-    """The gradients of a run: on its GPU; data parallel over the MPI ``group`` or over
+    """The gradients of a run: on its GPU; data parallel over the MPI ``group`` (on a GPU
+    per rank when the model is on one) or over
     ``[train] processes`` forked processes where the platform can fork; else in this process.
     ``rows`` windows make one micro batch over all processes; ``zero``: ZeRO-1 reduces the
     gradients itself (reduce-scatter), so data parallel leaves them unreduced."""
-    if model.device.type != "cpu":
-        if group is not None:
-            raise ConfigError(
-                f"[train] device = {t.device!r} under MPI: data parallel over GPUs (NCCL) is not "
-                "wired into the trainer; run one process per GPU job, or train on the CPU"
-            )
+    on_gpu = model.device.type != "cpu"
+    if on_gpu and group is None:
         upload = BatchUploader(model.device)
         return None, device_gradients(model, rows, 1.0 / t.grad_accum_steps, upload)
     if t.processes > 1 and (group is not None or can_fork()):
+        # on GPUs (one MPI rank each, nccl transport): batches uploaded, nothing read back
         dp = DistributedDataParallel(
             model, t.processes, global_batch, block_size, t.seed, group,
-            reduce_gradients=not zero,
+            reduce_gradients=not zero, upload=BatchUploader(model.device) if on_gpu else None,
         )  # fmt: skip
+        where = f" on {model.device} (one GPU per rank, NCCL)" if on_gpu else ""
         say(
-            f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro batch"
+            f"data parallel: {t.processes} processes x {t.micro_batch_size} windows per micro "
+            f"batch{where}"
         )
         # the mean over the global batch = the mean of the micro-batch means over all ranks
         scale = 1.0 / (t.grad_accum_steps * dp.processes)

@@ -38,12 +38,15 @@ Given a ``group`` whose every rank runs the training loop (MPI under mpirun), th
 class skips the broadcast (each rank draws the same batch from the same generator) and
 all-reduces instead of reducing to rank 0, so every rank holds the summed gradient and
 steps its own optimizer to the same weights.
+With a model on a GPU (one MPI rank per GPU, ``nccl`` transport) each rank uploads its
+rows and keeps its losses on the device: the gradients and losses are all-reduced there by
+NCCL, the has-gradient flags over MPI, and no step reads the GPU back (``_device_step``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,6 +58,7 @@ from handgrad.distributed.reducer import GradientReducer
 from handgrad.nn import Module
 from handgrad.random import manual_seed
 from handgrad.tensor import Tensor
+from handgrad.train.on_device import device_gradients
 
 __all__ = ["DistributedDataParallel", "accumulate_gradients"]
 
@@ -93,7 +97,9 @@ class DistributedDataParallel:
     under mpirun): every rank calls ``forward_backward`` with the same ``x``, ``y`` and gets
     the summed gradient, so each can step its own optimizer to the same weights; with
     ``reduce_gradients=False`` each rank keeps its own gradient (ZeRO-1 reduce-scatters
-    them: train/zero.py).
+    them: train/zero.py). ``upload`` (a group only): the model is on this rank's GPU and
+    ``upload`` copies a host batch there (``on_device.BatchUploader``); the losses then come
+    back as 0-d device arrays, read later.
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class DistributedDataParallel:
         seed: int,
         group: Transport | None = None,
         reduce_gradients: bool = True,
+        upload: Callable[[np.ndarray], Any] | None = None,
     ):
         name = type(self).__name__
         if processes < 2:
@@ -115,6 +122,8 @@ class DistributedDataParallel:
             raise ValueError(
                 f"{name}: processes = {processes}, but the group has {group.world_size} ranks"
             )
+        if group is None and upload is not None:
+            raise ValueError(f"{name}: a model on a GPU needs a group (one MPI rank per GPU)")
         if group is None and not reduce_gradients:
             raise ValueError(f"{name}: reduce_gradients=False needs a group (ZeRO-1 under MPI)")
         if group is None and not can_fork():
@@ -123,6 +132,7 @@ class DistributedDataParallel:
                 "has no fork start method; set [train] processes = 1"
             )
         self.model, self.processes, self.seed = model, processes, seed
+        self.upload = upload  # host batch -> the model's device (None: the model is on the CPU)
         self.reduce_gradients = reduce_gradients  # False: each rank keeps its own (ZeRO-1)
         self.rows, self.block_size = rows, block_size
         self.params = list(model.parameters())
@@ -197,6 +207,8 @@ class DistributedDataParallel:
         if rank > 0:  # this rank's dropout at this step
             seed = np.random.SeedSequence([self.seed, step, rank]).generate_state(1)
             manual_seed(int(seed[0]))
+        if self.upload is not None:
+            return self._device_step(step, m, scale)
         with B.num_threads(1):  # one core per rank
             losses = accumulate_gradients(self.model, self._shard(rank, m), scale)
         steps = self.rows // (m * self.processes)
@@ -214,6 +226,25 @@ class DistributedDataParallel:
             for p in self.params:
                 p.grad = None
         return [float(v) / self.processes for v in stats[:steps]]
+
+    def _device_step(self, step: int, m: int, scale: float) -> list[Any]:
+        """``_step`` for a model on a GPU (every rank of a group): this rank's rows of every
+        micro batch uploaded once, losses kept on the device and summed over ranks there, so
+        nothing is read back (see train/on_device.py); the has-gradient flags are host
+        values and go over the host wire (MPI). Returns each micro batch's loss (the mean
+        over ranks) as a 0-d device array; a non-finite one is caught when it is read."""
+        shards = self._shard(self.group.rank, m)
+        x = np.concatenate([xs for xs, _ in shards])
+        y = np.concatenate([ys for _, ys in shards])
+        losses = device_gradients(self.model, m, scale, self.upload)(step, x, y)
+        xp = B.get_array_module(*losses)
+        total = xp.stack([v.astype(B.float64) for v in losses])  # (micro batches,)
+        self.group.all_reduce(total)
+        flags = np.array([p.grad is not None for p in self.params], dtype=np.float64)
+        self.group.all_reduce(flags)
+        if self.reduce_gradients:
+            self.reducer.reduce("sum", has_grad=[bool(f) for f in flags])
+        return [total[i] / self.processes for i in range(len(losses))]
 
     def _shard(self, rank: int, m: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Rank ``rank``'s rows of every micro batch in x, y."""

@@ -18,6 +18,10 @@ batch as ``processes = P`` on one machine (forked ranks) or one process with m x
 micro batch. The resolved config records ``processes = P``, so a checkpoint resumed without
 MPI forks P ranks (or runs their shares in one process) and sees the same batches.
 
+With ``[train] device = "cuda"`` each rank trains on its own GPU (``cuda:<local rank>``)
+and the gradients are reduced by NCCL (``distributed/nccl.py``, never run on a GPU); the
+small host messages (losses, flags) still go over MPI.
+
 Rank 0 alone writes config.json, metrics, plots, samples and checkpoints and prints; the
 other ranks wait at a barrier after each checkpoint. Evaluation batches are dealt out over
 the ranks (batch b to rank b mod P) and each batch's loss summed over ranks into its own
@@ -41,6 +45,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from handgrad.backend.device import to_device
 from handgrad.data import iter_batches_sequential
 from handgrad.distributed import Transport
 from handgrad.grad_mode import no_grad
@@ -56,6 +61,7 @@ __all__ = [
     "evaluate_split",
     "join_mpi_group",
     "rank0_first",
+    "rank_device",
 ]
 
 T = TypeVar("T")
@@ -67,7 +73,9 @@ class RankStopped(RuntimeError):
 
 def join_mpi_group(cfg: TrainConfig) -> tuple[Transport | None, TrainConfig]:
     """The process group when an MPI launcher started this process (None otherwise, or for
-    one rank), and ``cfg`` with ``[train] processes`` = the world size.
+    one rank), and ``cfg`` with ``[train] processes`` = the world size. The group's transport
+    is ``nccl`` when ``[train] device`` is CUDA (one GPU per rank; never run on a GPU), else
+    ``mpi``.
 
     Raises ConfigError for ``processes`` other than 1 or the world size: under MPI the ranks
     are the processes, and forking more inside each rank would multiply the batch. Raises
@@ -82,8 +90,12 @@ def join_mpi_group(cfg: TrainConfig) -> tuple[Transport | None, TrainConfig]:
         if cfg.train.zero:
             raise ConfigError(_zero_needs_mpi(cfg.train.processes, None))
         return None, cfg
-    group = dist.group() if dist.is_initialized() else dist.init_process_group()
-    world, t = group.world_size, cfg.train
+    t = cfg.train
+    if dist.is_initialized():
+        group = dist.group()
+    else:
+        group = _init_group(dist, t.device)
+    world = group.world_size
     error = None
     if t.zero and world < 2:
         error = _zero_needs_mpi(t.processes, world)
@@ -103,6 +115,34 @@ def join_mpi_group(cfg: TrainConfig) -> tuple[Transport | None, TrainConfig]:
     if error is not None:  # the same on every rank: rank 0 says it
         raise ConfigError(error) if group.rank == 0 else RankStopped(error)
     return (group if world > 1 else None), cfg
+
+
+def _init_group(dist: Any, device: str) -> Transport:
+    """The default group for a run on ``device``: ``nccl`` (one GPU per rank, the config's
+    index if it names one) for CUDA, ``mpi`` otherwise. A rank that cannot get a GPU of its
+    own makes every rank refuse alike: ConfigError on rank 0, RankStopped on the others."""
+    from handgrad.backend.device import as_device
+
+    target = as_device(device)
+    if target.type != "cuda":
+        return dist.init_process_group("mpi")
+    from handgrad.distributed.nccl import NCCLSetupError
+
+    try:
+        return dist.init_process_group("nccl", device=target.index)
+    except NCCLSetupError as err:
+        from handgrad.distributed.mpi import MPITransport
+
+        if MPITransport().rank == 0:
+            raise ConfigError(str(err)) from None
+        raise RankStopped(str(err)) from None
+
+
+def rank_device(device: str, group: Transport | None) -> str:
+    """The device this rank trains on: ``cuda:<i>`` for the GPU the ``nccl`` group gave it
+    (``[train] device = "cuda"`` means GPU 0 in one process), else ``device`` as given."""
+    index = getattr(group, "device_index", None)
+    return device if index is None else f"cuda:{index}"
 
 
 def _zero_needs_mpi(processes: int, world: int | None) -> str:
@@ -200,8 +240,9 @@ def evaluate_split(
             windows = iter_batches_sequential(tokens, micro_batch_size, block_size, batches)
             for b, (x, y) in enumerate(windows):
                 if b % group.world_size == group.rank:
+                    x, y = to_device(x, model.device), to_device(y, model.device)
                     _, loss = model(Tensor._make(x), Tensor._make(y))
-                    losses[b] = float(loss.item())
+                    losses[b] = float(loss.item())  # a host read per batch (evaluation only)
     finally:
         model.train(was_training)
     group.all_reduce(losses)

@@ -178,7 +178,7 @@ def build_run(
     manual_seed(t.seed)
     # built (and initialised from the host generator) on the CPU, then moved: the same
     # seed gives the same weights on every device
-    model = GPT2(model_cfg).to(t.device)
+    model = GPT2(model_cfg).to(ranks.rank_device(t.device, group))
     if model.device.type == "cuda":
         cuda.set_matmul_precision(t.matmul_precision)
     optimizer = build_optimizer(model, cfg)
@@ -316,10 +316,14 @@ def train_step(
     losses = gradients(step, x, y)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if losses and not isinstance(losses[0], float):  # device values: nothing read back
-        norm = clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        max_norm = grad_clip if grad_clip > 0 else math.inf
+        if isinstance(optimizer, ZeroAdamW):  # a 0-d device array, as below
+            norm = optimizer.reduce_and_clip(max_norm)
+        else:
+            norm = clip_grad_norm_(params, max_norm).data
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(mean_on_device(losses, grad_accum_steps), norm.data)
+        return StepResult(mean_on_device(losses, grad_accum_steps), norm)
     for i, value in enumerate(losses):
         if not math.isfinite(value):
             raise TrainingDiverged(

@@ -21,6 +21,10 @@ update runs in place on this rank's pieces of them, as ``AdamW.step`` does. One 
 The update is the same elementwise arithmetic as ``AdamW.step`` on the same summed
 gradient, so only the norm's order of summation differs from plain data parallelism.
 
+On a GPU (one MPI rank per GPU, ``nccl`` transport) the shards are CuPy arrays, the
+collectives run over NCCL, and the step reads nothing back: the norm stays a 0-d device
+array and the clip is a multiplication by min(coef, 1). (Never run on a GPU.)
+
 Checkpoints hold AdamW's own state dict: before a save every rank all-gathers m, v and the
 masters, and rank 0 writes them per parameter, so the files are the same for any world
 size and with or without ZeRO, and a run resumes from them either way.
@@ -71,18 +75,23 @@ class ZeroAdamW:
             p.data.dtype != self.shards.dtype or not p.data.flags.c_contiguous for p in self.params
         )
         n, dtype = self.shards.shard_size, self.shards.dtype
+        # the state lives where the parameters do (NumPy, or CuPy on a GPU)
+        self.xp = xp = B.get_array_module(*(p.data for p in self.params))
         self.master: Any = self.shards.parameter_shard() if self.keeps_masters else None
-        self.exp_avg = np.zeros(n, dtype=dtype)
-        self.exp_avg_sq = np.zeros(n, dtype=dtype)
+        self.exp_avg = xp.zeros(n, dtype=dtype)
+        self.exp_avg_sq = xp.zeros(n, dtype=dtype)
         self.steps = 0
         self._grad: Any = None
-        self._tmp = np.empty(min(n, 1 << 15), dtype=dtype)
+        self._tmp = xp.empty(min(n, 1 << 15), dtype=dtype)
         self._gathered: dict[str, Any] | None = None
 
-    def reduce_and_clip(self, max_norm: float) -> float:
+    def reduce_and_clip(self, max_norm: float) -> Any:
         """This rank's slice of the summed gradient, clipped to a global norm of
-        ``max_norm`` (inf: no clipping); returns the norm before clipping (every rank)."""
+        ``max_norm`` (inf: no clipping); returns the norm before clipping (every rank): a
+        float on the CPU, a 0-d array on a GPU, where nothing is read back."""
         self._grad = self.shards.reduce_scatter_gradients("sum")
+        if not B.is_numpy(self.xp):
+            return self._clip_on_device(max_norm)
         # sum of squares in float64, a chunk at a time: a float64 copy of the whole shard
         # would cost twice the shard's own memory at once
         sumsq = np.zeros(1)
@@ -96,6 +105,22 @@ class ZeroAdamW:
         if clip_coef < 1.0:
             self._grad *= clip_coef
         return float(total)
+
+    def _clip_on_device(self, max_norm: float) -> Any:
+        """``reduce_and_clip``'s arithmetic where the gradient lives: the same float64 sum
+        of squares and float32 coefficient, with grad *= min(coef, 1) in place of the
+        host's test (multiplying by 1 changes no bit)."""
+        xp, grad = self.xp, self._grad
+        sumsq = xp.zeros(1, dtype=B.float64)
+        for start in range(0, grad.size, 1 << 20):
+            chunk = grad[start : start + (1 << 20)].astype(B.float64)
+            sumsq += xp.dot(chunk, chunk)
+        self.group.all_reduce(sumsq)
+        dtype = grad.dtype.type
+        total = xp.sqrt(sumsq[0]).astype(grad.dtype)
+        clip_coef = xp.minimum(dtype(max_norm) / (total + dtype(1e-6)), dtype(1.0))
+        grad *= clip_coef
+        return total
 
     def step(self) -> None:
         """The AdamW update of this rank's slice, then every rank's parameters gathered."""
@@ -128,8 +153,9 @@ class ZeroAdamW:
 
     # ---- checkpoints: AdamW's layout, whole parameters
     def _gather(self, shard: Any) -> Any:
-        full = np.empty(self.shards.shard_size * self.group.world_size, dtype=shard.dtype)
-        self.group.all_gather(full, np.ascontiguousarray(shard))
+        xp = self.xp
+        full = xp.empty(self.shards.shard_size * self.group.world_size, dtype=shard.dtype)
+        self.group.all_gather(full, xp.ascontiguousarray(shard))
         return full
 
     def gather_state(self) -> None:
@@ -174,8 +200,12 @@ class ZeroAdamW:
             st = states[i]
             if not st:
                 continue
-            self.exp_avg[s] = B.to_numpy(st["exp_avg"]).reshape(-1)[part]
-            self.exp_avg_sq[s] = B.to_numpy(st["exp_avg_sq"]).reshape(-1)[part]
+            self.exp_avg[s] = self._here(st["exp_avg"], part)
+            self.exp_avg_sq[s] = self._here(st["exp_avg_sq"], part)
             if "master" in st and self.keeps_masters:
-                self.master[s] = B.to_numpy(st["master"]).reshape(-1)[part]
+                self.master[s] = self._here(st["master"], part)
         self.optimizer.state.clear()  # the full-size copies: this rank keeps its slice only
+
+    def _here(self, values: Any, part: slice) -> Any:
+        """Flat elements ``part`` of a saved array, on this optimizer's device."""
+        return self.xp.asarray(B.to_numpy(values).reshape(-1)[part])

@@ -1,9 +1,14 @@
-"""``handgrad train`` on one rank of an MPI job, run by tests/train/test_train_mpi.py as
-``mpirun -n 2 python mpi_train.py [--fault KIND:STEP] -- ARGS...``.
+"""``handgrad train`` on one rank of an MPI job, run by tests/train/test_train_mpi.py and
+test_train_nccl.py as ``mpirun -n 2 python mpi_train.py [OPTIONS] -- ARGS...``.
 
-``--fault`` makes rank 1 fail at optimizer step STEP (1-based), by the test's hand, not the
-library's: ``raise`` raises ValueError from its gradient computation, ``kill`` kills the
-process with SIGKILL, ``nan`` turns its loss into NaN (every rank must stop on it)."""
+``--fault KIND:STEP`` makes rank 1 fail at optimizer step STEP (1-based), by the test's
+hand, not the library's: ``raise`` raises ValueError from its gradient computation, ``kill``
+kills the process with SIGKILL, ``nan`` turns its loss into NaN (every rank must stop on it).
+``--fake-gpu`` installs the CuPy and NCCL stand-ins (tests/fakecupy.py, tests/fakenccl.py)
+with two fake GPUs, so ``train.device=cuda`` runs the nccl transport's code on the CPU; it
+also prints each rank's host synchronisations per optimizer step at the end
+(``rank R syncs per step: [...]``) and the NCCL collectives it made (``rank R nccl calls:
+[(name, count), ...]``)."""
 
 from __future__ import annotations
 
@@ -12,22 +17,23 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from handgrad.cli import main
 from handgrad.distributed.mpi import MPITransport
-from handgrad.train import parallel
+from handgrad.train import parallel, trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def inject(kind: str, step: int) -> None:
+def inject(kind: str, step: int, device: bool) -> None:
     rank = MPITransport().rank
     if rank != 1:
         return
-    real = parallel.accumulate_gradients
     calls = [0]
 
-    def failing(model, micro_batches, scale):  # type: ignore[no-untyped-def]
+    def fail(losses: list) -> None:  # type: ignore[type-arg]
         calls[0] += 1
-        losses = real(model, micro_batches, scale)
         if calls[0] == step:
             print(f"rank 1 failing at {time.time()}", flush=True)
             if kind == "raise":
@@ -36,15 +42,65 @@ def inject(kind: str, step: int) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind == "nan":
                 losses[0] = math.nan
+
+    if device:  # the GPU path makes its gradients with device_gradients
+        real_device = parallel.device_gradients
+
+        def failing_device(model, rows, scale, upload):  # type: ignore[no-untyped-def]
+            inner = real_device(model, rows, scale, upload)
+
+            def gradients(step_, x, y):  # type: ignore[no-untyped-def]
+                losses = inner(step_, x, y)
+                fail(losses)
+                return losses
+
+            return gradients
+
+        parallel.device_gradients = failing_device
+        return
+    real = parallel.accumulate_gradients
+
+    def failing(model, micro_batches, scale):  # type: ignore[no-untyped-def]
+        losses = real(model, micro_batches, scale)
+        fail(losses)
         return losses
 
     parallel.accumulate_gradients = failing
 
 
+def fake_gpus() -> list[int]:
+    """Install the stand-ins; returns the list that each step's host syncs are added to."""
+    import fakecupy
+    import fakenccl
+
+    fakecupy.install()
+    fakenccl.install(gpus=2)
+    syncs: list[int] = []
+    real = trainer.train_step
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        fakecupy.stats.reset()
+        out = real(*args, **kwargs)
+        syncs.append(fakecupy.stats.syncs)
+        return out
+
+    trainer.train_step = counted
+    return syncs
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     split = args.index("--")
-    if args[:split][:1] == ["--fault"]:
-        kind, step = args[1].split(":")
-        inject(kind, int(step))
-    sys.exit(main(args[split + 1 :]))
+    options = args[:split]
+    syncs = fake_gpus() if "--fake-gpu" in options else None
+    if "--fault" in options:
+        kind, step = options[options.index("--fault") + 1].split(":")
+        inject(kind, int(step), syncs is not None)
+    code = main(args[split + 1 :])
+    if syncs is not None:
+        import fakenccl
+
+        rank = MPITransport().rank
+        print(f"rank {rank} syncs per step: {syncs}", flush=True)
+        print(f"rank {rank} nccl calls: {sorted(fakenccl.calls.items())}", flush=True)
+    sys.exit(code)
