@@ -22,18 +22,24 @@ def _import_cupy() -> Any:
     if _cupy is None and _cupy_error is None:
         try:
             _cupy = importlib.import_module("cupy")
-        except ImportError as e:  # not installed, or its CUDA libraries are missing
-            _cupy_error = str(e) or type(e).__name__
+        except Exception as e:  # noqa: BLE001  (not installed, or its CUDA libraries fail to load)
+            _cupy_error = f"{type(e).__name__}: {e}"
     return _cupy
 
 
 def _set_cupy_module(module: Any) -> Any:
     """Use ``module`` as CuPy (a stand-in in tests; None forgets it); returns the previous."""
-    global _cupy, _cupy_error, _bf16_works, _bf16_error
+    global _cupy, _cupy_error, _bf16_works, _bf16_error, _bf16_arrays
     previous = _cupy
     _cupy, _cupy_error = module, None
-    _bf16_works = _bf16_error = None  # probe the new module afresh
+    _bf16_works = _bf16_error = _bf16_arrays = None  # probe the new module afresh
     return previous
+
+
+def import_error() -> str | None:
+    """Why ``import cupy`` failed (None when it worked or has not been tried)."""
+    _import_cupy()
+    return _cupy_error
 
 
 def device_count() -> int:
@@ -157,6 +163,35 @@ def is_cupy(xp: Any) -> bool:
     return xp is (_cupy if _cupy is not None else _import_cupy())
 
 
+_bf16_arrays: tuple[bool, str | None] | None = None  # None: not probed yet
+
+
+def bf16_arrays_supported() -> tuple[bool, str | None]:
+    """Whether this CuPy holds bfloat16 arrays (``ml_dtypes.bfloat16``, experimental in
+    CuPy 14: needs NumPy >= 2.1.2 and may fail to compile its kernels with some CUDA
+    versions): (True, None), or (False, why). Probed once: a host bfloat16 array uploaded,
+    added to itself on the device, cast to float32 and read back, against the host's result.
+    Without bfloat16 arrays a model must stay in float32 on the GPU."""
+    global _bf16_arrays
+    if _bf16_arrays is None:
+        cp = require()
+        import ml_dtypes  # noqa: PLC0415  (a dependency of handgrad; only needed here)
+        import numpy as np  # noqa: PLC0415
+
+        host = (np.arange(-8, 8, dtype=np.float32) / 4).astype(ml_dtypes.bfloat16)
+        want = (host + host).astype(np.float32)
+        try:
+            d = cp.asarray(host)
+            got = cp.asnumpy((d + d).astype(np.float32))
+            back = cp.asnumpy(d)
+            ok = np.array_equal(got, want) and back.dtype == host.dtype
+            ok = ok and np.array_equal(back.view(np.uint16), host.view(np.uint16))
+            _bf16_arrays = (True, None) if ok else (False, f"wrong values: {got} vs {want}")
+        except Exception as e:  # noqa: BLE001  (any failure means: not usable here)
+            _bf16_arrays = (False, f"{type(e).__name__}: {e}"[:500])
+    return _bf16_arrays
+
+
 _bf16_on: bool | None = None  # None: from HANDGRAD_CUDA_BF16_MATMUL on first use
 _bf16_works: bool | None = None  # None: not probed yet
 _bf16_error: str | None = None
@@ -217,10 +252,66 @@ def _probe_bf16_matmul(cp: Any) -> tuple[bool, str | None]:
     return True, None
 
 
+def describe() -> dict[str, Any]:
+    """What a GPU report needs to be read alone: CuPy's, NumPy's and ml_dtypes' versions,
+    the CUDA runtime, driver and NVRTC versions, and each GPU's name, compute capability
+    and memory. Every entry that cannot be read holds the error instead; never raises."""
+    import numpy as np  # noqa: PLC0415
+
+    info: dict[str, Any] = {"numpy": np.__version__}
+    try:
+        import ml_dtypes  # noqa: PLC0415
+
+        info["ml_dtypes"] = ml_dtypes.__version__
+    except Exception as e:  # noqa: BLE001
+        info["ml_dtypes"] = f"{type(e).__name__}: {e}"
+    cp = _import_cupy()
+    if cp is None:
+        info["cupy"] = f"not importable: {_cupy_error}"
+        return info
+    info["cupy"] = getattr(cp, "__version__", "?")
+
+    def read(key: str, fn: Any) -> None:
+        try:
+            info[key] = fn()
+        except Exception as e:  # noqa: BLE001  (reported, not raised)
+            info[key] = f"{type(e).__name__}: {e}"[:300]
+
+    runtime = cp.cuda.runtime
+    read("cuda_runtime", lambda: _cuda_version(runtime.runtimeGetVersion()))
+    read("cuda_driver", lambda: _cuda_version(runtime.driverGetVersion()))
+    read("nvrtc", lambda: ".".join(map(str, cp.cuda.nvrtc.getVersion())))
+    read("device_count", device_count)
+
+    def gpus() -> list[dict[str, Any]]:
+        out = []
+        for i in range(device_count()):
+            props = runtime.getDeviceProperties(i)
+            name = props["name"]
+            free, total = cp.cuda.Device(i).mem_info
+            out.append({"name": name.decode() if isinstance(name, bytes) else str(name),
+                        "compute_capability": f"{props['major']}.{props['minor']}",
+                        "memory_gib": round(total / 2**30, 1),
+                        "free_gib": round(free / 2**30, 1)})  # fmt: skip
+        return out
+
+    read("gpus", gpus)
+    read("cupy_tf32_env", lambda: os.environ.get("CUPY_TF32"))
+    return info
+
+
+def _cuda_version(v: int) -> str:
+    """CUDA's integer version (1000 * major + 10 * minor) as "major.minor"."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
 __all__ = [
+    "bf16_arrays_supported",
     "bf16_matmul_enabled",
     "bf16_matmul_error",
+    "describe",
     "device_count",
+    "import_error",
     "is_available",
     "is_cupy",
     "kernels_enabled",

@@ -377,3 +377,24 @@ def test_gpu_bf16_linear_matches_float32() -> None:
     got = F.linear(hg.tensor(x).to("cuda", "bf16"), hg.tensor(w).to("cuda", "bf16"))
     want = F.linear(hg.tensor(x).to("bf16").float(), hg.tensor(w).to("bf16").float())
     _close(got.to("cpu").float().numpy(), want.numpy(), "bf16 linear", 2**-7)
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_tiled_attention_matches_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path a GPU takes above _DEVICE_KEEP_SCORES (tiles over all heads, p recomputed
+    in backward), forced at a smaller size, against the CPU."""
+    from handgrad.nn import attention as A
+
+    monkeypatch.setattr(A, "_DEVICE_KEEP_SCORES", 0)
+    rng = np.random.default_rng(13)
+    arrays = [_f32(rng, 2, 12, 512, 64) for _ in range(3)]
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    want, want_g = _run(attend, arrays, "cpu")
+    got, got_g = _run(attend, arrays, "cuda")
+    _close(got, want, "output", 1e-4)
+    for i, (g, w) in enumerate(zip(got_g, want_g)):
+        _close(g, w, f"grad {i}", 1e-4)
