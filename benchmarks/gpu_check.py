@@ -25,6 +25,10 @@ still leaves the others' results):
 
 Every part catches its own failure: the summary shows the error's last lines (a traceback,
 or the tail of the part's output when it ran out of time) and the JSON holds everything.
+Before the parts, a child process records the environment (Python, NumPy, ml_dtypes, CuPy,
+PyTorch, the CUDA runtime, driver and NVRTC versions, each GPU's name and memory, whether
+CuPy holds bfloat16 arrays); every GPU part also reports which code paths ran (kernels
+compiled, bfloat16 products, the attention path), also when it fails.
 
 The summary goes to stdout and, as JSON, to $OUT/gpu_check.json when $OUT is set (or to
 --json PATH). The GPU paths use the device API (``hg.device``, ``Tensor.to``, ``Module.to``,
@@ -34,6 +38,7 @@ The summary goes to stdout and, as JSON, to $OUT/gpu_check.json when $OUT is set
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -48,6 +53,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_check_probes import (  # noqa: E402  (benchmarks/ is put on the path just above)
+    attention_path,
+    environment,
+    gpu_state,
+    matmul_tflops,
+    model_dtype,
+    tf32_reaches_cublas,
+)
 
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100/H200 SXM
 
@@ -99,7 +113,13 @@ def part_cuda_tests(smoke: bool, budget: float) -> dict[str, Any]:
         ["tests/kernels", "tests/device"] if smoke else ["tests/kernels", "tests/device", "tests"]
     )
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *paths]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
+    if importlib.util.find_spec("pytest_timeout") is not None:  # one hung test is one failure
+        cmd.append(f"--timeout={max(10, int(budget / 3))}")
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired as e:
+        return {"ok": False, "error": f"pytest over its time budget of {budget:.0f} s",
+                "output_tail": _tail(e.stdout, e.stderr)}  # fmt: skip
     tail = (r.stdout + r.stderr).strip().splitlines()
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "deselected")}
     for n, word in re.findall(
@@ -154,25 +174,6 @@ def _error(e: BaseException) -> dict[str, Any]:
             "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
 
 
-def _tf32_reaches_cublas() -> dict[str, Any]:
-    """Whether ``set_matmul_precision("high")`` changed CuPy's float32 compute type to TF32
-    (and "highest" changed it back)."""
-    from handgrad.backend import cuda
-
-    try:
-        import cupy
-        from cupy._core import _routines_linalg as linalg
-
-        cuda.set_matmul_precision("high")
-        high = linalg.get_compute_type(cupy.float32)
-        cuda.set_matmul_precision("highest")
-        back = linalg.get_compute_type(cupy.float32)
-        ok = high == linalg.COMPUTE_TYPE_TF32 and back != linalg.COMPUTE_TYPE_TF32
-        return {"ok": bool(ok), "high": int(high), "highest": int(back)}
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
-
-
 def part_parity(smoke: bool, budget: float) -> dict[str, Any]:
     from handgrad.backend import cuda
 
@@ -197,7 +198,8 @@ def part_parity(smoke: bool, budget: float) -> dict[str, Any]:
     on = res["kernels_on"]
     res.update(ok=on["ok"], max_rel_diff=on.get("max_rel_diff"))
     if not smoke:
-        res["tf32"] = _tf32_reaches_cublas()
+        res["tf32"] = tf32_reaches_cublas()
+        res["gpu"] = gpu_state()
     return res
 
 
@@ -230,12 +232,14 @@ def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
     deadline = time.monotonic() + budget - 5
     device = _device(smoke)
     cfg, batches, T, steps = _throughput_shapes(smoke)
-    config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0})
+    dtype, why = model_dtype(device)
+    config = GPT2Config(**{**cfg, "dtype": dtype, "dropout": 0.0})
     hg.manual_seed(0)
     model = _to(GPT2(config), device)
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     tried: dict[int, str] = {}
+    extra = {"dtype": dtype, **({"bf16_arrays_error": why} if why else {})}
     for B in batches:
         try:
             x = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
@@ -271,44 +275,20 @@ def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
         return {"ok": True, "micro_batch": B, "seq_len": T, "steps": done, "tokens_per_s": tps,
                 "mfu": tps * fpt / H200_BF16_FLOPS, "flops_per_token": fpt,
                 "peak_device_bytes": _peak_device_bytes(device), "loss": float(loss.item()),
-                "tried": tried, **_gpu_paths(device)}  # fmt: skip
-    return {"ok": False, "error": f"no micro batch fits: {tried}", **_gpu_paths(device)}
+                "tried": tried, **extra, "attention": attention_path(config, B, T),
+                **_gpu_paths(device)}  # fmt: skip
+    return {"ok": False, "error": f"no micro batch fits: {tried}", **extra, **_gpu_paths(device)}
 
 
 def _gpu_paths(device: str) -> dict[str, Any]:
-    """Which GPU code paths ran: the CUDA kernels, bfloat16 products (or why not)."""
+    """Which GPU code paths ran (``gpu_state``) and the CuPy matmul rates."""
     if device == "cpu":
         return {}
-    from handgrad.backend import cuda
-
-    return {"kernels": cuda.kernels_enabled(), "bf16_matmul": cuda.bf16_matmul_enabled(),
-            "bf16_matmul_error": cuda.bf16_matmul_error(),
-            "cupy": getattr(cuda.require(), "__version__", None),
-            "matmul_tflops": _matmul_tflops()}  # fmt: skip
-
-
-def _matmul_tflops(n: int = 4096, reps: int = 5) -> dict[str, Any]:
-    """TFLOP/s of an (n, n) @ (n, n) CuPy product in float32 and in bfloat16: a bfloat16
-    product that runs far below the float32 one is not using tensor cores (set
-    HANDGRAD_CUDA_BF16_MATMUL=0 then)."""
-    import ml_dtypes
-
-    from handgrad.backend import cuda
-
-    cp, out = cuda.require(), {}
-    for name, dtype in (("float32", "float32"), ("bfloat16", ml_dtypes.bfloat16)):
-        try:
-            a = cp.ones((n, n), dtype="float32").astype(dtype)
-            a @ a  # warm-up: the cuBLAS handle and heuristics
-            cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ a
-            cuda.synchronize()
-            out[name] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-        except Exception as e:  # noqa: BLE001
-            out[name] = f"{type(e).__name__}: {e}"[:300]
-    return out
+    try:
+        tflops = matmul_tflops()
+    except Exception as e:  # noqa: BLE001  (reported; the part's own numbers stand)
+        tflops = f"{type(e).__name__}: {e}"[:300]
+    return {**gpu_state(), "matmul_tflops": tflops}
 
 
 def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
@@ -325,14 +305,16 @@ def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
     device = _device(smoke)
     cfg, _, T, _ = _throughput_shapes(smoke)
     B, steps = (2, 1) if smoke else (8, 2)
-    config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0})
+    dtype, _ = model_dtype(device)
+    config = GPT2Config(**{**cfg, "dtype": dtype, "dropout": 0.0})
     hg.manual_seed(0)
     model = _to(GPT2(config), device)
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     x = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
     y = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
-    res: dict[str, Any] = {"micro_batch": B, "seq_len": T}
+    res: dict[str, Any] = {"micro_batch": B, "seq_len": T, "dtype": dtype,
+                           "attention": attention_path(config, B, T)}  # fmt: skip
     for kernels in (True, False):
         name = "kernels_on" if kernels else "kernels_off"
         cuda.use_kernels(kernels)
@@ -407,8 +389,9 @@ def part_throughput_torch(smoke: bool, budget: float, micro_batch: int | None) -
         peak = torch.cuda.max_memory_reserved() if device == "cuda" else None
         return {"ok": True, "micro_batch": B, "seq_len": T, "steps": done, "tokens_per_s": tps,
                 "mfu": tps * flops_per_token(config, T) / H200_BF16_FLOPS,
-                "peak_device_bytes": peak, "loss": float(loss.item()), "tried": tried}  # fmt: skip
-    return {"ok": False, "error": f"no micro batch fits: {tried}"}
+                "peak_device_bytes": peak, "loss": float(loss.item()), "tried": tried,
+                "torch": torch.__version__, "torch_cuda": torch.version.cuda}  # fmt: skip
+    return {"ok": False, "error": f"no micro batch fits: {tried}", "torch": torch.__version__}
 
 
 # ----------------------------------------------------------------------------------------
@@ -491,7 +474,22 @@ def child(name: str, smoke: bool, budget: float, extra: dict[str, Any], result: 
         res = {"ok": False, "error": f"over its time budget of {budget:.0f} s: {e.cmd[:3]}"}
     except Exception as e:  # noqa: BLE001  (reported in the summary, not raised)
         res = _error(e)
+        if not smoke and name != "throughput_torch":
+            res["gpu"] = gpu_state()
     result.write_text(json.dumps(res, default=str))
+
+
+def run_environment(timeout: float = 60) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--environment"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"over {timeout:.0f} s", "output_tail": _tail(e.stdout, e.stderr)}
+    lines = r.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"exit status {r.returncode}", "output_tail": _tail(r.stdout, r.stderr)}
 
 
 def _fmt(v: Any) -> str:
@@ -516,8 +514,15 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return results
 
 
-def print_summary(results: dict[str, dict[str, Any]], smoke: bool, total: float) -> None:
+def print_summary(
+    results: dict[str, dict[str, Any]],
+    smoke: bool,
+    total: float,
+    env: dict[str, Any] | None = None,
+) -> None:
     print(f"\n=== handgrad gpu_check {'(--cpu-smoke) ' if smoke else ''}in {total:.0f} s ===")
+    if env is not None:
+        print("[env ] " + ", ".join(f"{k}={_fmt(v)}" for k, v in env.items() if k != "output_tail"))
     for name, res in results.items():
         status = "ok  " if res.get("ok") else "FAIL"
         keys = [k for k in res if k not in ("ok", "traceback", "losses_device", "losses_cpu",
@@ -543,12 +548,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--environment", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.environment:
+        print(json.dumps(environment(), default=str))
+        return 0
     if args.part:
         child(args.part, args.cpu_smoke, args.budget, json.loads(args.extra), args.result)
         return 0
     budgets = SMOKE_BUDGET if args.cpu_smoke else BUDGET
     t0 = time.perf_counter()
+    env = run_environment()
+    print("environment: " + ", ".join(f"{k}={_fmt(v)}" for k, v in env.items()), flush=True)
     results: dict[str, dict[str, Any]] = {}
     for name in args.parts:
         extra = {}
@@ -560,9 +571,9 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)  # fmt: skip
     results = summarize(results)
     total = time.perf_counter() - t0
-    print_summary(results, args.cpu_smoke, total)
-    summary = {"cpu_smoke": args.cpu_smoke, "total_s": total, "parts": results,
-               "all_ok": all(r.get("ok") for r in results.values())}  # fmt: skip
+    print_summary(results, args.cpu_smoke, total, env)
+    summary = {"cpu_smoke": args.cpu_smoke, "total_s": total, "environment": env,
+               "parts": results, "all_ok": all(r.get("ok") for r in results.values())}  # fmt: skip
     target = args.json or (
         Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None
     )

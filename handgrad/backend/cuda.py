@@ -14,6 +14,7 @@ from typing import Any
 
 _cupy: Any = None
 _cupy_error: str | None = None
+_device_error: str | None = None  # why CuPy counted no GPU, when it raised
 
 
 def _import_cupy() -> Any:
@@ -49,7 +50,9 @@ def device_count() -> int:
         return 0
     try:
         return int(cp.cuda.runtime.getDeviceCount())
-    except Exception:  # CUDARuntimeError: no driver, no device, or a broken install
+    except Exception as e:  # noqa: BLE001  (CUDARuntimeError: no driver, no device, a broken install)
+        global _device_error
+        _device_error = f"{type(e).__name__}: {e}"[:300]
         return 0
 
 
@@ -69,8 +72,10 @@ def require(index: int | None = None) -> Any:
         )
     n = device_count()
     if n == 0:
+        why = f": {_device_error}" if _device_error else ""
         raise RuntimeError(
-            "CUDA is not available: no GPU (CuPy is installed but finds no CUDA device or driver)"
+            "CUDA is not available: no GPU (CuPy is installed but finds no CUDA device or "
+            f"driver{why})"
         )
     i = 0 if index is None else index
     if not 0 <= i < n:
