@@ -48,10 +48,11 @@ def device_count() -> int:
     cp = _import_cupy()
     if cp is None:
         return 0
+    global _device_error
+    _device_error = None
     try:
         return int(cp.cuda.runtime.getDeviceCount())
     except Exception as e:  # noqa: BLE001  (CUDARuntimeError: no driver, no device, a broken install)
-        global _device_error
         _device_error = f"{type(e).__name__}: {e}"[:300]
         return 0
 
@@ -105,8 +106,9 @@ def set_matmul_precision(precision: str) -> None:
 
     CuPy reads ``CUPY_TF32`` when a dtype's cuBLAS compute type is first needed, so the
     variable is set for that, and the compute type of float32 is set directly where this
-    CuPy exposes it (a cached choice would otherwise win). Without CuPy only the variable
-    changes: a no-op on the CPU. (Untested on a GPU.)"""
+    CuPy exposes it (``cupy._core._routines_linalg.set_compute_type``, in CuPy 13 and 14; a
+    cached choice would otherwise win). Without CuPy or a GPU only the variable changes: a
+    no-op on the CPU. (Untested on a GPU.)"""
     if precision not in _PRECISIONS:
         raise ValueError(
             f"set_matmul_precision: expected one of {list(_PRECISIONS)}, got {precision!r}"
@@ -114,7 +116,7 @@ def set_matmul_precision(precision: str) -> None:
     tf32 = precision == "high"
     os.environ["CUPY_TF32"] = "1" if tf32 else "0"
     cp = _import_cupy()
-    if cp is None:
+    if cp is None or device_count() == 0:  # TF32 is set after asking the GPU's capability
         return
     try:
         linalg = importlib.import_module("cupy._core._routines_linalg")

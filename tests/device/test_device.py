@@ -132,6 +132,26 @@ def test_bf16_arrays_probe(monkeypatch: pytest.MonkeyPatch) -> None:
         assert ok is False and why == "TypeError: Unsupported dtype bfloat16"
 
 
+def test_matmul_precision_with_cupy_but_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CuPy's TF32 setter asks the GPU for its capability: without a GPU only CUPY_TF32 is
+    set, and nothing raises (the error there was cudaErrorInsufficientDriver)."""
+
+    def no_driver() -> int:
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    fake = type(fakecupy.namespace)("nodriver")
+    fake.cuda = type(fakecupy.namespace.cuda)(runtime=type(fakecupy.namespace.cuda)())
+    fake.cuda.runtime.getDeviceCount = no_driver
+    monkeypatch.setattr(cuda, "_cupy", fake)
+    monkeypatch.setenv("CUPY_TF32", "0")
+    cuda.set_matmul_precision("high")
+    assert cuda.os.environ["CUPY_TF32"] == "1"
+    cuda.set_matmul_precision("highest")
+    assert cuda.os.environ["CUPY_TF32"] == "0"
+    with pytest.raises(RuntimeError, match="no GPU .*cudaErrorInsufficientDriver"):
+        cuda.require()
+
+
 def test_missing_gpu_index_is_named() -> None:
     with fakecupy.installed():
         assert cuda.is_available() and cuda.device_count() == 1
