@@ -119,7 +119,8 @@ def set_matmul_precision(precision: str) -> None:
     if cp is None or device_count() == 0:  # TF32 is set after asking the GPU's capability
         return
     try:
-        linalg = importlib.import_module("cupy._core._routines_linalg")
+        # the module of the CuPy in use (a stand-in has none: it is left alone)
+        linalg = importlib.import_module(f"{cp.__name__}._core._routines_linalg")
         kind = linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT
         linalg.set_compute_type(cp.float32, kind)
     except (ImportError, AttributeError):  # a CuPy without the setter, or a stand-in
