@@ -58,6 +58,7 @@ def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path: Path) -> No
     )  # fmt: skip
     assert results["throughput_ratio"]["handgrad_over_torch_tokens_per_s"] == 0.5
     assert results["throughput_ratio"]["memory_ratio"] == 0.5
+    assert results["throughput_ratio"]["memory_within_1.2x"] is True
     gpu_check.print_summary(results, smoke=True, total=1.0)
 
 
