@@ -14,10 +14,11 @@ still leaves the others' results):
                   kernels on; when that fails, again with them off, so that a kernel bug does
                   not hide whether the device plumbing works. Also whether
                   ``set_matmul_precision("high")`` reached cuBLAS (TF32)
-  c. throughput   GPT-2 124M, bfloat16 parameters, T = 1024, the largest micro batch of
-                  32 / 16 / 8 that fits, kernels on: tokens/s, MFU (against 989 TFLOP/s dense
-                  bf16, FLOPs per token from handgrad.models.gpt2.flops_per_token), peak
-                  device memory and whether linear multiplied in bfloat16; then
+  c. throughput   GPT-2 124M, bfloat16 parameters, T = 1024, micro batch 16 (the shape of
+                  the memory target: <= 1.2x PyTorch's peak), 8 if 16 does not fit, kernels
+                  on: tokens/s, MFU (against 989 TFLOP/s dense bf16, FLOPs per token from
+                  handgrad.models.gpt2.flops_per_token), peak device memory, the attention
+                  path and whether linear multiplied in bfloat16; then
                   ``kernels_ratio``, a short run at micro batch 8 with kernels on and off;
                   beside PyTorch eager (benchmarks/torch_gpt2.py) on the same shapes
   d. shakespeare  configs/shakespeare-char.toml on the GPU: wall time and final val loss
@@ -31,6 +32,10 @@ still leaves the others' results):
 
 Every part catches its own failure: the summary shows the error's last lines (a traceback,
 or the tail of the part's output when it ran out of time) and the JSON holds everything.
+Before the parts, a child process records the environment (Python, NumPy, ml_dtypes, CuPy,
+PyTorch, the CUDA runtime, driver and NVRTC versions, each GPU's name and memory, whether
+CuPy holds bfloat16 arrays); every GPU part also reports which code paths ran (kernels
+compiled, bfloat16 products, the attention path), also when it fails.
 
 The summary goes to stdout and, as JSON, to $OUT/gpu_check.json when $OUT is set (or to
 --json PATH). The GPU paths use the device API (``hg.device``, ``Tensor.to``, ``Module.to``,
@@ -40,22 +45,32 @@ The summary goes to stdout and, as JSON, to $OUT/gpu_check.json when $OUT is set
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_check_nccl import part_nccl  # noqa: E402, F401  (run_part finds part_*)
+from gpu_check_probes import (  # noqa: E402
+    attention_path,
+    environment,
+    error_record,
+    gpu_state,
+    matmul_tflops,
+    model_dtype,
+    output_tail,
+    tf32_reaches_cublas,
+)
 
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100/H200 SXM
 
@@ -107,7 +122,13 @@ def part_cuda_tests(smoke: bool, budget: float) -> dict[str, Any]:
         ["tests/kernels", "tests/device"] if smoke else ["tests/kernels", "tests/device", "tests"]
     )
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *paths]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
+    if importlib.util.find_spec("pytest_timeout") is not None:  # one hung test is one failure
+        cmd.append(f"--timeout={max(10, int(budget / 3))}")
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired as e:
+        return {"ok": False, "error": f"pytest over its time budget of {budget:.0f} s",
+                "output_tail": output_tail(e.stdout, e.stderr)}  # fmt: skip
     tail = (r.stdout + r.stderr).strip().splitlines()
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "deselected")}
     for n, word in re.findall(
@@ -156,31 +177,6 @@ def _train_losses(device: str, steps: int, cfg: dict[str, Any], batch: int, dead
     return losses
 
 
-def _error(e: BaseException) -> dict[str, Any]:
-    """A failure as the summary shows it: the error and the last lines of its traceback."""
-    return {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000],
-            "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
-
-
-def _tf32_reaches_cublas() -> dict[str, Any]:
-    """Whether ``set_matmul_precision("high")`` changed CuPy's float32 compute type to TF32
-    (and "highest" changed it back)."""
-    from handgrad.backend import cuda
-
-    try:
-        import cupy
-        from cupy._core import _routines_linalg as linalg
-
-        cuda.set_matmul_precision("high")
-        high = linalg.get_compute_type(cupy.float32)
-        cuda.set_matmul_precision("highest")
-        back = linalg.get_compute_type(cupy.float32)
-        ok = high == linalg.COMPUTE_TYPE_TF32 and back != linalg.COMPUTE_TYPE_TF32
-        return {"ok": bool(ok), "high": int(high), "highest": int(back)}
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
-
-
 def part_parity(smoke: bool, budget: float) -> dict[str, Any]:
     from handgrad.backend import cuda
 
@@ -198,14 +194,15 @@ def part_parity(smoke: bool, budget: float) -> dict[str, Any]:
             rel = max(abs(a - b) / abs(b) for a, b in zip(dev, cpu))
             res[name] = {"ok": rel <= 1e-4, "max_rel_diff": rel, "losses_device": dev}
         except Exception as e:  # noqa: BLE001  (reported; the other setting still runs)
-            res[name] = _error(e)
+            res[name] = error_record(e)
         print(f"{name}: {res[name]}", flush=True)
         if res[name]["ok"]:
             break  # kernels on and matching: nothing more to learn from kernels off
     on = res["kernels_on"]
     res.update(ok=on["ok"], max_rel_diff=on.get("max_rel_diff"))
     if not smoke:
-        res["tf32"] = _tf32_reaches_cublas()
+        res["tf32"] = tf32_reaches_cublas()
+        res["gpu"] = gpu_state()
     return res
 
 
@@ -221,7 +218,7 @@ def _throughput_shapes(smoke: bool) -> tuple[dict[str, Any], list[int], int, int
     from handgrad.models.gpt2 import GPT2Config
 
     cfg = GPT2Config.from_preset("gpt2-124m").to_dict()
-    return cfg, [32, 16, 8], 1024, 10
+    return cfg, [16, 8], 1024, 10
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -238,12 +235,14 @@ def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
     deadline = time.monotonic() + budget - 5
     device = _device(smoke)
     cfg, batches, T, steps = _throughput_shapes(smoke)
-    config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0})
+    dtype, why = model_dtype(device)
+    config = GPT2Config(**{**cfg, "dtype": dtype, "dropout": 0.0})
     hg.manual_seed(0)
     model = _to(GPT2(config), device)
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     tried: dict[int, str] = {}
+    extra = {"dtype": dtype, **({"bf16_arrays_error": why} if why else {})}
     for B in batches:
         try:
             x = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
@@ -279,44 +278,20 @@ def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
         return {"ok": True, "micro_batch": B, "seq_len": T, "steps": done, "tokens_per_s": tps,
                 "mfu": tps * fpt / H200_BF16_FLOPS, "flops_per_token": fpt,
                 "peak_device_bytes": _peak_device_bytes(device), "loss": float(loss.item()),
-                "tried": tried, **_gpu_paths(device)}  # fmt: skip
-    return {"ok": False, "error": f"no micro batch fits: {tried}", **_gpu_paths(device)}
+                "tried": tried, **extra, "attention": attention_path(config, B, T),
+                **_gpu_paths(device)}  # fmt: skip
+    return {"ok": False, "error": f"no micro batch fits: {tried}", **extra, **_gpu_paths(device)}
 
 
 def _gpu_paths(device: str) -> dict[str, Any]:
-    """Which GPU code paths ran: the CUDA kernels, bfloat16 products (or why not)."""
+    """Which GPU code paths ran (``gpu_state``) and the CuPy matmul rates."""
     if device == "cpu":
         return {}
-    from handgrad.backend import cuda
-
-    return {"kernels": cuda.kernels_enabled(), "bf16_matmul": cuda.bf16_matmul_enabled(),
-            "bf16_matmul_error": cuda.bf16_matmul_error(),
-            "cupy": getattr(cuda.require(), "__version__", None),
-            "matmul_tflops": _matmul_tflops()}  # fmt: skip
-
-
-def _matmul_tflops(n: int = 4096, reps: int = 5) -> dict[str, Any]:
-    """TFLOP/s of an (n, n) @ (n, n) CuPy product in float32 and in bfloat16: a bfloat16
-    product that runs far below the float32 one is not using tensor cores (set
-    HANDGRAD_CUDA_BF16_MATMUL=0 then)."""
-    import ml_dtypes
-
-    from handgrad.backend import cuda
-
-    cp, out = cuda.require(), {}
-    for name, dtype in (("float32", "float32"), ("bfloat16", ml_dtypes.bfloat16)):
-        try:
-            a = cp.ones((n, n), dtype="float32").astype(dtype)
-            a @ a  # warm-up: the cuBLAS handle and heuristics
-            cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ a
-            cuda.synchronize()
-            out[name] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-        except Exception as e:  # noqa: BLE001
-            out[name] = f"{type(e).__name__}: {e}"[:300]
-    return out
+    try:
+        tflops = matmul_tflops()
+    except Exception as e:  # noqa: BLE001  (reported; the part's own numbers stand)
+        tflops = f"{type(e).__name__}: {e}"[:300]
+    return {**gpu_state(), "matmul_tflops": tflops}
 
 
 def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
@@ -333,14 +308,16 @@ def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
     device = _device(smoke)
     cfg, _, T, _ = _throughput_shapes(smoke)
     B, steps = (2, 1) if smoke else (8, 2)
-    config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0})
+    dtype, _ = model_dtype(device)
+    config = GPT2Config(**{**cfg, "dtype": dtype, "dropout": 0.0})
     hg.manual_seed(0)
     model = _to(GPT2(config), device)
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     x = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
     y = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
-    res: dict[str, Any] = {"micro_batch": B, "seq_len": T}
+    res: dict[str, Any] = {"micro_batch": B, "seq_len": T, "dtype": dtype,
+                           "attention": attention_path(config, B, T)}  # fmt: skip
     for kernels in (True, False):
         name = "kernels_on" if kernels else "kernels_off"
         cuda.use_kernels(kernels)
@@ -359,7 +336,7 @@ def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
                     done, dt = done + 1, dt + time.perf_counter() - t0
             res[name] = {"steps": done, "tokens_per_s": B * T * done / dt if done else None}
         except Exception as e:  # noqa: BLE001
-            res[name] = _error(e)
+            res[name] = error_record(e)
         print(f"{name}: {res[name]}", flush=True)
     on, off = res["kernels_on"].get("tokens_per_s"), res["kernels_off"].get("tokens_per_s")
     res["on_over_off"] = on / off if on and off else None
@@ -415,8 +392,9 @@ def part_throughput_torch(smoke: bool, budget: float, micro_batch: int | None) -
         peak = torch.cuda.max_memory_reserved() if device == "cuda" else None
         return {"ok": True, "micro_batch": B, "seq_len": T, "steps": done, "tokens_per_s": tps,
                 "mfu": tps * flops_per_token(config, T) / H200_BF16_FLOPS,
-                "peak_device_bytes": peak, "loss": float(loss.item()), "tried": tried}  # fmt: skip
-    return {"ok": False, "error": f"no micro batch fits: {tried}"}
+                "peak_device_bytes": peak, "loss": float(loss.item()), "tried": tried,
+                "torch": torch.__version__, "torch_cuda": torch.version.cuda}  # fmt: skip
+    return {"ok": False, "error": f"no micro batch fits: {tried}", "torch": torch.__version__}
 
 
 # ----------------------------------------------------------------------------------------
@@ -453,158 +431,6 @@ def part_shakespeare(smoke: bool, budget: float) -> dict[str, Any]:
             "device": _device(smoke)}  # fmt: skip
 
 
-NCCL_CONFIG = """
-[model]
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 16
-dropout = 0.0
-[data]
-source = "{source}"
-tokenizer = "char"
-val_fraction = 0.1
-[optim]
-lr = 3e-3
-warmup_steps = 2
-[train]
-max_steps = 10
-micro_batch_size = 4
-log_interval = 5
-checkpoint_interval = 0
-sample_tokens = 0
-[eval]
-interval = 10
-batches = 2
-"""
-
-
-def _mpi_launcher() -> str | None:
-    """mpirun (or mpiexec) next to this Python or on PATH; None when there is none."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return shutil.which("mpirun", path=path) or shutil.which("mpiexec", path=path)
-
-
-def part_nccl(smoke: bool, budget: float) -> dict[str, Any]:
-    import importlib.util
-
-    if importlib.util.find_spec("mpi4py") is None:
-        return {"ok": True, "skipped": "no mpi4py"}
-    launcher = _mpi_launcher()
-    if launcher is None:
-        return {"ok": True, "skipped": "no MPI launcher (mpirun / mpiexec)"}
-    ranks = 2 if smoke else 1  # one GPU here: NCCL refuses two ranks on one GPU
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [launcher, "-n", str(ranks)]
-        if smoke:
-            cmd.append("--oversubscribe")  # Open MPI's (the venv's wheel) on a small CPU
-        cmd += [sys.executable, __file__, "--nccl-rank", tmp]
-        if smoke:
-            cmd.append("--cpu-smoke")
-        env = {**os.environ, "HANDGRAD_CACHE": tmp, "OMP_NUM_THREADS": "1",
-               "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-        # its own process group, so that a hung job is killed whole (launcher and ranks)
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-        try:
-            output, _ = p.communicate(timeout=max(budget - 5, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            try:
-                output, _ = p.communicate(timeout=5)
-            except subprocess.TimeoutExpired:
-                output = ""
-            return {"ok": False, "error": f"mpirun -n {ranks} over {budget - 5:.0f} s",
-                    "output_tail": _tail(output, None)}  # fmt: skip
-        result = Path(tmp) / "nccl_result.json"
-        if not result.is_file():
-            return {"ok": False, "error": f"exit status {p.returncode}, no result",
-                    "output_tail": _tail(output, None)}  # fmt: skip
-        res = json.loads(result.read_text())
-    res["ranks"] = ranks
-    res["ok"] = p.returncode == 0 and res.get("ok", False)
-    if p.returncode != 0:
-        res["output_tail"] = _tail(output, None)
-    return res
-
-
-def nccl_rank(smoke: bool, tmp: Path) -> int:
-    """One rank of ``part_nccl``'s MPI job: the collectives, then 10 training steps; rank 0
-    writes ``tmp/nccl_result.json``."""
-    import numpy as np
-
-    if smoke:  # the stand-ins, with two fake GPUs
-        sys.path.insert(0, str(ROOT / "tests"))
-        import fakecupy
-        import fakenccl
-
-        fakecupy.install()
-        fakenccl.install(gpus=2)
-    import handgrad.distributed as dist
-    from handgrad.backend import cuda
-    from handgrad.cli import main as cli
-
-    res: dict[str, Any] = {"ok": False}
-    try:
-        g = dist.init_process_group("nccl")
-        cp = cuda.require(g.device_index)
-        P, r = g.world_size, g.rank
-        res["device_index"] = g.device_index
-        checks = {}
-        with cp.cuda.Device(g.device_index):
-            a = cp.full(5, r + 1, dtype=cp.float32)
-            g.all_reduce(a)
-            checks["all_reduce"] = a.get().tolist() == [P * (P + 1) / 2] * 5
-            a = cp.full(3, 2.0 * (r + 1), dtype=cp.float64)
-            g.all_reduce(a, op="avg")
-            checks["all_reduce_avg"] = bool(np.allclose(a.get(), P + 1))
-            a = cp.full(3, r, dtype=cp.float32)
-            g.all_reduce(a, op="max")
-            checks["all_reduce_max"] = a.get().tolist() == [P - 1] * 3
-            a = cp.full(4, r + 1, dtype=cp.float32)
-            g.reduce(a, dst=0)
-            checks["reduce"] = a.get().tolist() == [P * (P + 1) / 2 if r == 0 else r + 1] * 4
-            a = cp.arange(4, dtype=cp.float32) + 10 * r
-            g.broadcast(a, src=0)
-            checks["broadcast"] = a.get().tolist() == [0, 1, 2, 3]
-            a = cp.arange(3 * P, dtype=cp.float32) * (r + 1)
-            out = cp.empty(3, dtype=cp.float32)
-            g.reduce_scatter(out, a)
-            want = np.arange(3 * r, 3 * r + 3) * (P * (P + 1) / 2)
-            checks["reduce_scatter"] = out.get().tolist() == want.tolist()
-            out = cp.empty(2 * P, dtype=cp.float32)
-            g.all_gather(out, cp.full(2, r, dtype=cp.float32))
-            checks["all_gather"] = out.get().tolist() == [q for q in range(P) for _ in (0, 1)]
-            host = np.full(2, r + 1.0)
-            g.all_reduce(host)  # a host array: over MPI
-            checks["host_all_reduce"] = host.tolist() == [P * (P + 1) / 2] * 2
-            g.barrier()
-        res["checks"] = checks
-        corpus = tmp / "corpus.txt"
-        if r == 0:
-            corpus.write_text("The quick brown fox jumps over the lazy dog. " * 400)
-        g.barrier()
-        config = tmp / f"nccl_{r}.toml"
-        config.write_text(NCCL_CONFIG.format(source=corpus))
-        run = tmp / "run"
-        t0 = time.perf_counter()
-        code = cli(["train", str(config), "--out", str(run), "--set", "train.device=cuda",
-                    "--no-progress"])  # fmt: skip
-        res["train_s"] = time.perf_counter() - t0
-        res["train_exit"] = code
-        if r == 0 and code == 0:
-            recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            res["train_losses"] = [rec["train_loss"] for rec in recs]
-        res["ok"] = all(checks.values()) and code == 0 and bool(res.get("train_losses", r))
-    except Exception as e:  # noqa: BLE001  (reported in the summary)
-        res.update(_error(e))
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return 0 if res["ok"] else 1
-    (tmp / "nccl_result.json").write_text(json.dumps(res, default=str))
-    return 0 if res["ok"] else 1
-
-
 # ----------------------------------------------------------------------------------------
 # the driver: each part in a child process with a time limit
 
@@ -625,20 +451,14 @@ def run_part(name: str, smoke: bool, budget: float, extra: dict[str, Any]) -> di
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=budget + 30)
         except subprocess.TimeoutExpired as e:
             return {"ok": False, "error": f"over its time budget of {budget:.0f} s",
-                    "time_s": budget, "output_tail": _tail(e.stdout, e.stderr)}  # fmt: skip
+                    "time_s": budget, "output_tail": output_tail(e.stdout, e.stderr)}  # fmt: skip
         out = {"time_s": round(time.perf_counter() - t0, 1)}
         if result.is_file():
             out.update(json.loads(result.read_text()))
         else:  # killed (out of memory, a crash in a CUDA library ...) before it wrote
             out.update(ok=False, error=f"exit status {r.returncode}",
-                       output_tail=_tail(r.stdout, r.stderr))  # fmt: skip
+                       output_tail=output_tail(r.stdout, r.stderr))  # fmt: skip
         return out
-
-
-def _tail(stdout: Any, stderr: Any, chars: int = 3000) -> str:
-    """The last ``chars`` characters of a child's output (str or bytes, either may be None)."""
-    parts = [p.decode(errors="replace") if isinstance(p, bytes) else p for p in (stdout, stderr)]
-    return "\n".join(p for p in parts if p)[-chars:]
 
 
 def child(name: str, smoke: bool, budget: float, extra: dict[str, Any], result: Path) -> None:
@@ -650,8 +470,26 @@ def child(name: str, smoke: bool, budget: float, extra: dict[str, Any], result: 
     except subprocess.TimeoutExpired as e:
         res = {"ok": False, "error": f"over its time budget of {budget:.0f} s: {e.cmd[:3]}"}
     except Exception as e:  # noqa: BLE001  (reported in the summary, not raised)
-        res = _error(e)
+        res = error_record(e)
+        if not smoke and name != "throughput_torch":
+            res["gpu"] = gpu_state()
     result.write_text(json.dumps(res, default=str))
+
+
+def run_environment(timeout: float = 60) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--environment"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"over {timeout:.0f} s", "output_tail": output_tail(e.stdout, e.stderr)}
+    lines = r.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {
+            "error": f"exit status {r.returncode}",
+            "output_tail": output_tail(r.stdout, r.stderr),
+        }
 
 
 def _fmt(v: Any) -> str:
@@ -673,11 +511,21 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "memory_ratio": (h["peak_device_bytes"] / t["peak_device_bytes"]
                              if h.get("peak_device_bytes") and t.get("peak_device_bytes") else None),
         }  # fmt: skip
+        ratio = results["throughput_ratio"]["memory_ratio"]
+        if ratio is not None and same:  # the target: at most 1.2x PyTorch's peak memory
+            results["throughput_ratio"]["memory_within_1.2x"] = ratio <= 1.2
     return results
 
 
-def print_summary(results: dict[str, dict[str, Any]], smoke: bool, total: float) -> None:
+def print_summary(
+    results: dict[str, dict[str, Any]],
+    smoke: bool,
+    total: float,
+    env: dict[str, Any] | None = None,
+) -> None:
     print(f"\n=== handgrad gpu_check {'(--cpu-smoke) ' if smoke else ''}in {total:.0f} s ===")
+    if env is not None:
+        print("[env ] " + ", ".join(f"{k}={_fmt(v)}" for k, v in env.items() if k != "output_tail"))
     for name, res in results.items():
         status = "ok  " if res.get("ok") else "FAIL"
         keys = [k for k in res if k not in ("ok", "traceback", "losses_device", "losses_cpu",
@@ -703,15 +551,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
-    ap.add_argument("--nccl-rank", type=Path, help=argparse.SUPPRESS)  # a rank of part nccl
+    ap.add_argument("--environment", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.nccl_rank:
-        return nccl_rank(args.cpu_smoke, args.nccl_rank)
+    if args.environment:
+        print(json.dumps(environment(), default=str))
+        return 0
     if args.part:
         child(args.part, args.cpu_smoke, args.budget, json.loads(args.extra), args.result)
         return 0
     budgets = SMOKE_BUDGET if args.cpu_smoke else BUDGET
     t0 = time.perf_counter()
+    env = run_environment()
+    print("environment: " + ", ".join(f"{k}={_fmt(v)}" for k, v in env.items()), flush=True)
     results: dict[str, dict[str, Any]] = {}
     for name in args.parts:
         extra = {}
@@ -723,9 +574,9 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)  # fmt: skip
     results = summarize(results)
     total = time.perf_counter() - t0
-    print_summary(results, args.cpu_smoke, total)
-    summary = {"cpu_smoke": args.cpu_smoke, "total_s": total, "parts": results,
-               "all_ok": all(r.get("ok") for r in results.values())}  # fmt: skip
+    print_summary(results, args.cpu_smoke, total, env)
+    summary = {"cpu_smoke": args.cpu_smoke, "total_s": total, "environment": env,
+               "parts": results, "all_ok": all(r.get("ok") for r in results.values())}  # fmt: skip
     target = args.json or (
         Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None
     )

@@ -333,6 +333,11 @@ def get_array_module(*args: Any) -> Any:
     return namespace if any(isinstance(a, ndarray) for a in args) else np
 
 
+# keywords NumPy takes and CuPy 14 refuses (its documentation: "out, order and casting
+# options are not supported" for einsum)
+_REFUSED_KWARGS = {"einsum": {"out", "order", "casting"}}
+
+
 class _Namespace(types.ModuleType):
     """Every NumPy function, taking and giving device arrays."""
 
@@ -344,6 +349,9 @@ class _Namespace(types.ModuleType):
             return attr  # dtypes, constants
 
         def function(*args: Any, **kwargs: Any) -> Any:
+            refused = sorted(set(kwargs) & _REFUSED_KWARGS.get(name, set()))
+            if refused:  # as CuPy refuses them: a NumPy-only keyword must not pass here
+                raise TypeError(f"Did not understand the following kwargs: {refused}")
             if "out" in kwargs and kwargs["out"] is not None:
                 out = kwargs.pop("out")
                 kwargs = _unwrap(kwargs, name)

@@ -28,7 +28,10 @@ def test_cpu_smoke_runs_every_part(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "=== handgrad gpu_check (--cpu-smoke)" in r.stdout
+    assert "[env ] python=" in r.stdout
     summary = json.loads(out.read_text())
+    env = summary["environment"]
+    assert env["numpy"] and env["python"] and "cupy" in env and "torch" in env
     assert summary["cpu_smoke"] is True and summary["all_ok"] is True
     res = summary["parts"]
     assert set(parts) <= set(res)
@@ -55,4 +58,46 @@ def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path: Path) -> No
     )  # fmt: skip
     assert results["throughput_ratio"]["handgrad_over_torch_tokens_per_s"] == 0.5
     assert results["throughput_ratio"]["memory_ratio"] == 0.5
+    assert results["throughput_ratio"]["memory_within_1.2x"] is True
     gpu_check.print_summary(results, smoke=True, total=1.0)
+
+
+def test_probes_report_instead_of_raising() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check_probes as probes
+
+    from handgrad.backend import cuda
+
+    state = probes.gpu_state()
+    assert isinstance(state["kernels"], bool) and isinstance(state["kernels_compiled"], list)
+    assert probes.model_dtype("cpu") == ("bfloat16", None)
+    if not cuda.is_available():
+        tf32 = probes.tf32_reaches_cublas()  # no GPU: an error entry, not an exception
+        assert tf32["ok"] is False and tf32["error"]
+
+
+def test_reported_attention_path_is_the_one_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu_check names the attention path by the rule of scaled_dot_product_attention: the
+    two agree, on a device below and above _DEVICE_KEEP_SCORES."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO / "tests"))
+    import fakecupy
+    import gpu_check_probes as probes
+    import numpy as np
+
+    import handgrad as hg
+    import handgrad.nn.functional as F
+    from handgrad.models.gpt2 import GPT2Config
+    from handgrad.nn import attention as A
+
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=32)
+    monkeypatch.setattr(A, "_ATTN_BATCH_ALL", 100)
+    fakecupy.reference_kernels(monkeypatch)
+    with fakecupy.installed(kernels=True):
+        for keep, want in ((10**6, "_AttentionUntiled"), (200, "_AttentionTiled")):
+            monkeypatch.setattr(A, "_DEVICE_KEEP_SCORES", keep)
+            q = hg.tensor(np.ones((3, 2, 16, 4), np.float32)).to("cuda").requires_grad_()
+            node = F.scaled_dot_product_attention(q, q, q, is_causal=True)._ctx
+            reported = probes.attention_path(config, 3, 16)
+            assert type(node).__name__ == want
+            assert reported.startswith("untiled" if want == "_AttentionUntiled" else "tiled")

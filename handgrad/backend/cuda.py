@@ -14,6 +14,7 @@ from typing import Any
 
 _cupy: Any = None
 _cupy_error: str | None = None
+_device_error: str | None = None  # why CuPy counted no GPU, when it raised
 
 
 def _import_cupy() -> Any:
@@ -22,18 +23,24 @@ def _import_cupy() -> Any:
     if _cupy is None and _cupy_error is None:
         try:
             _cupy = importlib.import_module("cupy")
-        except ImportError as e:  # not installed, or its CUDA libraries are missing
-            _cupy_error = str(e) or type(e).__name__
+        except Exception as e:  # noqa: BLE001  (not installed, or its CUDA libraries fail to load)
+            _cupy_error = f"{type(e).__name__}: {e}"
     return _cupy
 
 
 def _set_cupy_module(module: Any) -> Any:
     """Use ``module`` as CuPy (a stand-in in tests; None forgets it); returns the previous."""
-    global _cupy, _cupy_error, _bf16_works, _bf16_error
+    global _cupy, _cupy_error, _bf16_works, _bf16_error, _bf16_arrays
     previous = _cupy
     _cupy, _cupy_error = module, None
-    _bf16_works = _bf16_error = None  # probe the new module afresh
+    _bf16_works = _bf16_error = _bf16_arrays = None  # probe the new module afresh
     return previous
+
+
+def import_error() -> str | None:
+    """Why ``import cupy`` failed (None when it worked or has not been tried)."""
+    _import_cupy()
+    return _cupy_error
 
 
 def device_count() -> int:
@@ -41,9 +48,12 @@ def device_count() -> int:
     cp = _import_cupy()
     if cp is None:
         return 0
+    global _device_error
+    _device_error = None
     try:
         return int(cp.cuda.runtime.getDeviceCount())
-    except Exception:  # CUDARuntimeError: no driver, no device, or a broken install
+    except Exception as e:  # noqa: BLE001  (CUDARuntimeError: no driver, no device, a broken install)
+        _device_error = f"{type(e).__name__}: {e}"[:300]
         return 0
 
 
@@ -63,8 +73,10 @@ def require(index: int | None = None) -> Any:
         )
     n = device_count()
     if n == 0:
+        why = f": {_device_error}" if _device_error else ""
         raise RuntimeError(
-            "CUDA is not available: no GPU (CuPy is installed but finds no CUDA device or driver)"
+            "CUDA is not available: no GPU (CuPy is installed but finds no CUDA device or "
+            f"driver{why})"
         )
     i = 0 if index is None else index
     if not 0 <= i < n:
@@ -94,8 +106,9 @@ def set_matmul_precision(precision: str) -> None:
 
     CuPy reads ``CUPY_TF32`` when a dtype's cuBLAS compute type is first needed, so the
     variable is set for that, and the compute type of float32 is set directly where this
-    CuPy exposes it (a cached choice would otherwise win). Without CuPy only the variable
-    changes: a no-op on the CPU. (Untested on a GPU.)"""
+    CuPy exposes it (``cupy._core._routines_linalg.set_compute_type``, in CuPy 13 and 14; a
+    cached choice would otherwise win). Without CuPy or a GPU only the variable changes: a
+    no-op on the CPU. (Untested on a GPU.)"""
     if precision not in _PRECISIONS:
         raise ValueError(
             f"set_matmul_precision: expected one of {list(_PRECISIONS)}, got {precision!r}"
@@ -103,10 +116,11 @@ def set_matmul_precision(precision: str) -> None:
     tf32 = precision == "high"
     os.environ["CUPY_TF32"] = "1" if tf32 else "0"
     cp = _import_cupy()
-    if cp is None:
+    if cp is None or device_count() == 0:  # TF32 is set after asking the GPU's capability
         return
     try:
-        linalg = importlib.import_module("cupy._core._routines_linalg")
+        # the module of the CuPy in use (a stand-in has none: it is left alone)
+        linalg = importlib.import_module(f"{cp.__name__}._core._routines_linalg")
         kind = linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT
         linalg.set_compute_type(cp.float32, kind)
     except (ImportError, AttributeError):  # a CuPy without the setter, or a stand-in
@@ -155,6 +169,35 @@ def is_cupy(xp: Any) -> bool:
     if xp is None or getattr(xp, "__name__", "") == "numpy":
         return False
     return xp is (_cupy if _cupy is not None else _import_cupy())
+
+
+_bf16_arrays: tuple[bool, str | None] | None = None  # None: not probed yet
+
+
+def bf16_arrays_supported() -> tuple[bool, str | None]:
+    """Whether this CuPy holds bfloat16 arrays (``ml_dtypes.bfloat16``, experimental in
+    CuPy 14: needs NumPy >= 2.1.2 and may fail to compile its kernels with some CUDA
+    versions): (True, None), or (False, why). Probed once: a host bfloat16 array uploaded,
+    added to itself on the device, cast to float32 and read back, against the host's result.
+    Without bfloat16 arrays a model must stay in float32 on the GPU."""
+    global _bf16_arrays
+    if _bf16_arrays is None:
+        cp = require()
+        import ml_dtypes  # noqa: PLC0415  (a dependency of handgrad; only needed here)
+        import numpy as np  # noqa: PLC0415
+
+        host = (np.arange(-8, 8, dtype=np.float32) / 4).astype(ml_dtypes.bfloat16)
+        want = (host + host).astype(np.float32)
+        try:
+            d = cp.asarray(host)
+            got = cp.asnumpy((d + d).astype(np.float32))
+            back = cp.asnumpy(d)
+            ok = np.array_equal(got, want) and back.dtype == host.dtype
+            ok = ok and np.array_equal(back.view(np.uint16), host.view(np.uint16))
+            _bf16_arrays = (True, None) if ok else (False, f"wrong values: {got} vs {want}")
+        except Exception as e:  # noqa: BLE001  (any failure means: not usable here)
+            _bf16_arrays = (False, f"{type(e).__name__}: {e}"[:500])
+    return _bf16_arrays
 
 
 _bf16_on: bool | None = None  # None: from HANDGRAD_CUDA_BF16_MATMUL on first use
@@ -217,10 +260,66 @@ def _probe_bf16_matmul(cp: Any) -> tuple[bool, str | None]:
     return True, None
 
 
+def describe() -> dict[str, Any]:
+    """What a GPU report needs to be read alone: CuPy's, NumPy's and ml_dtypes' versions,
+    the CUDA runtime, driver and NVRTC versions, and each GPU's name, compute capability
+    and memory. Every entry that cannot be read holds the error instead; never raises."""
+    import numpy as np  # noqa: PLC0415
+
+    info: dict[str, Any] = {"numpy": np.__version__}
+    try:
+        import ml_dtypes  # noqa: PLC0415
+
+        info["ml_dtypes"] = ml_dtypes.__version__
+    except Exception as e:  # noqa: BLE001
+        info["ml_dtypes"] = f"{type(e).__name__}: {e}"
+    cp = _import_cupy()
+    if cp is None:
+        info["cupy"] = f"not importable: {_cupy_error}"
+        return info
+    info["cupy"] = getattr(cp, "__version__", "?")
+
+    def read(key: str, fn: Any) -> None:
+        try:
+            info[key] = fn()
+        except Exception as e:  # noqa: BLE001  (reported, not raised)
+            info[key] = f"{type(e).__name__}: {e}"[:300]
+
+    runtime = cp.cuda.runtime
+    read("cuda_runtime", lambda: _cuda_version(runtime.runtimeGetVersion()))
+    read("cuda_driver", lambda: _cuda_version(runtime.driverGetVersion()))
+    read("nvrtc", lambda: ".".join(map(str, cp.cuda.nvrtc.getVersion())))
+    read("device_count", device_count)
+
+    def gpus() -> list[dict[str, Any]]:
+        out = []
+        for i in range(device_count()):
+            props = runtime.getDeviceProperties(i)
+            name = props["name"]
+            free, total = cp.cuda.Device(i).mem_info
+            out.append({"name": name.decode() if isinstance(name, bytes) else str(name),
+                        "compute_capability": f"{props['major']}.{props['minor']}",
+                        "memory_gib": round(total / 2**30, 1),
+                        "free_gib": round(free / 2**30, 1)})  # fmt: skip
+        return out
+
+    read("gpus", gpus)
+    read("cupy_tf32_env", lambda: os.environ.get("CUPY_TF32"))
+    return info
+
+
+def _cuda_version(v: int) -> str:
+    """CUDA's integer version (1000 * major + 10 * minor) as "major.minor"."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
 __all__ = [
+    "bf16_arrays_supported",
     "bf16_matmul_enabled",
     "bf16_matmul_error",
+    "describe",
     "device_count",
+    "import_error",
     "is_available",
     "is_cupy",
     "kernels_enabled",

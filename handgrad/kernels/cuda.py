@@ -20,14 +20,28 @@ import numpy as np
 from handgrad.backend import cuda
 from handgrad.kernels.cuda_sources import SOURCES
 
+# NVRTC options of every kernel. CuPy adds the rest itself: -arch=sm_XY for the current
+# GPU's compute capability (sm_90 on an H100/H200; NVRTC 13 builds machine code up to
+# sm_121, so no PTX is left for the driver to compile), -ftz=true (denormals flushed to zero:
+# no kernel here depends on values below 1.2e-38) and --device-as-default-execution-space.
+# C++17 is NVRTC's default dialect since CUDA 11 and nvcc's, which the tests compile with.
+NVRTC_OPTIONS = ("--std=c++17",)
+
 _compiled: dict[str, Any] = {}
 
 
 def _kernel(name: str) -> Any:
+    """Kernel ``name``, compiled by NVRTC the first time it is asked for (CuPy caches the
+    binary on disk, ~/.cupy/kernel_cache, and per device)."""
     if name not in _compiled:
         cp = cuda.require()
-        _compiled[name] = cp.RawKernel(SOURCES[name], name, options=("--std=c++14",))
+        _compiled[name] = cp.RawKernel(SOURCES[name], name, options=NVRTC_OPTIONS)
     return _compiled[name]
+
+
+def compiled() -> list[str]:
+    """The names of the kernels compiled in this process so far (which ones have run)."""
+    return sorted(_compiled)
 
 
 def _check(name: str, **arrays: Any) -> Any:
@@ -260,11 +274,13 @@ def adamw_flat(
 
 
 __all__ = [
+    "NVRTC_OPTIONS",
     "adamw_flat",
     "attention_backward",
     "attention_forward",
     "causal_softmax_backward",
     "causal_softmax_forward",
+    "compiled",
     "cross_entropy_backward",
     "cross_entropy_forward",
     "embedding_backward",

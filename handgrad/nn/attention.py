@@ -37,6 +37,10 @@ from handgrad.tensor import Tensor
 
 _ATTN_TILE = 128  # query rows (forward) or key columns (backward) per score tile
 _ATTN_BATCH_ALL = 1 << 20  # up to this many scores in all, the untiled path runs
+# On a GPU the untiled path keeps p, (..., L, S) float32, from forward to backward; above
+# this many scores (256 MB of p per call) the tiled path runs there instead (see
+# ``scaled_dot_product_attention`` for the memory this saves).
+_DEVICE_KEEP_SCORES = 1 << 26
 _SOFTMAX_NO_SHIFT = 64.0  # e^64 ~ 6e27: a sum of 2^30 of them is still far below float32's max
 
 
@@ -264,13 +268,17 @@ class _AttentionTiled(_Attention):
     # With is_causal, query i sees keys j <= i: tiles skip the keys (queries) that lie wholly
     # in the future (past), which halves the work, and only tiles crossing the diagonal are
     # masked.
+    # On a GPU (any namespace but NumPy) all heads form one item, so that each tile is one
+    # batched product and a few elementwise kernels over (..., tile, S) rather than a launch
+    # per head: a tile of the 124M model at B = 16 is (16, 12, 128, 1024) float32, 100 MB.
     def forward(self, q, k, v, mask, is_causal, scale, dropout_p, gen):
         lead, L, S = self._setup(q, k, v, mask, is_causal, scale, dropout_p)
         self.tile = _ATTN_TILE
-        self.items = list(itertools.product(*map(range, lead)))
+        self.per_item = 1 if B.is_numpy(self.xp) else math.prod(lead)  # (batch, head)s
+        self.items = list(itertools.product(*map(range, lead))) if self.per_item == 1 else [()]
         if dropout_p > 0:
             self.seeds = dict(zip(self.items, gen.integers(2**63, size=len(self.items))))
-        size = min(self.tile, L) * S
+        size = min(self.tile, L) * S * self.per_item
         work = L * S * math.prod(lead)
         _threads.map_items(
             self.xp, self._forward_item, self.items, size, 1, q.dtype, uses_blas=True, work=work
@@ -299,7 +307,7 @@ class _AttentionTiled(_Attention):
         xp, q, k, v = self.xp, self.q, self.k, self.v
         dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
         each_item = partial(self._backward_item, g=g, dq=dq, dk=dk, dv=dv)
-        size = q.shape[-2] * min(self.tile, k.shape[-2])
+        size = q.shape[-2] * min(self.tile, k.shape[-2]) * self.per_item
         work = self.lse.size * k.shape[-2]  # number of scores
         _threads.map_items(xp, each_item, self.items, size, 2, q.dtype, uses_blas=True, work=work)
         return dq, dk, dv
@@ -396,11 +404,29 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}"
         )
-    small = math.prod(lead) * L * S <= _ATTN_BATCH_ALL
-    # on a GPU the fused softmax kernels run in the untiled path at every size: tiles would
-    # cost a kernel launch per head and tile, and a GPU holds the (..., L, L) scores
-    if not small and _causal_kernels(q.data, k.data, v.data, mask, is_causal, dropout_p, True):
-        small = True
+    scores = math.prod(lead) * L * S
+    small = scores <= _ATTN_BATCH_ALL
+    # On a GPU the untiled path with the fused softmax kernels runs up to _DEVICE_KEEP_SCORES
+    # scores, the tiled one (all heads per tile, p recomputed in backward) above: the p that
+    # the untiled path keeps for backward would dominate a GPU's memory. GPT-2 124M, bfloat16
+    # parameters, B = 16, T = 1024, 12 layers of 12 heads:
+    #   p kept per layer: 16 * 12 * 1024 * 1024 scores * 4 B = 805 MB; 12 layers: 9.7 GB;
+    #   the rest of a layer's saved activations (float32 q, k, v 151 MB; layer norm inputs
+    #   2 * 50 MB; GELU input 201 MB; linear inputs 176 MB in bfloat16, 352 MB in float32):
+    #   0.63 - 0.8 GB, 12 layers: 7.6 - 9.6 GB; logits (16384 x 50304) bfloat16 1.65 GB and
+    #   their float32 copy 3.3 GB; bf16 parameters 0.25 GB, float32 master weights,
+    #   gradients and AdamW m, v 2.0 GB.
+    # Peak: ~ 9.7 + 7.6 + 5.0 + 2.2 = 24.5 GB untiled; tiled keeps out and lse instead of p
+    # (51 MB a layer): ~ 15.4 GB. PyTorch eager with flash SDPA keeps no T x T matrix:
+    # ~ 34 B T C bytes = 0.43 GB a layer (5.1 GB), bf16 parameters, gradients and AdamW
+    # state 1.0 GB, logits, log-softmax and gradient ~ 5 GB: ~ 11 GB. Untiled is ~ 2.2x
+    # that, tiled ~ 1.4x; the rest of the gap is float32 copies of 16-bit activations, not
+    # attention. Tiled costs one more q k^T product in backward (~ 1% of the step's FLOPs).
+    device = not B.is_numpy(get_array_module(q.data, k.data, v.data))
+    if device and not small:
+        small = scores <= _DEVICE_KEEP_SCORES and bool(
+            _causal_kernels(q.data, k.data, v.data, mask, is_causal, dropout_p, True)
+        )
     path = _AttentionUntiled if small else _AttentionTiled
     return path.apply(
         q,

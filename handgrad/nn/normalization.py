@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from handgrad import backend as B
 from handgrad.backend import get_array_module
 from handgrad.function import Function
 from handgrad.kernels.dispatch import cuda_kernels, f32
@@ -45,15 +46,22 @@ class _LayerNorm(Function):
         self.mu = xp.empty((x2.shape[0], 1), dtype=x.dtype)
         self.rstd = xp.empty_like(self.mu)
         y = xp.empty_like(x2)
+        host = B.is_numpy(xp)
 
         def block(rows):
             xs, ys, mu, rstd = x2[rows], y[rows], self.mu[rows], self.rstd[rows]
             # an einsum, not a GEMV: BLAS may round a row's sum differently depending on how
             # many rows share the call, and a row's output must not depend on its batch
-            xp.einsum("ij->i", xs, out=mu[:, 0])
+            if host:
+                xp.einsum("ij->i", xs, out=mu[:, 0])
+            else:  # CuPy's einsum takes no out=
+                mu[:, 0] = xp.einsum("ij->i", xs)
             mu *= 1.0 / n
             xp.subtract(xs, mu, out=ys)  # xc
-            xp.einsum("ij,ij->i", ys, ys, out=rstd[:, 0])  # n var
+            if host:
+                xp.einsum("ij,ij->i", ys, ys, out=rstd[:, 0])  # n var
+            else:
+                rstd[:, 0] = xp.einsum("ij,ij->i", ys, ys)
             rstd *= 1.0 / n
             rstd += eps
             xp.sqrt(rstd, out=rstd)

@@ -92,6 +92,66 @@ def test_cuda_without_gpu_says_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         to_device(np.ones(2), device("cuda:0"))
 
 
+def test_a_cupy_that_fails_to_load_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only ImportError: a CuPy whose CUDA libraries do not match raises others."""
+
+    def broken(name: str) -> None:
+        raise OSError("libnvrtc.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(cuda, "_cupy", None)
+    monkeypatch.setattr(cuda, "_cupy_error", None)
+    monkeypatch.setattr(cuda.importlib, "import_module", broken)
+    assert cuda.is_available() is False
+    assert cuda.import_error() == "OSError: libnvrtc.so.13: cannot open shared object file"
+    with pytest.raises(RuntimeError, match="no CuPy .* OSError: libnvrtc"):
+        cuda.require()
+    info = cuda.describe()
+    assert info["cupy"].startswith("not importable: OSError") and "numpy" in info
+
+
+def test_describe_reports_what_it_cannot_read() -> None:
+    with fakecupy.installed():  # the stand-in has no runtime versions nor device properties
+        info = cuda.describe()
+    assert info["device_count"] == 1 and info["numpy"] == np.__version__
+    for key in ("cuda_runtime", "cuda_driver", "gpus"):
+        assert "Error" in info[key], (key, info[key])
+
+
+def test_bf16_arrays_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    with fakecupy.installed():
+        assert cuda.bf16_arrays_supported() == (True, None)
+    with fakecupy.installed() as cp:
+
+        def refuse(a, *args, **kwargs):
+            if a.dtype.name == "bfloat16":
+                raise TypeError("Unsupported dtype bfloat16")
+            return fakecupy.asarray(a, *args, **kwargs)
+
+        monkeypatch.setattr(cp, "asarray", refuse)
+        ok, why = cuda.bf16_arrays_supported()
+        assert ok is False and why == "TypeError: Unsupported dtype bfloat16"
+
+
+def test_matmul_precision_with_cupy_but_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CuPy's TF32 setter asks the GPU for its capability: without a GPU only CUPY_TF32 is
+    set, and nothing raises (the error there was cudaErrorInsufficientDriver)."""
+
+    def no_driver() -> int:
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    fake = type(fakecupy.namespace)("nodriver")
+    fake.cuda = type(fakecupy.namespace.cuda)(runtime=type(fakecupy.namespace.cuda)())
+    fake.cuda.runtime.getDeviceCount = no_driver
+    monkeypatch.setattr(cuda, "_cupy", fake)
+    monkeypatch.setenv("CUPY_TF32", "0")
+    cuda.set_matmul_precision("high")
+    assert cuda.os.environ["CUPY_TF32"] == "1"
+    cuda.set_matmul_precision("highest")
+    assert cuda.os.environ["CUPY_TF32"] == "0"
+    with pytest.raises(RuntimeError, match="no GPU .*cudaErrorInsufficientDriver"):
+        cuda.require()
+
+
 def test_missing_gpu_index_is_named() -> None:
     with fakecupy.installed():
         assert cuda.is_available() and cuda.device_count() == 1

@@ -116,6 +116,38 @@ def test_causal_attention(calls, shape) -> None:
     assert calls["causal_softmax_forward"] == calls["causal_softmax_backward"] == 1
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_large_attention_on_a_device_is_tiled_over_all_heads_at_once(
+    calls, monkeypatch, mask: bool
+) -> None:
+    """Above _DEVICE_KEEP_SCORES the device keeps no (..., L, S) probabilities: the tiled
+    path runs, each tile one batched product over every (batch, head)."""
+    from handgrad.nn import attention as A
+
+    monkeypatch.setattr(A, "_ATTN_BATCH_ALL", 0)  # the CPU tiles too, one head per item
+    monkeypatch.setattr(A, "_DEVICE_KEEP_SCORES", 100)  # (2, 3, 12, 12) has 864 scores
+    monkeypatch.setattr(A, "_ATTN_TILE", 5)  # 3 tiles, the last one short
+    items = []
+    forward_item = A._AttentionTiled._forward_item
+    monkeypatch.setattr(A._AttentionTiled, "_forward_item",
+                        lambda self, item, buf: (items.append(item), forward_item(self, item, buf)))  # fmt: skip
+    rng = np.random.default_rng(8)
+    q, k, v = (_f32(rng, 2, 3, 12, 4) for _ in range(3))
+    if mask:
+        allowed = rng.random((12, 12)) < 0.7
+        np.fill_diagonal(allowed, True)  # no fully masked row
+        attend = lambda a, b, c: F.scaled_dot_product_attention(  # noqa: E731
+            a, b, c, attn_mask=hg.tensor(allowed).to(a.device)
+        )
+    else:
+        attend = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
+    fakecupy.stats.reset()
+    _same_as_cpu(attend, [q, k, v])
+    assert "causal_softmax_forward" not in calls
+    assert () in items and items.count(()) == 1  # the device run: one item, all heads
+    assert len(items) == 1 + 2 * 3  # the CPU run: one item per (batch, head)
+
+
 def test_attention_with_a_mask_takes_the_generic_path(calls) -> None:
     rng = np.random.default_rng(6)
     q, k, v = (_f32(rng, 2, 6, 4) for _ in range(3))
@@ -345,3 +377,24 @@ def test_gpu_bf16_linear_matches_float32() -> None:
     got = F.linear(hg.tensor(x).to("cuda", "bf16"), hg.tensor(w).to("cuda", "bf16"))
     want = F.linear(hg.tensor(x).to("bf16").float(), hg.tensor(w).to("bf16").float())
     _close(got.to("cpu").float().numpy(), want.numpy(), "bf16 linear", 2**-7)
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_tiled_attention_matches_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path a GPU takes above _DEVICE_KEEP_SCORES (tiles over all heads, p recomputed
+    in backward), forced at a smaller size, against the CPU."""
+    from handgrad.nn import attention as A
+
+    monkeypatch.setattr(A, "_DEVICE_KEEP_SCORES", 0)
+    rng = np.random.default_rng(13)
+    arrays = [_f32(rng, 2, 12, 512, 64) for _ in range(3)]
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    want, want_g = _run(attend, arrays, "cpu")
+    got, got_g = _run(attend, arrays, "cuda")
+    _close(got, want, "output", 1e-4)
+    for i, (g, w) in enumerate(zip(got_g, want_g)):
+        _close(g, w, f"grad {i}", 1e-4)

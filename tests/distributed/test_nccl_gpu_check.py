@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_check  # noqa: E402
+import gpu_check_nccl  # noqa: E402
 
 
 def test_the_nccl_part_on_the_stand_ins(mpirun, tmp_path) -> None:
@@ -38,8 +38,8 @@ def test_the_nccl_part_on_the_stand_ins(mpirun, tmp_path) -> None:
 
 
 def test_without_a_launcher_the_part_is_skipped(monkeypatch) -> None:
-    monkeypatch.setattr(gpu_check, "_mpi_launcher", lambda: None)
-    res = gpu_check.part_nccl(smoke=True, budget=30)
+    monkeypatch.setattr(gpu_check_nccl, "_mpi_launcher", lambda: None)
+    res = gpu_check_nccl.part_nccl(smoke=True, budget=30)
     if "mpi4py" in res.get("skipped", ""):
         assert res == {"ok": True, "skipped": "no mpi4py"}
     else:

@@ -41,6 +41,41 @@ def test_source_compiles_with_nvcc(name: str, tmp_path: Path) -> None:
     assert re.search(rf"\.entry\s+{name}\s*\(", ptx.read_text()), f"no entry {name} in the PTX"
 
 
+def _nvrtc() -> object | None:
+    """CuPy's NVRTC bindings when CuPy imports and its NVRTC library loads (no GPU needed)."""
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception:  # noqa: BLE001  (no CuPy, or no NVRTC library for it)
+        return None
+    return nvrtc
+
+
+NVRTC = _nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="no CuPy with a loadable NVRTC")
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_source_compiles_with_nvrtc_as_cupy_compiles_it(name: str) -> None:
+    """What ``cupy.RawKernel(..., options=K.NVRTC_OPTIONS)`` runs on an H100/H200: handgrad's
+    options plus the ones CuPy 14 adds, for sm_90 (machine code) and compute_90 (PTX)."""
+    added = ["--device-as-default-execution-space", "-ftz=true"]
+    for arch, out in (("-arch=sm_90", NVRTC.getCUBIN), ("-arch=compute_90", NVRTC.getPTX)):
+        prog = NVRTC.createProgram(SOURCES[name], f"{name}.cu", [], [])
+        try:
+            NVRTC.compileProgram(prog, [*K.NVRTC_OPTIONS, *added, arch])
+        except Exception as e:  # noqa: BLE001  (the log says why)
+            pytest.fail(f"NVRTC {NVRTC.getVersion()} failed on {name} ({arch}): {e}\n"
+                        f"{NVRTC.getProgramLog(prog)}")  # fmt: skip
+        binary = out(prog)
+        NVRTC.destroyProgram(prog)
+        assert len(binary) > 0
+        if arch.endswith("compute_90"):
+            text = binary.decode() if isinstance(binary, bytes) else binary
+            assert re.search(rf"\.entry\s+{name}\s*\(", text), f"no entry {name} in the PTX"
+
+
 # ---- launch arguments against the declared parameters, without a GPU
 
 _C_TYPES = {
