@@ -125,7 +125,8 @@ def train_sets(
 class Probe:
     """Instruments this process's training (every rank installs one): the wall time of each
     ``train_step`` (rank 0 of forked ranks, every MPI rank), the time inside the gradient
-    collectives during each step (``GradientReducer.reduce``; for ZeRO-1 the reduce-scatter
+    collectives during each step (``GradientReducer.reduce``, or its hooks, ``flush`` and
+    ``wait`` when the reduction overlaps backward; for ZeRO-1 the reduce-scatter
     and the parameters' all-gather), peak RSS after the last step
     (before the final checkpoint, whose gathering of ZeRO's state is not a training cost) and
     the optimizer's state bytes. A forked worker has no ``train_step``: its collective time is
