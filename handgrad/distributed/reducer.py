@@ -169,6 +169,11 @@ class GradientReducer:
                     f"a gradient from more than the {self._backwards} backward passes of "
                     "arm(); its bucket may be reducing already"
                 )
+            if self._bucket_of[i] < len(self._work):  # flush() sent it without this gradient
+                raise RuntimeError(
+                    f"GradientReducer: parameter {i} (shape {tuple(self.params[i].shape)}) got "
+                    "its gradient after flush() had started its bucket"
+                )
             self._missing[self._bucket_of[i]] -= 1
             # bucket k starts only after buckets < k: the same order on every rank
             while len(self._work) < len(self.buckets) and not self._missing[len(self._work)]:

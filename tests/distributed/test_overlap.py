@@ -148,6 +148,10 @@ def test_a_second_gradient_while_armed_and_wait_before_flush_are_errors():
     _backward(model, 0)
     with pytest.raises(RuntimeError, match="more than the 1 backward passes of arm"):
         _backward(model, 1)
+    reducer.arm()
+    reducer.flush()  # too early: the backward has not run
+    with pytest.raises(RuntimeError, match=r"after flush\(\) had started its bucket"):
+        _backward(model, 1)
     reducer.detach()
     reducer.arm()
     _backward(model, 1)  # detached: the hooks are gone
