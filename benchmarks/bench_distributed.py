@@ -12,16 +12,21 @@ often in a ring all-reduce), so transports and rank counts compare on one scale.
 rows come from the same measurement run by every rank under ``mpirun -n P`` (skipped when
 mpi4py or mpirun is missing).
 
-``--train-steps N`` also trains for N steps and reports, for four ways to run the same
+``--train-steps N`` also trains for N steps and reports, for the ways to run the same
 global batch (one process; ``[train] processes = P`` forked local ranks; ``mpirun -n P``
-MPI ranks; the same with ``[train] zero = 1``), each run in fresh processes:
+MPI ranks, whose gradient reduction overlaps backward; the same with the reduction after
+backward; overlapped without polling the requests from the hooks; ``[train] zero = 1``;
+``--ways`` picks some), each run in fresh processes:
 
 - tokens/s over steps 2 .. N (the first warms up), from rank 0's ``train_step`` times;
 - comm share per rank: time inside the gradient collectives (``GradientReducer.reduce``;
+  overlapped: the hooks that pack and start buckets and poll them, ``flush`` and ``wait``;
   ZeRO-1's reduce-scatter and parameter all-gather; neither counts the one-number
   all-reduces of the losses or of ZeRO's gradient norm) / rank 0's step time.
   Forked ranks reduce to rank 0, MPI ranks all-reduce; either way the time includes waiting
   for the slower rank to arrive;
+- tail share per rank: the part of it after backward (``reduce``, or ``flush`` + ``wait``),
+  which is what the overlap can hide;
 - peak RSS per rank (``getrusage`` ru_maxrss after the last step, before the final
   checkpoint; forked ranks share the parameters' pages, counted in each);
 - optimizer state per rank: AdamW's moments and fp32 masters (ZeRO-1: this rank's shards).
@@ -44,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +125,8 @@ def train_sets(
 class Probe:
     """Instruments this process's training (every rank installs one): the wall time of each
     ``train_step`` (rank 0 of forked ranks, every MPI rank), the time inside the gradient
-    collectives during each step (``GradientReducer.reduce``; for ZeRO-1 the reduce-scatter
+    collectives during each step (``GradientReducer.reduce``, or its hooks, ``flush`` and
+    ``wait`` when the reduction overlaps backward; for ZeRO-1 the reduce-scatter
     and the parameters' all-gather), peak RSS after the last step
     (before the final checkpoint, whose gathering of ZeRO's state is not a training cost) and
     the optimizer's state bytes. A forked worker has no ``train_step``: its collective time is
@@ -130,7 +137,8 @@ class Probe:
         self.out, self.rank = out, 0
         self.step_s: list[float] = []  # per train_step (or worker _step)
         self.comm_s: list[float] = []  # collective time inside each of them
-        self._comm = 0.0
+        self.tail_s: list[float] = []  # the part of it after backward
+        self._comm = self._tail = 0.0
         self.peak_rss = 0
         self.state_bytes = 0
 
@@ -138,26 +146,40 @@ class Probe:
         from handgrad.distributed.reducer import FlatShards, GradientReducer
         from handgrad.train import parallel, trainer
 
-        def timed(fn):  # noqa: ANN001, ANN202
+        def timed(fn, tail=False):  # noqa: ANN001, ANN202
             def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
                 start = time.perf_counter()
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    self._comm += time.perf_counter() - start
+                    took = time.perf_counter() - start
+                    self._comm += took
+                    self._tail += took if tail else 0.0
 
             return wrapper
 
-        GradientReducer.reduce = timed(GradientReducer.reduce)
+        real_hook = GradientReducer._hook
+        GradientReducer._hook = lambda reducer, i: timed(real_hook(reducer, i))
+        for name in ("reduce", "flush", "wait"):
+            setattr(GradientReducer, name, timed(getattr(GradientReducer, name), tail=True))
+        overlap, poll = (os.environ.get("HANDGRAD_BENCH_OVERLAP", "on:poll") + ":").split(":")[:2]
+        real_init = parallel.DistributedDataParallel.__init__
+
+        def init(dp, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            real_init(dp, *args, **{"overlap": overlap == "on", **kwargs})
+            dp.reducer.poll = poll == "poll"
+
+        parallel.DistributedDataParallel.__init__ = init
         FlatShards.reduce_scatter_gradients = timed(FlatShards.reduce_scatter_gradients)
         FlatShards.all_gather_parameters = timed(FlatShards.all_gather_parameters)
         real_step = trainer.train_step
 
         def train_step(optimizer, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-            comm, start = self._comm, time.perf_counter()
+            comm, tail, start = self._comm, self._tail, time.perf_counter()
             result = real_step(optimizer, *args, **kwargs)
             self.step_s.append(time.perf_counter() - start)
             self.comm_s.append(self._comm - comm)
+            self.tail_s.append(self._tail - tail)
             self.peak_rss = peak_rss_bytes()
             self.state_bytes = optimizer_state_bytes(optimizer)
             return result
@@ -169,11 +191,12 @@ class Probe:
         )
 
         def worker_step(dp):  # noqa: ANN001, ANN202
-            comm, start = self._comm, time.perf_counter()
+            comm, tail, start = self._comm, self._tail, time.perf_counter()
             losses = real_inner(dp)
             if dp._forked and dp.group.rank > 0 and losses:
                 self.step_s.append(time.perf_counter() - start)
                 self.comm_s.append(self._comm - comm)
+                self.tail_s.append(self._tail - tail)
             return losses
 
         def serve(dp, group):  # noqa: ANN001, ANN202
@@ -187,6 +210,7 @@ class Probe:
     def write(self) -> None:
         record = {
             "rank": self.rank, "step_s": self.step_s, "comm_s": self.comm_s,
+            "tail_s": self.tail_s,
             "peak_rss": self.peak_rss, "state_bytes": self.state_bytes,
         }  # fmt: skip
         (self.out / f"rank{self.rank}.json").write_text(json.dumps(record))
@@ -223,14 +247,17 @@ def probed_train(sets: list[str], out: Path) -> None:
     probe.write()
 
 
-def measure_training(ranks: str, sets: list[str], tokens_per_step: int) -> dict | None:
+def measure_training(
+    ranks: str, sets: list[str], tokens_per_step: int, overlap: str = "on:poll"
+) -> dict | None:
     """One training measurement in fresh processes (so peak RSS is this run's alone):
-    ``ranks`` "1", "local" (forked, ``sets`` has processes = P) or "mpi:P". Returns the
-    summary of the ranks' probes, or None when mpirun is missing or the run failed."""
+    ``ranks`` "1", "local" (forked, ``sets`` has processes = P) or "mpi:P"; ``overlap``
+    "on:poll", "on:nopoll" or "off" (the reduction after backward). Returns the summary of
+    the ranks' probes, or None when mpirun is missing or the run failed."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         cmd = [sys.executable, __file__, "--probe-train", str(out), *sets]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HANDGRAD_BENCH_OVERLAP": overlap}
         if ranks.startswith("mpi:"):
             mpirun = _mpirun()
             if mpirun is None:
@@ -259,6 +286,7 @@ def summarize(probes: list[dict], tokens_per_step: int) -> dict:
         "tokens_per_s": tokens_per_step * timed / step_s,
         "step_s": step_s / timed,
         "comm_share": [sum(p["comm_s"][1:]) / step_s for p in probes],
+        "tail_share": [sum(p["tail_s"][1:]) / step_s for p in probes],
         "peak_rss": [p["peak_rss"] for p in probes],
         "state_bytes": [p["state_bytes"] for p in probes],
     }
@@ -282,6 +310,13 @@ def main() -> None:
     ap.add_argument("--big-steps", type=int, default=2)
     ap.add_argument("--big-batch", type=int, default=2)
     ap.add_argument("--big-block", type=int, default=256)
+    ap.add_argument(
+        "--ways",
+        nargs="+",
+        choices=list(WAYS),
+        default=list(WAYS),
+        help="which training runs to make, in this order (default: all)",
+    )
     ap.add_argument("--mpi-rank", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--probe-train", nargs="+", help=argparse.SUPPRESS)  # out, sets
     args = ap.parse_args()
@@ -313,23 +348,41 @@ def main() -> None:
     if args.train_steps and args.big_steps:
         models.append(("124m", args.big_batch, args.big_block, args.big_steps))
     for model, batch, block, steps in models if args.train_steps else []:
-        print_training(model, batch, block, steps, args.ranks)
+        print_training(model, batch, block, steps, args.ranks, args.ways)
 
 
-def print_training(model: str, batch: int, block: int, steps: int, P: int) -> None:
-    """The training table of one model: 1 process, P forked ranks, P MPI ranks with and
-    without ZeRO-1, and how they compare with the targets."""
+# --ways: (row label with P for the rank count, how the ranks run, overlap)
+WAYS = {
+    "1": ("1 process", "1", "off"),
+    "local": ("{P} local ranks", "local", "off"),
+    "mpi": ("{P} MPI ranks", "mpi", "on:poll"),
+    "mpi-after": ("{P} MPI, after bwd", "mpi", "off"),
+    "mpi-nopoll": ("{P} MPI, no polling", "mpi", "on:nopoll"),
+    "zero": ("{P} MPI ranks ZeRO-1", "mpi", "off"),
+}
+
+
+def print_training(
+    model: str, batch: int, block: int, steps: int, P: int, ways: Sequence[str] = tuple(WAYS)
+) -> None:
+    """The training table of one model: the runs ``ways`` names (1 process, P forked ranks,
+    P MPI ranks with the reduction overlapped with backward, after it, overlapped without
+    polling, ZeRO-1), and how they compare with the targets."""
     sets = train_sets(model, batch, block, P, steps)
-    ways = [
-        ("1 process", "1", train_sets(model, batch, block, 1, steps)),
-        (f"{P} local ranks", "1", train_sets(model, batch, block, P, steps, processes=P)),
-        (f"{P} MPI ranks", f"mpi:{P}", sets),
-        (f"{P} MPI ranks ZeRO-1", f"mpi:{P}", [*sets, "train.zero=1"]),
-    ]
-    results = {name: measure_training(how, s, batch * block) for name, how, s in ways}
+    runs = {
+        "1": ("1", train_sets(model, batch, block, 1, steps)),
+        "local": ("1", train_sets(model, batch, block, P, steps, processes=P)),
+        "mpi": (f"mpi:{P}", sets),
+        "zero": (f"mpi:{P}", [*sets, "train.zero=1"]),
+    }
+    results = {}
+    for way in ways:
+        label, kind, overlap = WAYS[way]
+        how, s = runs[way if kind != "mpi" or way == "zero" else "mpi"]
+        results[label.format(P=P)] = measure_training(how, s, batch * block, overlap)
     print(f"\n{model}, global batch {batch} x {block}, {steps} steps (the first untimed):")
     print(
-        f"  {'':<22}{'tokens/s':>10}{'step s':>9}  {'comm share/rank':<17}"
+        f"  {'':<22}{'tokens/s':>10}{'step s':>9}  {'comm share/rank':<17}{'tail share':<13}"
         f"{'peak RSS MiB/rank':<20}{'optim state MiB/rank'}"
     )
     mib = 1 << 20
@@ -337,13 +390,21 @@ def print_training(model: str, batch: int, block: int, steps: int, P: int) -> No
         if r is None:
             print(f"  {name:<22}{'(mpirun missing or the run failed)':>10}")
             continue
-        share = " ".join(f"{x:.1%}" for x in r["comm_share"]) if "1 process" not in name else "-"
+        one = "1 process" in name
+        share = " ".join(f"{x:.1%}" for x in r["comm_share"]) if not one else "-"
+        tail = " ".join(f"{x:.1%}" for x in r["tail_share"]) if not one else "-"
         rss = " ".join(f"{x / mib:,.0f}" for x in r["peak_rss"])
         state = " ".join(f"{x / mib:,.1f}" for x in r["state_bytes"])
         print(
-            f"  {name:<22}{r['tokens_per_s']:>10,.0f}{r['step_s']:>9.2f}  {share:<17}{rss:<20}{state}"
+            f"  {name:<22}{r['tokens_per_s']:>10,.0f}{r['step_s']:>9.2f}  {share:<17}{tail:<13}"
+            f"{rss:<20}{state}"
         )
-    local, mpi, zero = (results[k] for k in list(results)[1:])
+    local, mpi, zero, after = (
+        results.get(WAYS[k][0].format(P=P)) for k in ("local", "mpi", "zero", "mpi-after")
+    )
+    if mpi and after:
+        ratio = mpi["tokens_per_s"] / after["tokens_per_s"]
+        print(f"  MPI overlapped / after backward tokens/s: {ratio:.2f}")
     if local and mpi:
         ratio = mpi["tokens_per_s"] / local["tokens_per_s"]
         print(f"  MPI / local tokens/s: {ratio:.2f} (target: within 10%, >= 0.90)")

@@ -4,10 +4,17 @@ Nodes are ops (``Function``, linked to their inputs' producers by ``parents``) a
 tensors that require grad. Each node's gradient is summed from its consumers before its own
 ``backward`` runs; leaves accumulate theirs into ``.grad``. No recursion, so a 1,000-layer
 chain does not hit Python's recursion limit.
+
+A leaf's ``.grad`` is final for this backward as soon as the walk reaches it: the reverse
+topological order visits every consumer of a node before the node, so the gradients of all
+its uses (both of a tied weight's, such as GPT-2's ``wte``) are already summed. That is where
+the hooks of ``Tensor.register_post_accumulate_grad_hook`` run, which lets data parallelism
+start reducing the last layers' gradients while backward is still working on the first ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from handgrad import backend as B
@@ -30,6 +37,50 @@ class SliceGrad:
         out = B.get_array_module(self.values).zeros(self.shape, dtype=self.values.dtype)
         out[self.index] = self.values
         return out
+
+
+class RemovableHandle:
+    """What registering a hook returns: ``remove()`` unregisters it (a second call does
+    nothing)."""
+
+    __slots__ = ("_hooks", "_key")
+
+    def __init__(self, hooks: dict[int, Callable[[Any], None]], key: int) -> None:
+        self._hooks, self._key = hooks, key
+
+    def remove(self) -> None:
+        self._hooks.pop(self._key, None)
+
+
+_next_hook_key = 0
+
+
+def add_post_accumulate_grad_hook(t: Tensor, fn: Callable[[Tensor], None]) -> RemovableHandle:
+    """Register ``fn(t)`` to run once per backward, after ``t.grad`` has received all of
+    this backward's gradient (see ``Tensor.register_post_accumulate_grad_hook``)."""
+    global _next_hook_key
+    if not callable(fn):
+        raise TypeError(f"register_post_accumulate_grad_hook: {fn!r} is not callable")
+    if not t.is_leaf or not t.requires_grad:
+        kind = "a non-leaf tensor" if not t.is_leaf else "a tensor that does not require grad"
+        raise RuntimeError(
+            "register_post_accumulate_grad_hook: only leaf tensors that require grad "
+            f"accumulate a .grad; this is {kind} of shape {t.shape}"
+        )
+    hooks = getattr(t, "_grad_hooks", None)
+    if hooks is None:
+        hooks = t._grad_hooks = {}
+    _next_hook_key += 1
+    hooks[_next_hook_key] = fn  # dicts keep insertion order: hooks run as registered
+    return RemovableHandle(hooks, _next_hook_key)
+
+
+def _accumulated(t: Tensor) -> None:
+    """Run ``t``'s post-accumulate hooks: its ``.grad`` is final for this backward."""
+    hooks = getattr(t, "_grad_hooks", None)
+    if hooks:
+        for fn in list(hooks.values()):  # a hook may remove itself
+            fn(t)
 
 
 def _topological_order(root: Function) -> list[Function | Tensor]:
@@ -59,8 +110,17 @@ def _topological_order(root: Function) -> list[Function | Tensor]:
                 "values were freed by the first backward(). Call backward(retain_graph=True) "
                 "the first time if you need to backpropagate twice."
             )
+        # leaves go on the stack below the ops, so they are popped after the ops' subgraphs
+        # are done: each leaf lands in ``order`` just before the op that reached it first
+        # (its last consumer in the backward walk), hence right after that op's backward,
+        # the moment its gradient is final (and its hooks can start reducing it) rather
+        # than at the end. Leaves have no inputs, so the ops' order, and with it every sum
+        # of gradients, is the same either way.
         for p in node.parents:
-            if p is not None and id(p) not in seen:
+            if p is not None and not isinstance(p, Function) and id(p) not in seen:
+                stack.append((p, False))
+        for p in node.parents:
+            if isinstance(p, Function) and id(p) not in seen:
                 stack.append((p, False))
     return order
 
@@ -112,6 +172,7 @@ def run_backward(root: Tensor, g: Any, retain_graph: bool) -> None:
     are freed as soon as its backward has run."""
     if root._ctx is None:
         _accumulate(root, g)
+        _accumulated(root)
         return
     order = _topological_order(root._ctx)
     grads: dict[int, tuple[Any, bool]] = {id(root._ctx): (g, False)}
@@ -120,8 +181,9 @@ def run_backward(root: Tensor, g: Any, retain_graph: bool) -> None:
         if entry is None:
             continue
         g, owned = entry
-        if not isinstance(node, Function):  # a leaf tensor
+        if not isinstance(node, Function):  # a leaf tensor: every consumer has been visited
             _accumulate(node, g, owned)
+            _accumulated(node)
             continue
         retained = getattr(node, "_retained", None)
         if retained is not None and retained() is not None:

@@ -8,12 +8,12 @@ it, and ``backward()`` hands the recorded graph to ``handgrad.engine``.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from handgrad import backend as B
 from handgrad.backend.device import device, device_of, is_on, parse_to, to_device
-from handgrad.engine import run_backward
+from handgrad.engine import RemovableHandle, add_post_accumulate_grad_hook, run_backward
 from handgrad.function import Function
 from handgrad.grad_mode import is_grad_enabled
 from handgrad.ops.elementwise import (
@@ -67,7 +67,7 @@ def _infer_array(data: Any, dtype: Any, device: Any = None) -> Any:
 class Tensor:
     """An n-dimensional array that records the ops applied to it for ``backward()``."""
 
-    __slots__ = ("data", "grad", "_requires_grad", "_ctx", "__weakref__")
+    __slots__ = ("data", "grad", "_requires_grad", "_ctx", "_grad_hooks", "__weakref__")
     __array_priority__ = 1000  # make ``ndarray * Tensor`` defer to Tensor.__rmul__
 
     def __init__(
@@ -174,6 +174,13 @@ class Tensor:
         """Keep ``.grad`` on this non-leaf tensor after backward (leaves always keep it)."""
         if self._ctx is not None:
             self._ctx._retained = weakref.ref(self)
+
+    def register_post_accumulate_grad_hook(self, hook: Callable[[Tensor], None]) -> RemovableHandle:
+        """Call ``hook(self)`` once per backward that reaches this leaf, after ``.grad`` has
+        received all of that backward's gradient (every use of the tensor summed). Not called
+        by a backward that gives this tensor no gradient. As torch's; ``.remove()`` on the
+        returned handle unregisters it."""
+        return add_post_accumulate_grad_hook(self, hook)
 
     def __repr__(self) -> str:
         body = B.format_array(self.data)

@@ -23,7 +23,9 @@ import numpy as np
 
 from handgrad.distributed.transport import (
     Transport,
+    Work,
     check_array,
+    check_reduction,
     check_scatter_sizes,
 )
 
@@ -69,6 +71,34 @@ def _is_bf16(array: np.ndarray) -> bool:
     return array.dtype.name == "bfloat16"
 
 
+class _MPIWork(Work):
+    """An ``Iallreduce`` in flight. ``wait()`` completes it, then does what a blocking
+    all-reduce does after MPI returns: bfloat16 stored back from its float32 copy, "avg"
+    divided by the world size."""
+
+    def __init__(
+        self, request: Any, array: np.ndarray, wide: np.ndarray | None, divide: int
+    ) -> None:
+        self.request, self.array, self.wide, self.divide = request, array, wide, divide
+        self.done = False
+
+    def test(self) -> bool:
+        # Test() is what progresses the request in Open MPI without a progress thread
+        return self.done or bool(self.request.Test())
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        self.request.Wait()
+        self.done = True
+        out = self.array if self.wide is None else self.wide
+        if self.divide > 1:
+            out /= self.divide
+        if self.wide is not None:
+            self.array[...] = self.wide.astype(self.array.dtype)
+        self.array = self.wide = None  # the buffers may go once the result is in
+
+
 class MPITransport(Transport):
     """Collectives over an mpi4py communicator (``MPI.COMM_WORLD`` by default)."""
 
@@ -98,6 +128,15 @@ class MPITransport(Transport):
             self.comm.Reduce(buf, None, op=mpi_op, root=dst)
         if op == "avg" and (dst is None or dst == self.rank):
             array /= self.world_size
+
+    def all_reduce_async(self, array: np.ndarray, op: str = "sum") -> Work:
+        """``Iallreduce`` in place; MPI must not see ``array`` touched until ``wait()``."""
+        check_reduction(array, op, "all_reduce_async")
+        # MPI has no bfloat16: reduce a float32 copy, stored back in wait()
+        wide = array.astype(np.float32) if _is_bf16(array) else None
+        buf = (array if wide is None else wide).reshape(-1)
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._op(op))
+        return _MPIWork(request, array, wide, self.world_size if op == "avg" else 1)
 
     def broadcast(self, array: Any, src: int = 0) -> None:
         check_array(array, "broadcast")

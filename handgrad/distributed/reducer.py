@@ -5,8 +5,21 @@ Data parallelism: every rank holds the whole model and the gradient of its share
 batch; the step needs their sum (or mean). Reducing parameter by parameter pays a
 collective's fixed cost per parameter (GPT-2 has ~150); packing all of them into one flat
 buffer pays it once. A model of billions of parameters would need a second copy of its
-gradients to do that, so parameters are packed in order into buckets of at most
-``bucket_bytes`` (25 MB, PyTorch's default): small models reduce once, large ones in pieces.
+gradients to do that, so parameters are packed into buckets of at most ``bucket_bytes``
+(25 MB, PyTorch's default): small models reduce once, large ones in pieces.
+
+Buckets are laid out in reverse parameter order, the order in which backward finishes the
+gradients (the last layers' first), so that the reduction can overlap backward, as PyTorch's
+DistributedDataParallel does: ``arm(backwards=k)`` before the k backward passes of a step
+(k micro batches), and each parameter's post-accumulate-grad hook counts it ready when it
+fires for the k-th time, its gradient complete for the step (earlier micro batches only
+accumulate, like DDP's ``no_sync``); once every parameter of bucket i is ready and buckets 0 .. i-1 have started, bucket i is packed and its non-blocking all-reduce
+started, while backward goes on computing earlier layers. After backward, ``flush()`` starts
+the buckets backward did not complete (a parameter without a gradient counts as zeros) and
+``wait()`` waits for them all and writes the sums back. Every rank starts the buckets in
+the same order, 0, 1, 2, ..., whatever order its hooks fire in: MPI matches collectives by
+their order. Each bucket holds the same values and is reduced by the same collective as in
+``reduce()`` after backward, so both give the same sums, bit for bit.
 
 ZeRO-1 (optimizer state sharded over ranks): the flat gradient, padded to world x n elements,
 is reduce-scattered, so rank r gets the summed gradient of flat elements r*n .. (r+1)*n - 1;
@@ -19,7 +32,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from handgrad import backend as B
-from handgrad.distributed.transport import Transport, check_op
+from handgrad.distributed.transport import Transport, Work, check_op
+from handgrad.engine import RemovableHandle
 from handgrad.nn import Parameter
 from handgrad.tensor import Tensor
 
@@ -34,26 +48,31 @@ class _Bucket:
 
 class GradientReducer:
     """Sums (or averages) every parameter's ``.grad`` over the ranks of ``group``, bucket by
-    bucket. A parameter without a gradient counts as zeros.
+    bucket: after backward (``reduce``), or overlapping it (``attach`` once, then per step
+    ``arm``, backward, ``flush``, ``wait``). A parameter without a gradient counts as zeros.
 
     Buckets hold parameters of one gradient dtype (float32 for float32 and bfloat16
-    parameters), consecutive in ``params`` order; a parameter larger than ``bucket_bytes``
-    gets a bucket of its own."""
+    parameters), consecutive in reverse ``params`` order; a parameter larger than
+    ``bucket_bytes`` gets a bucket of its own. ``poll``: test the reductions in flight from
+    every hook, which is what progresses them in an MPI without a progress thread."""
 
     def __init__(
         self,
         params: Sequence[Parameter],
         group: Transport,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        poll: bool = True,
     ) -> None:
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-        self.params, self.group = list(params), group
+        self.params, self.group, self.poll = list(params), group, poll
         xp = B.get_array_module(*(p.data for p in self.params)) if self.params else B.xp
         self.buckets: list[_Bucket] = []
+        self._bucket_of = [0] * len(self.params)  # parameter index -> its bucket's index
         members: list[tuple[int, int, int]] = []
         dtype, used = None, 0
-        for i, p in enumerate(self.params):
+        for i in reversed(range(len(self.params))):
+            p = self.params[i]
             gdtype = B.compute_dtype(p.dtype)
             nbytes = p.data.size * gdtype.itemsize
             if members and (gdtype != dtype or used + nbytes > bucket_bytes):
@@ -61,9 +80,17 @@ class GradientReducer:
                 members, used = [], 0
             dtype = gdtype
             members.append((i, used // gdtype.itemsize, p.data.size))
+            self._bucket_of[i] = len(self.buckets)
             used += nbytes
         if members:
             self.buckets.append(_Bucket(xp, dtype, members))
+        # the overlapped reduction of one step; _op is None while not armed
+        self._hooks: list[RemovableHandle] = []
+        self._op: str | None = None
+        self._fired: list[int] = []  # per parameter: its hook's calls since arm()
+        self._backwards = 1
+        self._missing: list[int] = []  # per bucket: its parameters not ready yet
+        self._work: list[Work] = []  # of buckets 0 .. len(_work) - 1, started in order
 
     def reduce(
         self, op: str = "sum", dst: int | None = None, has_grad: Sequence[bool] | None = None
@@ -72,25 +99,116 @@ class GradientReducer:
         ``.grad``; on every rank (``dst`` None) or on rank ``dst`` only. On the receiving
         ranks a parameter gets a gradient (zeros where no rank had one) unless
         ``has_grad[i]`` is False; the other ranks' gradients are left as they were."""
-        if check_op(op) == "max":
-            raise ValueError("GradientReducer: op must be 'sum' or 'avg', got 'max'")
+        _check_op(op)
         receives = dst is None or dst == self.group.rank
         for bucket in self.buckets:
-            flat = bucket.flat
-            for i, offset, size in bucket.members:
-                grad = self.params[i].grad
-                if grad is None:
-                    flat[offset : offset + size] = 0
-                else:
-                    flat[offset : offset + size] = grad.data.reshape(-1)
+            self._pack(bucket)
             if dst is None:
-                self.group.all_reduce(flat, op)
+                self.group.all_reduce(bucket.flat, op)
             else:
-                self.group.reduce(flat, dst, op)
+                self.group.reduce(bucket.flat, dst, op)
             if receives:
-                for i, offset, size in bucket.members:
-                    if has_grad is None or has_grad[i]:
-                        _set_grad(self.params[i], flat[offset : offset + size])
+                self._unpack(bucket, has_grad)
+
+    # ---- overlapped with backward (every rank all-reduces)
+    def attach(self) -> None:
+        """Register the post-accumulate-grad hook of every parameter that requires grad
+        (once); they do nothing until ``arm()``."""
+        if self._hooks:
+            return
+        for i, p in enumerate(self.params):
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(i)))
+
+    def detach(self) -> None:
+        """Remove the hooks ``attach()`` registered."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def arm(self, op: str = "sum", backwards: int = 1) -> None:
+        """Start a step of ``backwards`` backward passes (micro batches): a parameter is
+        ready, and its bucket may start, once the last of them has given its gradient."""
+        if backwards < 1:
+            raise ValueError(f"GradientReducer.arm: backwards must be >= 1, got {backwards}")
+        self._op, self._backwards = _check_op(op), backwards
+        self._fired = [0] * len(self.params)
+        self._missing = [len(b.members) for b in self.buckets]
+        self._work = []
+
+    def flush(self, op: str = "sum") -> None:
+        """Start every bucket not started yet, in order (zeros for a parameter without a
+        gradient; arming first if ``arm()`` was not called). Call it on every rank before
+        any other collective, so that every rank starts the same collectives in the same
+        order: some may have stopped early (a non-finite loss) and started fewer."""
+        if self._op is None:
+            self.arm(op)
+        while len(self._work) < len(self.buckets):
+            self._start()
+
+    def wait(self, has_grad: Sequence[bool] | None = None) -> None:
+        """After ``flush()``: wait for every bucket and write its sums into ``.grad`` (a
+        gradient of zeros where no rank had one, unless ``has_grad[i]`` is False)."""
+        if self._op is None or len(self._work) < len(self.buckets):
+            raise RuntimeError("GradientReducer.wait(): call flush() first")
+        for bucket, work in zip(self.buckets, self._work):
+            work.wait()
+            self._unpack(bucket, has_grad)
+        self._op, self._work = None, []
+
+    def _hook(self, i: int) -> Any:
+        def ready(_: Tensor) -> None:
+            if self._op is None:  # not armed: a backward outside a data-parallel step
+                return
+            self._fired[i] += 1
+            if self._fired[i] < self._backwards:  # an earlier micro batch: it only accumulates
+                return
+            if self._fired[i] > self._backwards:
+                raise RuntimeError(
+                    f"GradientReducer: parameter {i} (shape {tuple(self.params[i].shape)}) got "
+                    f"a gradient from more than the {self._backwards} backward passes of "
+                    "arm(); its bucket may be reducing already"
+                )
+            if self._bucket_of[i] < len(self._work):  # flush() sent it without this gradient
+                raise RuntimeError(
+                    f"GradientReducer: parameter {i} (shape {tuple(self.params[i].shape)}) got "
+                    "its gradient after flush() had started its bucket"
+                )
+            self._missing[self._bucket_of[i]] -= 1
+            # bucket k starts only after buckets < k: the same order on every rank
+            while len(self._work) < len(self.buckets) and not self._missing[len(self._work)]:
+                self._start()
+            if self.poll:
+                for work in self._work:
+                    work.test()
+
+        return ready
+
+    def _start(self) -> None:
+        bucket = self.buckets[len(self._work)]
+        self._pack(bucket)
+        self._work.append(self.group.all_reduce_async(bucket.flat, self._op))
+
+    # ---- packing
+    def _pack(self, bucket: _Bucket) -> None:
+        flat = bucket.flat
+        for i, offset, size in bucket.members:
+            grad = self.params[i].grad
+            if grad is None:
+                flat[offset : offset + size] = 0
+            else:
+                flat[offset : offset + size] = grad.data.reshape(-1)
+
+    def _unpack(self, bucket: _Bucket, has_grad: Sequence[bool] | None) -> None:
+        for i, offset, size in bucket.members:
+            if has_grad is None or has_grad[i]:
+                _set_grad(self.params[i], bucket.flat[offset : offset + size])
+
+
+def _check_op(op: str) -> str:
+    if check_op(op) == "max":
+        raise ValueError("GradientReducer: op must be 'sum' or 'avg', got 'max'")
+    return op
 
 
 def _set_grad(p: Parameter, values: Any) -> None:

@@ -12,6 +12,17 @@ must be C-contiguous because they are handed over as flat buffers.
     all_gather(out, in)      in: n elements, out: world*n;   out[r*n:(r+1)*n] = in of rank r
     barrier()                returns once every rank has called it
 
+    all_reduce_async(a, op)  starts all_reduce(a, op); returns a Work whose wait() returns
+                             once a holds the result (a must not be touched before)
+
+``all_reduce_async`` lets gradient buckets be reduced while backward computes earlier layers.
+``mpi`` starts an ``Iallreduce``. A transport that cannot overlap (``local``) runs the
+collective at once and returns a Work already complete, which keeps the calling code the
+same; so does ``nccl``, whose collectives are queued on the current CUDA stream anyway: the
+host does not wait, but the reduction shares the stream with backward's kernels rather than
+running beside them (that would take a second stream ordered by events). Collectives, blocking or not, are
+started in the same order on every rank.
+
 A rank that fails makes every other rank's next (or current) collective raise
 ``ProcessGroupError`` naming the failed rank and its error, within seconds; the group is
 unusable afterwards.
@@ -95,6 +106,19 @@ def check_scatter_sizes(output: Any, input: Any, world_size: int, what: str) -> 
     return int(small.size)
 
 
+class Work:
+    """A started collective. ``test()`` says whether it has completed (and, for MPI, lets
+    the library progress it: Open MPI advances a non-blocking collective only inside MPI
+    calls unless it runs a progress thread); ``wait()`` returns once it has. This one is
+    complete from the start: the blocking fallback."""
+
+    def test(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        """Return once the collective's result is in its array."""
+
+
 class Transport:
     """The collectives of one group of ``world_size`` processes, seen from rank ``rank``.
 
@@ -108,6 +132,12 @@ class Transport:
     def all_reduce(self, array: Any, op: str = "sum") -> None:
         check_reduction(array, op, "all_reduce")
         self._reduce(array, op, None, "all_reduce")
+
+    def all_reduce_async(self, array: Any, op: str = "sum") -> Work:
+        """Start ``all_reduce(array, op)``; ``array`` holds the result once the returned
+        Work's ``wait()`` has returned. Here: the blocking collective, already complete."""
+        self.all_reduce(array, op)
+        return Work()
 
     def reduce(self, array: Any, dst: int = 0, op: str = "sum") -> None:
         dst = self.check_rank(dst, "reduce")

@@ -37,10 +37,19 @@ of each micro batch in one process (same batches, same mean gradient) and says s
 Given a ``group`` whose every rank runs the training loop (MPI under mpirun), the same
 class skips the broadcast (each rank draws the same batch from the same generator) and
 all-reduces instead of reducing to rank 0, so every rank holds the summed gradient and
-steps its own optimizer to the same weights.
+steps its own optimizer to the same weights. There the reduction overlaps the last micro
+batch's backward, as PyTorch's DDP does (``overlap``, on by default): each bucket's
+non-blocking all-reduce starts as soon as backward has finished its gradients, and the step
+waits for the outstanding buckets after backward (``distributed.reducer``). Earlier micro
+batches only accumulate (DDP's ``no_sync``). The forked ranks reduce to rank 0 after
+backward: their transport has no non-blocking collective to overlap with.
+
 With a model on a GPU (one MPI rank per GPU, ``nccl`` transport) each rank uploads its
 rows and keeps its losses on the device: the gradients and losses are all-reduced there by
 NCCL, the has-gradient flags over MPI, and no step reads the GPU back (``_device_step``).
+That path reduces after backward: NCCL's collectives queue on the compute stream, so
+starting them inside backward would not overlap anything until they get a stream of their
+own.
 """
 
 from __future__ import annotations
@@ -97,9 +106,11 @@ class DistributedDataParallel:
     under mpirun): every rank calls ``forward_backward`` with the same ``x``, ``y`` and gets
     the summed gradient, so each can step its own optimizer to the same weights; with
     ``reduce_gradients=False`` each rank keeps its own gradient (ZeRO-1 reduce-scatters
-    them: train/zero.py). ``upload`` (a group only): the model is on this rank's GPU and
-    ``upload`` copies a host batch there (``on_device.BatchUploader``); the losses then come
-    back as 0-d device arrays, read later.
+    them: train/zero.py). ``overlap`` (with a group): reduce the gradient buckets during the
+    last micro batch's backward rather than after it; the same sums either way.
+    ``upload`` (a group only): the model is on this rank's GPU and ``upload`` copies a host
+    batch there (``on_device.BatchUploader``); the losses then come back as 0-d device
+    arrays, read later.
     """
 
     def __init__(
@@ -112,6 +123,7 @@ class DistributedDataParallel:
         group: Transport | None = None,
         reduce_gradients: bool = True,
         upload: Callable[[np.ndarray], Any] | None = None,
+        overlap: bool = True,
     ):
         name = type(self).__name__
         if processes < 2:
@@ -150,6 +162,11 @@ class DistributedDataParallel:
             group = LocalTransport(processes)
         self.group = group
         self.reducer = GradientReducer(self.params, group)
+        # only where every rank all-reduces: the forked ranks reduce to rank 0, over a
+        # transport whose collectives block (nothing to overlap with)
+        self.overlap = overlap and reduce_gradients and not self._forked and upload is None
+        if self.overlap:
+            self.reducer.attach()
         if self._forked:
             group.start(self._serve, name="handgrad-rank")
 
@@ -209,8 +226,13 @@ class DistributedDataParallel:
             manual_seed(int(seed[0]))
         if self.upload is not None:
             return self._device_step(step, m, scale)
+        shards = self._shard(rank, m)
+        if self.overlap:  # a parameter's bucket may go once its last micro batch's backward is done
+            self.reducer.arm("sum", backwards=len(shards))
         with B.num_threads(1):  # one core per rank
-            losses = accumulate_gradients(self.model, self._shard(rank, m), scale)
+            losses = accumulate_gradients(self.model, shards, scale)
+        if self.overlap:  # the buckets backward left, before the stats' collective on any rank
+            self.reducer.flush()
         steps = self.rows // (m * self.processes)
         # losses (nan where this rank stopped) then has-grad flags, summed over ranks
         stats = np.full(steps + len(self.params), math.nan)
@@ -221,7 +243,11 @@ class DistributedDataParallel:
         else:
             group.reduce(stats, dst=dst)
         if self.reduce_gradients:
-            self.reducer.reduce("sum", dst=dst, has_grad=[bool(f) for f in stats[steps:]])
+            has_grad = [bool(f) for f in stats[steps:]]
+            if self.overlap:
+                self.reducer.wait(has_grad)
+            else:
+                self.reducer.reduce("sum", dst=dst, has_grad=has_grad)
         if self._forked and rank > 0:
             for p in self.params:
                 p.grad = None
@@ -257,6 +283,7 @@ class DistributedDataParallel:
     def close(self) -> None:
         """Stop the forked workers (they also stop by themselves when this process exits);
         a given group is left to its owner."""
+        self.reducer.detach()
         if not self._forked:
             return
         if self.group.failure() is None and not self.group._closed:
