@@ -10,7 +10,9 @@ gradients to do that, so parameters are packed in order into buckets of at most
 
 ZeRO-1 (optimizer state sharded over ranks): the flat gradient, padded to world x n elements,
 is reduce-scattered, so rank r gets the summed gradient of flat elements r*n .. (r+1)*n - 1;
-it steps the optimizer on that slice only, then the parameters are all-gathered back.
+it steps the optimizer on that slice only, then the parameters are all-gathered back. Both
+collectives run in chunks packed straight from the parameters, so the flat vector exists only
+as an indexing scheme.
 """
 
 from __future__ import annotations
