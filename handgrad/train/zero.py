@@ -166,16 +166,18 @@ class ZeroAdamW:
         if self.steps:
             m, v = self._gather(self.exp_avg), self._gather(self.exp_avg_sq)
             w = self._gather(self.master) if self.keeps_masters else None
+            # entries are views of the gathered vectors: copies would hold the whole state
+            # twice while they are made
             for i, p in enumerate(self.params):
                 o = self.shards.offsets[i]
                 whole = slice(o, o + p.data.size)
                 entry = {
                     "step": self.steps,
-                    "exp_avg": m[whole].reshape(p.shape).copy(),
-                    "exp_avg_sq": v[whole].reshape(p.shape).copy(),
+                    "exp_avg": m[whole].reshape(p.shape),
+                    "exp_avg_sq": v[whole].reshape(p.shape),
                 }
                 if w is not None and p.data.dtype != w.dtype:  # 16-bit: fp32 masters
-                    entry["master"] = w[whole].reshape(p.shape).copy()
+                    entry["master"] = w[whole].reshape(p.shape)
                 state[i] = entry
         sd["state"] = state
         self._gathered = sd
