@@ -38,7 +38,8 @@ CuPy holds bfloat16 arrays); every GPU part also reports which code paths ran (k
 compiled, bfloat16 products, the attention path), also when it fails.
 
 The summary goes to stdout and, as JSON, to $OUT/gpu_check.json when $OUT is set (or to
---json PATH). The GPU paths use the device API (``hg.device``, ``Tensor.to``, ``Module.to``,
+--json PATH); the JSON is rewritten after every part ("complete": false until the end), so
+a run killed by a time limit keeps the parts it finished. The GPU paths use the device API (``hg.device``, ``Tensor.to``, ``Module.to``,
 ``[train] device``); where a piece is missing, its part says which.
 """
 
@@ -563,7 +564,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     env = run_environment()
     print("environment: " + ", ".join(f"{k}={_fmt(v)}" for k, v in env.items()), flush=True)
+    target = args.json or (
+        Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None
+    )
     results: dict[str, dict[str, Any]] = {}
+
+    def write(summary: dict[str, Any]) -> None:
+        # after every part, so that a run cut short (the device's time limit) keeps what it has
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(summary, indent=2, default=str))
+            os.replace(tmp, target)
+
     for name in args.parts:
         extra = {}
         if name == "throughput_torch" and results.get("throughput_handgrad", {}).get("ok"):
@@ -572,17 +585,16 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = run_part(name, args.cpu_smoke, budgets[name], extra)
         print(f"    {'ok' if results[name].get('ok') else 'FAIL'} in {results[name].get('time_s')} s",
               flush=True)  # fmt: skip
+        write({"cpu_smoke": args.cpu_smoke, "complete": False, "environment": env,
+               "parts": results, "all_ok": False})  # fmt: skip
     results = summarize(results)
     total = time.perf_counter() - t0
     print_summary(results, args.cpu_smoke, total, env)
-    summary = {"cpu_smoke": args.cpu_smoke, "total_s": total, "environment": env,
-               "parts": results, "all_ok": all(r.get("ok") for r in results.values())}  # fmt: skip
-    target = args.json or (
-        Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None
-    )
+    summary = {"cpu_smoke": args.cpu_smoke, "complete": True, "total_s": total,
+               "environment": env, "parts": results,
+               "all_ok": all(r.get("ok") for r in results.values())}  # fmt: skip
+    write(summary)
     if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(summary, indent=2, default=str))
         print(f"JSON summary: {target}")
     return 0 if summary["all_ok"] else 1
 
