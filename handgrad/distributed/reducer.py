@@ -4,22 +4,35 @@ gradient / parameter shards ZeRO-1 needs.
 Data parallelism: every rank holds the whole model and the gradient of its share of the
 batch; the step needs their sum (or mean). Reducing parameter by parameter pays a
 collective's fixed cost per parameter (GPT-2 has ~150); packing all of them into one flat
-buffer pays it once. A model of billions of parameters would need a second copy of its
-gradients to do that, so parameters are packed into buckets of at most ``bucket_bytes``
-(25 MB, PyTorch's default): small models reduce once, large ones in pieces.
+buffer pays it once. Parameters are packed into buckets of at most ``bucket_bytes`` (25 MB,
+PyTorch's default): small models reduce once, large ones in pieces.
+
+Each parameter's gradient lives in its bucket, as with PyTorch DDP's
+``gradient_as_bucket_view=True``: ``.grad`` is a view of the parameter's slice of the
+bucket's flat buffer, so the reduction runs in place on the gradients themselves and no
+second copy of them exists. Backward gives a parameter its first gradient of a step in a
+new array; the parameter's post-accumulate-grad hook (``attach()``) copies it into the view
+and makes the view the ``.grad``, and later micro batches add into the view in place
+(``engine._accumulate``: ``grad.data += g``). A gradient set some other way, or reached
+without the hooks, is copied into its view when its bucket is packed, and ``.grad`` becomes
+the view from then on. A parameter without a gradient keeps ``.grad = None``; its slice of
+the bucket is zeroed when the bucket is packed, and gets the view after the reduction only
+where some rank had a gradient (``has_grad``). Consequently a ``.grad`` held across steps
+is overwritten by the next step's gradient, as with PyTorch's option.
 
 Buckets are laid out in reverse parameter order, the order in which backward finishes the
 gradients (the last layers' first), so that the reduction can overlap backward, as PyTorch's
 DistributedDataParallel does: ``arm(backwards=k)`` before the k backward passes of a step
 (k micro batches), and each parameter's post-accumulate-grad hook counts it ready when it
 fires for the k-th time, its gradient complete for the step (earlier micro batches only
-accumulate, like DDP's ``no_sync``); once every parameter of bucket i is ready and buckets 0 .. i-1 have started, bucket i is packed and its non-blocking all-reduce
-started, while backward goes on computing earlier layers. After backward, ``flush()`` starts
-the buckets backward did not complete (a parameter without a gradient counts as zeros) and
-``wait()`` waits for them all and writes the sums back. Every rank starts the buckets in
-the same order, 0, 1, 2, ..., whatever order its hooks fire in: MPI matches collectives by
-their order. Each bucket holds the same values and is reduced by the same collective as in
-``reduce()`` after backward, so both give the same sums, bit for bit.
+accumulate, like DDP's ``no_sync``); once every parameter of bucket i is ready and buckets
+0 .. i-1 have started, bucket i's non-blocking all-reduce is started, while backward goes on
+computing earlier layers. After backward, ``flush()`` starts the buckets backward did not
+complete (a parameter without a gradient counts as zeros) and ``wait()`` waits for them
+all. Every rank starts the buckets in the same order, 0, 1, 2, ..., whatever order its hooks
+fire in: MPI matches collectives by their order. Each bucket holds the same values and is
+reduced by the same collective as in ``reduce()`` after backward, so both give the same
+sums, bit for bit.
 
 ZeRO-1 (optimizer state sharded over ranks): the flat gradient, padded to world x n elements,
 is reduce-scattered, so rank r gets the summed gradient of flat elements r*n .. (r+1)*n - 1;
@@ -58,10 +71,13 @@ class GradientReducer:
     bucket: after backward (``reduce``), or overlapping it (``attach`` once, then per step
     ``arm``, backward, ``flush``, ``wait``). A parameter without a gradient counts as zeros.
 
-    Buckets hold parameters of one gradient dtype (float32 for float32 and bfloat16
-    parameters), consecutive in reverse ``params`` order; a parameter larger than
-    ``bucket_bytes`` gets a bucket of its own. ``poll``: test the reductions in flight from
-    every hook, which is what progresses them in an MPI without a progress thread."""
+    Every gradient ends up as a view of its bucket (``grad_view``): from backward's hooks
+    once ``attach()`` has registered them, otherwise when its bucket is packed; the sums are
+    written there in place. Buckets hold parameters of one gradient dtype (the compute dtype:
+    float32 for float32 and bfloat16 parameters), consecutive in reverse ``params`` order; a
+    parameter larger than ``bucket_bytes`` gets a bucket of its own. ``poll``: test the
+    reductions in flight from every hook, which is what progresses them in an MPI without a
+    progress thread."""
 
     def __init__(
         self,
@@ -91,6 +107,11 @@ class GradientReducer:
             used += nbytes
         if members:
             self.buckets.append(_Bucket(xp, dtype, members))
+        # parameter index -> its gradient's home: its slice of its bucket, in its shape
+        self._views: list[Any] = [None] * len(self.params)
+        for bucket in self.buckets:
+            for i, offset, size in bucket.members:
+                self._views[i] = bucket.flat[offset : offset + size].reshape(self.params[i].shape)
         # the overlapped reduction of one step; _op is None while not armed
         self._hooks: list[RemovableHandle] = []
         self._op: str | None = None
@@ -99,13 +120,18 @@ class GradientReducer:
         self._missing: list[int] = []  # per bucket: its parameters not ready yet
         self._work: list[Work] = []  # of buckets 0 .. len(_work) - 1, started in order
 
+    def grad_view(self, i: int) -> Any:
+        """The array parameter ``i``'s gradient lives in: a view of its bucket, of the
+        parameter's shape, in the compute dtype."""
+        return self._views[i]
+
     def reduce(
         self, op: str = "sum", dst: int | None = None, has_grad: Sequence[bool] | None = None
     ) -> None:
         """Every parameter's ``.grad`` <- ``op`` ("sum" or "avg") over the ranks of its
         ``.grad``; on every rank (``dst`` None) or on rank ``dst`` only. On the receiving
         ranks a parameter gets a gradient (zeros where no rank had one) unless
-        ``has_grad[i]`` is False; the other ranks' gradients are left as they were."""
+        ``has_grad[i]`` is False; the other ranks' gradients keep their values."""
         _check_op(op)
         receives = dst is None or dst == self.group.rank
         for bucket in self.buckets:
@@ -120,7 +146,8 @@ class GradientReducer:
     # ---- overlapped with backward (every rank all-reduces)
     def attach(self) -> None:
         """Register the post-accumulate-grad hook of every parameter that requires grad
-        (once); they do nothing until ``arm()``."""
+        (once): it moves the parameter's first gradient of a step into its bucket view, and
+        after ``arm()`` counts the parameter ready."""
         if self._hooks:
             return
         for i, p in enumerate(self.params):
@@ -154,8 +181,9 @@ class GradientReducer:
             self._start()
 
     def wait(self, has_grad: Sequence[bool] | None = None) -> None:
-        """After ``flush()``: wait for every bucket and write its sums into ``.grad`` (a
-        gradient of zeros where no rank had one, unless ``has_grad[i]`` is False)."""
+        """After ``flush()``: wait for every bucket; each ``.grad`` then holds the sum (a
+        gradient of zeros where no rank had one, unless ``has_grad[i]`` is False: ``None``
+        stays ``None``)."""
         if self._op is None or len(self._work) < len(self.buckets):
             raise RuntimeError("GradientReducer.wait(): call flush() first")
         for bucket, work in zip(self.buckets, self._work):
@@ -165,22 +193,24 @@ class GradientReducer:
 
     def _hook(self, i: int) -> Any:
         def ready(_: Tensor) -> None:
-            if self._op is None:  # not armed: a backward outside a data-parallel step
+            armed = self._op is not None  # else a backward outside an overlapped step
+            if armed:
+                # checked before the gradient moves: its bucket may be in flight
+                self._fired[i] += 1
+                if self._fired[i] > self._backwards:
+                    raise RuntimeError(
+                        f"GradientReducer: parameter {i} (shape {tuple(self.params[i].shape)}) "
+                        f"got a gradient from more than the {self._backwards} backward passes "
+                        "of arm(); its bucket may be reducing already"
+                    )
+                if self._bucket_of[i] < len(self._work):  # flush() sent it without this one
+                    raise RuntimeError(
+                        f"GradientReducer: parameter {i} (shape {tuple(self.params[i].shape)}) "
+                        "got its gradient after flush() had started its bucket"
+                    )
+            self._into_view(i)
+            if not armed or self._fired[i] < self._backwards:  # earlier micro batches accumulate
                 return
-            self._fired[i] += 1
-            if self._fired[i] < self._backwards:  # an earlier micro batch: it only accumulates
-                return
-            if self._fired[i] > self._backwards:
-                raise RuntimeError(
-                    f"GradientReducer: parameter {i} (shape {tuple(self.params[i].shape)}) got "
-                    f"a gradient from more than the {self._backwards} backward passes of "
-                    "arm(); its bucket may be reducing already"
-                )
-            if self._bucket_of[i] < len(self._work):  # flush() sent it without this gradient
-                raise RuntimeError(
-                    f"GradientReducer: parameter {i} (shape {tuple(self.params[i].shape)}) got "
-                    "its gradient after flush() had started its bucket"
-                )
             self._missing[self._bucket_of[i]] -= 1
             # bucket k starts only after buckets < k: the same order on every rank
             while len(self._work) < len(self.buckets) and not self._missing[len(self._work)]:
@@ -196,34 +226,48 @@ class GradientReducer:
         self._pack(bucket)
         self._work.append(self.group.all_reduce_async(bucket.flat, self._op))
 
-    # ---- packing
+    # ---- gradients in their buckets
+    def _into_view(self, i: int) -> None:
+        """Make parameter ``i``'s ``.grad`` its bucket view (copying the values in), unless
+        it is already or has no gradient."""
+        p, view = self.params[i], self._views[i]
+        grad = p.grad
+        if grad is None or grad.data is view:
+            return
+        if tuple(grad.shape) != tuple(p.shape):
+            raise ValueError(
+                f"GradientReducer: parameter {i} of shape {tuple(p.shape)} has a .grad of "
+                f"shape {tuple(grad.shape)}"
+            )
+        view[...] = grad.data
+        p.grad = Tensor._make(view)
+
     def _pack(self, bucket: _Bucket) -> None:
-        flat = bucket.flat
-        for i, offset, size in bucket.members:
-            grad = self.params[i].grad
-            if grad is None:
-                flat[offset : offset + size] = 0
+        """Bucket ``bucket`` <- the gradients (zeros where there is none); afterwards every
+        ``.grad`` of the bucket is a view of it."""
+        for i, _, _ in bucket.members:
+            if self.params[i].grad is None:
+                self._views[i][...] = 0
             else:
-                flat[offset : offset + size] = grad.data.reshape(-1)
+                self._into_view(i)
 
     def _unpack(self, bucket: _Bucket, has_grad: Sequence[bool] | None) -> None:
-        for i, offset, size in bucket.members:
-            if has_grad is None or has_grad[i]:
-                _set_grad(self.params[i], bucket.flat[offset : offset + size])
+        """The reduced bucket's parameters without a gradient get their view (the sum of
+        the ranks' gradients; zeros if none had one), unless ``has_grad[i]`` is False."""
+        for i, _, _ in bucket.members:
+            if has_grad is not None and not has_grad[i]:
+                continue
+            p, view = self.params[i], self._views[i]
+            if p.grad is None:
+                p.grad = Tensor._make(view)
+            elif p.grad.data is not view:  # replaced while the bucket was in flight
+                p.grad.data[...] = view
 
 
 def _check_op(op: str) -> str:
     if check_op(op) == "max":
         raise ValueError("GradientReducer: op must be 'sum' or 'avg', got 'max'")
     return op
-
-
-def _set_grad(p: Parameter, values: Any) -> None:
-    values = values.reshape(p.shape)
-    if p.grad is None:
-        p.grad = Tensor._make(values.copy())
-    else:
-        p.grad.data[...] = values
 
 
 class FlatShards:

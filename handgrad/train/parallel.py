@@ -161,12 +161,14 @@ class DistributedDataParallel:
             self._shared, self._param_arrays = shared, shared.arrays
             group = LocalTransport(processes)
         self.group = group
-        self.reducer = GradientReducer(self.params, group)
+        # the gradients live in the reducer's buckets (its hooks move each one there as
+        # backward produces it); ZeRO-1 reduce-scatters them from the parameters instead
+        self.reducer = GradientReducer(self.params, group) if reduce_gradients else None
+        if self.reducer is not None:
+            self.reducer.attach()
         # only where every rank all-reduces: the forked ranks reduce to rank 0, over a
         # transport whose collectives block (nothing to overlap with)
         self.overlap = overlap and reduce_gradients and not self._forked and upload is None
-        if self.overlap:
-            self.reducer.attach()
         if self._forked:
             group.start(self._serve, name="handgrad-rank")
 
@@ -283,7 +285,8 @@ class DistributedDataParallel:
     def close(self) -> None:
         """Stop the forked workers (they also stop by themselves when this process exits);
         a given group is left to its owner."""
-        self.reducer.detach()
+        if self.reducer is not None:
+            self.reducer.detach()
         if not self._forked:
             return
         if self.group.failure() is None and not self.group._closed:
