@@ -393,7 +393,7 @@ def save_run_checkpoint(run: Run, elapsed_s: float) -> Path:
     rank 0 writes it while the others wait at a barrier."""
     path = run.out / CHECKPOINTS / step_dir_name(run.step)
     if isinstance(run.optimizer, ZeroAdamW):
-        run.optimizer.gather_state()  # every rank: AdamW's whole state, for rank 0 to write
+        run.optimizer.gather_state(dst=0)  # every rank: AdamW's state, to rank 0
     if run.rank == 0:
         path = _save_checkpoint_files(run, elapsed_s)
     if run.group is not None:

@@ -27,7 +27,9 @@ array and the clip is a multiplication by min(coef, 1). (Never run on a GPU.)
 
 Checkpoints hold AdamW's own state dict: before a save every rank all-gathers m, v and the
 masters, and rank 0 writes them per parameter, so the files are the same for any world
-size and with or without ZeRO, and a run resumes from them either way.
+size and with or without ZeRO, and a run resumes from them either way. Only the writing rank
+keeps the gathered vectors (``gather_state(dst=0)``), and only until ``state_dict()`` has
+handed them to the checkpoint writer: they are three times the model in float32.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class ZeroAdamW:
         self._grad: Any = None
         self._tmp = xp.empty(min(n, 1 << 15), dtype=dtype)
         self._gathered: dict[str, Any] | None = None
+        self._gathered_at: int | None = None  # gather_state()'s dst
 
     def reduce_and_clip(self, max_norm: float) -> Any:
         """This rank's slice of the summed gradient, clipped to a global norm of
@@ -152,17 +155,31 @@ class ZeroAdamW:
             p.grad = None
 
     # ---- checkpoints: AdamW's layout, whole parameters
-    def _gather(self, shard: Any) -> Any:
+    def _gather(self, shard: Any, out: Any = None) -> Any:
+        """Every rank's ``shard`` end to end (world x shard_size,), into ``out`` if given."""
         xp = self.xp
-        full = xp.empty(self.shards.shard_size * self.group.world_size, dtype=shard.dtype)
+        n = self.shards.shard_size * self.group.world_size
+        full = xp.empty(n, dtype=shard.dtype) if out is None else out
         self.group.all_gather(full, xp.ascontiguousarray(shard))
         return full
 
-    def gather_state(self) -> None:
+    def gather_state(self, dst: int | None = None) -> None:
         """Collective (every rank calls it): assemble AdamW's state dict for
-        ``state_dict()``."""
+        ``state_dict()``, on every rank (``dst`` None) or on rank ``dst`` only. The other
+        ranks keep nothing: they gather m, v and the masters one after another into one
+        scratch vector, dropped on return."""
+        if dst is not None:
+            self.group.check_rank(dst, "ZeroAdamW.gather_state")
+        keep = dst is None or dst == self.group.rank
+        self._gathered, self._gathered_at = None, dst
         sd = self.optimizer.state_dict()  # the groups and options; no state (never stepped)
         state: dict[int, dict[str, Any]] = {}
+        if self.steps and not keep:
+            scratch = None
+            for shard in (self.exp_avg, self.exp_avg_sq, self.master):
+                if shard is not None:  # the same collectives, in the same order, as below
+                    scratch = self._gather(shard, scratch)
+            return
         if self.steps:
             m, v = self._gather(self.exp_avg), self._gather(self.exp_avg_sq)
             w = self._gather(self.master) if self.keeps_masters else None
@@ -179,13 +196,24 @@ class ZeroAdamW:
                 if w is not None and p.data.dtype != w.dtype:  # 16-bit: fp32 masters
                     entry["master"] = w[whole].reshape(p.shape)
                 state[i] = entry
-        sd["state"] = state
-        self._gathered = sd
+        if keep:
+            sd["state"] = state
+            self._gathered = sd
 
     def state_dict(self) -> dict[str, Any]:
+        """Hands over the state ``gather_state()`` assembled (three whole-model vectors):
+        this optimizer keeps no reference, so they are freed as soon as the caller drops
+        the dict, once the checkpoint is written. Each call needs its own
+        ``gather_state()``."""
         if self._gathered is None:
-            raise RuntimeError("ZeroAdamW.state_dict: call gather_state() on every rank first")
-        return self._gathered
+            at, rank = self._gathered_at, self.group.rank
+            where = f" (the last one kept it on rank {at} only)" if at not in (None, rank) else ""
+            raise RuntimeError(
+                "ZeroAdamW.state_dict: call gather_state() on every rank first, once per "
+                f"state_dict(){where}"
+            )
+        sd, self._gathered = self._gathered, None
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """AdamW's state dict (from any world size, with or without ZeRO) into the shards."""

@@ -114,3 +114,51 @@ def test_zero1_on_local_ranks_matches_adamw_on_the_summed_gradient(world_size, d
     for p in workers:
         p.join(timeout=30)
     assert [p.exitcode for p in workers] == [0] * (world_size - 1)  # their asserts held too
+
+
+def check_gather_to_rank_0(dtype: str) -> None:
+    """Run by every rank: the state gathered to rank 0 only is the one gathered everywhere;
+    the other ranks keep none, and ``state_dict()`` hands it over once."""
+    r, P = dist.get_rank(), dist.get_world_size()
+    zero = ZeroAdamW(AdamW(groups(make_params(dtype)), lr=0.05), dist.group())
+    for step in range(2):
+        for k, p in enumerate(zero.params):
+            p.grad = hg.tensor(grads(step, r)[k])
+        zero.reduce_and_clip(1.0)
+        zero.step()
+    zero.gather_state()
+    everywhere = zero.state_dict()
+    with pytest.raises(RuntimeError, match=r"once per state_dict\(\)"):
+        zero.state_dict()  # handed over: this optimizer holds no reference any more
+    zero.gather_state(dst=0)
+    if r == 0:
+        sd = zero.state_dict()
+        assert zero._gathered is None
+        assert sorted(sd["state"]) == sorted(everywhere["state"]) == [0, 1, 2, 3]
+        for i, st in everywhere["state"].items():
+            assert sorted(sd["state"][i]) == sorted(st)
+            for key, value in st.items():
+                assert np.asarray(sd["state"][i][key]).tobytes() == np.asarray(value).tobytes()
+    else:
+        assert zero._gathered is None
+        with pytest.raises(RuntimeError, match="kept it on rank 0 only"):
+            zero.state_dict()
+    with pytest.raises(ValueError, match=f"rank {P} is outside 0 .. {P - 1}"):
+        zero.gather_state(dst=P)
+    dist.barrier()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_state_gathered_to_rank_0_only_and_released_once_handed_over(dtype):
+    def check() -> None:
+        check_gather_to_rank_0(dtype)
+
+    dist.init_process_group("local", world_size=3, worker=check)
+    try:
+        check()
+        workers = list(dist.group().processes)
+    finally:
+        dist.destroy_process_group()
+    for p in workers:
+        p.join(timeout=30)
+    assert [p.exitcode for p in workers] == [0, 0]  # their asserts held too
