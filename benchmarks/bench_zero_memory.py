@@ -88,6 +88,8 @@ def rank_main(mode: str, block: int, steps: int) -> None:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     zero = ZeroAdamW(optimizer, group) if mode == "zero" else None
     reducer = GradientReducer(params, group) if mode == "dp" else None
+    if reducer is not None:  # as DistributedDataParallel: gradients go into the buckets
+        reducer.attach()
     rng = np.random.default_rng(group.rank)
     phases = Phases()
     tracemalloc.start()
