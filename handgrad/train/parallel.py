@@ -29,6 +29,12 @@ Every rank runs the same few collectives of the ``local`` transport
     reduce     [losses..., has-grad flags]    to rank 0 (float64, sums in rank order)
     reduce     the gradients, bucketed        to rank 0 (``distributed.reducer``)
 
+Each parameter's ``.grad`` is a view of its slice of the reducer's flat bucket (PyTorch
+DDP's ``gradient_as_bucket_view``): backward's hooks move each first gradient of a step
+there and later micro batches add into it, so the reduction runs in place and no second copy
+of the gradients exists; clipping and the optimizer read the views. ``zero_grad()`` still
+sets ``.grad = None``; a parameter no rank reached keeps it.
+
 Nothing is pickled. A worker that raises, or dies, makes rank 0's next collective fail
 with a message naming it; a worker ends as soon as rank 0 does (see ``local.py``). Needs
 the ``fork`` start method (Linux; macOS untested); without it the trainer runs the P shares
