@@ -167,7 +167,8 @@ class Probe:
 
         def init(dp, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
             real_init(dp, *args, **{"overlap": overlap == "on", **kwargs})
-            dp.reducer.poll = poll == "poll"
+            if dp.reducer is not None:  # ZeRO-1 reduce-scatters instead
+                dp.reducer.poll = poll == "poll"
 
         parallel.DistributedDataParallel.__init__ = init
         FlatShards.reduce_scatter_gradients = timed(FlatShards.reduce_scatter_gradients)
