@@ -4,13 +4,16 @@ shard, AdamW on the shard, parameter all-gather), on GPT-2 124M.
 
     .venv/bin/python benchmarks/bench_zero_memory.py                 # mpirun -n 2, B=1, T=256
     .venv/bin/python benchmarks/bench_zero_memory.py --block 1024 --ranks 2
+    .venv/bin/python benchmarks/bench_zero_memory.py --checkpoint-after 1   # + a checkpoint
 
 Each rank runs three steps of each mode in a fresh process (so the peaks are the mode's own)
 and reports, for every step, per phase: resident memory at the phase's start and end and
 its peak inside the phase (Linux's VmHWM, reset before each phase by writing 5 to
 ``/proc/self/clear_refs``), and the peak of the bytes NumPy allocated inside the phase
 (tracemalloc; NumPy reports its data buffers to it), which tells our arrays from buffers MPI
-allocates itself. Figures in MiB.
+allocates itself. Figures in MiB. ``--checkpoint-after N`` adds a phase after step N that
+assembles the optimizer's whole state dict on rank 0 as a checkpoint does (ZeRO-1 gathers
+its shards; the dict is dropped where the files would have been written).
 """
 
 from __future__ import annotations
@@ -70,7 +73,19 @@ class Phases:
         self.current = None
 
 
-def rank_main(mode: str, block: int, steps: int) -> None:
+def checkpoint_state(optimizer: object, zero: object, rank: int) -> None:
+    """What a checkpoint holds of the optimizer, assembled on rank 0 and dropped."""
+    import inspect
+
+    if zero is not None:
+        to_rank_0 = "dst" in inspect.signature(zero.gather_state).parameters
+        zero.gather_state(dst=0) if to_rank_0 else zero.gather_state()
+    if rank == 0:
+        sd = (zero or optimizer).state_dict()
+        del sd  # written
+
+
+def rank_main(mode: str, block: int, steps: int, checkpoint_after: int = 0) -> None:
     import handgrad.distributed as dist
     from handgrad import manual_seed
     from handgrad.distributed.reducer import FlatShards, GradientReducer
@@ -121,6 +136,10 @@ def rank_main(mode: str, block: int, steps: int) -> None:
             optimizer.step()
         phases.begin(f"{step}: zero_grad")
         (zero or optimizer).zero_grad(set_to_none=True)
+        if step == checkpoint_after:
+            phases.begin(f"{step}: checkpoint")
+            checkpoint_state(optimizer, zero, group.rank)
+            group.barrier()
         phases.end()
     import resource
 
@@ -138,7 +157,7 @@ def rank_main(mode: str, block: int, steps: int) -> None:
     dist.destroy_process_group()
 
 
-def run_mode(mode: str, ranks: int, block: int, steps: int) -> list[dict]:
+def run_mode(mode: str, ranks: int, block: int, steps: int, checkpoint_after: int) -> list[dict]:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     mpirun = shutil.which("mpirun", path=path)
     if mpirun is None:
@@ -147,6 +166,7 @@ def run_mode(mode: str, ranks: int, block: int, steps: int) -> list[dict]:
     env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
     cmd = [mpirun, "-n", str(ranks), "--oversubscribe", sys.executable, __file__]
     cmd += ["--rank-mode", mode, "--block", str(block), "--steps", str(steps)]
+    cmd += ["--checkpoint-after", str(checkpoint_after)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     records = [
         json.loads(line[7:]) for line in run.stdout.splitlines() if line.startswith("RECORD ")
@@ -161,14 +181,15 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--checkpoint-after", type=int, default=0, help="0: no checkpoint")
     ap.add_argument("--modes", nargs="+", default=["dp", "zero"], choices=["dp", "zero"])
     ap.add_argument("--rank-mode", choices=["dp", "zero"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_mode:
-        rank_main(args.rank_mode, args.block, args.steps)
+        rank_main(args.rank_mode, args.block, args.steps, args.checkpoint_after)
         return
     for mode in args.modes:
-        records = run_mode(mode, args.ranks, args.block, args.steps)
+        records = run_mode(mode, args.ranks, args.block, args.steps, args.checkpoint_after)
         name = {"dp": "plain data parallel", "zero": "ZeRO-1"}[mode]
         print(f"\n{name}, {args.ranks} MPI ranks, GPT-2 124M, B=1 T={args.block}")
         for rec in records:
