@@ -29,7 +29,7 @@ Checkpoints hold AdamW's own state dict: before a save every rank all-gathers m,
 masters, and rank 0 writes them per parameter, so the files are the same for any world
 size and with or without ZeRO, and a run resumes from them either way. Only the writing rank
 keeps the gathered vectors (``gather_state(dst=0)``), and only until ``state_dict()`` has
-handed them to the checkpoint writer: they are three times the model in float32.
+handed them to the checkpoint writer: two float32 copies of the model, three with masters.
 """
 
 from __future__ import annotations
