@@ -25,6 +25,7 @@ raises aborts its NCCL communicator, then calls ``MPI_Abort``.
 from __future__ import annotations
 
 import importlib
+import traceback
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,12 @@ from handgrad.distributed.transport import (
 
 
 class NCCLSetupError(RuntimeError):
-    """The ranks cannot each get a GPU of their own (raised on every rank alike)."""
+    """The ranks cannot each get a GPU of their own (raised on every rank alike); ``rank``
+    is the rank that raised this one."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 def _cupy() -> tuple[Any, Any]:
@@ -94,16 +100,13 @@ class NCCLTransport(Transport):
             problem, self.device_index = str(err), -1
         self._agree(problem)
         self.cupy, self.nccl = setup
-        self.device = self.cupy.cuda.Device(self.device_index)
-        self.device.use()
-        # NCCL_UNIQUE_ID_BYTES = 128; CuPy gives and takes them as a tuple of signed chars
-        uid = np.zeros(128, dtype=np.int16)
-        if self.rank == 0:
-            uid[:] = self.nccl.get_unique_id()
-        world.Bcast(uid, root=0)
-        self.comm = self.nccl.NcclCommunicator(
-            self.world_size, tuple(int(v) for v in uid), self.rank
-        )
+        try:
+            self._join()
+        except BaseException:
+            # the other ranks wait in the Bcast or in NCCL's own start-up, which has no
+            # timeout: end the job from here, naming this rank and its error
+            self.mpi.abort(traceback.format_exc())
+            raise
         n = self.nccl
         self._types = {
             "float16": n.NCCL_FLOAT16,
@@ -117,6 +120,19 @@ class NCCLTransport(Transport):
         if hasattr(n, "NCCL_BFLOAT16"):
             self._types["bfloat16"] = n.NCCL_BFLOAT16
         self._avg = getattr(n, "NCCL_AVG", None)  # NCCL >= 2.10
+
+    def _join(self) -> None:
+        """Take this rank's GPU, then join the NCCL communicator of every rank."""
+        self.device = self.cupy.cuda.Device(self.device_index)
+        self.device.use()
+        # NCCL_UNIQUE_ID_BYTES = 128; CuPy gives and takes them as a tuple of signed chars
+        uid = np.zeros(128, dtype=np.int16)
+        if self.rank == 0:
+            uid[:] = self.nccl.get_unique_id()
+        self.mpi.comm.Bcast(uid, root=0)
+        self.comm = self.nccl.NcclCommunicator(
+            self.world_size, tuple(int(v) for v in uid), self.rank
+        )
 
     def _choose(self, device: int | None, gpus: int) -> tuple[str, int]:
         """(why this rank cannot have a GPU of its own, or ""; the GPU index)."""
@@ -156,7 +172,7 @@ class NCCLTransport(Transport):
             text[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         world.Bcast(text, root=first)
         words = text.tobytes().rstrip(b"\0").decode("utf-8", "replace")
-        raise NCCLSetupError(f"{words} (rank {first} of {self.world_size})")
+        raise NCCLSetupError(f"{words} (rank {first} of {self.world_size})", self.rank)
 
     def _stream(self) -> int:
         return self.cupy.cuda.get_current_stream().ptr

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from handgrad.backend.device import to_device
+from handgrad.backend.device import as_device, to_device
 from handgrad.data import iter_batches_sequential
 from handgrad.distributed import Transport
 from handgrad.grad_mode import no_grad
@@ -121,8 +121,6 @@ def _init_group(dist: Any, device: str) -> Transport:
     """The default group for a run on ``device``: ``nccl`` (one GPU per rank, the config's
     index if it names one) for CUDA, ``mpi`` otherwise. A rank that cannot get a GPU of its
     own makes every rank refuse alike: ConfigError on rank 0, RankStopped on the others."""
-    from handgrad.backend.device import as_device
-
     target = as_device(device)
     if target.type != "cuda":
         return dist.init_process_group("mpi")
@@ -131,11 +129,7 @@ def _init_group(dist: Any, device: str) -> Transport:
     try:
         return dist.init_process_group("nccl", device=target.index)
     except NCCLSetupError as err:
-        from handgrad.distributed.mpi import MPITransport
-
-        if MPITransport().rank == 0:
-            raise ConfigError(str(err)) from None
-        raise RankStopped(str(err)) from None
+        raise (ConfigError if err.rank == 0 else RankStopped)(str(err)) from None
 
 
 def rank_device(device: str, group: Transport | None) -> str:
