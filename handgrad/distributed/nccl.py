@@ -16,7 +16,8 @@ Start-up: each rank uses GPU ``local rank`` (its rank among the ranks on its nod
 refused when more than one rank runs on the node: NCCL cannot put two ranks on one GPU, and
 the ranks agree (over MPI) on any refusal before NCCL starts, so every rank raises the same
 ``NCCLSetupError`` instead of some waiting forever. Then rank 0 draws NCCL's unique id (128
-bytes), MPI broadcasts it, and every rank joins the communicator. Collectives are queued on
+bytes: ``bytes`` in CuPy 14, a tuple of signed chars before), MPI broadcasts it, and every
+rank joins the communicator; a rank that fails there ends the job through ``MPI_Abort``. Collectives are queued on
 CuPy's current stream, in order with the kernels around them, and the host does not wait
 for them; ``barrier()`` does. Failures end the job through MPI (see ``mpi.py``): a rank that
 raises aborts its NCCL communicator, then calls ``MPI_Abort``.
@@ -125,14 +126,18 @@ class NCCLTransport(Transport):
         """Take this rank's GPU, then join the NCCL communicator of every rank."""
         self.device = self.cupy.cuda.Device(self.device_index)
         self.device.use()
-        # NCCL_UNIQUE_ID_BYTES = 128; CuPy gives and takes them as a tuple of signed chars
-        uid = np.zeros(128, dtype=np.int16)
+        # NCCL_UNIQUE_ID_BYTES = 128. CuPy 14 gives and takes them as bytes, CuPy 13 and
+        # earlier as a tuple of signed chars: rank 0 sends which (byte 128: 1 for bytes)
+        uid = np.zeros(129, dtype=np.uint8)
         if self.rank == 0:
-            uid[:] = self.nccl.get_unique_id()
+            raw = self.nccl.get_unique_id()
+            as_bytes = isinstance(raw, bytes | bytearray)
+            signed = np.frombuffer(bytes(raw), np.int8) if as_bytes else np.asarray(raw, np.int8)
+            uid[:128], uid[128] = signed.view(np.uint8), as_bytes
         self.mpi.comm.Bcast(uid, root=0)
-        self.comm = self.nccl.NcclCommunicator(
-            self.world_size, tuple(int(v) for v in uid), self.rank
-        )
+        key = uid[:128]
+        comm_id = key.tobytes() if uid[128] else tuple(int(v) for v in key.view(np.int8))
+        self.comm = self.nccl.NcclCommunicator(self.world_size, comm_id, self.rank)
 
     def _choose(self, device: int | None, gpus: int) -> tuple[str, int]:
         """(why this rank cannot have a GPU of its own, or ""; the GPU index)."""
