@@ -12,15 +12,15 @@ has-gradient flags, failure flags, the evaluation's batch losses) goes through M
 (``self.mpi``). Every rank makes the same calls in the same order, as on any transport.
 
 Start-up: each rank uses GPU ``local rank`` (its rank among the ranks on its node,
-``MPI_Comm_split_type(COMM_TYPE_SHARED)``), or GPU ``device`` when one is named, which is
+``MPI_Comm_split_type(COMM_TYPE_SHARED)``), or GPU ``device_id`` when one is named, which is
 refused when more than one rank runs on the node: NCCL cannot put two ranks on one GPU, and
 the ranks agree (over MPI) on any refusal before NCCL starts, so every rank raises the same
 ``NCCLSetupError`` instead of some waiting forever. Then rank 0 draws NCCL's unique id (128
 bytes: ``bytes`` in CuPy 14, a tuple of signed chars before), MPI broadcasts it, and every
-rank joins the communicator; a rank that fails there ends the job through ``MPI_Abort``. Collectives are queued on
-CuPy's current stream, in order with the kernels around them, and the host does not wait
-for them; ``barrier()`` does. Failures end the job through MPI (see ``mpi.py``): a rank that
-raises aborts its NCCL communicator, then calls ``MPI_Abort``.
+rank joins the communicator; a rank that fails there ends the job through ``MPI_Abort``.
+Collectives are queued on CuPy's current stream, in order with the kernels around them, and
+the host does not wait for them; ``barrier()`` does. Failures end the job through MPI (see
+``mpi.py``): a rank that raises aborts its NCCL communicator, then calls ``MPI_Abort``.
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ def _is_host(array: Any) -> bool:
 class NCCLTransport(Transport):
     """Collectives on CuPy arrays over NCCL and on NumPy arrays over MPI (``self.mpi``).
 
-    ``device``: the GPU index for this rank (None: the local rank), ``device_index`` the one
+    ``device_id``: the GPU index for this rank (None: the local rank), ``device_index`` the one
     chosen. ``local_rank``, ``local_size``: this rank's place among the ranks of its node."""
 
     name = "nccl"
 
-    def __init__(self, comm: Any = None, device: int | None = None) -> None:
+    def __init__(self, comm: Any = None, device_id: int | None = None) -> None:
         self.mpi = MPITransport(comm)
         MPI, world = self.mpi.MPI, self.mpi.comm
         self.rank, self.world_size = self.mpi.rank, self.mpi.world_size
@@ -96,7 +96,7 @@ class NCCLTransport(Transport):
         try:
             setup = _cupy()
             gpus = int(setup[0].cuda.runtime.getDeviceCount())
-            problem, self.device_index = self._choose(device, gpus)
+            problem, self.device_index = self._choose(device_id, gpus)
         except Exception as err:  # noqa: BLE001 - agreed on below, then raised on every rank
             problem, self.device_index = str(err), -1
         self._agree(problem)

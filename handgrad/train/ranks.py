@@ -128,7 +128,7 @@ def _init_group(dist: Any, device: str) -> Transport:
     from handgrad.distributed.nccl import NCCLSetupError
 
     try:
-        return dist.init_process_group("nccl", device=target.index)
+        return dist.init_process_group("nccl", device_id=target.index)
     except NCCLSetupError as err:
         raise (ConfigError if err.rank == 0 else RankStopped)(str(err)) from None
 
