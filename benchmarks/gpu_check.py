@@ -39,8 +39,9 @@ compiled, bfloat16 products, the attention path), also when it fails.
 
 The summary goes to stdout and, as JSON, to $OUT/gpu_check.json when $OUT is set (or to
 --json PATH); the JSON is rewritten after every part ("complete": false until the end), so
-a run killed by a time limit keeps the parts it finished. The GPU paths use the device API (``hg.device``, ``Tensor.to``, ``Module.to``,
-``[train] device``); where a piece is missing, its part says which.
+a run killed by a time limit keeps the parts it finished. The GPU paths use the device API
+(``hg.device``, ``Tensor.to``, ``Module.to``, ``[train] device``); where a piece is missing,
+its part says which.
 """
 
 from __future__ import annotations
@@ -570,7 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
 
     def write(summary: dict[str, Any]) -> None:
-        # after every part, so that a run cut short (the device's time limit) keeps what it has
+        # after every part, so that a run cut short (the device's time limit) keeps what it
+        # has; written here rather than by handgrad.fileio because this process imports no
+        # handgrad (the parts do, in children), so a handgrad that fails to import on the GPU
+        # machine still leaves a summary saying so
         if target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(".json.tmp")

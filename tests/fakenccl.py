@@ -33,6 +33,9 @@ NCCL_SUM, NCCL_PROD, NCCL_MAX, NCCL_MIN, NCCL_AVG = 0, 1, 2, 3, 4
 
 available = True
 calls: dict[str, int] = {}
+# CuPy 14's API: get_unique_id() gives the 128 bytes as ``bytes`` and NcclCommunicator takes
+# them so; CuPy 13 and earlier use a tuple of 128 signed chars. False gives the old one.
+UNIQUE_ID_AS_BYTES = True
 
 
 def _dtype(code: int) -> np.dtype:
@@ -57,9 +60,10 @@ def _memory(ptr: int, count: int, code: int) -> np.ndarray:
     return np.ctypeslib.as_array(raw).view(dtype)
 
 
-def get_unique_id() -> tuple[int, ...]:
-    """128 signed chars, as CuPy gives NCCL's unique id."""
-    return tuple(int(v) for v in np.random.default_rng().integers(-128, 128, 128))
+def get_unique_id() -> bytes | tuple[int, ...]:
+    """NCCL's unique id, 128 bytes, in the form this CuPy gives it (``UNIQUE_ID_AS_BYTES``)."""
+    raw = np.random.default_rng().integers(-128, 128, 128, dtype=np.int8)
+    return raw.tobytes() if UNIQUE_ID_AS_BYTES else tuple(int(v) for v in raw)
 
 
 class NcclCommunicator:
@@ -68,8 +72,15 @@ class NcclCommunicator:
     def __init__(self, ndev: int, commId: tuple[int, ...], rank: int) -> None:  # noqa: N803
         from mpi4py import MPI
 
+        form = bytes if UNIQUE_ID_AS_BYTES else tuple  # as Cython's typed argument checks it
+        if not isinstance(commId, form):
+            raise TypeError(
+                f"fakenccl: NcclCommunicator() argument 'commId' must be {form.__name__}, "
+                f"not {type(commId).__name__}"
+            )
         if len(commId) != 128:
             raise ValueError(f"fakenccl: the unique id has {len(commId)} bytes, not 128")
+        signed = np.frombuffer(commId, np.int8) if form is bytes else np.asarray(commId, np.int8)
         self.MPI = MPI
         world = MPI.COMM_WORLD
         if world.Get_size() != ndev or world.Get_rank() != rank:
@@ -78,11 +89,12 @@ class NcclCommunicator:
                 f"{world.Get_size()}"
             )
         ids = np.zeros((ndev, 128), dtype=np.int16)
-        world.Allgather(np.asarray(commId, dtype=np.int16), ids)
+        world.Allgather(signed.astype(np.int16), ids)
         if not (ids == ids[0]).all():
             raise ValueError("fakenccl: the ranks were given different unique ids")
         self.comm = world.Dup()
         self._rank, self._size, self.aborted = rank, ndev, False
+        self.unique_id = commId
 
     def rank_id(self) -> int:
         return self._rank

@@ -52,7 +52,7 @@ def device_count() -> int:
     _device_error = None
     try:
         return int(cp.cuda.runtime.getDeviceCount())
-    except Exception as e:  # noqa: BLE001  (CUDARuntimeError: no driver, no device, a broken install)
+    except Exception as e:  # noqa: BLE001  (CUDARuntimeError: no driver, no GPU, a broken install)
         _device_error = f"{type(e).__name__}: {e}"[:300]
         return 0
 

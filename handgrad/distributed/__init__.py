@@ -67,7 +67,7 @@ def init_process_group(
     worker: Callable[[], Any] | None = None,
     comm: Any = None,
     capacity: int | None = None,
-    device: int | None = None,
+    device_id: int | None = None,
 ) -> Transport:
     """Join (or, for ``local``, create) the default process group; returns its transport.
 
@@ -77,13 +77,16 @@ def init_process_group(
     (``local`` only) is what ranks 1 .. P-1 run; they exit when it returns. ``comm``: an
     mpi4py communicator other than ``COMM_WORLD`` (``mpi``, ``nccl``). ``capacity``
     (``local``): bytes of shared memory per rank a collective moves at once (32 MiB).
-    ``device`` (``nccl``): this rank's GPU (default: its local rank on its node)."""
+    ``device_id`` (``nccl``, as torch's): this rank's GPU index (default: its local rank on
+    its node)."""
     global _group, _previous_excepthook
     if _group is not None:
         raise RuntimeError("init_process_group: the default process group is already set up")
     backend = _default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if device_id is not None and backend != "nccl":
+        raise ValueError(f"{backend}: device_id= is for the nccl backend (one GPU per rank)")
     if backend == "local":
         from handgrad.distributed.local import DEFAULT_CAPACITY, LocalTransport
 
@@ -96,8 +99,6 @@ def init_process_group(
     else:
         if world_size is not None or worker is not None or capacity is not None:
             raise ValueError(f"{backend}: world size and workers come from the MPI launcher")
-        if device is not None and backend != "nccl":
-            raise ValueError(f"{backend}: device= is for the nccl backend (one GPU per rank)")
         from handgrad.distributed.mpi import install_excepthook
 
         if backend == "mpi":
@@ -107,7 +108,7 @@ def init_process_group(
         else:
             from handgrad.distributed.nccl import NCCLTransport
 
-            transport = NCCLTransport(comm, device)
+            transport = NCCLTransport(comm, device_id)
         _previous_excepthook = install_excepthook(transport)
     _group = transport
     return transport

@@ -12,19 +12,21 @@ has-gradient flags, failure flags, the evaluation's batch losses) goes through M
 (``self.mpi``). Every rank makes the same calls in the same order, as on any transport.
 
 Start-up: each rank uses GPU ``local rank`` (its rank among the ranks on its node,
-``MPI_Comm_split_type(COMM_TYPE_SHARED)``), or GPU ``device`` when one is named, which is
+``MPI_Comm_split_type(COMM_TYPE_SHARED)``), or GPU ``device_id`` when one is named, which is
 refused when more than one rank runs on the node: NCCL cannot put two ranks on one GPU, and
 the ranks agree (over MPI) on any refusal before NCCL starts, so every rank raises the same
 ``NCCLSetupError`` instead of some waiting forever. Then rank 0 draws NCCL's unique id (128
-bytes), MPI broadcasts it, and every rank joins the communicator. Collectives are queued on
-CuPy's current stream, in order with the kernels around them, and the host does not wait
-for them; ``barrier()`` does. Failures end the job through MPI (see ``mpi.py``): a rank that
-raises aborts its NCCL communicator, then calls ``MPI_Abort``.
+bytes: ``bytes`` in CuPy 14, a tuple of signed chars before), MPI broadcasts it, and every
+rank joins the communicator; a rank that fails there ends the job through ``MPI_Abort``.
+Collectives are queued on CuPy's current stream, in order with the kernels around them, and
+the host does not wait for them; ``barrier()`` does. Failures end the job through MPI (see
+``mpi.py``): a rank that raises aborts its NCCL communicator, then calls ``MPI_Abort``.
 """
 
 from __future__ import annotations
 
 import importlib
+import traceback
 from typing import Any
 
 import numpy as np
@@ -38,7 +40,12 @@ from handgrad.distributed.transport import (
 
 
 class NCCLSetupError(RuntimeError):
-    """The ranks cannot each get a GPU of their own (raised on every rank alike)."""
+    """The ranks cannot each get a GPU of their own (raised on every rank alike); ``rank``
+    is the rank that raised this one."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 def _cupy() -> tuple[Any, Any]:
@@ -73,12 +80,12 @@ def _is_host(array: Any) -> bool:
 class NCCLTransport(Transport):
     """Collectives on CuPy arrays over NCCL and on NumPy arrays over MPI (``self.mpi``).
 
-    ``device``: the GPU index for this rank (None: the local rank), ``device_index`` the one
+    ``device_id``: the GPU index for this rank (None: the local rank), ``device_index`` the one
     chosen. ``local_rank``, ``local_size``: this rank's place among the ranks of its node."""
 
     name = "nccl"
 
-    def __init__(self, comm: Any = None, device: int | None = None) -> None:
+    def __init__(self, comm: Any = None, device_id: int | None = None) -> None:
         self.mpi = MPITransport(comm)
         MPI, world = self.mpi.MPI, self.mpi.comm
         self.rank, self.world_size = self.mpi.rank, self.mpi.world_size
@@ -89,21 +96,18 @@ class NCCLTransport(Transport):
         try:
             setup = _cupy()
             gpus = int(setup[0].cuda.runtime.getDeviceCount())
-            problem, self.device_index = self._choose(device, gpus)
+            problem, self.device_index = self._choose(device_id, gpus)
         except Exception as err:  # noqa: BLE001 - agreed on below, then raised on every rank
             problem, self.device_index = str(err), -1
         self._agree(problem)
         self.cupy, self.nccl = setup
-        self.device = self.cupy.cuda.Device(self.device_index)
-        self.device.use()
-        # NCCL_UNIQUE_ID_BYTES = 128; CuPy gives and takes them as a tuple of signed chars
-        uid = np.zeros(128, dtype=np.int16)
-        if self.rank == 0:
-            uid[:] = self.nccl.get_unique_id()
-        world.Bcast(uid, root=0)
-        self.comm = self.nccl.NcclCommunicator(
-            self.world_size, tuple(int(v) for v in uid), self.rank
-        )
+        try:
+            self._join()
+        except BaseException:
+            # the other ranks wait in the Bcast or in NCCL's own start-up, which has no
+            # timeout: end the job from here, naming this rank and its error
+            self.mpi.abort(traceback.format_exc())
+            raise
         n = self.nccl
         self._types = {
             "float16": n.NCCL_FLOAT16,
@@ -117,6 +121,23 @@ class NCCLTransport(Transport):
         if hasattr(n, "NCCL_BFLOAT16"):
             self._types["bfloat16"] = n.NCCL_BFLOAT16
         self._avg = getattr(n, "NCCL_AVG", None)  # NCCL >= 2.10
+
+    def _join(self) -> None:
+        """Take this rank's GPU, then join the NCCL communicator of every rank."""
+        self.device = self.cupy.cuda.Device(self.device_index)
+        self.device.use()
+        # NCCL_UNIQUE_ID_BYTES = 128. CuPy 14 gives and takes them as bytes, CuPy 13 and
+        # earlier as a tuple of signed chars: rank 0 sends which (byte 128: 1 for bytes)
+        uid = np.zeros(129, dtype=np.uint8)
+        if self.rank == 0:
+            raw = self.nccl.get_unique_id()
+            as_bytes = isinstance(raw, bytes | bytearray)
+            signed = np.frombuffer(bytes(raw), np.int8) if as_bytes else np.asarray(raw, np.int8)
+            uid[:128], uid[128] = signed.view(np.uint8), as_bytes
+        self.mpi.comm.Bcast(uid, root=0)
+        key = uid[:128]
+        comm_id = key.tobytes() if uid[128] else tuple(int(v) for v in key.view(np.int8))
+        self.comm = self.nccl.NcclCommunicator(self.world_size, comm_id, self.rank)
 
     def _choose(self, device: int | None, gpus: int) -> tuple[str, int]:
         """(why this rank cannot have a GPU of its own, or ""; the GPU index)."""
@@ -156,7 +177,7 @@ class NCCLTransport(Transport):
             text[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         world.Bcast(text, root=first)
         words = text.tobytes().rstrip(b"\0").decode("utf-8", "replace")
-        raise NCCLSetupError(f"{words} (rank {first} of {self.world_size})")
+        raise NCCLSetupError(f"{words} (rank {first} of {self.world_size})", self.rank)
 
     def _stream(self) -> int:
         return self.cupy.cuda.get_current_stream().ptr

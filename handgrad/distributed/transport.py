@@ -20,8 +20,8 @@ must be C-contiguous because they are handed over as flat buffers.
 collective at once and returns a Work already complete, which keeps the calling code the
 same; so does ``nccl``, whose collectives are queued on the current CUDA stream anyway: the
 host does not wait, but the reduction shares the stream with backward's kernels rather than
-running beside them (that would take a second stream ordered by events). Collectives, blocking or not, are
-started in the same order on every rank.
+running beside them (that would take a second stream ordered by events). Collectives,
+blocking or not, are started in the same order on every rank.
 
 A rank that fails makes every other rank's next (or current) collective raise
 ``ProcessGroupError`` naming the failed rank and its error, within seconds; the group is

@@ -155,9 +155,15 @@ class _Attention(Function):
         return denom, (m + xp.log(denom))[..., 0]
 
     def _dropout_keep(self, item):
-        """The item's (..., L, S) dropout multiplier: 0 or 1/(1-p), the same in both passes."""
+        """The item's (..., L, S) dropout multiplier: 0 or 1/(1-p), the same in both passes.
+        ``()`` without a seed of its own (the tiled path's one item on a GPU): every (batch,
+        head)'s multiplier from that head's seed, stacked to (*lead, L, S)."""
         if self.seeds is None:
             return None
+        if item not in self.seeds:
+            heads = [self._dropout_keep(h) for h in self.seeds]  # (L, S) each, in C order
+            lead = self.q.shape[:-2]
+            return self.xp.stack(heads).reshape(*lead, *heads[0].shape)
         rng = B.host_generator(self.seeds[item])
         shape = self.q[item].shape[:-1] + self.k.shape[-2:-1]
         return B.dropout_scale(rng, shape, self.dropout_p, like=self.q)
@@ -275,9 +281,10 @@ class _AttentionTiled(_Attention):
         lead, L, S = self._setup(q, k, v, mask, is_causal, scale, dropout_p)
         self.tile = _ATTN_TILE
         self.per_item = 1 if B.is_numpy(self.xp) else math.prod(lead)  # (batch, head)s
-        self.items = list(itertools.product(*map(range, lead))) if self.per_item == 1 else [()]
-        if dropout_p > 0:
-            self.seeds = dict(zip(self.items, gen.integers(2**63, size=len(self.items))))
+        heads = list(itertools.product(*map(range, lead)))
+        self.items = heads if self.per_item == 1 else [()]
+        if dropout_p > 0:  # a seed per (batch, head) on every device: the CPU's masks and draws
+            self.seeds = dict(zip(heads, gen.integers(2**63, size=len(heads))))
         size = min(self.tile, L) * S * self.per_item
         work = L * S * math.prod(lead)
         _threads.map_items(

@@ -1,8 +1,8 @@
 """Where a training step's gradients are made: in this process, over forked processes or MPI
 ranks (``train/parallel.py``), on a GPU (``train/on_device.py``), or on one GPU per MPI rank
-(both; NCCL reduces the gradients, never run on a GPU). Each way is a
-``GradientFn``: (step, x, y) -> the loss of each micro batch, with scale x its gradient added to
-``.grad``, so the training step does not depend on which is used."""
+(both; NCCL reduces the gradients, never run on a GPU). Each way is a ``GradientFn``:
+(step, x, y) -> the loss of each micro batch, with scale x its gradient added to ``.grad``, so
+the training step does not depend on which is used."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def gradient_function(
     say: Callable[[str], None],
 ) -> tuple[DistributedDataParallel | None, GradientFn]:
     """The gradients of a run: on its GPU; data parallel over the MPI ``group`` (on a GPU
-    per rank when the model is on one) or over
-    ``[train] processes`` forked processes where the platform can fork; else in this process.
+    per rank when the model is on one) or over ``[train] processes`` forked processes where
+    the platform can fork; else in this process.
     ``rows`` windows make one micro batch over all processes; ``zero``: ZeRO-1 reduces the
     gradients itself (reduce-scatter), so data parallel leaves them unreduced."""
     on_gpu = model.device.type != "cpu"

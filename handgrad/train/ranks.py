@@ -45,7 +45,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from handgrad.backend.device import to_device
+from handgrad import backend as B
+from handgrad.backend.device import as_device, to_device
 from handgrad.data import iter_batches_sequential
 from handgrad.distributed import Transport
 from handgrad.grad_mode import no_grad
@@ -121,21 +122,15 @@ def _init_group(dist: Any, device: str) -> Transport:
     """The default group for a run on ``device``: ``nccl`` (one GPU per rank, the config's
     index if it names one) for CUDA, ``mpi`` otherwise. A rank that cannot get a GPU of its
     own makes every rank refuse alike: ConfigError on rank 0, RankStopped on the others."""
-    from handgrad.backend.device import as_device
-
     target = as_device(device)
     if target.type != "cuda":
         return dist.init_process_group("mpi")
     from handgrad.distributed.nccl import NCCLSetupError
 
     try:
-        return dist.init_process_group("nccl", device=target.index)
+        return dist.init_process_group("nccl", device_id=target.index)
     except NCCLSetupError as err:
-        from handgrad.distributed.mpi import MPITransport
-
-        if MPITransport().rank == 0:
-            raise ConfigError(str(err)) from None
-        raise RankStopped(str(err)) from None
+        raise (ConfigError if err.rank == 0 else RankStopped)(str(err)) from None
 
 
 def rank_device(device: str, group: Transport | None) -> str:
@@ -233,6 +228,7 @@ def evaluate_split(
     if batches < 1:
         raise ValueError(f"evaluate: batches must be >= 1, got {batches}")
     losses = np.zeros(batches)
+    mine: dict[int, Any] = {}  # batch -> its 0-d loss, left on the model's device
     was_training = model.training
     model.eval()
     try:
@@ -242,9 +238,12 @@ def evaluate_split(
                 if b % group.world_size == group.rank:
                     x, y = to_device(x, model.device), to_device(y, model.device)
                     _, loss = model(Tensor._make(x), Tensor._make(y))
-                    losses[b] = float(loss.item())  # a host read per batch (evaluation only)
+                    mine[b] = loss.data
     finally:
         model.train(was_training)
+    if mine:  # one read of the device for all of this rank's batches
+        xp = B.get_array_module(*mine.values())
+        losses[list(mine)] = B.to_numpy(xp.stack(list(mine.values())))
     group.all_reduce(losses)
     total = 0.0
     for value in losses:

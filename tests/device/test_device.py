@@ -79,14 +79,21 @@ def test_cuda_without_cupy_says_no_cupy(monkeypatch: pytest.MonkeyPatch) -> None
         to_device(np.ones(2), "cuda")
 
 
-def test_cuda_without_gpu_says_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_device() -> int:
-        raise RuntimeError("cudaErrorNoDevice")
+def use_cupy_without_gpu(monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    """Make handgrad see a CuPy whose device count raises ``RuntimeError(error)``, as CuPy's
+    does without a GPU or driver."""
+
+    def count() -> int:
+        raise RuntimeError(error)
 
     fake = type(fakecupy.namespace)("nogpu")
     fake.cuda = type(fakecupy.namespace.cuda)(runtime=type(fakecupy.namespace.cuda)())
-    fake.cuda.runtime.getDeviceCount = no_device
+    fake.cuda.runtime.getDeviceCount = count
     monkeypatch.setattr(cuda, "_cupy", fake)
+
+
+def test_cuda_without_gpu_says_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_cupy_without_gpu(monkeypatch, "cudaErrorNoDevice")
     assert cuda.device_count() == 0 and not cuda.is_available()
     with pytest.raises(RuntimeError, match="CUDA is not available: no GPU"):
         to_device(np.ones(2), device("cuda:0"))
@@ -135,14 +142,7 @@ def test_bf16_arrays_probe(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_matmul_precision_with_cupy_but_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """CuPy's TF32 setter asks the GPU for its capability: without a GPU only CUPY_TF32 is
     set, and nothing raises (the error there was cudaErrorInsufficientDriver)."""
-
-    def no_driver() -> int:
-        raise RuntimeError("cudaErrorInsufficientDriver")
-
-    fake = type(fakecupy.namespace)("nodriver")
-    fake.cuda = type(fakecupy.namespace.cuda)(runtime=type(fakecupy.namespace.cuda)())
-    fake.cuda.runtime.getDeviceCount = no_driver
-    monkeypatch.setattr(cuda, "_cupy", fake)
+    use_cupy_without_gpu(monkeypatch, "cudaErrorInsufficientDriver")
     monkeypatch.setenv("CUPY_TF32", "0")
     cuda.set_matmul_precision("high")
     assert cuda.os.environ["CUPY_TF32"] == "1"

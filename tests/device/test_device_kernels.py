@@ -148,6 +148,34 @@ def test_large_attention_on_a_device_is_tiled_over_all_heads_at_once(
     assert len(items) == 1 + 2 * 3  # the CPU run: one item per (batch, head)
 
 
+def test_tiled_attention_dropout_on_a_device_draws_the_cpus_masks(calls, monkeypatch) -> None:
+    """All heads form one item on a device, but each (batch, head) keeps its own dropout
+    seed: the same masks, outputs and gradients as the CPU, and the host generator left in
+    the same state (the next draw is the CPU's)."""
+    from handgrad.nn import attention as A
+
+    monkeypatch.setattr(A, "_ATTN_BATCH_ALL", 0)  # both tile: (2, 3, 12, 12) is 864 scores
+    monkeypatch.setattr(A, "_DEVICE_KEEP_SCORES", 100)
+    monkeypatch.setattr(A, "_ATTN_TILE", 5)
+    rng = np.random.default_rng(9)
+    q, k, v = (_f32(rng, 2, 3, 12, 4) for _ in range(3))
+
+    def attend(a, b, c):  # type: ignore[no-untyped-def]
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True, dropout_p=0.3)
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        hg.manual_seed(5)
+        out, grads = _run(attend, [q, k, v], device)
+        runs[device] = out, grads, hg.rand(4).numpy()
+    (want, want_g, want_next), (got, got_g, got_next) = runs["cpu"], runs["cuda"]
+    assert (want == 0).mean() > 0.05  # dropout did drop some of the output's terms
+    _close(got, want, "output")
+    for i, (g, w) in enumerate(zip(got_g, want_g)):
+        _close(g, w, f"grad {i}")
+    np.testing.assert_array_equal(got_next, want_next)
+
+
 def test_attention_with_a_mask_takes_the_generic_path(calls) -> None:
     rng = np.random.default_rng(6)
     q, k, v = (_f32(rng, 2, 6, 4) for _ in range(3))

@@ -97,3 +97,9 @@ def test_nccl_module_imports_without_cupy():
     if importlib.util.find_spec("cupy") is None:
         with pytest.raises(RuntimeError, match="needs CuPy"):
             nccl.NCCLTransport()
+
+
+def test_device_id_is_refused_outside_nccl():
+    with pytest.raises(ValueError, match="device_id= is for the nccl backend"):
+        dist.init_process_group("local", device_id=1)
+    assert not dist.is_initialized()

@@ -3,7 +3,8 @@ test_train_nccl.py as ``mpirun -n 2 python mpi_train.py [OPTIONS] -- ARGS...``.
 
 ``--fault KIND:STEP`` makes rank 1 fail at optimizer step STEP (1-based), by the test's
 hand, not the library's: ``raise`` raises ValueError from its gradient computation, ``kill``
-kills the process with SIGKILL, ``nan`` turns its loss into NaN (every rank must stop on it).
+kills the process with SIGKILL, ``nan`` turns its loss into NaN (every rank must stop on it);
+``nccl`` (with ``--fake-gpu``; STEP unused) makes rank 1's NCCL communicator fail to start.
 ``--fake-gpu`` installs the CuPy and NCCL stand-ins (tests/fakecupy.py, tests/fakenccl.py)
 with two fake GPUs, so ``train.device=cuda`` runs the nccl transport's code on the CPU; it
 also prints each rank's host synchronisations per optimizer step at the end
@@ -43,6 +44,15 @@ def inject(kind: str, step: int, device: bool) -> None:
             if kind == "nan":
                 losses[0] = math.nan
 
+    if kind == "nccl":  # rank 0 is left waiting in NCCL's start-up, which has no timeout
+        import fakenccl
+
+        def failing_start(*args, **kwargs):  # type: ignore[no-untyped-def]
+            print(f"rank 1 failing at {time.time()}", flush=True)
+            raise RuntimeError("boom on rank 1: NCCL could not start")
+
+        fakenccl.NcclCommunicator = failing_start
+        return
     if device:  # the GPU path makes its gradients with device_gradients
         real_device = parallel.device_gradients
 

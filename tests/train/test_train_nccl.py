@@ -11,6 +11,7 @@ stops the other within 10 s, naming itself."""
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -182,3 +183,21 @@ def test_gpu_data_parallel_config_is_refused_only_outside_mpi(tiny, monkeypatch)
         from_dict(two)
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # as mpirun sets it: one rank per GPU
     assert from_dict(two).train.processes == 2
+
+
+def test_a_rank_whose_nccl_fails_to_start_ends_the_job(mpirun, reference, tmp_path):
+    """Rank 1's communicator raises while rank 0 waits in NCCL's start-up (which has no
+    timeout): the job must end at once, naming rank 1, not hang."""
+    run = tmp_path / "run"
+    args = ["--fake-gpu", "--fault", "nccl:0", "--", "train", str(reference["config"])]
+    try:
+        done = mpirun(HERE / "mpi_train.py", *args, "--out", str(run),
+                      "--set", "train.device=cuda", timeout=60)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank whose NCCL failed to start left the other waiting: hung for 60 s")
+    end, out = time.time(), done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert re.search(r"rank 1 of 2 failed: (.|\n)*boom on rank 1: NCCL could not start", out), out
+    failed = float(out.split("rank 1 failing at ")[1].split()[0])
+    assert end - failed < 10, out
+    assert not (run / "metrics.jsonl").exists()
