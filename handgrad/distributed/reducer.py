@@ -292,9 +292,8 @@ class FlatShards:
         self.params, self.group = list(params), group
         dtypes = {B.compute_dtype(p.dtype) for p in self.params}
         if len(dtypes) != 1:
-            raise ValueError(
-                f"FlatShards: parameters must share one compute dtype, got {sorted(map(str, dtypes))}"
-            )
+            kinds = sorted(map(str, dtypes))
+            raise ValueError(f"FlatShards: parameters must share one compute dtype, got {kinds}")
         chunk = DEFAULT_CHUNK_ELEMS if chunk_elems is None else chunk_elems
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"FlatShards: chunk_elems must be an integer >= 1, got {chunk!r}")

@@ -111,8 +111,9 @@ class ZeroAdamW:
 
     def _clip_on_device(self, max_norm: float) -> Any:
         """``reduce_and_clip``'s arithmetic where the gradient lives: the same float64 sum
-        of squares and float32 coefficient, with grad *= min(coef, 1) in place of the
-        host's test (multiplying by 1 changes no bit)."""
+        of squares and float32 coefficient, with grad *= (coef if coef < 1 else 1) in place
+        of the host's test (multiplying by 1 changes no bit; a nan norm leaves the gradient
+        alone, as on the host, and the run stops at the loss it reads)."""
         xp, grad = self.xp, self._grad
         sumsq = xp.zeros(1, dtype=B.float64)
         for start in range(0, grad.size, 1 << 20):
@@ -121,7 +122,8 @@ class ZeroAdamW:
         self.group.all_reduce(sumsq)
         dtype = grad.dtype.type
         total = xp.sqrt(sumsq[0]).astype(grad.dtype)
-        clip_coef = xp.minimum(dtype(max_norm) / (total + dtype(1e-6)), dtype(1.0))
+        clip_coef = dtype(max_norm) / (total + dtype(1e-6))
+        clip_coef = xp.where(clip_coef < 1.0, clip_coef, dtype(1.0))  # minimum() keeps a nan
         grad *= clip_coef
         return total
 

@@ -5,6 +5,8 @@ gathered state dict is AdamW's."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +164,46 @@ def test_state_gathered_to_rank_0_only_and_released_once_handed_over(dtype):
     for p in workers:
         p.join(timeout=30)
     assert [p.exitcode for p in workers] == [0, 0]  # their asserts held too
+
+
+class _OneRank(dist.Transport):
+    """A group of one: every collective leaves its arrays as they are (copies across)."""
+
+    name = "one"
+
+    def _reduce(self, array, op, dst, what) -> None:
+        pass
+
+    def reduce_scatter(self, output, input) -> None:
+        output[...] = input
+
+    def all_gather(self, output, input) -> None:
+        output[...] = input
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_norm_leaves_the_gradient_alone_on_a_device_as_on_the_host(bad):
+    """The host tests ``coef < 1`` (False for nan); the device multiplies by a coefficient it
+    never reads back, which must then be 1, not nan, as ``minimum(nan, 1)`` would give."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import fakecupy
+
+    def clipped(on_device: bool) -> np.ndarray:
+        params = make_params("float32")
+        g = grads(0, 0)
+        g[1][0, 0] = bad
+        if on_device:
+            params = [nn.Parameter(p.to("cuda")) for p in params]
+        for p, gi in zip(params, g):
+            p.grad = hg.tensor(gi).to(p.device)
+        zero = ZeroAdamW(AdamW(groups(params), lr=0.05), _OneRank())
+        norm = zero.reduce_and_clip(1.0)
+        assert not math.isfinite(float(norm))
+        return fakecupy.asnumpy(zero._grad) if on_device else zero._grad.copy()
+
+    host = clipped(False)
+    with fakecupy.installed():
+        device = clipped(True)
+    finite = np.isfinite(host)
+    assert finite.sum() == host.size - 1  # the bad element only: nothing was scaled by nan
+    np.testing.assert_array_equal(device[finite], host[finite])
