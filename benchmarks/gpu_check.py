@@ -22,7 +22,8 @@ still leaves the others' results):
                   ``kernels_ratio``, a short run at micro batch 8 with kernels on and off;
                   beside PyTorch eager (benchmarks/torch_gpt2.py) on the same shapes
   d. shakespeare  configs/shakespeare-char.toml on the GPU: wall time and final val loss
-                  (<= 1.90), with tiny Shakespeare from ../shared/data beside the repo
+                  (<= 1.90), with tiny Shakespeare from $HANDGRAD_SHAKESPEARE, shared/data in
+                  the repo or ../shared/data beside it (``shakespeare_candidates``)
   e. nccl         the nccl transport (never run on a GPU before this part): under
                   ``mpirun -n 1`` (one GPU: NCCL cannot put two ranks on one), every
                   collective on CuPy arrays through CuPy's NCCL bindings checked against its
@@ -403,10 +404,24 @@ def part_throughput_torch(smoke: bool, budget: float, micro_batch: int | None) -
 # d. the shakespeare-char recipe on the GPU
 
 
+def shakespeare_candidates() -> list[Path]:
+    """Where tiny Shakespeare may be, first found wins: $HANDGRAD_SHAKESPEARE, then a
+    ``shared/data`` inside the repo (it travels with a copy of the repo sent to a GPU
+    machine, where a ``../shared`` beside the checkout does not), then ``../shared/data``."""
+    found = (
+        [Path(os.environ["HANDGRAD_SHAKESPEARE"])] if os.environ.get("HANDGRAD_SHAKESPEARE") else []
+    )
+    return found + [
+        base / "shared" / "data" / "tinyshakespeare.txt" for base in (ROOT, ROOT.parent)
+    ]
+
+
 def part_shakespeare(smoke: bool, budget: float) -> dict[str, Any]:
-    text = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-    if not text.is_file():
-        return {"ok": False, "error": f"{text} is not present"}
+    text = next((p for p in shakespeare_candidates() if p.is_file()), None)
+    if text is None:
+        looked = ", ".join(str(p) for p in shakespeare_candidates())
+        return {"ok": False, "error": f"tiny Shakespeare not found (looked at {looked}); copy "
+                "../shared/data/tinyshakespeare.txt to shared/data/ in the repo"}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         sets = ["train.processes=1", "train.micro_batch_size=12"]

@@ -122,3 +122,20 @@ def test_a_run_cut_short_keeps_the_parts_it_finished(tmp_path: Path, monkeypatch
     summary = json.loads(out.read_text())
     assert summary["complete"] is False and summary["all_ok"] is False
     assert list(summary["parts"]) == ["parity"] and summary["parts"]["parity"]["ok"] is True
+
+
+def test_tiny_shakespeare_is_looked_for_inside_the_repo_then_beside_it(monkeypatch, tmp_path):
+    """A copy of the repo sent to a GPU machine carries a ``shared/`` inside it, not the
+    ``../shared`` beside the checkout; $HANDGRAD_SHAKESPEARE comes first."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.delenv("HANDGRAD_SHAKESPEARE", raising=False)
+    inside, beside = (base / "shared/data/tinyshakespeare.txt" for base in (REPO, REPO.parent))
+    assert gpu_check.shakespeare_candidates() == [inside, beside]
+    mine = tmp_path / "t.txt"
+    monkeypatch.setenv("HANDGRAD_SHAKESPEARE", str(mine))
+    assert gpu_check.shakespeare_candidates() == [mine, inside, beside]
+    monkeypatch.setattr(gpu_check, "shakespeare_candidates", lambda: [mine])
+    res = gpu_check.part_shakespeare(smoke=True, budget=5)
+    assert res["ok"] is False and str(mine) in res["error"] and "shared/data/" in res["error"]
