@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from handgrad.backend import num_threads
 from handgrad.cli import main
 from handgrad.serialization import load_file
 
@@ -66,7 +67,10 @@ def mpi_train(
 
 
 def one_process(*args: str) -> None:
-    assert main(["train", *args, "--no-progress"]) == 0
+    """``handgrad train`` here, on one thread as each MPI rank runs: a float32 sum over a
+    BLAS call's threads rounds differently, and the MPI runs are held to these bit for bit."""
+    with num_threads(1):
+        assert main(["train", *args, "--no-progress"]) == 0
 
 
 def losses(run: Path) -> dict[int, float]:
