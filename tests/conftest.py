@@ -57,3 +57,29 @@ def mpirun() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def on_local_ranks() -> Callable[..., None]:
+    """``on_local_ranks(world_size, check, **options)`` runs ``check()`` on every rank of a
+    ``local`` process group (this process is rank 0, the others are forked), then asserts
+    that every forked rank exited with status 0, i.e. that its asserts held too. Skips
+    where the platform cannot fork."""
+    from handgrad import distributed as dist
+    from handgrad.distributed.local import can_fork
+
+    if not can_fork():
+        pytest.skip("the local transport needs the fork start method")
+
+    def run(world_size: int, check: Callable[[], None], **options) -> None:
+        dist.init_process_group("local", world_size=world_size, worker=check, **options)
+        try:
+            check()
+            workers = list(dist.group().processes)
+        finally:
+            dist.destroy_process_group()
+        for p in workers:
+            p.join(timeout=30)
+        assert [p.exitcode for p in workers] == [0] * (world_size - 1)
+
+    return run

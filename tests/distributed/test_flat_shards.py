@@ -35,15 +35,8 @@ def _load_check():
 @pytest.mark.skipif(not can_fork(), reason="the local transport needs the fork start method")
 # capacity 16 bytes per rank: the transport's own pieces are smaller than most chunks too
 @pytest.mark.parametrize("world_size, capacity", [(1, None), (2, None), (3, 16), (4, None)])
-def test_local_flat_shards(world_size, capacity):
-    check = _load_check()
-    dist.init_process_group("local", world_size=world_size, worker=check, capacity=capacity)
-    try:
-        check()
-        workers = list(dist.group().processes)
-    finally:
-        dist.destroy_process_group()
-    assert [p.exitcode for p in workers] == [0] * (world_size - 1)  # their asserts held too
+def test_local_flat_shards(world_size, capacity, on_local_ranks):
+    on_local_ranks(world_size, _load_check(), capacity=capacity)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -99,15 +92,6 @@ def check_zero_independent_of_chunks() -> None:
 
 @pytest.mark.skipif(not can_fork(), reason="the local transport needs the fork start method")
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_zero1_steps_do_not_depend_on_the_chunk_size(world_size, monkeypatch):
+def test_zero1_steps_do_not_depend_on_the_chunk_size(world_size, monkeypatch, on_local_ranks):
     monkeypatch.setattr(reducer, "DEFAULT_CHUNK_ELEMS", reducer.DEFAULT_CHUNK_ELEMS)
-    worker = check_zero_independent_of_chunks
-    dist.init_process_group("local", world_size=world_size, worker=worker)
-    try:
-        check_zero_independent_of_chunks()
-        workers = list(dist.group().processes)
-    finally:
-        dist.destroy_process_group()
-    for p in workers:
-        p.join(timeout=30)
-    assert [p.exitcode for p in workers] == [0] * (world_size - 1)  # their asserts held too
+    on_local_ranks(world_size, check_zero_independent_of_chunks)

@@ -103,19 +103,10 @@ def check_zero(dtype: str, max_norm: float) -> None:
 @pytest.mark.parametrize(
     "dtype, max_norm", [("float32", math.inf), ("float32", 1.0), ("bfloat16", 1.0)]
 )
-def test_zero1_on_local_ranks_matches_adamw_on_the_summed_gradient(world_size, dtype, max_norm):
-    def check() -> None:
-        check_zero(dtype, max_norm)
-
-    dist.init_process_group("local", world_size=world_size, worker=check)
-    try:
-        check()
-        workers = list(dist.group().processes)
-    finally:
-        dist.destroy_process_group()
-    for p in workers:
-        p.join(timeout=30)
-    assert [p.exitcode for p in workers] == [0] * (world_size - 1)  # their asserts held too
+def test_zero1_on_local_ranks_matches_adamw_on_the_summed_gradient(
+    world_size, dtype, max_norm, on_local_ranks
+):
+    on_local_ranks(world_size, lambda: check_zero(dtype, max_norm))
 
 
 def check_gather_to_rank_0(dtype: str) -> None:
@@ -151,19 +142,8 @@ def check_gather_to_rank_0(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_state_gathered_to_rank_0_only_and_released_once_handed_over(dtype):
-    def check() -> None:
-        check_gather_to_rank_0(dtype)
-
-    dist.init_process_group("local", world_size=3, worker=check)
-    try:
-        check()
-        workers = list(dist.group().processes)
-    finally:
-        dist.destroy_process_group()
-    for p in workers:
-        p.join(timeout=30)
-    assert [p.exitcode for p in workers] == [0, 0]  # their asserts held too
+def test_state_gathered_to_rank_0_only_and_released_once_handed_over(dtype, on_local_ranks):
+    on_local_ranks(3, lambda: check_gather_to_rank_0(dtype))
 
 
 class _OneRank(dist.Transport):
