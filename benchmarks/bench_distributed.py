@@ -18,7 +18,7 @@ MPI ranks, whose gradient reduction overlaps backward; the same with the reducti
 backward; overlapped without polling the requests from the hooks; ``[train] zero = 1``;
 ``--ways`` picks some), each run in fresh processes:
 
-- tokens/s over steps 2 .. N (the first warms up), from rank 0's ``train_step`` times;
+- tokens/s over steps 2 .. N (the first warms up), from rank 0's step times (a mode's gradients, clip and update);
 - comm share per rank: time inside the gradient collectives (``GradientReducer.reduce``;
   overlapped: the hooks that pack and start buckets and poll them, ``flush`` and ``wait``;
   ZeRO-1's reduce-scatter and parameter all-gather; neither counts the one-number
@@ -124,18 +124,18 @@ def train_sets(
 
 class Probe:
     """Instruments this process's training (every rank installs one): the wall time of each
-    ``train_step`` (rank 0 of forked ranks, every MPI rank), the time inside the gradient
+    step (rank 0 of forked ranks, every MPI rank), the time inside the gradient
     collectives during each step (``GradientReducer.reduce``, or its hooks, ``flush`` and
     ``wait`` when the reduction overlaps backward; for ZeRO-1 the reduce-scatter
     and the parameters' all-gather), peak RSS after the last step
     (before the final checkpoint, whose gathering of ZeRO's state is not a training cost) and
-    the optimizer's state bytes. A forked worker has no ``train_step``: its collective time is
+    the optimizer's state bytes. A forked worker makes no optimizer step: its collective time is
     counted per ``DistributedDataParallel._step`` call. Each rank writes ``rank<r>.json``
     into ``out``."""
 
     def __init__(self, out: Path) -> None:
         self.out, self.rank = out, 0
-        self.step_s: list[float] = []  # per train_step (or worker _step)
+        self.step_s: list[float] = []  # per optimizer step (or worker _step)
         self.comm_s: list[float] = []  # collective time inside each of them
         self.tail_s: list[float] = []  # the part of it after backward
         self._comm = self._tail = 0.0
@@ -143,8 +143,10 @@ class Probe:
         self.state_bytes = 0
 
     def install(self) -> None:
-        from handgrad.distributed.reducer import FlatShards, GradientReducer
-        from handgrad.train import parallel, trainer
+        from handgrad.distributed.reducer import GradientReducer
+        from handgrad.parallel import ddp as parallel
+        from handgrad.parallel import modes
+        from handgrad.parallel.zero import FlatShards
 
         def timed(fn, tail=False):  # noqa: ANN001, ANN202
             def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -173,19 +175,31 @@ class Probe:
         parallel.DistributedDataParallel.__init__ = init
         FlatShards.reduce_scatter_gradients = timed(FlatShards.reduce_scatter_gradients)
         FlatShards.all_gather_parameters = timed(FlatShards.all_gather_parameters)
-        real_step = trainer.train_step
+        started: list[tuple[float, float, float]] = []
 
-        def train_step(optimizer, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-            comm, tail, start = self._comm, self._tail, time.perf_counter()
-            result = real_step(optimizer, *args, **kwargs)
+        def gradients_of(real):  # noqa: ANN001, ANN202
+            def gradients(mode, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+                started.append((self._comm, self._tail, time.perf_counter()))
+                return real(mode, *args, **kwargs)
+
+            return gradients
+
+        for cls in (modes.RunMode, modes.ForkedRanks, modes.MPIRanks):
+            if "gradients" in vars(cls):
+                cls.gradients = gradients_of(cls.gradients)
+        real_step = modes.RunMode.clip_and_step
+
+        def clip_and_step(mode, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            result = real_step(mode, *args, **kwargs)
+            comm, tail, start = started.pop()  # a step: its gradients, clip and update
             self.step_s.append(time.perf_counter() - start)
             self.comm_s.append(self._comm - comm)
             self.tail_s.append(self._tail - tail)
             self.peak_rss = peak_rss_bytes()
-            self.state_bytes = optimizer_state_bytes(optimizer)
+            self.state_bytes = optimizer_state_bytes(mode.optimizer)
             return result
 
-        trainer.train_step = train_step
+        modes.RunMode.clip_and_step = clip_and_step
         real_serve, real_inner = (
             parallel.DistributedDataParallel._serve,
             parallel.DistributedDataParallel._step,

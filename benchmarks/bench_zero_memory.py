@@ -88,11 +88,11 @@ def checkpoint_state(optimizer: object, zero: object, rank: int) -> None:
 def rank_main(mode: str, block: int, steps: int, checkpoint_after: int = 0) -> None:
     import handgrad.distributed as dist
     from handgrad import manual_seed
-    from handgrad.distributed.reducer import FlatShards, GradientReducer
+    from handgrad.distributed.reducer import GradientReducer
     from handgrad.models.gpt2 import GPT2, GPT2Config
     from handgrad.nn.utils import clip_grad_norm_
     from handgrad.optim import AdamW, param_groups_for_weight_decay
-    from handgrad.train.zero import ZeroAdamW
+    from handgrad.parallel.zero import FlatShards, ZeroAdamW
 
     dist.init_process_group("mpi")
     group = dist.group()

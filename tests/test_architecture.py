@@ -23,7 +23,7 @@ LAYERS = [
     {"grad_mode", "random", "function", "engine", "ops", "tensor", "creation", "serialization"},
     {"nn.functional"},  # nn's functions; Module and the layers built on them are "nn"
     {"nn", "optim", "distributed"},
-    {"models", "checkpoint"},
+    {"models", "checkpoint", "parallel"},  # parallel: the run modes (how a step is spread)
     {"train", "eval"},
     {"cli", "verify_cli", "__main__"},
 ]
@@ -34,7 +34,7 @@ NN_BLOCKS = {"nn", "nn.module", "nn.layers", "nn.init", "nn.utils"}
 COMPUTE = {"grad_mode", "function", "engine", "ops", "tensor", "creation", "nn", "optim", "models"}
 HOST = {
     "backend", "fileio", "manifest", "diskspace", "kernels", "random", "verify_cli", "serialization", "tokenizer", "data",
-    "distributed", "checkpoint", "train", "eval", "cli", "__main__",
+    "distributed", "parallel", "checkpoint", "train", "eval", "cli", "__main__",
 }  # fmt: skip
 
 # Compute modules with a host-side part that uses NumPy by name: GPT-2's sampling works on
@@ -173,6 +173,52 @@ def test_compute_modules_do_not_import_numpy() -> None:
     assert not offenders, "compute modules importing NumPy:\n" + "\n".join(offenders)
 
 
+# Only the transports and the run modes know ranks, process groups and ZeRO-1: everything
+# else (the training loop, evaluation, the commands) asks its run mode.
+RANK_AWARE = {"distributed", "parallel"}
+RANK_ATTRIBUTES = {"rank", "world_size", "get_rank", "get_world_size", "zero"}
+RANK_NAMES = {"world_size", "zero", "ZeroAdamW", "get_rank", "get_world_size"}
+
+
+def _rank_tests(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, source) of every branch (if, while, conditional expression) on a rank, a world
+    size, a process group being None or ZeRO, and of every use of a rank attribute. A bare
+    name ``rank`` is left alone: BPE has merge ranks."""
+
+    def about_ranks(node: ast.AST) -> bool:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Attribute) and n.attr in RANK_ATTRIBUTES:
+                return True
+            if isinstance(n, ast.Name) and n.id in RANK_NAMES:
+                return True
+            if isinstance(n, ast.Compare) and any(isinstance(o, ast.Is | ast.IsNot) for o in n.ops):
+                side = n.left
+                name = side.attr if isinstance(side, ast.Attribute) else getattr(side, "id", "")
+                if name.endswith("group"):
+                    return True
+        return False
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If | ast.While | ast.IfExp) and about_ranks(node.test):
+            found.append((node.test.lineno, ast.unparse(node.test)))
+        elif isinstance(node, ast.Attribute) and node.attr in {"rank", "world_size"}:
+            found.append((node.lineno, ast.unparse(node)))
+    return sorted(set(found))
+
+
+def test_only_the_run_modes_know_ranks_groups_and_zero() -> None:
+    offenders = [
+        f"handgrad/{path.relative_to(PACKAGE)}:{line}: {text}"
+        for name, path in _modules().items()
+        if name and _head(name, RANK_AWARE) is None
+        for line, text in _rank_tests(ast.parse(path.read_text(encoding="utf-8")))
+    ]
+    assert not offenders, "tests on ranks, groups or ZeRO outside the run modes:\n" + "\n".join(
+        offenders
+    )
+
+
 def test_the_checks_see_what_they_check() -> None:
     # guards against a parser that finds nothing and so passes everything
     graph = _graph()
@@ -180,3 +226,7 @@ def test_the_checks_see_what_they_check() -> None:
     assert "numpy" in _imported(PACKAGE / "backend" / "__init__.py", "backend")
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert layer_of("nn.functional") < layer_of("nn.layers") < layer_of("models.gpt2")
+    sample = "if group is None or rank == 0:\n    pass\nx = a if t.zero else b\nn = g.world_size"
+    assert [line for line, _ in _rank_tests(ast.parse(sample))] == [1, 3, 4]
+    assert _rank_tests(ast.parse("if rank_of_merge < best:\n    pass")) == []
+    assert _rank_tests(ast.parse((PACKAGE / "parallel" / "modes.py").read_text()))

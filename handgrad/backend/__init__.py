@@ -1,8 +1,10 @@
-"""The array backend: every array call in handgrad goes through ``xp``.
+"""The array seam: every op computes with the NumPy-like module of its inputs.
 
-Today ``xp`` is NumPy. A GPU port swaps this module for CuPy (whose API mirrors NumPy's):
-``xp = cupy`` plus the few helpers below. Nothing else in the library imports NumPy for
-tensor math, so the swap is one file. (Untested on a GPU: this machine has none.)
+``get_array_module(*arrays)`` gives that module: NumPy for host arrays, CuPy for arrays on a
+GPU (``backend/device.py`` moves arrays between them; ``backend/cuda.py`` finds CuPy). A
+tensor's device is where its array lives, so no global switch picks a backend: ops ask their
+inputs. The few idioms in which the libraries differ (host copies, in-place scatter, random
+numbers drawn on the host) are the functions below; compute modules import no array library.
 
 Dtypes are NumPy dtype objects. bfloat16 comes from ``ml_dtypes``; NumPy can store it but
 has no fast kernels for it, so ops compute in float32 and cast back (see ``compute_dtype``).
@@ -26,7 +28,6 @@ try:  # optional: lets handgrad set how many threads BLAS uses
 except ImportError:
     ThreadpoolController = None
 
-xp = np
 
 float16 = np.dtype(np.float16)
 float32 = np.dtype(np.float32)
@@ -238,7 +239,7 @@ def _lookup_namespace(t: type) -> Any:
 
 
 def asarray(data: Any, dtype: np.dtype | None = None) -> np.ndarray:
-    return xp.asarray(data, dtype=dtype)
+    return np.asarray(data, dtype=dtype)
 
 
 def to_numpy(a: Any) -> np.ndarray:

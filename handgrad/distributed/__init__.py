@@ -25,7 +25,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from handgrad import backend as B
 from handgrad.distributed.transport import OPS, ProcessGroupError, Transport
 
 __all__ = [
@@ -57,7 +56,9 @@ def _default_backend() -> str:
 
     if not launched_by_mpi():
         return "local"
-    return "mpi" if B.xp.__name__ == "numpy" else "nccl"
+    from handgrad.backend import cuda
+
+    return "nccl" if cuda.is_available() else "mpi"  # as torch: NCCL where there are GPUs
 
 
 def init_process_group(
@@ -71,7 +72,7 @@ def init_process_group(
 ) -> Transport:
     """Join (or, for ``local``, create) the default process group; returns its transport.
 
-    ``backend`` None picks ``mpi`` (``nccl`` when the array backend is CuPy) when an MPI
+    ``backend`` None picks ``nccl`` where CuPy finds a GPU, else ``mpi``, when an MPI
     launcher started this process, and a one-process ``local`` group otherwise.
     ``world_size`` is for ``local`` (default 1); MPI's comes from the launcher. ``worker``
     (``local`` only) is what ranks 1 .. P-1 run; they exit when it returns. ``comm``: an

@@ -1,6 +1,6 @@
 """``handgrad eval``: validation metrics of a checkpoint on prepared token shards.
 
-The numbers are the trainer's own (``handgrad.train.evaluate``, the same fixed, evenly spaced
+The numbers are the trainer's own (``handgrad.parallel.evaluate``, the same fixed, evenly spaced
 windows of ``iter_batches_sequential``), so ``handgrad eval`` on the checkpoint and data of a
 run reproduces the run's last ``val_loss`` exactly:
 
@@ -35,7 +35,7 @@ def validation_metrics(
     [train] micro_batch_size and block_size from the checkpoint's config.json)."""
     from handgrad.data import TokenShards
     from handgrad.data.sources import sha256_file
-    from handgrad.train.evaluate import evaluate
+    from handgrad.parallel import evaluate
 
     ckpt = resolve_checkpoint(checkpoint)
     config = read_config(ckpt)

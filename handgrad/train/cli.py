@@ -61,20 +61,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _error(command: str, message: object) -> int:
-    from handgrad import distributed as dist
+    from handgrad.parallel.modes import rank_prefix
 
-    where = ""
-    if dist.is_initialized() and dist.get_rank() > 0:  # rank 0's errors are the usual case
-        where = f"rank {dist.get_rank()} of {dist.get_world_size()}: "
-    print(f"handgrad {command}: error: {where}{message}", file=sys.stderr)
+    print(f"handgrad {command}: error: {rank_prefix()}{message}", file=sys.stderr)
     return 1
 
 
 def _train(args: argparse.Namespace) -> int:
     from handgrad.checkpoint import CheckpointError, run_dir_of
+    from handgrad.parallel import RankStopped
     from handgrad.train.checkpoint import load_checkpoint
-    from handgrad.train.config import from_dict, parse_override
-    from handgrad.train.ranks import RankStopped
+    from handgrad.train.config import resume_config
     from handgrad.train.trainer import TrainingDiverged, train
 
     if args.preset and args.config and args.preset != args.config:
@@ -89,16 +86,8 @@ def _train(args: argparse.Namespace) -> int:
             resume = ckpt.path
             out = Path(args.out) if args.out else run_dir_of(ckpt.path)
             if config_name is None:  # continue with the checkpoint's own config
-                raw = {
-                    k: v
-                    for k, v in ckpt.config.items()
-                    if k in ("model", "data", "optim", "train", "eval")
-                }
-                for item in args.overrides:
-                    section, key, value = parse_override(item)
-                    raw.setdefault(section, {})[key] = value
-                cfg = from_dict(raw, f"{ckpt.path / 'config.json'}")
-                cfg.name = out.name
+                origin = str(ckpt.path / "config.json")
+                cfg = resume_config(ckpt.config, args.overrides, origin, out.name)
             else:
                 cfg = load_config(config_name, args.overrides)
         else:
@@ -123,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         return _error("train", e)
-    if result.rank != 0:  # under MPI, rank 0 reports
+    if not result.writes:  # under MPI, rank 0 reports
         return 0
     summary = (
         f"done: {result.step} steps, {result.tokens_seen:,} tokens in {result.elapsed_s:.1f} s"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from handgrad.backend.device import device as as_device_spec
-from handgrad.distributed.mpi import launched_by_mpi
+from handgrad.models.gpt2 import PRESETS, GPT2Config
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "quickstart"
@@ -39,24 +39,24 @@ class ConfigError(ValueError):
 # the sections
 
 
-@dataclass
-class ModelSection:
-    """``[model]``: a GPT-2 preset and/or the GPT2Config fields that override it.
+def _model_section() -> type:
+    """``[model]``: a GPT-2 preset and/or any GPT2Config fields, which override it.
 
-    Fields left as None come from the preset (or GPT2Config's defaults); ``vocab_size``
-    comes from the prepared data when neither sets it.
-    """
+    The fields are GPT2Config's own, each optional (None: from the preset, or GPT2Config's
+    default), and the section is checked by building a GPT2Config from it, so its rules live
+    in one place. ``vocab_size`` comes from the prepared data when the section does not set
+    it."""
+    hints = get_type_hints(GPT2Config)
+    fields = [("preset", str | None, None)] + [
+        (f.name, hints[f.name] | None, None) for f in dataclasses.fields(GPT2Config)
+    ]
+    section = dataclasses.make_dataclass("ModelSection", fields)
+    section.__doc__ = _model_section.__doc__
+    section.__module__ = __name__
+    return section
 
-    preset: str | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    block_size: int | None = None
-    vocab_size: int | None = None
-    padded_vocab_size: int | None = None
-    dropout: float | None = None
-    bias: bool | None = None
-    dtype: str | None = None
+
+ModelSection = _model_section()
 
 
 @dataclass
@@ -146,6 +146,38 @@ class TrainConfig:
         t = self.train
         return t.micro_batch_size * t.grad_accum_steps * t.processes
 
+    @property
+    def decay_steps(self) -> int:
+        """Steps of the cosine decay: ``[optim] decay_steps``, by default ``max_steps``."""
+        o = self.optim
+        return self.train.max_steps if o.decay_steps is None else o.decay_steps
+
+    def model_for(self, data_vocab_size: int) -> GPT2Config:
+        """The model of ``[model]`` for data of ``data_vocab_size`` token ids."""
+        return resolve_model_config(self.model, data_vocab_size)
+
+    def resolved(self, model: GPT2Config, block_size: int) -> dict[str, Any]:
+        """The config as a run saves it: every section, the model's full GPT2Config and the
+        training window, so a resume needs nothing else."""
+        out = self.to_dict()
+        out["model"] = model.to_dict()
+        out["train"]["block_size"] = block_size
+        return out
+
+    def with_processes(self, processes: int) -> TrainConfig:
+        """This config with ``[train] processes`` = ``processes`` (the world size of an MPI
+        job), checked again: the global batch grows with it."""
+        if processes == self.train.processes:
+            return self
+        cfg = dataclasses.replace(self, train=dataclasses.replace(self.train, processes=processes))
+        try:
+            validate(cfg, cfg.name)
+        except ConfigError as err:
+            raise ConfigError(
+                f"{err} (under MPI, processes is the world size, {processes})"
+            ) from None
+        return cfg
+
 
 _SECTION_TYPES = {
     "model": ModelSection,
@@ -200,11 +232,13 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 def load_config(
     config: str | os.PathLike | dict | None = None,
     overrides: list[str] | None = None,
+    origin: str = "config",
 ) -> TrainConfig:
     """Read a config (a path, a shipped name, a dict of sections, or None for the default),
-    apply ``--set`` overrides and validate it. Raises ConfigError naming the problem."""
+    apply ``--set`` overrides and validate it. ``origin`` names a dict's source in messages.
+    Raises ConfigError naming the problem."""
     if isinstance(config, dict):
-        raw, origin, name = _copy_sections(config), "config", "config"
+        raw, name = _copy_sections(config), "config"
     else:
         path = resolve_config_path(DEFAULT_CONFIG if config is None else config)
         try:
@@ -220,6 +254,16 @@ def load_config(
             )
         raw.setdefault(section, {})[key] = value
     cfg = from_dict(raw, origin)
+    cfg.name = name
+    return cfg
+
+
+def resume_config(
+    saved: dict[str, Any], overrides: list[str] | None, origin: str, name: str
+) -> TrainConfig:
+    """The config a run resumed without CONFIG continues with: the checkpoint's own
+    ``saved`` config.json, with ``--set`` overrides on top; ``origin`` names the file."""
+    cfg = load_config({k: v for k, v in saved.items() if k in SECTIONS}, overrides, origin)
     cfg.name = name
     return cfg
 
@@ -309,13 +353,7 @@ def _device_problems(t: TrainSection) -> list[str]:
         dev = as_device_spec(t.device)
     except (TypeError, ValueError):
         return [f"[train] device = {t.device!r}: expected 'cpu', 'cuda' or 'cuda:N'"]
-    if dev.type == "cuda" and t.processes > 1 and not launched_by_mpi():
-        # under MPI the ranks are the processes, one GPU each (train/ranks.py)
-        out.append(
-            f"[train] device = {t.device!r} with processes = {t.processes}: forked data "
-            "parallelism runs on the CPU only; set processes = 1 to train on one GPU, or run "
-            "one MPI rank per GPU (mpirun -n P handgrad train CONFIG)"
-        )
+    del dev  # whether the device fits the launch (forked ranks, MPI) is the run mode's
     if t.matmul_precision not in ("highest", "high"):
         out.append(
             f"[train] matmul_precision = {t.matmul_precision!r}: must be 'highest' or 'high'"
@@ -332,29 +370,6 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
             problems.append(message)
 
     m, d, o, t, e = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size"):
-        v = getattr(m, key)
-        need(v is None or v >= 1, f"[model] {key} = {v}: must be >= 1")
-    if m.n_embd is not None and m.n_head is not None and m.n_head >= 1:
-        need(
-            m.n_embd % m.n_head == 0,
-            f"[model] n_embd = {m.n_embd} is not divisible by n_head = {m.n_head}",
-        )
-    if m.vocab_size is not None and m.padded_vocab_size is not None:
-        need(
-            m.padded_vocab_size >= m.vocab_size,
-            f"[model] padded_vocab_size = {m.padded_vocab_size} is below vocab_size = "
-            f"{m.vocab_size}",
-        )
-    need(
-        m.dropout is None or 0.0 <= m.dropout < 1.0,
-        f"[model] dropout = {m.dropout}: must be in [0, 1)",
-    )
-    need(
-        m.dtype is None or m.dtype in ("float32", "bfloat16"),
-        f"[model] dtype = {m.dtype!r}: must be 'float32' or 'bfloat16'",
-    )
-
     need(bool(d.source), "[data] source is required (pydocs, shakespeare, a file or a directory)")
     need(
         d.tokenizer is None
@@ -373,7 +388,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         f"[optim] min_lr = {o.min_lr}: must be in [0, lr = {o.lr}]",
     )
     need(o.warmup_steps >= 0, f"[optim] warmup_steps = {o.warmup_steps}: must be >= 0")
-    decay = t.max_steps if o.decay_steps is None else o.decay_steps
+    decay = cfg.decay_steps
     need(decay >= 1, f"[optim] decay_steps = {decay}: must be >= 1")
     need(
         o.warmup_steps <= decay,
@@ -411,11 +426,6 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         t.block_size is None or t.block_size >= 1,
         f"[train] block_size = {t.block_size}: must be >= 1",
     )
-    if t.block_size is not None and m.block_size is not None:
-        need(
-            t.block_size <= m.block_size,
-            f"[train] block_size = {t.block_size} is above the model's block_size = {m.block_size}",
-        )
     for key in ("log_interval", "checkpoint_interval", "sample_tokens"):
         need(getattr(t, key) >= 0, f"[train] {key} = {getattr(t, key)}: must be >= 0")
     need(t.log_interval >= 1, f"[train] log_interval = {t.log_interval}: must be >= 1")
@@ -449,9 +459,9 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         f"[eval] sample_top_k = {e.sample_top_k}: must be >= 1",
     )
     if not problems:
-        # The model section against its preset: catches n_embd % n_head through a preset, an
-        # unknown preset name and a training block_size above the preset's, all before any data
-        # is prepared. vocab_size is a placeholder when it comes from the data.
+        # [model] is checked by building its GPT2Config (vocab_size is a placeholder when it
+        # comes from the data), and the training window against the model's: all before any
+        # data is prepared
         try:
             model_cfg = resolve_model_config(m, data_vocab_size=m.vocab_size or 1)
         except ConfigError as err:
@@ -466,13 +476,11 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(problems))
 
 
-def resolve_model_config(m: ModelSection, data_vocab_size: int) -> Any:
+def resolve_model_config(m: Any, data_vocab_size: int) -> GPT2Config:
     """The GPT2Config of ``[model]``: the preset (if any) with the given fields on top.
     ``vocab_size`` is the data's unless the section sets it (a preset's vocabulary describes
     its usual tokenizer, not the data at hand), and ``padded_vocab_size`` follows it (next
-    multiple of 64) unless set."""
-    from handgrad.models.gpt2 import PRESETS, GPT2Config
-
+    multiple of 64) unless set. GPT2Config's own checks are the section's rules."""
     fields = {
         f.name: getattr(m, f.name)
         for f in dataclasses.fields(m)
@@ -496,7 +504,7 @@ def resolve_model_config(m: ModelSection, data_vocab_size: int) -> Any:
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"[model]: {err}") from None
+        raise ConfigError(f"[model]: {str(err).removeprefix('GPT2Config: ')}") from None
 
 
 def _finite(x: float) -> bool:

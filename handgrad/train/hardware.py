@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from handgrad.backend import available_cores, cuda, get_num_threads, xp
+from handgrad.backend import available_cores, cuda, get_num_threads
 from handgrad.backend.device import device
 
 
@@ -44,31 +44,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def device_name(where: str | None = None) -> str:
-    """ "cpu" for the CPU; the GPU's name for ``where`` = 'cuda' / 'cuda:N' (by default:
-    when the array backend is CuPy)."""
-    if where is not None:
-        dev = device(where)
-        if dev.type == "cpu":
-            return "cpu"
-        try:
-            cp = cuda.require(dev.index)
-        except RuntimeError:
-            return "gpu"
-        index = 0 if dev.index is None else dev.index
-    elif xp.__name__.split(".")[0] != "cupy":
+def device_name(where: str = "cpu") -> str:
+    """ "cpu" for the CPU; "gpu: <its name>" for ``where`` = 'cuda' / 'cuda:N' ("gpu" when
+    CuPy cannot name it)."""
+    dev = device(where)
+    if dev.type == "cpu":
         return "cpu"
-    else:
-        cp, index = xp, xp.cuda.Device().id
     try:
-        props = cp.cuda.runtime.getDeviceProperties(index)
+        cp = cuda.require(dev.index)
+    except RuntimeError:
+        return "gpu"
+    try:
+        props = cp.cuda.runtime.getDeviceProperties(0 if dev.index is None else dev.index)
         name = props["name"]
         return "gpu: " + (name.decode() if isinstance(name, bytes) else str(name))
     except Exception:  # noqa: BLE001  (a name is a nicety; never fail a run over it)
         return "gpu"
 
 
-def hardware_info(processes: int = 1, where: str | None = None) -> dict[str, Any]:
+def hardware_info(processes: int = 1, where: str = "cpu") -> dict[str, Any]:
     """The facts the model card prints under "Hardware":
 
     cpu                 CPU model name
@@ -77,7 +71,7 @@ def hardware_info(processes: int = 1, where: str | None = None) -> dict[str, Any
     processes           training processes (data parallel over processes)
     threads_per_process threads one op may use in the main process
     array_module        "numpy" or "cupy"
-    device              "cpu" or "gpu: <name>" (of ``where``, the run's ``[train] device``)
+    device              "cpu" or "gpu: <name>" (of ``where``, the device this rank trains on)
     platform, python    OS and interpreter versions
     """
     name = device_name(where)
@@ -87,7 +81,7 @@ def hardware_info(processes: int = 1, where: str | None = None) -> dict[str, Any
         "available_cores": available_cores(),
         "processes": int(processes),
         "threads_per_process": get_num_threads() if processes == 1 else 1,
-        "array_module": "cupy" if name != "cpu" else xp.__name__.split(".")[0],
+        "array_module": "numpy" if name == "cpu" else "cupy",
         "device": name,
         "platform": platform.platform(terse=True),
         "python": platform.python_version(),

@@ -61,10 +61,32 @@ class MetricsLog:
         for sink in self.sinks:
             sink.text(step, tag, text)
 
+    def plot(self, path: str | os.PathLike, title: str = "") -> None:
+        """The loss curves of every record so far, as a PNG (``plot_losses``)."""
+        plot_losses(self.records, path, title)
+
     def close(self) -> None:
         self._file.close()
         for sink in self.sinks:
             sink.close()
+
+
+class NullMetrics:
+    """What a process that does not write the run logs to: nothing."""
+
+    records: list[dict[str, Any]] = []
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_text(self, step: int, text: str, tag: str = SAMPLE_TAG) -> None:
+        pass
+
+    def plot(self, path: str | os.PathLike, title: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import handgrad as hg
 import handgrad.distributed as dist
 from handgrad import nn
-from handgrad.distributed.reducer import FlatShards, GradientReducer
+from handgrad.distributed.reducer import GradientReducer
+from handgrad.parallel.zero import FlatShards
 
 
 def check_collectives() -> None:

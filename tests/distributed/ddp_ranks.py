@@ -9,7 +9,8 @@ import numpy as np
 import handgrad as hg
 import handgrad.distributed as dist
 from handgrad.models.gpt2 import GPT2, GPT2Config
-from handgrad.train.parallel import DistributedDataParallel, accumulate_gradients
+from handgrad.parallel.ddp import DistributedDataParallel
+from handgrad.parallel.step import accumulate
 
 
 def model() -> GPT2:
@@ -31,7 +32,7 @@ def main() -> None:
     ref = model()
     half = 2 * P
     micro = [(x[:half], y[:half]), (x[half:], y[half:])]
-    ref_losses = accumulate_gradients(ref, micro, scale=0.5)  # one process: 1 / accum
+    ref_losses = accumulate(ref, micro, scale=0.5)  # one process: 1 / accum
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
         np.testing.assert_allclose(

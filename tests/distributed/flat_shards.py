@@ -15,7 +15,7 @@ import numpy as np
 import handgrad as hg
 import handgrad.distributed as dist
 from handgrad import nn
-from handgrad.distributed.reducer import FlatShards
+from handgrad.parallel.zero import FlatShards
 
 SHAPES = [(3,), (2, 5), (1,), (4,)]
 NUMEL = 18

@@ -13,7 +13,7 @@ import handgrad.distributed as dist
 import handgrad.nn as nn
 from handgrad.distributed.reducer import GradientReducer
 from handgrad.models.gpt2 import GPT2, GPT2Config
-from handgrad.train.parallel import DistributedDataParallel
+from handgrad.parallel.ddp import DistributedDataParallel
 
 
 def model() -> GPT2:

@@ -16,8 +16,8 @@ from handgrad.distributed.transport import Transport
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW
+from handgrad.parallel.ddp import DistributedDataParallel
 from handgrad.tensor import Tensor
-from handgrad.train.parallel import DistributedDataParallel
 
 
 class Twin(Transport):

@@ -16,11 +16,10 @@ import pytest
 import handgrad as hg
 import handgrad.distributed as dist
 from handgrad import nn
-from handgrad.distributed import reducer
+from handgrad.parallel import zero as zero_module
 from handgrad.distributed.local import can_fork
-from handgrad.distributed.reducer import FlatShards
 from handgrad.optim import AdamW
-from handgrad.train.zero import ZeroAdamW
+from handgrad.parallel.zero import FlatShards, ZeroAdamW
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,7 +60,7 @@ def check_zero_independent_of_chunks() -> None:
     results = {}
     for dtype in ("float32", "bfloat16"):
         for chunk in (1, 7, 4 << 20):
-            reducer.DEFAULT_CHUNK_ELEMS = chunk
+            zero_module.DEFAULT_CHUNK_ELEMS = chunk
             rng = np.random.default_rng(0)
             params = [
                 nn.Parameter(hg.tensor(rng.standard_normal(s).astype(np.float32)).to(dtype=dtype))
@@ -93,5 +92,5 @@ def check_zero_independent_of_chunks() -> None:
 @pytest.mark.skipif(not can_fork(), reason="the local transport needs the fork start method")
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_zero1_steps_do_not_depend_on_the_chunk_size(world_size, monkeypatch, on_local_ranks):
-    monkeypatch.setattr(reducer, "DEFAULT_CHUNK_ELEMS", reducer.DEFAULT_CHUNK_ELEMS)
+    monkeypatch.setattr(zero_module, "DEFAULT_CHUNK_ELEMS", zero_module.DEFAULT_CHUNK_ELEMS)
     on_local_ranks(world_size, check_zero_independent_of_chunks)

@@ -20,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import handgrad.parallel.step as steps
 from handgrad.cli import main
 from handgrad.distributed.mpi import MPITransport
-from handgrad.train import parallel, trainer
+from handgrad.parallel import modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,29 +54,14 @@ def inject(kind: str, step: int, device: bool) -> None:
 
         fakenccl.NcclCommunicator = failing_start
         return
-    if device:  # the GPU path makes its gradients with device_gradients
-        real_device = parallel.device_gradients
-
-        def failing_device(model, rows, scale, upload):  # type: ignore[no-untyped-def]
-            inner = real_device(model, rows, scale, upload)
-
-            def gradients(step_, x, y):  # type: ignore[no-untyped-def]
-                losses = inner(step_, x, y)
-                fail(losses)
-                return losses
-
-            return gradients
-
-        parallel.device_gradients = failing_device
-        return
-    real = parallel.accumulate_gradients
+    real = steps.accumulate  # every run mode's micro-batch loop, on the CPU and on a GPU
 
     def failing(model, micro_batches, scale):  # type: ignore[no-untyped-def]
         losses = real(model, micro_batches, scale)
         fail(losses)
         return losses
 
-    parallel.accumulate_gradients = failing
+    steps.accumulate = failing
 
 
 def fake_gpus() -> list[int]:
@@ -86,15 +72,19 @@ def fake_gpus() -> list[int]:
     fakecupy.install()
     fakenccl.install(gpus=2)
     syncs: list[int] = []
-    real = trainer.train_step
+    gradients, clip_and_step = modes.MPIRanks.gradients, modes.RunMode.clip_and_step
 
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        fakecupy.stats.reset()
-        out = real(*args, **kwargs)
+    def counted_gradients(*args, **kwargs):  # type: ignore[no-untyped-def]
+        fakecupy.stats.reset()  # a step: its gradients, then its clip and update
+        return gradients(*args, **kwargs)
+
+    def counted_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = clip_and_step(*args, **kwargs)
         syncs.append(fakecupy.stats.syncs)
         return out
 
-    trainer.train_step = counted
+    modes.MPIRanks.gradients = counted_gradients
+    modes.RunMode.clip_and_step = counted_step
     return syncs
 
 

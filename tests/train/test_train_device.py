@@ -16,11 +16,12 @@ import pytest
 from handgrad.backend import cuda
 from handgrad.cli import main
 from handgrad.data import get_batch
+from handgrad.parallel import choose_mode
+from handgrad.parallel.step import BatchUploader, PendingLosses
 from handgrad.serialization import load_file
 from handgrad.train import train
 from handgrad.train.config import ConfigError, from_dict, load_config
-from handgrad.train.on_device import BatchUploader, PendingLosses
-from handgrad.train.trainer import TrainingDiverged, _gradient_fn, build_run, train_step
+from handgrad.train.trainer import TrainingDiverged, build_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fakecupy  # noqa: E402
@@ -35,13 +36,19 @@ def run(cfg_dict, out):
     [
         ({"device": "gpu"}, "[train] device = 'gpu': expected 'cpu', 'cuda' or 'cuda:N'"),
         ({"device": "cuda:x"}, "[train] device = 'cuda:x'"),
-        ({"device": "cuda", "processes": 2}, "data parallelism runs on the CPU only"),
         ({"matmul_precision": "medium"}, "matmul_precision = 'medium': must be 'highest'"),
     ],
 )
 def test_bad_device_settings_are_refused(tiny, train_values, words) -> None:
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
         from_dict(tiny(train=train_values))
+
+
+def test_forked_ranks_on_a_gpu_are_refused_before_any_work(tiny, tmp_path) -> None:
+    # refused by the run mode, where it is known whether MPI started the process
+    with pytest.raises(ConfigError, match="data parallelism runs on the CPU only"):
+        run(tiny(train={"device": "cuda", "processes": 2}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_device_from_the_command_line(tiny) -> None:
@@ -53,17 +60,19 @@ def test_device_from_the_command_line(tiny) -> None:
 def test_a_step_reads_nothing_back_and_losses_come_in_one_copy(tiny, tmp_path) -> None:
     cfg = from_dict(tiny(train={"device": "cuda", "grad_accum_steps": 2}))
     with fakecupy.installed() as cp:
-        r = build_run(cfg, tmp_path / "run", say=lambda m: None)
+        mode = choose_mode("cuda", 1, False, say=lambda m: None)
+        r = build_run(cfg, tmp_path / "run", mode)
         assert all(isinstance(p.data, cp.ndarray) for p in r.model.parameters())
-        _, gradients = _gradient_fn(r, lambda m: None)
+        t = cfg.train
+        mode.setup(r.model, r.optimizer, t.micro_batch_size, 2, r.block_size, t.seed)
         pending = PendingLosses()
         for step in range(3):
             x, y = get_batch(r.data.train, cfg.global_batch_size, r.block_size, r.rng)
             fakecupy.stats.reset()
-            res = train_step(r.optimizer, gradients, step, x, y, 1e-3, 2, 1.0)
+            res = mode.clip_and_step(step, mode.gradients(step, x, y), 1e-3, 1.0)
             assert fakecupy.stats.syncs == 0, f"step {step} read the device"
             assert fakecupy.stats.uploads == 2  # x and y, once each for both micro batches
-            pending.add(step + 1, res.loss, res.grad_norm)
+            assert pending.add(step + 1, res) is None  # left on the device
         fakecupy.stats.reset()
         values = pending.read()
         assert fakecupy.stats.syncs == 1 and len(pending) == 0

@@ -175,14 +175,15 @@ def test_a_failing_fake_gpu_rank_stops_every_rank(mpirun, reference, tmp_path):
     assert "done:" not in out
 
 
-def test_gpu_data_parallel_config_is_refused_only_outside_mpi(tiny, monkeypatch):
-    from handgrad.train.config import ConfigError, from_dict
+def test_gpu_data_parallel_is_refused_only_outside_mpi(tiny):
+    from handgrad.parallel import ModeError, choose_mode
+    from handgrad.train.config import from_dict
 
-    two = tiny(train={"device": "cuda", "processes": 2})
-    with pytest.raises(ConfigError, match="forked data parallelism runs on the CPU only"):
-        from_dict(two)
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # as mpirun sets it: one rank per GPU
-    assert from_dict(two).train.processes == 2
+    # the config is the same under mpirun (one rank per GPU) and without it: it is accepted,
+    # and the run mode, which knows how the process was launched, refuses forked GPU ranks
+    assert from_dict(tiny(train={"device": "cuda", "processes": 2})).train.processes == 2
+    with pytest.raises(ModeError, match="forked data parallelism runs on the CPU only"):
+        choose_mode("cuda", 2, False)
 
 
 def test_a_rank_whose_nccl_fails_to_start_ends_the_job(mpirun, reference, tmp_path):

@@ -14,10 +14,10 @@ import handgrad as hg
 from handgrad import backend as B
 from handgrad import nn
 from handgrad.models.gpt2 import GPT2
+from handgrad.parallel.ddp import DistributedDataParallel
 from handgrad.serialization import load_file
 from handgrad.train import TrainingDiverged, train
 from handgrad.train.config import ConfigError, from_dict
-from handgrad.train.parallel import DistributedDataParallel
 
 pytestmark = pytest.mark.skipif(
     "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
@@ -135,9 +135,9 @@ def test_data_parallel_sums_gradients_and_reports_worker_errors():
 
 
 def test_without_fork_the_shares_run_in_one_process(tiny, tmp_path, monkeypatch):
-    import handgrad.train.gradients as gradients_module
+    import handgrad.parallel.modes as modes_module
 
-    monkeypatch.setattr(gradients_module, "can_fork", lambda: False)
+    monkeypatch.setattr(modes_module, "can_fork", lambda: False)
     said = []
     cfg = tiny(train={"micro_batch_size": 4, "processes": 2, "max_steps": 3})
     alone = train(from_dict(cfg), tmp_path / "alone", progress=False, log=said.append)

@@ -17,7 +17,7 @@ from handgrad import nn
 from handgrad.distributed.local import can_fork
 from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW
-from handgrad.train.zero import ZeroAdamW
+from handgrad.parallel.zero import ZeroAdamW
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="the local transport needs fork")
 

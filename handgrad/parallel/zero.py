@@ -23,7 +23,7 @@ gradient, so only the norm's order of summation differs from plain data parallel
 
 On a GPU (one MPI rank per GPU, ``nccl`` transport) the shards are CuPy arrays, the
 collectives run over NCCL, and the step reads nothing back: the norm stays a 0-d device
-array and the clip is a multiplication by min(coef, 1). (Never run on a GPU.)
+array and the clip is a multiplication by min(coef, 1).
 
 Checkpoints hold AdamW's own state dict: before a save every rank all-gathers m, v and the
 masters, and rank 0 writes them per parameter, so the files are the same for any world
@@ -34,23 +34,30 @@ handed them to the checkpoint writer: two float32 copies of the model, three wit
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from handgrad import backend as B
 from handgrad.distributed import Transport
-from handgrad.distributed.reducer import FlatShards
+from handgrad.nn import Parameter
 from handgrad.optim import AdamW
 from handgrad.optim.adamw import _adamw_update
 
-__all__ = ["ZeroAdamW"]
+__all__ = ["FlatShards", "ZeroAdamW"]
+
+# ZeRO-1's collectives: elements of each rank's shard per chunk (16 MiB of float32, a send
+# buffer of P x 16 MiB). On GPT-2 124M at 2 ranks, 4M-element chunks reduce-scattered and
+# gathered as fast as one whole-vector call; 1M-element ones were up to 1.5x slower.
+DEFAULT_CHUNK_ELEMS = 1 << 22
 
 
 class ZeroAdamW:
-    """``optimizer``'s param groups and options (an ``AdamW`` with no state yet), its state
-    sharded over ``group``. Offers what the trainer uses of AdamW: ``param_groups``,
+    """``optimizer``'s param groups, options and state (an ``AdamW``, fresh or restored),
+    the state sharded over ``group``. Offers what the trainer uses of AdamW: ``param_groups``,
     ``step``, ``zero_grad``, ``state_dict`` (after ``gather_state``), ``load_state_dict``,
     plus ``reduce_and_clip``, which the step needs first."""
 
@@ -87,6 +94,8 @@ class ZeroAdamW:
         self._tmp = xp.empty(min(n, 1 << 15), dtype=dtype)
         self._gathered: dict[str, Any] | None = None
         self._gathered_at: int | None = None  # gather_state()'s dst
+        if optimizer.state:  # an AdamW restored from a checkpoint: keep this rank's slice
+            self._take_state()
 
     def reduce_and_clip(self, max_norm: float) -> Any:
         """This rank's slice of the summed gradient, clipped to a global norm of
@@ -220,6 +229,11 @@ class ZeroAdamW:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """AdamW's state dict (from any world size, with or without ZeRO) into the shards."""
         self.optimizer.load_state_dict(state_dict)  # checks it; options into the groups
+        self._take_state()
+
+    def _take_state(self) -> None:
+        """The wrapped AdamW's per-parameter state into this rank's shards; the full-size
+        copies are dropped, so this rank keeps its slice only."""
         states = [self.optimizer.state.get(p) for p in self.params]
         steps = {int(s["step"]) for s in states if s}
         if len(steps) > 1:
@@ -236,8 +250,141 @@ class ZeroAdamW:
             self.exp_avg_sq[s] = self._here(st["exp_avg_sq"], part)
             if "master" in st and self.keeps_masters:
                 self.master[s] = self._here(st["master"], part)
-        self.optimizer.state.clear()  # the full-size copies: this rank keeps its slice only
+        self.optimizer.state.clear()
 
     def _here(self, values: Any, part: slice) -> Any:
         """Flat elements ``part`` of a saved array, on this optimizer's device."""
         return self.xp.asarray(B.to_numpy(values).reshape(-1)[part])
+
+
+# ----------------------------------------------------------------------------------------
+# the flat vector of all parameters, cut into one shard per rank
+
+
+class FlatShards:
+    """ZeRO-1's view of ``params``: one flat float32 (compute dtype) vector of all their
+    elements, padded with zeros to ``world_size`` x ``shard_size`` elements, of which rank r
+    owns elements ``r * shard_size`` .. ``(r + 1) * shard_size - 1`` (``shard_range``).
+
+    The flat vector is never built: the collectives run in chunks of ``chunk_elems``
+    elements of each rank's shard. Chunk c of the reduce-scatter packs, for every rank r,
+    flat elements ``r * n + c * k`` .. ``r * n + (c + 1) * k - 1`` (n = ``shard_size``,
+    k = ``chunk_elems``, the last chunk shorter) straight from the parameters' gradients into
+    one (P, k) send buffer, and reduce-scatters it into this rank's shard; the all-gather
+    mirrors it, unpacking the gathered (P, k) buffer straight into the parameters. Memory
+    beyond the gradient shard: one buffer of P x k elements, reused every step, and no
+    collective sees more than P x k elements (Open MPI's reduce-scatter allocates a
+    temporary of its whole input on rank 0). Every element is summed over the same ranks as
+    with one whole-vector collective, so the results do not depend on ``chunk_elems``."""
+
+    def __init__(
+        self, params: Sequence[Parameter], group: Transport, chunk_elems: int | None = None
+    ) -> None:
+        self.params, self.group = list(params), group
+        dtypes = {B.compute_dtype(p.dtype) for p in self.params}
+        if len(dtypes) != 1:
+            kinds = sorted(map(str, dtypes))
+            raise ValueError(f"FlatShards: parameters must share one compute dtype, got {kinds}")
+        chunk = DEFAULT_CHUNK_ELEMS if chunk_elems is None else chunk_elems
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"FlatShards: chunk_elems must be an integer >= 1, got {chunk!r}")
+        self.xp = B.get_array_module(*(p.data for p in self.params))
+        self.offsets, total = [], 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += p.data.size
+        self.numel = total
+        self.shard_size = -(-total // group.world_size)
+        self.chunk_elems = max(1, min(chunk, self.shard_size))
+        (self.dtype,) = dtypes
+        self._grad_shard = self.xp.empty(self.shard_size, dtype=self.dtype)
+        self._buffer = self.xp.empty(self.chunk_elems * group.world_size, dtype=self.dtype)
+
+    def shard_range(self, rank: int | None = None) -> tuple[int, int]:
+        """Flat indices ``[lo, hi)`` of rank ``rank``'s shard (this rank's by default)."""
+        r = self.group.rank if rank is None else rank
+        return r * self.shard_size, (r + 1) * self.shard_size
+
+    def _chunks(self) -> Any:
+        """(start, stop) within a shard of each chunk, and the chunk's (P, k) buffer view."""
+        P, n = self.group.world_size, self.shard_size
+        for start in range(0, n, self.chunk_elems):
+            stop = min(n, start + self.chunk_elems)
+            yield start, stop, self._buffer[: P * (stop - start)].reshape(P, stop - start)
+
+    def _pieces(self, lo: int, hi: int) -> Any:
+        """(parameter index, [a, b) within the parameter's flat data, [a, b) within the flat
+        range) for every parameter overlapping flat elements ``[lo, hi)``; elements past the
+        last parameter (padding) belong to none."""
+        i = max(0, bisect.bisect_right(self.offsets, lo) - 1)
+        while i < len(self.params) and self.offsets[i] < hi:
+            start = self.offsets[i]
+            a, b = max(lo, start), min(hi, start + self.params[i].data.size)
+            if a < b:
+                yield i, a - start, b - start, a - lo, b - lo
+            i += 1
+
+    def _flat_copy(self, out: Any, lo: int, grads: bool) -> None:
+        """``out`` (m,) <- flat elements ``[lo, lo + m)`` of the gradients (``grads``) or of
+        the parameters; padding and missing gradients as zeros."""
+        hi = lo + out.shape[0]
+        if hi > self.numel:  # padding (only the last rank's shard has any)
+            out[max(0, self.numel - lo) :] = 0
+        for i, a, b, s, e in self._pieces(lo, min(hi, self.numel)):
+            p = self.params[i]
+            if grads:
+                if p.grad is None:
+                    out[s:e] = 0
+                else:
+                    out[s:e] = _flat(p.grad.data)[a:b]
+            else:
+                out[s:e] = _flat(p.data)[a:b]
+
+    def reduce_scatter_gradients(self, op: str = "sum") -> Any:
+        """This rank's shard (``shard_size``,) of the flat gradient, summed ("sum") or
+        averaged ("avg") over ranks; a parameter without ``.grad`` counts as zeros. The
+        array is reused by the next call."""
+        if op not in ("sum", "avg"):
+            raise ValueError(f"reduce_scatter_gradients: op must be 'sum' or 'avg', got {op!r}")
+        n = self.shard_size
+        for start, stop, send in self._chunks():
+            for r in range(self.group.world_size):
+                self._flat_copy(send[r], r * n + start, grads=True)
+            self.group.reduce_scatter(self._grad_shard[start:stop], send)
+        if op == "avg":
+            self._grad_shard /= self.group.world_size
+        return self._grad_shard
+
+    def parameter_shard(self) -> Any:
+        """A copy (``shard_size``,) of this rank's slice of the flat parameters, in the
+        compute dtype (padding zeros)."""
+        shard = self.xp.empty(self.shard_size, dtype=self.dtype)
+        self._flat_copy(shard, self.shard_range()[0], grads=False)
+        return shard
+
+    def all_gather_parameters(self, shard: Any) -> None:
+        """Every rank's parameters <- the concatenation of the ranks' ``shard`` (each
+        ``(shard_size,)``), cast to each parameter's dtype, written in place."""
+        if tuple(shard.shape) != (self.shard_size,):
+            raise ValueError(
+                f"all_gather_parameters: shard of shape {tuple(shard.shape)}, expected "
+                f"({self.shard_size},)"
+            )
+        n = self.shard_size
+        for start, stop, recv in self._chunks():
+            piece = shard[start:stop]
+            if piece.dtype != self.dtype or not piece.flags.c_contiguous:
+                piece = self.xp.ascontiguousarray(piece, dtype=self.dtype)
+            self.group.all_gather(recv, piece)
+            for r in range(self.group.world_size):
+                lo = r * n + start
+                for i, a, b, s, e in self._pieces(lo, min(lo + stop - start, self.numel)):
+                    p = self.params[i]
+                    _flat(p.data)[a:b] = recv[r, s:e].astype(p.dtype, copy=False)
+
+
+def _flat(array: Any) -> Any:
+    """A 1-D view of ``array``'s elements in C order that slices read and write through:
+    ``reshape(-1)`` where that is a view, NumPy's flat iterator otherwise (a strided array;
+    ``reshape`` would copy it whole)."""
+    return array.reshape(-1) if array.flags.c_contiguous else array.flat

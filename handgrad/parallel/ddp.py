@@ -52,7 +52,7 @@ backward: their transport has no non-blocking collective to overlap with.
 
 With a model on a GPU (one MPI rank per GPU, ``nccl`` transport) each rank uploads its
 rows and keeps its losses on the device: the gradients and losses are all-reduced there by
-NCCL, the has-gradient flags over MPI, and no step reads the GPU back (``_device_step``).
+NCCL, the has-gradient flags over MPI, and no step reads the GPU back.
 That path reduces after backward: NCCL's collectives queue on the compute stream, so
 starting them inside backward would not overlap anything until they get a stream of their
 own.
@@ -61,7 +61,7 @@ own.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,31 +71,13 @@ from handgrad.distributed import ProcessGroupError, Transport
 from handgrad.distributed.local import LocalTransport, SharedArrays, can_fork
 from handgrad.distributed.reducer import GradientReducer
 from handgrad.nn import Module
+from handgrad.parallel import step as steps
 from handgrad.random import manual_seed
-from handgrad.tensor import Tensor
-from handgrad.train.on_device import device_gradients
 
-__all__ = ["DistributedDataParallel", "accumulate_gradients"]
+__all__ = ["DistributedDataParallel"]
 
 _HEAD = 4  # int64 words before x and y in the step message: command, step, m, scale bits
 _STEP, _STOP = 1, 0
-
-
-def accumulate_gradients(
-    model: Module, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], scale: float
-) -> list[float]:
-    """``(loss * scale).backward()`` for each ``(x, y)`` (B, T) micro batch, gradients adding
-    up in ``.grad``; returns the unscaled losses. Stops after a loss that is not finite
-    (nothing is backpropagated from it): the caller reports it."""
-    losses = []
-    for x, y in micro_batches:
-        _, loss = model(Tensor._make(x), Tensor._make(y))
-        value = float(loss.item())
-        losses.append(value)
-        if not math.isfinite(value):
-            break
-        (loss if scale == 1.0 else loss * scale).backward()
-    return losses
 
 
 class DistributedDataParallel:
@@ -115,7 +97,7 @@ class DistributedDataParallel:
     them: train/zero.py). ``overlap`` (with a group): reduce the gradient buckets during the
     last micro batch's backward rather than after it; the same sums either way.
     ``upload`` (a group only): the model is on this rank's GPU and ``upload`` copies a host
-    batch there (``on_device.BatchUploader``); the losses then come back as 0-d device
+    batch there (``step.BatchUploader``); the losses then come back as 0-d device
     arrays, read later.
     """
 
@@ -218,9 +200,15 @@ class DistributedDataParallel:
             f"{err.exitcode}; killed, e.g. for lack of memory?)"
         )
 
-    def _step(self) -> list[float]:
+    def _step(self) -> list[Any]:
         """One step on any rank, from the broadcast of rank 0's message on (forked workers;
-        with a group every rank has the message already)."""
+        with a group every rank has the message already).
+
+        On the CPU the micro-batch losses come back as floats, summed over ranks with the
+        has-gradient flags in one float64 collective. On a GPU this rank's rows of every
+        micro batch are uploaded once and the losses stay on the device, summed over ranks
+        there, so nothing is read back; the has-gradient flags are host values and go over
+        the host wire (MPI). Returns each micro batch's loss, the mean over ranks."""
         group, rank = self.group, self.group.rank
         dst = 0 if self._forked else None  # forked: only rank 0 steps the optimizer
         if self._forked:
@@ -232,26 +220,36 @@ class DistributedDataParallel:
         if rank > 0:  # this rank's dropout at this step
             seed = np.random.SeedSequence([self.seed, step, rank]).generate_state(1)
             manual_seed(int(seed[0]))
-        if self.upload is not None:
-            return self._device_step(step, m, scale)
         shards = self._shard(rank, m)
+        if self.upload is not None:  # one upload of this rank's rows, cut on the device
+            x = self.upload(np.concatenate([xs for xs, _ in shards]))
+            y = self.upload(np.concatenate([ys for _, ys in shards]))
+            shards = [(x[i : i + m], y[i : i + m]) for i in range(0, len(x), m)]
         if self.overlap:  # a parameter's bucket may go once its last micro batch's backward is done
             self.reducer.arm("sum", backwards=len(shards))
         with B.num_threads(1):  # one core per rank
-            losses = accumulate_gradients(self.model, shards, scale)
+            losses = steps.accumulate(self.model, shards, scale)
         if self.overlap:  # the buckets backward left, before the stats' collective on any rank
             self.reducer.flush()
-        steps = self.rows // (m * self.processes)
-        # losses (nan where this rank stopped) then has-grad flags, summed over ranks
-        stats = np.full(steps + len(self.params), math.nan)
-        stats[: len(losses)] = losses
-        stats[steps:] = [p.grad is not None for p in self.params]
-        if dst is None:
-            group.all_reduce(stats)
-        else:
-            group.reduce(stats, dst=dst)
+        n = len(shards)
+        has_grad = [p.grad is not None for p in self.params]
+        if self.upload is not None:
+            xp = B.get_array_module(*losses)
+            total = xp.stack([v.astype(B.float64) for v in losses])  # (micro batches,)
+            flags = np.array(has_grad, dtype=np.float64)
+            group.all_reduce(total)
+            group.all_reduce(flags)
+        else:  # losses (nan where this rank stopped) then has-grad flags, summed over ranks
+            total = np.full(n + len(self.params), math.nan)
+            total[: len(losses)] = losses
+            total[n:] = has_grad
+            if dst is None:
+                group.all_reduce(total)
+            else:
+                group.reduce(total, dst=dst)
+            total, flags = [float(v) for v in total[:n]], total[n:]
         if self.reduce_gradients:
-            has_grad = [bool(f) for f in stats[steps:]]
+            has_grad = [bool(f) for f in flags]
             if self.overlap:
                 self.reducer.wait(has_grad)
             else:
@@ -259,26 +257,7 @@ class DistributedDataParallel:
         if self._forked and rank > 0:
             for p in self.params:
                 p.grad = None
-        return [float(v) / self.processes for v in stats[:steps]]
-
-    def _device_step(self, step: int, m: int, scale: float) -> list[Any]:
-        """``_step`` for a model on a GPU (every rank of a group): this rank's rows of every
-        micro batch uploaded once, losses kept on the device and summed over ranks there, so
-        nothing is read back (see train/on_device.py); the has-gradient flags are host
-        values and go over the host wire (MPI). Returns each micro batch's loss (the mean
-        over ranks) as a 0-d device array; a non-finite one is caught when it is read."""
-        shards = self._shard(self.group.rank, m)
-        x = np.concatenate([xs for xs, _ in shards])
-        y = np.concatenate([ys for _, ys in shards])
-        losses = device_gradients(self.model, m, scale, self.upload)(step, x, y)
-        xp = B.get_array_module(*losses)
-        total = xp.stack([v.astype(B.float64) for v in losses])  # (micro batches,)
-        self.group.all_reduce(total)
-        flags = np.array([p.grad is not None for p in self.params], dtype=np.float64)
-        self.group.all_reduce(flags)
-        if self.reduce_gradients:
-            self.reducer.reduce("sum", has_grad=[bool(f) for f in flags])
-        return [total[i] / self.processes for i in range(len(losses))]
+        return [total[i] / self.processes for i in range(n)]
 
     def _shard(self, rank: int, m: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Rank ``rank``'s rows of every micro batch in x, y."""

@@ -1,18 +1,24 @@
-"""Training on a GPU (``[train] device = "cuda"``): batches uploaded ahead of use, gradients
-without host synchronisation, and losses read back in one copy per ``log_interval``.
+"""The pieces of one training step that every run mode shares: the micro-batch loop,
+batches sent to the model's device, and the step's loss and gradient norm read back.
 
-A GPU runs the kernels the host queues; the host only waits when it reads a device value
-(``.item()``, ``float()``, a host copy). Each such read drains the queue and idles the GPU
-while Python queues the next kernels, so a step reads nothing: the micro-batch losses and
-the gradient norm stay on the device, and ``PendingLosses`` fetches those of every step
-since the last read in one copy, at ``log_interval``, at an evaluation and at a checkpoint.
-A non-finite loss is therefore detected there rather than in the step it appeared in.
+A step's global batch of G windows is cut into micro batches; each one runs forward and
+backward and its gradient is added into ``.grad``, scaled so that the sum is the mean over
+the whole batch (``accumulate``):
+
+    for each micro batch i:   loss_i = model(x_i, y_i);  (loss_i * scale).backward()
+
+On the CPU each loss is read as a float when it is made, and a non-finite one stops the step
+before anything is updated. A GPU runs the kernels the host queues and the host only waits
+when it reads a device value, which drains the queue and idles the GPU while Python queues
+the next kernels; so on a GPU a step reads nothing. Its losses and gradient norm stay on the
+device, and ``PendingLosses`` fetches those of every step since the last read in one copy, at
+``log_interval``, at an evaluation and at a checkpoint. A non-finite loss on a GPU is
+therefore found there rather than in the step it appeared in.
 
 Batches are drawn on the host (the data generator stays where a checkpoint records it) and
 copied with ``BatchUploader``: from page-locked (pinned) host memory the copy is queued on
 the stream like a kernel, so the host goes on queueing the forward pass instead of waiting
-for the copy, which a copy from ordinary memory would make it do. (The CUDA paths are
-untested on a GPU: the machines this was written on have none.)
+for the copy, which a copy from ordinary memory would make it do.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +36,56 @@ from handgrad.backend.device import as_device, device, to_device
 from handgrad.nn import Module
 from handgrad.tensor import Tensor
 
+__all__ = [
+    "BatchUploader",
+    "PendingLosses",
+    "StepStats",
+    "TrainingDiverged",
+    "accumulate",
+    "mean_on_device",
+]
+
 _RING = 3  # pinned buffers per shape: the host may run this many uploads ahead of the GPU
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the run stopped."""
+
+
+@dataclass
+class StepStats:
+    """The mean training loss over the global batch and the global gradient norm before
+    clipping: floats on the CPU, 0-d device arrays on a GPU (read later, in one copy)."""
+
+    loss: Any
+    grad_norm: Any
+
+
+def accumulate(model: Module, micro_batches: Sequence[tuple[Any, Any]], scale: float) -> list:
+    """``(loss * scale).backward()`` for each ``(x, y)`` (B, T) micro batch (arrays on the
+    model's device), gradients adding up in ``.grad``. Returns each micro batch's unscaled
+    loss: a float for host arrays, where a loss that is not finite ends the loop before its
+    backward (the caller reports it); a 0-d device array otherwise, read nowhere here."""
+    losses: list = []
+    for x, y in micro_batches:
+        _, loss = model(Tensor._make(x), Tensor._make(y))
+        if B.is_numpy(B.get_array_module(loss.data)):
+            value = float(loss.item())
+            losses.append(value)
+            if not math.isfinite(value):
+                break
+        else:
+            losses.append(loss.data)
+        (loss if scale == 1.0 else loss * scale).backward()
+    return losses
+
+
+def mean_on_device(values: Sequence[Any], count: int) -> Any:
+    """sum(values) / count, computed where the values live (no host read)."""
+    total = values[0].astype(B.float32)
+    for v in values[1:]:
+        total = total + v
+    return total / count
 
 
 class BatchUploader:
@@ -86,23 +142,27 @@ class BatchUploader:
         return out
 
 
-class NonFiniteLoss(ArithmeticError):
-    """A loss or gradient norm read back from the device is NaN or infinite."""
-
-
 class PendingLosses:
-    """Per-step device values (loss, gradient norm) kept until read in one host copy."""
+    """Each step's (loss, gradient norm), kept where they were computed until they are read
+    in one host copy. Host floats cost nothing to read, so ``add`` hands them straight back;
+    device values wait for a ``read``."""
 
     def __init__(self) -> None:
         self._steps: list[int] = []
         self._values: list[Any] = []
+        self.losses: dict[int, float] = {}  # step -> training loss, of every step read
 
     def __len__(self) -> int:
         return len(self._steps)
 
-    def add(self, step: int, loss: Any, grad_norm: Any) -> None:
+    def add(self, step: int, stats: StepStats, read: bool = False) -> StepStats | None:
+        """Keep ``step``'s values; returns the host values of the last step when they were
+        read now (always for host floats; with ``read`` for device values), else None."""
         self._steps.append(step)
-        self._values.extend((loss, grad_norm))
+        self._values.extend((stats.loss, stats.grad_norm))
+        if read or isinstance(stats.loss, float):
+            return self.read_all(step)
+        return None
 
     def read(self) -> list[tuple[int, float, float]]:
         """(step, loss, grad norm) of every pending step, in order, with one host copy (one
@@ -117,9 +177,9 @@ class PendingLosses:
         self._steps, self._values = [], []
         return out
 
-    def read_into(self, losses: dict[int, float], now: int) -> tuple[float, float]:
-        """``read()`` into ``losses`` (step -> loss); returns the last (loss, grad norm).
-        Raises NonFiniteLoss naming the first step whose loss or norm is not finite."""
+    def read_all(self, now: int) -> StepStats:
+        """``read()`` into ``losses``; returns the last step's values. Raises
+        TrainingDiverged naming the first step whose loss or norm is not finite."""
         loss = norm = math.nan
         for at, loss, norm in self.read():
             if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -128,35 +188,9 @@ class PendingLosses:
                     if not math.isfinite(loss)
                     else f"gradient norm is {norm}"
                 )
-                raise NonFiniteLoss(
+                raise TrainingDiverged(
                     f"step {at}: {what} (read at step {now}: on a GPU losses are read every "
                     "log_interval steps); stopping."
                 )
-            losses[at] = loss
-        return loss, norm
-
-
-def device_gradients(model: Module, rows: int, scale: float, upload: BatchUploader) -> Any:
-    """A gradient function (as the trainer's ``GradientFn``) for a model on a device: the
-    global batch is uploaded once, cut into micro batches of ``rows`` on the device, and
-    ``(loss * scale).backward()`` runs for each. Returns the micro-batch losses as device
-    0-d arrays (nothing is read back)."""
-
-    def gradients(step: int, x: np.ndarray, y: np.ndarray) -> list[Any]:
-        xd, yd = upload(x), upload(y)
-        losses = []
-        for i in range(0, len(x), rows):
-            _, loss = model(Tensor._make(xd[i : i + rows]), Tensor._make(yd[i : i + rows]))
-            losses.append(loss.data)
-            (loss if scale == 1.0 else loss * scale).backward()
-        return losses
-
-    return gradients
-
-
-def mean_on_device(values: Sequence[Any], count: int) -> Any:
-    """sum(values) / count, computed where the values live (no host read)."""
-    total = values[0].astype(B.float32)
-    for v in values[1:]:
-        total = total + v
-    return total / count
+            self.losses[at] = loss
+        return StepStats(loss, norm)

@@ -19,6 +19,7 @@ import numpy as np
 from handgrad import backend as B
 from handgrad.backend.device import to_device
 from handgrad.data import iter_batches_sequential
+from handgrad.distributed import Transport
 from handgrad.grad_mode import no_grad
 from handgrad.tensor import Tensor
 
@@ -45,35 +46,53 @@ class EvalResult:
 
 
 def evaluate(
-    model: Any, tokens: np.ndarray, batches: int, micro_batch_size: int, block_size: int
+    model: Any,
+    tokens: np.ndarray,
+    batches: int,
+    micro_batch_size: int,
+    block_size: int,
+    group: Transport | None = None,
 ) -> EvalResult:
     """Mean loss of ``model`` over ``batches`` fixed batches of ``micro_batch_size`` windows of
     ``block_size`` (+1) tokens of ``tokens`` (a 1-D array of ids, e.g. the val split).
 
     The model runs in eval mode (no dropout) without a graph; its mode is restored after.
     Every batch has the same size, so the mean of the batch means is the mean over tokens.
-    Batches go to the model's device (``model.device`` when it has one); the batch losses
-    are summed there and read back once.
+    Batches go to the model's device (``model.device`` when it has one) and the batch losses
+    are read back in one copy.
+
+    With a process ``group`` the batches are dealt out over its ranks: batch b is scored by
+    rank b mod P into slot b of a (batches,) float64 vector that the ranks sum (the others
+    add 0, exactly). The mean is then added up in batch order, so every rank gets the bits
+    one process gets.
     """
     if batches < 1:
         raise ValueError(f"evaluate: batches must be >= 1, got {batches}")
+    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
+    where = getattr(model, "device", None)
+    losses = np.zeros(batches)
+    mine: dict[int, Any] = {}  # batch -> its 0-d loss, left on the model's device
     was_training = model.training
     model.eval()
-    where = getattr(model, "device", None)
-    total: Any = None
     try:
         with no_grad():
-            for x, y in iter_batches_sequential(tokens, micro_batch_size, block_size, batches):
-                _, loss = model(
-                    Tensor._make(to_device(x, where)), Tensor._make(to_device(y, where))
-                )
-                # summed in float64 on the device: the same sum, in the same order, as the
-                # float64 host sum of float(loss) it replaces
-                value = loss.data.astype(B.float64)
-                total = value if total is None else total + value
+            windows = iter_batches_sequential(tokens, micro_batch_size, block_size, batches)
+            for b, (x, y) in enumerate(windows):
+                if b % world == rank:
+                    x, y = to_device(x, where), to_device(y, where)
+                    _, loss = model(Tensor._make(x), Tensor._make(y))
+                    mine[b] = loss.data
     finally:
         model.train(was_training)
-    return EvalResult(float(B.to_numpy(total)) / batches, batches * micro_batch_size * block_size)
+    if mine:  # one read of the device for all of this rank's batches
+        xp = B.get_array_module(*mine.values())
+        losses[list(mine)] = B.to_numpy(xp.stack(list(mine.values())))
+    if group is not None:
+        group.all_reduce(losses)
+    total = 0.0
+    for value in losses:
+        total += float(value)
+    return EvalResult(total / batches, batches * micro_batch_size * block_size)
 
 
 def unigram_loss(

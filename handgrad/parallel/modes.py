@@ -1,0 +1,419 @@
+"""Run modes: how one training step is spread over processes, chosen once per run.
+
+The loop asks its mode for what it needs and never learns which mode it has:
+
+    mode.first(fn), mode.agree(fn)     setup work: the writer first / all go on or all stop
+    mode.setup(model, optimizer, ...)  gradients machinery; the optimizer to step
+    mode.gradients(step, x, y)         each micro batch's loss, gradients in .grad
+    mode.clip_and_step(...)            clip to the global norm, AdamW step
+    mode.evaluate(tokens, ...)         the validation loss, the same bits in every mode
+    mode.writes, mode.say(line)        only one rank writes files and prints
+    mode.checkpoint(write)             gathers what a checkpoint needs, the writer writes
+
+The modes (``choose_mode``):
+
+    RunMode       one process, on the CPU or one GPU
+    ForkedRanks   [train] processes = P on one machine: P forked processes, rank 0 steps
+    MPIRanks      mpirun -n P: every rank steps; CPUs over MPI, GPUs over NCCL (one each);
+                  with [train] zero = 1, AdamW's state sharded over the ranks (ZeRO-1)
+
+In every mode each step's global batch of G = m x A x P windows (m = micro_batch_size,
+A = grad_accum_steps, P = processes) is drawn whole and cut into A micro batches of m x P
+rows; rank r computes rows r*m .. (r+1)*m - 1 of each, with its loss scaled by 1 / (A P), so
+the summed gradient is the mean over the global batch whatever P is. A checkpoint records
+P, and a run resumed under another mode keeps the same batches.
+
+Under MPI every rank runs the same loop: same seed, same initial weights, same batches drawn,
+same collectives in the same order. Refusals while building the run are agreed on by all
+ranks (``agree``), so every rank stops with one message, printed by the lowest failing rank;
+a non-finite loss or norm comes from reduced values, so every rank sees it. Any other error
+on one rank ends the whole job through ``Transport.abort`` (MPI_Abort), naming the rank; the
+writer publishes ``latest`` only after a checkpoint is complete, so it still names the last
+complete one.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from handgrad.backend import cuda
+from handgrad.backend.device import as_device
+from handgrad.distributed import Transport
+from handgrad.distributed.local import can_fork
+from handgrad.nn import Module
+from handgrad.nn.utils import clip_grad_norm_
+from handgrad.parallel import step as steps
+from handgrad.parallel.ddp import DistributedDataParallel
+from handgrad.parallel.evaluate import EvalResult, evaluate
+from handgrad.parallel.step import BatchUploader, StepStats, TrainingDiverged, mean_on_device
+from handgrad.parallel.zero import ZeroAdamW
+
+__all__ = [
+    "ForkedRanks",
+    "MPIRanks",
+    "ModeError",
+    "RankStopped",
+    "RunMode",
+    "choose_mode",
+    "rank_prefix",
+]
+
+T = TypeVar("T")
+
+
+class ModeError(ValueError):
+    """A run this launch cannot make (ZeRO-1 without MPI ranks, forked ranks on a GPU ...)."""
+
+
+class RankStopped(RuntimeError):
+    """This rank stops because another rank failed and reported it (nothing to print here)."""
+
+
+class RunMode:
+    """One process: the model on ``device`` (the CPU or one GPU). ``processes`` > 1 only
+    where forking is impossible: the P shares of each micro batch then run here, as one
+    micro batch of m x P rows (the same mean gradient)."""
+
+    rank, world_size, writes = 0, 1, True
+    group: Transport | None = None  # the ranks that evaluate together (None: this one)
+
+    def __init__(self, device: str = "cpu", processes: int = 1, say: Callable = print) -> None:
+        self.device, self.processes, self._say = device, processes, say
+
+    def say(self, line: str) -> None:
+        """Print a status line, on the writing rank only."""
+        if self.writes:
+            self._say(line)
+
+    def first(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the writer, then on the others: for work whose result the writer
+        leaves on disk for them (preparing the data)."""
+        return fn()
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on every rank; all of them go on or all stop."""
+        return fn()
+
+    def setup(
+        self,
+        model: Module,
+        optimizer: Any,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        block_size: int,
+        seed: int,
+        matmul_precision: str = "highest",
+    ) -> Any:
+        """Get ready to step ``model`` (already on this rank's device, weights restored)
+        with ``optimizer`` (state restored); returns the optimizer the run steps and saves."""
+        self.model, self.optimizer = model, optimizer
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
+        self.block_size, self.seed = block_size, seed
+        self.rows = micro_batch_size * self.processes  # one micro batch over all ranks
+        self.global_batch = self.rows * grad_accum_steps
+        self.upload = BatchUploader(model.device)
+        if model.device.type == "cuda":
+            cuda.set_matmul_precision(matmul_precision)
+        return optimizer
+
+    def gradients(self, step: int, x: np.ndarray, y: np.ndarray) -> list:
+        """Forward and backward of the global batch ``x``, ``y`` (G, T) int64; returns each
+        micro batch's loss (floats on the CPU, 0-d device arrays on a GPU)."""
+        xd, yd = self.upload(x), self.upload(y)
+        r = self.rows
+        micro = [(xd[i : i + r], yd[i : i + r]) for i in range(0, len(x), r)]
+        return steps.accumulate(self.model, micro, 1.0 / self.grad_accum_steps)
+
+    def _clip(self, max_norm: float) -> Any:
+        """Clip the gradients to a global norm of ``max_norm``; the norm before clipping."""
+        norm = clip_grad_norm_(self.params, max_norm)
+        return norm.data if self.model.device.type != "cpu" else float(norm.item())
+
+    def clip_and_step(self, step: int, losses: list, lr: float, grad_clip: float) -> StepStats:
+        """The update of one step after ``gradients``:
+
+            loss = sum(losses) / A                   the mean over the global batch
+            norm = clip_grad_norm_(params, grad_clip)    grad_clip 0: no clipping
+            AdamW step at ``lr``, gradients set to None
+
+        On the CPU raises TrainingDiverged before the update when a loss or the norm is not
+        finite (the parameters are left as they were); on a GPU nothing is read here, and
+        ``PendingLosses`` finds it when it reads."""
+        A = self.grad_accum_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        on_host = isinstance(losses[0], float)
+        if on_host:
+            for i, value in enumerate(losses):
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"step {step + 1}: training loss is {value} (micro batch {i + 1} of "
+                        f"{A}, lr {lr:.3g}); stopping."
+                    )
+        loss = sum(losses) / A if on_host else mean_on_device(losses, A)
+        norm = self._clip(grad_clip if grad_clip > 0 else math.inf)
+        if on_host and not math.isfinite(norm):
+            raise TrainingDiverged(
+                f"step {step + 1}: gradient norm is {norm} (training loss {loss:.4f}); "
+                "stopping before the update."
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss, norm)
+
+    def evaluate(self, tokens: np.ndarray, batches: int, block_size: int) -> EvalResult:
+        """Validation loss on ``batches`` fixed batches of m x P windows (the same batches
+        and the same bits in every mode)."""
+        return evaluate(self.model, tokens, batches, self.rows, block_size, self.group)
+
+    def checkpoint(self, write: Callable[[], Path]) -> Path | None:
+        """``write()`` on the writer, once every rank has made ready what it needs."""
+        return write() if self.writes else None
+
+    def diverged(self, message: str) -> Exception:
+        """The error to stop with when the run diverged (every rank sees it)."""
+        return TrainingDiverged(message)
+
+    def abort(self, err: BaseException) -> None:
+        """An error raised on this rank alone: end the other ranks too (none here)."""
+
+    def close(self) -> None:
+        """Stop what ``setup`` started."""
+
+    def describe(self) -> str | None:
+        """A line saying how the work is spread, or None for one process."""
+        if self.processes == 1:
+            return None
+        return (
+            f"[train] processes = {self.processes}, but this platform cannot fork worker "
+            f"processes: each micro batch of {self.rows} windows runs in this one process (same "
+            "batches, same mean gradient, slower)"
+        )
+
+
+class ForkedRanks(RunMode):
+    """``[train] processes = P`` on one machine: each micro batch split over P forked
+    processes that share the parameters' memory; their gradients are reduced to this
+    process (rank 0), which alone steps, evaluates and writes (``ddp.py``)."""
+
+    def setup(self, model: Module, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        optimizer = super().setup(model, optimizer, *args, **kwargs)
+        self.dp = DistributedDataParallel(
+            model, self.processes, self.global_batch, self.block_size, self.seed
+        )
+        return optimizer
+
+    def gradients(self, step: int, x: np.ndarray, y: np.ndarray) -> list:
+        scale = 1.0 / (self.grad_accum_steps * self.processes)
+        return self.dp.forward_backward(step, x, y, self.micro_batch_size, scale)
+
+    def close(self) -> None:
+        if hasattr(self, "dp"):
+            self.dp.close()
+
+    def describe(self) -> str:
+        return (
+            f"data parallel: {self.processes} processes x {self.micro_batch_size} windows per "
+            "micro batch"
+        )
+
+
+class MPIRanks(RunMode):
+    """Every rank of an MPI job runs the loop (``mpirun -n P``): each computes its share of
+    every micro batch, the gradients are all-reduced (MPI on CPUs, NCCL with one GPU per
+    rank) and each rank steps its own optimizer to the same weights. With ``zero`` the
+    gradients are reduce-scattered instead and each rank steps its slice of AdamW's state
+    (``zero.py``). Rank 0 alone writes and prints; evaluation batches are dealt out over the
+    ranks."""
+
+    def __init__(self, group: Transport, device: str, zero: bool, say: Callable = print) -> None:
+        super().__init__(device, group.world_size, say)
+        self.group, self.zero = group, zero
+        self.rank, self.world_size, self.writes = group.rank, group.world_size, group.rank == 0
+
+    def first(self, fn: Callable[[], T]) -> T:
+        failed = np.zeros(1)
+        if self.rank == 0:
+            try:
+                value = fn()
+            except BaseException:
+                failed[0] = 1
+                self.group.broadcast(failed, src=0)
+                raise
+        self.group.broadcast(failed, src=0)
+        if failed[0]:
+            raise RankStopped("rank 0 failed")
+        return value if self.rank == 0 else fn()
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """The lowest rank whose ``fn`` raised re-raises its error; the others raise
+        RankStopped. One collective either way."""
+        error: Exception | None = None
+        try:
+            value = fn()
+        except RankStopped as err:
+            error, code = err, 1.0  # failed because another rank did: that one reports
+        except Exception as err:  # noqa: BLE001 - re-raised below, on one rank
+            error, code = err, 2.0
+        else:
+            code = 0.0
+        flags = np.zeros(self.world_size)
+        flags[self.rank] = code
+        self.group.all_reduce(flags)
+        reporters = [r for r in range(self.world_size) if flags[r] == 2]
+        if error is not None and reporters and reporters[0] == self.rank:
+            raise error
+        if flags.any():
+            raise RankStopped(f"rank {reporters[0] if reporters else 0} failed")
+        return value
+
+    def setup(self, model: Module, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        super().setup(model, optimizer, *args, **kwargs)
+        if self.zero:  # takes over the restored state, keeping this rank's slice
+            self.optimizer = ZeroAdamW(optimizer, self.group)
+        on_gpu = model.device.type != "cpu"
+        self.dp = DistributedDataParallel(
+            model, self.processes, self.global_batch, self.block_size, self.seed, self.group,
+            reduce_gradients=not self.zero, upload=self.upload if on_gpu else None,
+        )  # fmt: skip
+        return self.optimizer
+
+    def gradients(self, step: int, x: np.ndarray, y: np.ndarray) -> list:
+        scale = 1.0 / (self.grad_accum_steps * self.processes)
+        return self.dp.forward_backward(step, x, y, self.micro_batch_size, scale)
+
+    def _clip(self, max_norm: float) -> Any:
+        if self.zero:  # reduce-scatter; the norm over every rank's slice
+            return self.optimizer.reduce_and_clip(max_norm)
+        return super()._clip(max_norm)
+
+    def checkpoint(self, write: Callable[[], Path]) -> Path | None:
+        if self.zero:
+            self.optimizer.gather_state(dst=0)  # every rank: AdamW's state, to rank 0
+        path = write() if self.writes else None
+        self.group.barrier()
+        return path
+
+    def diverged(self, message: str) -> Exception:
+        return TrainingDiverged(message) if self.writes else RankStopped("training diverged")
+
+    def abort(self, err: BaseException) -> None:
+        """MPI prints ``rank r of P failed: <traceback>`` and calls MPI_Abort, so no rank
+        waits on in a collective."""
+        self.group.abort("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+
+    def close(self) -> None:
+        if hasattr(self, "dp"):
+            self.dp.close()
+
+    def describe(self) -> str:
+        where = f" on {self.device} (one GPU per rank, NCCL)" if self.device != "cpu" else ""
+        zero = ", AdamW state sharded (ZeRO-1)" if self.zero else ""
+        return (
+            f"data parallel: {self.processes} MPI ranks x {self.micro_batch_size} windows per "
+            f"micro batch{where}{zero}"
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# choosing the mode
+
+
+def choose_mode(device: str, processes: int, zero: bool, say: Callable = print) -> RunMode:
+    """The mode of a run on ``device`` ('cpu', 'cuda', 'cuda:N') with ``[train] processes``
+    and ``zero``, for the way this process was launched (by MPI or not).
+
+    Raises ModeError for a run that cannot be made: ``processes`` other than 1 or the world
+    size under MPI (forking more inside each rank would multiply the batch); ZeRO-1 outside
+    an MPI job of 2 or more ranks (the forked ranks of ``processes = P`` only compute
+    gradients and rank 0 steps the whole optimizer, so it would silently train as plain
+    data parallel); forked ranks on a GPU. Under MPI a refusal is the same on every rank:
+    ModeError on rank 0, RankStopped on the others."""
+    from handgrad.distributed.mpi import launched_by_mpi
+
+    if launched_by_mpi():
+        return _mpi_mode(device, processes, zero, say)
+    if zero:
+        raise ModeError(_zero_needs_mpi(processes, None))
+    if as_device(device).type == "cuda" and processes > 1:
+        raise ModeError(
+            f"[train] device = {device!r} with processes = {processes}: forked data "
+            "parallelism runs on the CPU only; set processes = 1 to train on one GPU, or run "
+            "one MPI rank per GPU (mpirun -n P handgrad train CONFIG)"
+        )
+    if processes > 1 and can_fork():
+        return ForkedRanks(device, processes, say)
+    return RunMode(device, processes, say)
+
+
+def _mpi_mode(device: str, processes: int, zero: bool, say: Callable) -> RunMode:
+    from handgrad import distributed as dist
+
+    group = dist.group() if dist.is_initialized() else _init_group(dist, device)
+    world = group.world_size
+    error = None
+    if zero and world < 2:
+        error = _zero_needs_mpi(processes, world)
+    elif processes not in (1, world):
+        error = (
+            f"[train] processes = {processes}, but this run was started by MPI with {world} "
+            "ranks: under mpirun the ranks are the data-parallel processes; set [train] "
+            f"processes = 1 (global batch = micro_batch_size x grad_accum_steps x {world} ranks)"
+        )
+    if error is not None:  # the same on every rank: rank 0 says it
+        raise ModeError(error) if group.rank == 0 else RankStopped(error)
+    index = getattr(group, "device_index", None)  # the GPU the nccl group gave this rank
+    here = device if index is None else f"cuda:{index}"
+    if world == 1:
+        return RunMode(here, 1, say)
+    return MPIRanks(group, here, zero, say)
+
+
+def _init_group(dist: Any, device: str) -> Transport:
+    """The default group for a run on ``device``: ``nccl`` (one GPU per rank, the config's
+    index if it names one) for CUDA, ``mpi`` otherwise. A rank that cannot get a GPU of its
+    own makes every rank refuse alike."""
+    target = as_device(device)
+    if target.type != "cuda":
+        return dist.init_process_group("mpi")
+    from handgrad.distributed.nccl import NCCLSetupError
+
+    try:
+        return dist.init_process_group("nccl", device_id=target.index)
+    except NCCLSetupError as err:
+        raise (ModeError if err.rank == 0 else RankStopped)(str(err)) from None
+
+
+def _zero_needs_mpi(processes: int, world: int | None) -> str:
+    """Why ``[train] zero = 1`` is refused: ``world`` MPI ranks (None: not under MPI)."""
+    if world is not None:
+        where = f"this run has {world} MPI rank"
+    elif processes > 1:
+        where = (
+            f"this run was not started by MPI, and its [train] processes = {processes} forked "
+            "ranks only compute gradients (rank 0 steps the whole optimizer)"
+        )
+    else:
+        where = "this run was not started by MPI"
+    return (
+        "[train] zero = 1 needs MPI ranks (mpirun -n P handgrad train CONFIG, P >= 2): ZeRO-1 "
+        f"shards AdamW's state over ranks that each step their own slice, but {where}; run it "
+        "under mpirun or set [train] zero = 0"
+    )
+
+
+def rank_prefix() -> str:
+    """``"rank r of P: "`` for an error printed by a rank other than 0 of an MPI job (rank
+    0's errors are the usual case), else ``""``."""
+    from handgrad import distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return f"rank {dist.get_rank()} of {dist.get_world_size()}: "
+    return ""
