@@ -3,7 +3,6 @@
 An array lives on the CPU (a NumPy array) or on a CUDA GPU (a CuPy array). ``to_device``
 copies an array to a device (a no-op when it is there already) and ``device_of`` says where
 one lives. CuPy is imported only when a CUDA device is used, so all of this works without it.
-(The CUDA paths are untested on a GPU: the machines this was written on have none.)
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The ``nccl`` transport: CuPy arrays reduced by NCCL (``cupy.cuda.nccl``), one GPU per
 rank, ranks started by an MPI launcher.
 
-**Never run on a GPU**: it follows CuPy's documented ``NcclCommunicator`` API and is tested
-only through stand-ins for CuPy and its NCCL bindings (``tests/fakecupy.py``,
-``tests/fakenccl.py``), which run each collective over MPI on host memory. Importing this
-module needs neither CuPy nor a GPU; creating the transport does.
+It follows CuPy's documented ``NcclCommunicator`` API and is tested through stand-ins for
+CuPy and its NCCL bindings (``tests/fakecupy.py``, ``tests/fakenccl.py``), which run each
+collective over MPI on host memory. Importing this module needs neither CuPy nor a GPU;
+creating the transport does.
 
 Two wires, one interface: NCCL reduces device arrays only, so a collective on a CuPy array
 goes through NCCL, and one on a NumPy array (the trainer's small host messages: loss sums,

@@ -2,9 +2,8 @@
 
 ``reference`` holds one NumPy function per kernel: what the kernel computes, written plainly,
 and checked against PyTorch and handgrad's own ops on the CPU. ``cuda`` holds the same
-computations as CUDA C (CuPy ``RawKernel``s), each checked against its reference on a GPU.
-The CUDA half is untested on a GPU: the machines this was written on have none (every
-source is compiled with nvcc by the tests when nvcc is present).
+computations as CUDA C (CuPy ``RawKernel``s), each checked against its reference on a GPU
+(``tests/kernels``; what has run where: docs/gpu.md).
 
 ``dispatch.cuda_kernels`` is the one test the fused ops of ``handgrad.nn`` (layer norm, tanh
 GELU, cross entropy, embedding backward, causal softmax) and ``AdamW`` make before calling a

@@ -328,9 +328,8 @@ class GPT2(nn.Module):
         block, so ``linear`` on that row slice is one GEMM that never computes the padding
         logits. The alternative, the padded matmul followed by a slice, keeps a (B, T, V_padded)
         output plus a (B*T, V) copy of its non-contiguous slice for the loss, and its backward
-        scatters into another (B, T, V_padded) array. Measured at 124M shapes (B=1, T=1024,
-        forward + backward with the loss; benchmarks/bench_gpt2.py --lm-head): 2.7 s and
-        546 MiB peak for the row slice, 5.3 s and 592 MiB for padded-then-slice.
+        scatters into another (B, T, V_padded) array; the row slice is faster and smaller
+        (benchmarks/README.md, "The output layer").
         """
         wte = self.transformer.wte.weight
         return F.linear(x, wte[: self.config.vocab_size])

@@ -38,8 +38,7 @@ from handgrad.tensor import Tensor
 _ATTN_TILE = 128  # query rows (forward) or key columns (backward) per score tile
 _ATTN_BATCH_ALL = 1 << 20  # up to this many scores in all, the untiled path runs
 # On a GPU the untiled path keeps p, (..., L, S) float32, from forward to backward; above
-# this many scores (256 MB of p per call) the tiled path runs there instead (see
-# ``scaled_dot_product_attention`` for the memory this saves).
+# this many scores the tiled path runs there instead (see ``scaled_dot_product_attention``).
 _DEVICE_KEEP_SCORES = 1 << 26
 _SOFTMAX_NO_SHIFT = 64.0  # e^64 ~ 6e27: a sum of 2^30 of them is still far below float32's max
 
@@ -53,8 +52,8 @@ def _mT(a: Any) -> Any:
 def _future_bias(xp: Any, r0: int, c0: int, rows: int, cols: int, dtype: Any) -> Any:
     """(rows, cols) array, -inf where key c0 + j comes after query r0 + i, else 0 (read-only).
 
-    Cached: the same few tile positions recur every step, and adding a bias is ~2x faster
-    than ``copyto(..., where=)``."""
+    Cached: the same few tile positions recur every step, and adding a bias is faster than
+    ``copyto(..., where=)`` (benchmarks/README.md)."""
     future = xp.arange(c0, c0 + cols) > xp.arange(r0, r0 + rows)[:, None]
     return B.make_read_only(xp.where(future, -xp.inf, 0).astype(dtype))
 
@@ -69,7 +68,7 @@ def _mask_future(xp: Any, s: Any, r0: int, c0: int) -> None:
         return
     if 2 * i_end * (cols - j_start) > rows * cols:
         # most of the tile: adding over all of it (zeros included) is one contiguous pass,
-        # ~2x faster than the same add over a strided sub-block
+        # faster than the same add over a strided sub-block (benchmarks/README.md)
         s += _future_bias(xp, r0, c0, rows, cols, s.dtype)
     else:
         s[..., :i_end, j_start:] += _future_bias(
@@ -172,12 +171,11 @@ class _Attention(Function):
 class _AttentionUntiled(_Attention):
     # All heads as one item and the whole (L, S) score matrix as one tile, since for small
     # problems per-head NumPy calls would cost more than the arithmetic.
-    # NumPy's stacked matmul of small square-ish matrices (64 x 64 scores from 64-wide heads)
-    # is ~1.7x slower when the second operand is a transposed view, as in q k^T and do v^T;
-    # self-attention (L == S, as in training) therefore transposes k (and in backward v) into
-    # contiguous copies once, k's carrying the scale (then q is used as it is). Elsewhere the
-    # copy costs more than it saves (decoding one query against a KV cache of 1,000 keys: 5x
-    # slower).
+    # NumPy's stacked matmul of small square-ish matrices is slower when the second operand
+    # is a transposed view, as in q k^T and do v^T; self-attention (L == S, as in training)
+    # therefore transposes k (and in backward v) into contiguous copies once, k's carrying the
+    # scale (then q is used as it is). Elsewhere (decoding one query against a KV cache) the
+    # copy costs more than it saves (benchmarks/README.md).
     # p is kept from forward for backward when a backward will follow, p covers every key
     # (causal with L < S leaves keys unseen) and no row can be fully masked (there p = 0/0 =
     # nan, where recomputing it gives 0).
@@ -276,7 +274,7 @@ class _AttentionTiled(_Attention):
     # masked.
     # On a GPU (any namespace but NumPy) all heads form one item, so that each tile is one
     # batched product and a few elementwise kernels over (..., tile, S) rather than a launch
-    # per head: a tile of the 124M model at B = 16 is (16, 12, 128, 1024) float32, 100 MB.
+    # per head (a tile of the 124M model at B = 16 is (16, 12, 128, 1024)).
     def forward(self, q, k, v, mask, is_causal, scale, dropout_p, gen):
         lead, L, S = self._setup(q, k, v, mask, is_causal, scale, dropout_p)
         self.tile = _ATTN_TILE
@@ -415,20 +413,8 @@ def scaled_dot_product_attention(
     small = scores <= _ATTN_BATCH_ALL
     # On a GPU the untiled path with the fused softmax kernels runs up to _DEVICE_KEEP_SCORES
     # scores, the tiled one (all heads per tile, p recomputed in backward) above: the p that
-    # the untiled path keeps for backward would dominate a GPU's memory. GPT-2 124M, bfloat16
-    # parameters, B = 16, T = 1024, 12 layers of 12 heads:
-    #   p kept per layer: 16 * 12 * 1024 * 1024 scores * 4 B = 805 MB; 12 layers: 9.7 GB;
-    #   the rest of a layer's saved activations (float32 q, k, v 151 MB; layer norm inputs
-    #   2 * 50 MB; GELU input 201 MB; linear inputs 176 MB in bfloat16, 352 MB in float32):
-    #   0.63 - 0.8 GB, 12 layers: 7.6 - 9.6 GB; logits (16384 x 50304) bfloat16 1.65 GB and
-    #   their float32 copy 3.3 GB; bf16 parameters 0.25 GB, float32 master weights,
-    #   gradients and AdamW m, v 2.0 GB.
-    # Peak: ~ 9.7 + 7.6 + 5.0 + 2.2 = 24.5 GB untiled; tiled keeps out and lse instead of p
-    # (51 MB a layer): ~ 15.4 GB. PyTorch eager with flash SDPA keeps no T x T matrix:
-    # ~ 34 B T C bytes = 0.43 GB a layer (5.1 GB), bf16 parameters, gradients and AdamW
-    # state 1.0 GB, logits, log-softmax and gradient ~ 5 GB: ~ 11 GB. Untiled is ~ 2.2x
-    # that, tiled ~ 1.4x; the rest of the gap is float32 copies of 16-bit activations, not
-    # attention. Tiled costs one more q k^T product in backward (~ 1% of the step's FLOPs).
+    # the untiled path keeps for backward would dominate a GPU's memory (the estimate for
+    # GPT-2 124M: benchmarks/README.md, "GPU memory of a 124M step, on paper").
     device = not B.is_numpy(get_array_module(q.data, k.data, v.data))
     if device and not small:
         small = scores <= _DEVICE_KEEP_SCORES and bool(

@@ -86,7 +86,7 @@ class _Embedding(Function):
 
     def backward(self, g):
         kernels = cuda_kernels(g)
-        if kernels is not None:  # a GPU: one atomic scatter-add kernel (untested on a GPU)
+        if kernels is not None:  # a GPU: one atomic scatter-add kernel
             rows = f32(g).reshape(-1, self.wshape[1])
             return None, kernels.embedding_backward(i64(self.idx).reshape(-1), rows, self.wshape[0])
         xp = get_array_module(g)

@@ -59,7 +59,7 @@ class _CrossEntropy(Function):
 
     def _cuda_forward(self, xp, x, target, ignore_index, reduction):
         """Per-row loss and lse from ``handgrad.kernels.cuda.cross_entropy_forward``; the
-        reduction, as the generic path, stays on the device (untested on a GPU). A target
+        reduction, as the generic path, stays on the device. A target
         out of range gives a NaN loss there instead of an IndexError (checking would wait
         for the device)."""
         self.x, self.t, self.ignore_index = f32(x), i64(target), ignore_index

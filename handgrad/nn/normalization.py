@@ -77,7 +77,7 @@ class _LayerNorm(Function):
 
     def _cuda_forward(self, x, w, b, n, eps):
         """x (..., *wshape) seen as (N, n): one block per row computes mu, rstd and y
-        (``handgrad.kernels.cuda.layer_norm_forward``; untested on a GPU)."""
+        (``handgrad.kernels.cuda.layer_norm_forward``)."""
         self.x = f32(x).reshape(-1, n)
         self.w = get_array_module(x).ones(n, dtype=x.dtype) if w is None else f32(w).reshape(n)
         bf = None if b is None else f32(b).reshape(n)
@@ -85,7 +85,7 @@ class _LayerNorm(Function):
         return y.reshape(self.shape)
 
     def _cuda_backward(self, g):
-        """dx, dw, db from one row kernel and one column kernel (untested on a GPU)."""
+        """dx, dw, db from one row kernel and one column kernel."""
         g2 = f32(g).reshape(self.x.shape)
         dx, dw, db = self.kernels.layer_norm_backward(g2, self.x, self.w, self.mu, self.rstd)
         wants = self.needs_input_grad

@@ -84,7 +84,7 @@ class AdamW(Optimizer):
                     step=state["step"],
                 )
                 if kernels is not None and (out is None or out.dtype == B.bfloat16):
-                    # one fused kernel per parameter (untested on a GPU); no clipping here:
+                    # one fused kernel per parameter; no clipping here:
                     # clip_grad_norm_ has already scaled the gradient
                     kernels.adamw_flat(
                         w.reshape(-1),
