@@ -72,7 +72,7 @@ def _error(command: str, message: object) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from handgrad.checkpoint import CheckpointError, run_dir_of
-    from handgrad.train.checkpoint import load_checkpoint
+    from handgrad.train.checkpointing import load_checkpoint
     from handgrad.train.config import from_dict, parse_override
     from handgrad.train.ranks import RankStopped
     from handgrad.train.trainer import TrainingDiverged, train

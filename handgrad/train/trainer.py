@@ -56,12 +56,11 @@ from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
 from handgrad.random import get_rng_state, manual_seed, set_rng_state
 from handgrad.train import ranks
-from handgrad.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from handgrad.train.checkpointing import Checkpoint, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 from handgrad.train.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.train.gradients import GradientFn, gradient_function
 from handgrad.train.hardware import hardware_info
-from handgrad.train.metrics import MetricsLog, plot_losses
 from handgrad.train.on_device import (
     NonFiniteLoss,
     PendingLosses,
@@ -69,6 +68,7 @@ from handgrad.train.on_device import (
 )
 from handgrad.train.parallel import DistributedDataParallel
 from handgrad.train.ranks import RankStopped
+from handgrad.train.runlog import MetricsLog, plot_losses
 from handgrad.train.sampling import sample_text
 from handgrad.train.zero import ZeroAdamW
 

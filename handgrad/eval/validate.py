@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from handgrad.checkpoint import read_config, read_json, resolve_checkpoint
-from handgrad.eval.checkpoint import load_model
+from handgrad.eval.load import load_model
 
 
 def validation_metrics(
