@@ -49,8 +49,8 @@ from handgrad.checkpoint import (
 )
 from handgrad.data import TokenShards, get_batch
 from handgrad.data.cache import DataSpecError, prepared_data_dir
-from handgrad.data.sources import sha256_file
 from handgrad.fileio import write_json_atomic
+from handgrad.manifest import hash_file as sha256_file
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.nn.utils import clip_grad_norm_
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
