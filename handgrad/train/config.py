@@ -5,8 +5,8 @@ before any work starts, so a typo or an impossible combination costs no tokenize
 and no data preparation. Errors name the file, the key and what was expected.
 
 The shipped configs live in ``handgrad/train/configs/`` (package data, so they work from an
-installed package); ``configs/`` at the repository root holds identical copies for reading
-and editing (a test keeps the two in sync). A config is named either by a path to a TOML
+installed package); ``configs/`` at the repository root is a link to that directory, so
+``configs/<name>.toml`` names the same files. A config is named either by a path to a TOML
 file or by the stem of a shipped one (``quickstart``, ``shakespeare-char``,
 ``gpt2-124m-owt``).
 """
