@@ -15,7 +15,7 @@ train.py runs (fp32, eager, no compile). Each side is a separate process.
     .venv/bin/python benchmarks/bench_shakespeare.py --torch-processes 2   # PyTorch DDP as well
 
 handgrad runs the shipped config: the batch of 12 split over 2 processes (one per core,
-``handgrad/train/parallel.py``); PyTorch runs one process with its intra-op threads on all 12
+``handgrad/parallel/ddp.py``); PyTorch runs one process with its intra-op threads on all 12
 windows, as nanoGPT's train.py does. ``--set`` changes handgrad's split (same batches);
 ``--torch-processes 2`` splits PyTorch's the same way (DistributedDataParallel, gloo).
 

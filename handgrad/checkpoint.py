@@ -13,7 +13,7 @@ A run directory::
 
 Every ``--checkpoint`` (and ``train --resume``) accepts a run directory, a checkpoint directory
 or the run's ``latest`` file, and goes through ``resolve_checkpoint``. Writing checkpoints is
-the trainer's (``handgrad.train.checkpoint``); this module only knows the layout.
+the trainer's (``handgrad.train.checkpointing``); this module only knows the layout.
 """
 
 from __future__ import annotations

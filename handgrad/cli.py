@@ -25,7 +25,7 @@ _AREAS = (
     "handgrad.data.cli",
     "handgrad.train.cli",
     "handgrad.eval.cli",
-    "handgrad.verify_cli",
+    "handgrad.verify.cli",
 )
 
 

@@ -25,7 +25,7 @@ LAYERS = [
     {"nn", "optim", "distributed"},
     {"models", "checkpoint", "parallel"},  # parallel: the run modes (how a step is spread)
     {"train", "eval"},
-    {"cli", "verify_cli", "__main__"},
+    {"cli", "verify", "__main__"},
 ]
 NN_BLOCKS = {"nn", "nn.module", "nn.layers", "nn.init", "nn.utils"}
 
@@ -33,7 +33,7 @@ NN_BLOCKS = {"nn", "nn.module", "nn.layers", "nn.init", "nn.utils"}
 # import NumPy; host code (files, tokenizers, data loading, metrics, sampling) may.
 COMPUTE = {"grad_mode", "function", "engine", "ops", "tensor", "creation", "nn", "optim", "models"}
 HOST = {
-    "backend", "fileio", "manifest", "diskspace", "kernels", "random", "verify_cli", "serialization", "tokenizer", "data",
+    "backend", "fileio", "manifest", "diskspace", "kernels", "random", "verify", "serialization", "tokenizer", "data",
     "distributed", "parallel", "checkpoint", "train", "eval", "cli", "__main__",
 }  # fmt: skip
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from handgrad.data.prepare import prepare
-from handgrad.data.sources import BUILTIN_SOURCES, cache_dir, sha256_file
+from handgrad.data.sources.base import BUILTIN_SOURCES, cache_dir
+from handgrad.manifest import hash_file
 
 
 class DataSpec(Protocol):
@@ -51,7 +52,7 @@ def _source_identity(source: str) -> dict[str, Any]:
 def data_cache_key(data: DataSpec) -> str:
     """The cache entry name of a raw source: readable prefix + hash of what determines it."""
     tok = data.tokenizer or ""
-    tok_ident = sha256_file(tok) if tok.endswith(".json") and Path(tok).is_file() else tok
+    tok_ident = hash_file(tok, "sha256") if tok.endswith(".json") and Path(tok).is_file() else tok
     ident = {
         "source": _source_identity(data.source),
         "tokenizer": tok_ident,

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from handgrad.data.sources import TextSource, open_source, sha256_file
+from handgrad.data.sources import TextSource, open_source
 from handgrad.diskspace import raise_if_disk_full
 from handgrad.fileio import atomic_path
 from handgrad.manifest import hash_file
@@ -315,7 +315,7 @@ def prepare(
                 "source": src.description,
                 "tokenizer": {
                     "file": TOKENIZER_FILE,
-                    "sha256": sha256_file(tmp[TOKENIZER_FILE]),
+                    "sha256": hash_file(tmp[TOKENIZER_FILE], "sha256"),
                     "spec": (
                         os.fspath(tokenizer)
                         if isinstance(tokenizer, str | os.PathLike)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from handgrad.data.prepare import FORMAT_VERSION, META_FILE, SPLITS
+from handgrad.manifest import hash_file
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -114,13 +115,12 @@ class TokenShards:
 
     def load_tokenizer(self) -> Any:
         """The tokenizer the shards were made with, after checking its sha256 against meta.json."""
-        from handgrad.data.sources import sha256_file
         from handgrad.tokenizer import load_tokenizer
 
         path = self.tokenizer_path
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (named in {self.dir / META_FILE})")
-        expected, actual = self.meta["tokenizer"]["sha256"], sha256_file(path)
+        expected, actual = self.meta["tokenizer"]["sha256"], hash_file(path, "sha256")
         if actual != expected:
             raise ValueError(
                 f"{path}: sha256 {actual} does not match meta.json's {expected}; "

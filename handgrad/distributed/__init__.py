@@ -13,10 +13,9 @@ Transports (one module each, one interface: ``transport.Transport``):
   running ``fn()`` with the group set up, and returns in rank 0.
 - ``mpi``: mpi4py over any MPI; chosen by default when an MPI launcher started the process.
 - ``nccl``: CuPy arrays over NCCL (NumPy ones over MPI), one GPU per rank, started by MPI.
-  Never run on a GPU: tested through stand-ins for CuPy and its NCCL bindings.
 
-Gradient reduction in buckets and ZeRO-1's shards: ``reducer.GradientReducer``,
-``reducer.FlatShards``.
+Gradient reduction in buckets: ``reducer.GradientReducer``. How training uses the ranks
+(data parallel, ZeRO-1) is ``handgrad.parallel``'s.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def _eval(args: argparse.Namespace) -> int:
     stray = [o for o, v in (("--tasks", args.tasks), ("--suite", args.suite)) if v]
     if stray:
         return _fail(f"{', '.join(stray)} belong to 'handgrad eval zero-shot'")
-    from handgrad.eval.metrics import format_metrics, validation_metrics
+    from handgrad.eval.validate import format_metrics, validation_metrics
     from handgrad.fileio import write_json_atomic
 
     metrics = validation_metrics(

@@ -31,7 +31,7 @@ import numpy as np
 from handgrad import backend as B
 from handgrad.checkpoint import read_config, read_json, resolve_checkpoint
 from handgrad.diskspace import check_free_space, disk_full_guard
-from handgrad.eval.checkpoint import load_checkpoint_tokenizer
+from handgrad.eval.load import load_checkpoint_tokenizer
 from handgrad.fileio import atomic_dir, write_json_atomic, write_text_atomic
 from handgrad.manifest import verify_manifest, write_manifest
 from handgrad.serialization import load_file, save_file

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from handgrad import backend as B
 from handgrad.checkpoint import resolve_checkpoint
-from handgrad.eval.checkpoint import load_checkpoint_tokenizer, load_model
+from handgrad.eval.load import load_checkpoint_tokenizer, load_model
 from handgrad.grad_mode import no_grad
 
 # A request as TemplateLM hands it to _loglikelihood_tokens: (cache key, context, continuation).

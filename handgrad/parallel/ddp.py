@@ -1,4 +1,4 @@
-"""Data parallelism on one machine: each step's batch split over P processes, one per core.
+"""Data parallelism: each step's batch split over P processes (forked ranks or MPI ranks).
 
 A small model leaves most of an op's time to fixed costs: one NumPy call per pass over the
 data, each pass on one core. Sharing each op out over threads does not pay there: handing a
@@ -94,7 +94,7 @@ class DistributedDataParallel:
     under mpirun): every rank calls ``forward_backward`` with the same ``x``, ``y`` and gets
     the summed gradient, so each can step its own optimizer to the same weights; with
     ``reduce_gradients=False`` each rank keeps its own gradient (ZeRO-1 reduce-scatters
-    them: train/zero.py). ``overlap`` (with a group): reduce the gradient buckets during the
+    them: zero.py). ``overlap`` (with a group): reduce the gradient buckets during the
     last micro batch's backward rather than after it; the same sums either way.
     ``upload`` (a group only): the model is on this rank's GPU and ``upload`` copies a host
     batch there (``step.BatchUploader``); the losses then come back as 0-d device

@@ -3,7 +3,7 @@ sharded over the ranks.
 
 Every rank holds the whole model and computes the gradient of its share of the batch, as in
 plain data parallelism; the optimizer state is cut instead. All parameters are laid end to
-end in one flat fp32 vector, padded to P x n elements (``distributed.reducer.FlatShards``);
+end in one flat fp32 vector, padded to P x n elements (``FlatShards``, below);
 rank r owns elements r*n .. (r+1)*n - 1 and keeps m and v of those only, 2n floats instead
 of 2 x P x n (half of AdamW's state at P = 2). 16-bit parameters also need fp32 master
 weights; those are sharded too (n more floats). float32 parameters are their own masters: the

@@ -12,7 +12,7 @@ by training and by ``handgrad eval``.
 
 from handgrad.checkpoint import CheckpointError, resolve_checkpoint
 from handgrad.parallel import EvalResult, evaluate, unigram_loss
-from handgrad.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from handgrad.train.checkpointing import Checkpoint, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, TrainConfig, load_config
 from handgrad.train.trainer import TrainingDiverged, TrainResult, train
 

@@ -70,7 +70,7 @@ def _error(command: str, message: object) -> int:
 def _train(args: argparse.Namespace) -> int:
     from handgrad.checkpoint import CheckpointError, run_dir_of
     from handgrad.parallel import RankStopped
-    from handgrad.train.checkpoint import load_checkpoint
+    from handgrad.train.checkpointing import load_checkpoint
     from handgrad.train.config import resume_config
     from handgrad.train.trainer import TrainingDiverged, train
 

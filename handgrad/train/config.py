@@ -5,8 +5,8 @@ before any work starts, so a typo or an impossible combination costs no tokenize
 and no data preparation. Errors name the file, the key and what was expected.
 
 The shipped configs live in ``handgrad/train/configs/`` (package data, so they work from an
-installed package); ``configs/`` at the repository root holds identical copies for reading
-and editing (a test keeps the two in sync). A config is named either by a path to a TOML
+installed package); ``configs/`` at the repository root is a link to that directory, so
+``configs/<name>.toml`` names the same files. A config is named either by a path to a TOML
 file or by the stem of a shipped one (``quickstart``, ``shakespeare-char``,
 ``gpt2-124m-owt``).
 """
@@ -104,8 +104,8 @@ class TrainSection:
     log_interval: int = 10
     checkpoint_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
-    processes: int = 1  # data-parallel processes on this machine (train/parallel.py)
-    zero: int = 0  # 1: AdamW state sharded over MPI ranks (ZeRO-1, train/zero.py)
+    processes: int = 1  # data-parallel processes on this machine (handgrad/parallel/)
+    zero: int = 0  # 1: AdamW state sharded over MPI ranks (ZeRO-1, handgrad/parallel/zero.py)
     sample_tokens: int = 200  # length of the sample printed at each evaluation (0: none)
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where the model and its batches live
     # "highest": float32 matmuls in full float32; "high": TF32 tensor cores allowed (CUDA only)

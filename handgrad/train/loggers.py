@@ -1,6 +1,6 @@
 """Metrics sent where people already look: TensorBoard event files and Weights & Biases.
 
-``metrics.jsonl`` is always written (train/metrics.py); ``[train] loggers`` adds more sinks.
+``metrics.jsonl`` is always written (train/runlog.py); ``[train] loggers`` adds more sinks.
 Each sink receives the records the trainer logs, unchanged in value, under grouped names:
 
     metrics.jsonl key   TensorBoard tag / W&B key

@@ -42,8 +42,8 @@ from handgrad.checkpoint import (
 )
 from handgrad.data import TokenShards, get_batch
 from handgrad.data.cache import DataSpecError, prepared_data_dir
-from handgrad.data.sources import sha256_file
 from handgrad.fileio import write_json_atomic
+from handgrad.manifest import hash_file
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
 from handgrad.parallel import (
@@ -56,10 +56,10 @@ from handgrad.parallel import (
     unigram_loss,
 )
 from handgrad.random import get_rng_state, manual_seed, set_rng_state
-from handgrad.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from handgrad.train.checkpointing import Checkpoint, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, TrainConfig
 from handgrad.train.hardware import hardware_info
-from handgrad.train.metrics import MetricsLog, NullMetrics
+from handgrad.train.runlog import MetricsLog, NullMetrics
 from handgrad.train.sampling import sample_text
 
 __all__ = ["Run", "TrainResult", "TrainingDiverged", "build_run", "train"]
@@ -125,7 +125,7 @@ def build_run(
     model_cfg = cfg.model_for(data.vocab_size)
     block_size = cfg.train.block_size or model_cfg.block_size
     _check_splits(cfg, data, block_size)
-    tokenizer_sha = sha256_file(data.tokenizer_path)
+    tokenizer_sha = hash_file(data.tokenizer_path, "sha256")
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from handgrad.cli import main as cli_main
-from handgrad.data import load_meta, load_split, prepare, sources, token_dtype
+from handgrad.data import load_meta, load_split, prepare, token_dtype
+from handgrad.data.sources import openwebtext
 from handgrad.tokenizer import CharTokenizer, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -152,7 +153,7 @@ def test_openwebtext_through_datasets_streaming(tmp_path, monkeypatch, bpe_file)
     pytest.importorskip("datasets")
     parquet = write_parquet(tmp_path / "owt.parquet", DOCS)
     # The real loading code, pointed at a local file with OpenWebText's schema.
-    monkeypatch.setattr(sources, "OPENWEBTEXT_DATA_FILES", str(parquet))
+    monkeypatch.setattr(openwebtext, "OPENWEBTEXT_DATA_FILES", str(parquet))
     meta = run("openwebtext", bpe_file, tmp_path / "owt", val_fraction=0.1)
     run(parquet, bpe_file, tmp_path / "local", val_fraction=0.1)
     for f in ("train.bin", "val.bin"):

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from handgrad.data import sources
-from handgrad.data.sources import build_pydocs_corpus, open_source
+from handgrad.data.sources import build_pydocs_corpus, open_source, shakespeare
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
@@ -154,8 +153,8 @@ def test_pydocs_deterministic_and_size():
 
 
 def test_shakespeare_offline_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "SHAKESPEARE_URL", (tmp_path / "unreachable.txt").as_uri())
-    monkeypatch.setattr(sources, "local_shakespeare_candidates", lambda: [])
+    monkeypatch.setattr(shakespeare, "SHAKESPEARE_URL", (tmp_path / "unreachable.txt").as_uri())
+    monkeypatch.setattr(shakespeare, "local_shakespeare_candidates", lambda: [])
     monkeypatch.setenv("HANDGRAD_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HANDGRAD_SHAKESPEARE", raising=False)
     with pytest.raises(ConnectionError) as info:
@@ -183,8 +182,8 @@ def test_shakespeare_from_env_and_cache(tmp_path, monkeypatch):
     # A verified copy in the cache is used without network.
     monkeypatch.delenv("HANDGRAD_SHAKESPEARE")
     monkeypatch.setenv("HANDGRAD_CACHE", str(tmp_path))
-    monkeypatch.setattr(sources, "SHAKESPEARE_URL", (tmp_path / "unreachable.txt").as_uri())
-    monkeypatch.setattr(sources, "local_shakespeare_candidates", lambda: [])
+    monkeypatch.setattr(shakespeare, "SHAKESPEARE_URL", (tmp_path / "unreachable.txt").as_uri())
+    monkeypatch.setattr(shakespeare, "local_shakespeare_candidates", lambda: [])
     (tmp_path / "tinyshakespeare.txt").write_bytes(path.read_bytes())
     assert open_source("shakespeare").description.startswith(f"shakespeare: {tmp_path}")
 

@@ -16,9 +16,9 @@ import pytest
 import handgrad as hg
 import handgrad.distributed as dist
 from handgrad import nn
-from handgrad.parallel import zero as zero_module
 from handgrad.distributed.local import can_fork
 from handgrad.optim import AdamW
+from handgrad.parallel import zero as zero_module
 from handgrad.parallel.zero import FlatShards, ZeroAdamW
 
 HERE = Path(__file__).resolve().parent

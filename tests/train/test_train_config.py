@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import filecmp
 from pathlib import Path
 
 import pytest
@@ -144,15 +143,19 @@ def test_unknown_config_name_lists_shipped_ones():
         load_config("no-such-config")
 
 
-def test_shipped_configs_load_and_match_repo_copies():
+def test_shipped_configs_load_and_repo_paths_resolve_to_them(monkeypatch):
     names = sorted(p.stem for p in SHIPPED_DIR.glob("*.toml"))
     assert names == ["gpt2-124m-owt", "quickstart", "shakespeare-char"]
+    # configs/ at the repository root is a link to the shipped directory, not a copy.
+    assert (REPO / "configs").is_symlink()
+    assert (REPO / "configs").resolve() == SHIPPED_DIR
+    monkeypatch.chdir(REPO)
     for name in names:
-        load_config(name)
-        repo_copy = REPO / "configs" / f"{name}.toml"
-        assert filecmp.cmp(SHIPPED_DIR / f"{name}.toml", repo_copy, shallow=False), (
-            f"configs/{name}.toml differs from handgrad/train/configs/{name}.toml"
-        )
+        shipped = load_config(name)
+        by_path = load_config(f"configs/{name}.toml")
+        assert Path(f"configs/{name}.toml").resolve() == SHIPPED_DIR / f"{name}.toml"
+        assert by_path.name == shipped.name == name
+        assert by_path.to_dict() == shipped.to_dict()
 
 
 def test_gpt2_124m_owt_is_the_model_card():

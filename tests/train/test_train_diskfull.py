@@ -15,7 +15,7 @@ from handgrad.cli import main
 from handgrad.diskspace import DiskFullError
 from handgrad.manifest import verify_manifest
 from handgrad.serialization import save_file as real_save_file
-from handgrad.train import checkpoint as ckpt_module
+from handgrad.train import checkpointing as ckpt_module
 from handgrad.train import train
 from handgrad.train.config import from_dict
 

@@ -14,7 +14,7 @@ import pytest
 
 from handgrad.cli import main
 from handgrad.manifest import MANIFEST_FILE
-from handgrad.train import checkpoint as ckpt_module
+from handgrad.train import checkpointing as ckpt_module
 from handgrad.train import train
 from handgrad.train.config import from_dict
 

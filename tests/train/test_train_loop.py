@@ -14,7 +14,7 @@ from handgrad.manifest import write_manifest
 from handgrad.models.gpt2 import GPT2
 from handgrad.serialization import load_file, save_file
 from handgrad.train import CheckpointError, TrainingDiverged, load_checkpoint, train
-from handgrad.train import checkpoint as ckpt_module
+from handgrad.train import checkpointing as ckpt_module
 from handgrad.train.config import from_dict
 
 

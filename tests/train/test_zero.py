@@ -1,4 +1,4 @@
-"""ZeRO-1 (``train/zero.py``) on a local group of forked ranks: every rank ends with the
+"""ZeRO-1 (``parallel/zero.py``) on a local group of forked ranks: every rank ends with the
 weights AdamW gives on the summed, clipped gradient, keeps 1/P of its state, and its
 gathered state dict is AdamW's."""
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from handgrad.checkpoint import read_config, read_json, resolve_checkpoint
-from handgrad.eval.checkpoint import load_model
+from handgrad.eval.load import load_model
+from handgrad.manifest import hash_file
 
 
 def validation_metrics(
@@ -34,7 +35,6 @@ def validation_metrics(
     ``batches``, ``batch_size`` and ``block_size`` default to the run's own ([eval] batches,
     [train] micro_batch_size and block_size from the checkpoint's config.json)."""
     from handgrad.data import TokenShards
-    from handgrad.data.sources import sha256_file
     from handgrad.parallel import evaluate
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -59,7 +59,7 @@ def validation_metrics(
             f"eval: {data} has {shards.vocab_size} token ids but the model's vocabulary is "
             f"{model.config.vocab_size}: the data was made with another tokenizer"
         )
-    _check_same_tokenizer(ckpt, shards.tokenizer_path, sha256_file)
+    _check_same_tokenizer(ckpt, shards.tokenizer_path)
     result = evaluate(model, shards.split(split), batches, batch_size, block_size)
     return {
         "checkpoint": str(ckpt),
@@ -75,16 +75,16 @@ def validation_metrics(
     }
 
 
-def _check_same_tokenizer(ckpt: Path, data_tokenizer: Path, sha256_file: Any) -> None:
+def _check_same_tokenizer(ckpt: Path, data_tokenizer: Path) -> None:
     """Refuse data made with another tokenizer than the checkpoint's (compared by sha256)."""
     state_path = ckpt / "trainer_state.json"
     expected = None
     if state_path.is_file():
         expected = (read_json(state_path).get("data") or {}).get("tokenizer_sha256")
     if expected is None and (ckpt / "tokenizer.json").is_file():
-        expected = sha256_file(ckpt / "tokenizer.json")
+        expected = hash_file(ckpt / "tokenizer.json", "sha256")
     if expected is not None and data_tokenizer.is_file():
-        actual = sha256_file(data_tokenizer)
+        actual = hash_file(data_tokenizer, "sha256")
         if actual != expected:
             raise ValueError(
                 f"eval: {data_tokenizer} (sha256 {actual[:12]}...) is not the tokenizer the "

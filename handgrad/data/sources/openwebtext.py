@@ -1,0 +1,54 @@
+"""OpenWebText, streamed from the Hugging Face hub with `datasets` (or rows passed in)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from handgrad.data.sources.base import SourceStats, TextSource, _Warner, import_optional
+
+# The hub repo still carries a legacy loading script (`openwebtext.py`), which `datasets` >= 4 refuses
+# to run; the same data is published as parquet shards in the repo's data/ folder, so we stream
+# those with the generic parquet builder. The revision is pinned so the corpus cannot change
+# under a run.
+OPENWEBTEXT_ID = "Skylion007/openwebtext"
+OPENWEBTEXT_REVISION = "963532436460638ab26b7633e23776e6c7e37d59"
+OPENWEBTEXT_DATA_FILES = (
+    f"hf://datasets/{OPENWEBTEXT_ID}@{OPENWEBTEXT_REVISION}/data/train-*.parquet"
+)
+
+
+def openwebtext_data_files() -> str:
+    """The parquet shards to stream: $HANDGRAD_OPENWEBTEXT_DATA_FILES (another revision, a mirror,
+    or a local copy such as /data/owt/*.parquet) or the pinned hub revision."""
+    return os.environ.get("HANDGRAD_OPENWEBTEXT_DATA_FILES") or OPENWEBTEXT_DATA_FILES
+
+
+def openwebtext_rows(data_files: str) -> Iterable[dict[str, Any]]:
+    """Stream OpenWebText rows ({"text": ...}) with `datasets`, never holding the corpus in RAM."""
+    datasets = import_optional("datasets")
+    return datasets.load_dataset(
+        "parquet", data_files={"train": data_files}, split="train", streaming=True
+    )
+
+
+def openwebtext_source(
+    rows: Iterable[dict[str, Any]] | None = None, text_field: str = "text"
+) -> TextSource:
+    if rows is None:
+        data_files = openwebtext_data_files()
+        rows = openwebtext_rows(data_files)
+        description = f"openwebtext: {data_files}"
+    else:
+        description = "openwebtext: injected rows"
+
+    def read(stats: SourceStats, warn: _Warner) -> Iterator[tuple[str, str]]:
+        for i, row in enumerate(rows):
+            if text_field not in row:
+                raise ValueError(
+                    f"openwebtext row {i}: no {text_field!r} field (keys: {', '.join(row)})"
+                )
+            yield f"openwebtext row {i}", row[text_field] or ""
+
+    return TextSource(description, read)
