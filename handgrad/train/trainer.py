@@ -312,7 +312,6 @@ def train(
         else NullMetrics()
     )
     tokens_per_step = cfg.global_batch_size * run.block_size
-    decay_steps = o.decay_steps if o.decay_steps is not None else t.max_steps
     mode.say(
         f"{run.model.num_parameters():,} parameters ({run.model.config.dtype}), data "
         f"{run.data.dir} (train {len(run.data.train):,} / val {len(run.data.val):,} tokens, "
@@ -343,7 +342,7 @@ def train(
             step_start = time.perf_counter()
             lr = cosine_with_warmup(
                 run.step, max_lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
-                decay_steps=decay_steps,
+                decay_steps=cfg.decay_steps,
             )  # fmt: skip
             x, y = get_batch(run.data.train, cfg.global_batch_size, run.block_size, run.rng)
             losses = mode.gradients(run.step, x, y)
@@ -365,27 +364,21 @@ def train(
                 bar.set_postfix(loss=f"{read.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
 
             if logging:
-                record = {
-                    "step": step,
-                    "tokens": run.tokens_seen,
-                    "train_loss": read.loss,
-                    "lr": lr,
-                    "grad_norm": read.grad_norm,
-                    "tokens_per_s": tok_s,
-                    "elapsed_s": elapsed(),
-                }
+                record = {"step": step, "tokens": run.tokens_seen, "train_loss": read.loss,
+                          "lr": lr, "grad_norm": read.grad_norm, "tokens_per_s": tok_s,
+                          "elapsed_s": 0.0}  # fmt: skip
                 if evaluating:
                     result.final_eval = run_evaluation(run, step, read.loss, metrics)
                     record.update(result.final_eval.as_dict())
-                    record["elapsed_s"] = elapsed()
+                record["elapsed_s"] = elapsed()
                 metrics.log(record)
-                if bar.disable and not evaluating:
+                if evaluating:
+                    metrics.plot(run.out / "loss.png", title=f"{cfg.name}: {run.out}")
+                elif bar.disable:
                     mode.say(
                         f"step {step}/{t.max_steps}: loss {read.loss:.4f}, lr {lr:.2e}, "
                         f"grad norm {read.grad_norm:.3f}, {tok_s:,.0f} tok/s"
                     )
-                if evaluating:
-                    metrics.plot(run.out / "loss.png", title=f"{cfg.name}: {run.out}")
                 interval_time, interval_tokens = 0.0, 0
             if saving:
                 result.checkpoint = save_run_checkpoint(run, elapsed())
