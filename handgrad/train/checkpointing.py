@@ -199,6 +199,15 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     ckpt = resolve_checkpoint(path)
     # manifest.json may be absent: checkpoints written before it existed still load
     missing = [f for f in HASHED_FILES if not (ckpt / f).is_file()]
+    if (
+        missing == ["optimizer.safetensors", "trainer_state.json"]
+        and (ckpt / "model.safetensors").is_file()
+    ):
+        raise CheckpointError(
+            f"{ckpt}: holds a model's weights only (as `handgrad import hf` writes), not a run "
+            "to continue: there is no optimizer state or step to resume; to train it further "
+            f"on new data, start a run from it with --set train.init_from={ckpt}"
+        )
     if missing:
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
     try:  # before parsing anything: a damaged file is named as such, not as bad JSON

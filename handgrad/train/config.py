@@ -101,6 +101,9 @@ class TrainSection:
     global_batch_size: int | None = None  # optional cross-check of the product above
     block_size: int | None = None  # training window; default and maximum: the model's
     seed: int = 1337
+    # a trained model to start from (fine-tuning): a run, a checkpoint, an `import hf` output
+    # or a Hugging Face GPT-2 directory; its weights, shape and tokenizer (train/finetune.py)
+    init_from: str | None = None
     log_interval: int = 10
     checkpoint_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
@@ -375,7 +378,8 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         d.tokenizer is None
         or d.tokenizer == "char"
         or d.tokenizer.endswith(".json")
-        or _is_train_spec(d.tokenizer),
+        or _is_train_spec(d.tokenizer)
+        or (t.init_from is not None and Path(d.tokenizer).expanduser().is_dir()),
         f"[data] tokenizer = {d.tokenizer!r}: expected 'char', 'train:N' (N an integer >= 257) "
         "or a tokenizer .json file",
     )
@@ -458,7 +462,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         e.sample_top_k is None or e.sample_top_k >= 1,
         f"[eval] sample_top_k = {e.sample_top_k}: must be >= 1",
     )
-    if not problems:
+    if not problems and t.init_from is None:  # else [model] is checked against the checkpoint
         # [model] is checked by building its GPT2Config (vocab_size is a placeholder when it
         # comes from the data), and the training window against the model's: all before any
         # data is prepared

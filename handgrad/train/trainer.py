@@ -58,6 +58,7 @@ from handgrad.parallel import (
 from handgrad.random import get_rng_state, manual_seed, set_rng_state
 from handgrad.train.checkpointing import Checkpoint, load_checkpoint, save_checkpoint
 from handgrad.train.config import ConfigError, TrainConfig
+from handgrad.train.finetune import load_init_weights, start_from
 from handgrad.train.hardware import hardware_info
 from handgrad.train.runlog import MetricsLog, NullMetrics
 from handgrad.train.sampling import sample_text
@@ -113,28 +114,35 @@ def build_run(
     progress: bool | None = None,
 ) -> Run:
     """Prepare the data, check everything that can be refused (before any training work),
-    build the model on the mode's device and the optimizer, restore them from ``resume``
-    (a checkpoint, a run directory or its ``latest`` file) and write ``<out>/config.json``.
-    The writing rank prepares the data before the others read it."""
+    build the model on the mode's device (with the weights of ``[train] init_from``, if it
+    names a trained model) and the optimizer, restore them from ``resume`` (a checkpoint,
+    a run directory or its ``latest`` file) and write ``<out>/config.json``. The writing
+    rank prepares the data (and imports ``init_from``) before the others read it."""
     t = cfg.train
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    start = None  # a trained model to start from: its shape, tokenizer and weights
+    if t.init_from is not None:
+        start = mode.first(lambda: start_from(cfg, ckpt.path if ckpt is not None else None))
     try:
-        data_dir = mode.first(lambda: prepared_data_dir(cfg.data, progress))
+        spec = cfg.data if start is None else start.data
+        data = TokenShards(mode.first(lambda: prepared_data_dir(spec, progress)))
     except DataSpecError as err:
         raise ConfigError(str(err)) from None
-    data = TokenShards(data_dir)
-    model_cfg = cfg.model_for(data.vocab_size)
-    block_size = cfg.train.block_size or model_cfg.block_size
-    _check_splits(cfg, data, block_size)
+    model_cfg = cfg.model_for(data.vocab_size) if start is None else start.model
+    block_size = t.block_size or model_cfg.block_size
+    _check_data(cfg, data, model_cfg, block_size)
     tokenizer_sha = hash_file(data.tokenizer_path, "sha256")
-    ckpt = None
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
+    if ckpt is not None:
         _check_resumable(ckpt, model_cfg, data, tokenizer_sha)
 
     manual_seed(t.seed)
     # built (and initialised from the host generator) on the CPU, then moved: the same
     # seed gives the same weights on every device
-    model = GPT2(model_cfg).to(mode.device)
+    model = GPT2(model_cfg)
+    if start is not None and ckpt is None:
+        load_init_weights(model, start.checkpoint)
+        mode.say(f"starting from {start.checkpoint} (its weights; new optimizer and schedule)")
+    model.to(mode.device)
     o = cfg.optim
     optimizer = AdamW(
         param_groups_for_weight_decay(model, o.weight_decay),
@@ -156,13 +164,12 @@ def build_run(
     return run
 
 
-def _check_splits(cfg: TrainConfig, data: TokenShards, block_size: int) -> None:
-    """Refuse a vocabulary larger than the model's, or splits too short for a window."""
-    vocab = cfg.model.vocab_size
-    if vocab is not None and data.vocab_size > vocab:
+def _check_data(cfg: TrainConfig, data: TokenShards, model: GPT2Config, block_size: int) -> None:
+    """Refuse token ids beyond the model's vocabulary, or splits too short for a window."""
+    if data.vocab_size > model.vocab_size:
         raise ConfigError(
-            f"the data ({data.dir}) has {data.vocab_size} token ids but [model] vocab_size is "
-            f"{vocab}; remove vocab_size to take it from the data"
+            f"the data ({data.dir}) has {data.vocab_size} token ids but the model's vocab_size "
+            f"is {model.vocab_size}; remove [model] vocab_size to take it from the data"
         )
     for name, split in (("train", data.train), ("val", data.val)):
         if name == "val" and cfg.eval.batches == 0:

@@ -145,7 +145,7 @@ def test_unknown_config_name_lists_shipped_ones():
 
 def test_shipped_configs_load_and_repo_paths_resolve_to_them(monkeypatch):
     names = sorted(p.stem for p in SHIPPED_DIR.glob("*.toml"))
-    assert names == ["gpt2-124m-owt", "quickstart", "shakespeare-char"]
+    assert names == ["finetune-shakespeare", "gpt2-124m-owt", "quickstart", "shakespeare-char"]
     # configs/ at the repository root is a link to the shipped directory, not a copy.
     assert (REPO / "configs").is_symlink()
     assert (REPO / "configs").resolve() == SHIPPED_DIR
@@ -156,6 +156,15 @@ def test_shipped_configs_load_and_repo_paths_resolve_to_them(monkeypatch):
         assert Path(f"configs/{name}.toml").resolve() == SHIPPED_DIR / f"{name}.toml"
         assert by_path.name == shipped.name == name
         assert by_path.to_dict() == shipped.to_dict()
+
+
+def test_finetune_shakespeare_is_nanogpts_recipe():
+    cfg = load_config("finetune-shakespeare")
+    t, o = cfg.train, cfg.optim
+    assert t.init_from == "runs/gpt2" and cfg.data.tokenizer is None  # the checkpoint's
+    assert (t.micro_batch_size, t.grad_accum_steps, t.block_size, t.max_steps) == (1, 32, 1024, 20)
+    assert o.lr == o.min_lr == 3e-5 and o.warmup_steps == 0  # constant, as decay_lr = False
+    assert all(getattr(cfg.model, k) is None for k in ("n_layer", "n_embd", "preset"))
 
 
 def test_gpt2_124m_owt_is_the_model_card():
