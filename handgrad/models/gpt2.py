@@ -32,6 +32,7 @@ from handgrad.grad_mode import no_grad
 from handgrad.manifest import verify_manifest
 from handgrad.nn import functional as F
 from handgrad.nn import init
+from handgrad.nn.recompute import checkpoint
 from handgrad.random import default_generator
 from handgrad.serialization import load_file
 from handgrad.tensor import Tensor
@@ -53,6 +54,8 @@ class GPT2Config:
     ``padded_vocab_size`` defaults to ``vocab_size`` rounded up to a multiple of 64.
     ``dtype`` is the storage dtype of the parameters; with "bfloat16" the forward pass still
     computes in float32 (bf16 parameters are cast on use; an optimizer keeps fp32 masters).
+    ``recompute`` trades compute for memory in training: each block keeps only its input and
+    runs again in backward (``nn/recompute.py``); the gradients are the same, bit for bit.
     """
 
     n_layer: int
@@ -64,6 +67,7 @@ class GPT2Config:
     dropout: float = 0.0
     bias: bool = True
     dtype: str = "float32"
+    recompute: bool = False  # keep each block's input only; recompute the block in backward
 
     def __post_init__(self) -> None:
         if self.padded_vocab_size is None and _is_int(self.vocab_size):
@@ -94,6 +98,8 @@ class GPT2Config:
             raise ValueError(f"GPT2Config: dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPT2Config: bias must be true or false, got {self.bias!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"GPT2Config: recompute must be true or false, got {self.recompute!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"GPT2Config: dtype must be one of {_DTYPES}, got {self.dtype!r}")
 
@@ -317,8 +323,10 @@ class GPT2(nn.Module):
         pos_emb = self.transformer.wpe.weight[start : start + T]  # (T, C)
         # One cast: with bf16 parameters everything downstream promotes to float32.
         x = self.transformer.drop(tok_emb.float() + pos_emb)
+        recompute = self.config.recompute and self.training and cache is None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            # recompute: only the block's input is kept for backward (nn/recompute.py)
+            x = checkpoint(block, x) if recompute else block(x, cache, i)
         return self.transformer.ln_f(x)
 
     def _logits(self, x: Tensor) -> Tensor:

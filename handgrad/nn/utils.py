@@ -1,4 +1,5 @@
-"""Gradient utilities: ``clip_grad_norm_``."""
+"""Gradient utilities: ``clip_grad_norm_``, and ``checkpoint`` (activation recompute, as
+``torch.utils.checkpoint``; ``nn/recompute.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import Any
 
 from handgrad import backend as B
 from handgrad.backend import get_array_module
+from handgrad.nn.recompute import checkpoint
 from handgrad.tensor import Tensor
+
+__all__ = ["checkpoint", "clip_grad_norm_"]
 
 
 def _vector_norm(a: Any, norm_type: float) -> Any:

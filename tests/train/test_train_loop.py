@@ -212,3 +212,13 @@ def test_grad_accumulation_matches_a_big_micro_batch(tiny, tmp_path):
     val = TokenShards(tiny()["data"]["source"]).val
     ev = [evaluate(GPT2.from_checkpoint(tmp_path / r), val, 2, 4, 16).loss for r in "ab"]
     assert abs(ev[0] - ev[1]) <= 1e-5
+
+
+def test_training_with_recompute_is_the_same_run(tiny, tmp_path):
+    def run(recompute: bool):
+        cfg = tiny(model={"recompute": recompute, "dropout": 0.1})
+        return train(from_dict(cfg), tmp_path / str(recompute), progress=False, log=lambda m: None)
+
+    plain, again = run(False), run(True)
+    assert plain.train_losses == again.train_losses
+    assert plain.final_eval.loss == again.final_eval.loss
