@@ -1,6 +1,6 @@
 """Sub-commands of this area::
 
-    handgrad eval --checkpoint DIR --data DIR [--batches N] [--split val] [--output FILE.json]
+    handgrad eval --checkpoint DIR [--data DIR] [--batches N] [--split val] [--output FILE.json]
     handgrad eval zero-shot --checkpoint DIR (--tasks T1,T2 | --suite gpt2-paper) [--limit N]
                             [--batch-size B] [--output FILE.json] [--data-dir DIR]
     handgrad export hf --checkpoint DIR --out DIR
@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--output", help="write the results as JSON to this file")
     ev.add_argument("--device", help="cpu (default), cuda or cuda:N: where the model runs")
     g = ev.add_argument_group("validation metrics (no MODE)")
-    g.add_argument("--data", help="prepared data directory (meta.json, val.bin, ...)")
+    g.add_argument(
+        "--data", help="prepared data directory (meta.json, val.bin, ...); default: the run's own"
+    )
     g.add_argument("--split", default="val", choices=["val", "train"])
     g.add_argument("--batches", type=int, help="number of batches (default: the run's [eval])")
     g.add_argument("--micro-batch-size", type=int, help="windows per batch (default: the run's)")
@@ -78,8 +80,6 @@ def _fail(parser_hint: str) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.mode == "zero-shot":
         return _zero_shot(args)
-    if not args.data:
-        return _fail("--data DIR is required (or use: handgrad eval zero-shot ...)")
     stray = [o for o, v in (("--tasks", args.tasks), ("--suite", args.suite)) if v]
     if stray:
         return _fail(f"{', '.join(stray)} belong to 'handgrad eval zero-shot'")

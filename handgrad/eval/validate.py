@@ -22,18 +22,21 @@ from handgrad.manifest import hash_file
 
 def validation_metrics(
     checkpoint: str | os.PathLike,
-    data: str | os.PathLike,
+    data: str | os.PathLike | None = None,
     split: str = "val",
     batches: int | None = None,
     batch_size: int | None = None,
     block_size: int | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on the ``split`` of the prepared directory ``data``, with the
-    model on ``device`` (the CPU when None).
+    """Evaluate ``checkpoint`` on the ``split`` of the prepared directory ``data`` (by default
+    the data the run trained on, as its trainer_state.json records it), with the model on
+    ``device`` (the CPU when None).
 
-    ``batches``, ``batch_size`` and ``block_size`` default to the run's own ([eval] batches,
-    [train] micro_batch_size and block_size from the checkpoint's config.json)."""
+    ``batches``, ``batch_size`` and ``block_size`` default to the run's own, so the numbers
+    are the trainer's: [eval] batches, micro_batch_size x processes windows per batch (the
+    trainer evaluates whole micro batches over all its processes) and the training
+    block_size, from the checkpoint's config.json."""
     from handgrad.data import TokenShards
     from handgrad.parallel import evaluate
 
@@ -42,7 +45,8 @@ def validation_metrics(
     train_cfg, eval_cfg = config.get("train", {}), config.get("eval", {})
     model = load_model(ckpt, device)
     batches = int(batches if batches is not None else eval_cfg.get("batches", 20))
-    batch_size = int(batch_size if batch_size is not None else train_cfg.get("micro_batch_size", 8))
+    if batch_size is None:
+        batch_size = int(train_cfg.get("micro_batch_size", 8)) * int(train_cfg.get("processes", 1))
     block_size = int(
         block_size
         if block_size is not None
@@ -53,6 +57,8 @@ def validation_metrics(
             f"eval: block_size {block_size} exceeds the model's block_size "
             f"{model.config.block_size}"
         )
+    if data is None:
+        data = _run_data(ckpt)
     shards = TokenShards(data)
     if shards.vocab_size > model.config.vocab_size:
         raise ValueError(
@@ -73,6 +79,23 @@ def validation_metrics(
         "bits_per_token": result.bits_per_token,
         "tokens": result.tokens,
     }
+
+
+def _run_data(ckpt: Path) -> Path:
+    """The prepared directory the run of ``ckpt`` trained on (its trainer_state.json)."""
+    try:
+        recorded = read_json(ckpt / "trainer_state.json")["data"]["dir"]
+    except (FileNotFoundError, KeyError, TypeError):
+        raise ValueError(
+            f"eval: {ckpt} does not record the data it was trained on (no trainer_state.json "
+            "with a data directory, as an `import hf` output): give --data DIR"
+        ) from None
+    if not (Path(recorded) / "meta.json").is_file():
+        raise ValueError(
+            f"eval: {ckpt} was trained on {recorded}, which holds no prepared data any more "
+            "(moved, or a cache cleared?): give --data DIR"
+        )
+    return Path(recorded)
 
 
 def _check_same_tokenizer(ckpt: Path, data_tokenizer: Path) -> None:

@@ -68,7 +68,7 @@ T = TypeVar("T")
 
 
 class ModeError(ValueError):
-    """A run this launch cannot make (ZeRO-1 without MPI ranks, forked ranks on a GPU ...)."""
+    """A run this launch cannot make (ZeRO-1 without MPI ranks, more processes than ranks)."""
 
 
 class RankStopped(RuntimeError):
@@ -191,10 +191,15 @@ class RunMode:
         """A line saying how the work is spread, or None for one process."""
         if self.processes == 1:
             return None
+        why = (
+            "forked ranks share one machine's CPU cores"
+            if self.device != "cpu"
+            else "this platform cannot fork worker processes"
+        )
         return (
-            f"[train] processes = {self.processes}, but this platform cannot fork worker "
-            f"processes: each micro batch of {self.rows} windows runs in this one process (same "
-            "batches, same mean gradient, slower)"
+            f"[train] processes = {self.processes} on {self.device}, but {why}: each micro "
+            f"batch of {self.rows} windows runs in this one process (the same batches and mean "
+            "gradient; one MPI rank per GPU splits them: mpirun -n P)"
         )
 
 
@@ -334,7 +339,9 @@ def choose_mode(device: str, processes: int, zero: bool, say: Callable = print) 
     size under MPI (forking more inside each rank would multiply the batch); ZeRO-1 outside
     an MPI job of 2 or more ranks (the forked ranks of ``processes = P`` only compute
     gradients and rank 0 steps the whole optimizer, so it would silently train as plain
-    data parallel); forked ranks on a GPU. Under MPI a refusal is the same on every rank:
+    data parallel). Without MPI, ``processes`` > 1 forks CPU ranks where the platform can;
+    on a GPU (or without fork) the P shares of each micro batch run in one process, as one
+    micro batch of m x P windows: the same batches and mean gradient. Under MPI a refusal is the same on every rank:
     ModeError on rank 0, RankStopped on the others."""
     from handgrad.distributed.mpi import launched_by_mpi
 
@@ -342,15 +349,9 @@ def choose_mode(device: str, processes: int, zero: bool, say: Callable = print) 
         return _mpi_mode(device, processes, zero, say)
     if zero:
         raise ModeError(_zero_needs_mpi(processes, None))
-    if as_device(device).type == "cuda" and processes > 1:
-        raise ModeError(
-            f"[train] device = {device!r} with processes = {processes}: forked data "
-            "parallelism runs on the CPU only; set processes = 1 to train on one GPU, or run "
-            "one MPI rank per GPU (mpirun -n P handgrad train CONFIG)"
-        )
-    if processes > 1 and can_fork():
+    if processes > 1 and can_fork() and as_device(device).type == "cpu":
         return ForkedRanks(device, processes, say)
-    return RunMode(device, processes, say)
+    return RunMode(device, processes, say)  # on one GPU the P shares are one micro batch
 
 
 def _mpi_mode(device: str, processes: int, zero: bool, say: Callable) -> RunMode:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -29,7 +30,8 @@ def trained(tmp_path_factory):
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
         "data": {"source": str(data)},
         "optim": {"lr": 1e-2, "warmup_steps": 0},
-        "train": {"max_steps": 6, "micro_batch_size": 4, "log_interval": 1,
+        # 2 processes x 2 windows: the trainer evaluates batches of 4 windows
+        "train": {"max_steps": 6, "micro_batch_size": 2, "processes": 2, "log_interval": 1,
                   "sample_tokens": 0, "seed": 3},
         "eval": {"interval": 3, "batches": 2},
     })  # fmt: skip
@@ -55,10 +57,26 @@ def test_eval_reproduces_the_trainers_validation_loss(trained, tmp_path, capsys)
     assert json.loads(out.read_text())["tokens"] == 4 * 16
 
 
-def test_eval_without_data_is_an_error(trained, capsys):
-    run, _ = trained
-    assert main(["eval", "--checkpoint", str(run)]) == 2
-    assert "--data" in capsys.readouterr().err
+def test_eval_without_data_reads_the_runs_own(trained, tmp_path, capsys):
+    run, data = trained
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "val.json"
+    assert main(["eval", "--checkpoint", str(run), "--output", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["data"] == str(data.resolve())
+    assert m["loss"] == [r for r in records if "val_loss" in r][-1]["val_loss"]
+    # a run whose data is gone: one line saying what to give
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    state = next(moved.glob("checkpoints/*/trainer_state.json"))
+    saved = json.loads(state.read_text())
+    saved["data"]["dir"] = str(tmp_path / "gone")
+    state.write_text(json.dumps(saved))
+    (state.parent / "manifest.json").unlink()  # edited by hand: no longer what was written
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(moved)]) == 1
+    err = capsys.readouterr().err
+    assert "holds no prepared data any more" in err and "--data DIR" in err
 
 
 def test_report_numbers_come_from_the_run(trained, tmp_path):

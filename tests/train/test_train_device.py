@@ -44,11 +44,16 @@ def test_bad_device_settings_are_refused(tiny, train_values, words) -> None:
         from_dict(tiny(train=train_values))
 
 
-def test_forked_ranks_on_a_gpu_are_refused_before_any_work(tiny, tmp_path) -> None:
-    # refused by the run mode, where it is known whether MPI started the process
-    with pytest.raises(ConfigError, match="data parallelism runs on the CPU only"):
-        run(tiny(train={"device": "cuda", "processes": 2}), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+def test_processes_on_one_gpu_run_as_one_micro_batch(tiny, tmp_path) -> None:
+    # a config written for 2 CPU ranks trains on one GPU as is: the 2 shares of each micro
+    # batch run in one process, so the batches and the mean gradient are the config's
+    said: list[str] = []
+    two = tiny(train={"processes": 2, "micro_batch_size": 2, "device": "cuda"})
+    with fakecupy.installed():
+        dev = train(from_dict(two), tmp_path / "two", progress=False, log=said.append)
+        one = run(tiny(train={"device": "cuda", "micro_batch_size": 4}), tmp_path / "one")
+    assert any("micro batch of 4 windows runs in this one process" in m for m in said), said
+    assert dev.train_losses == one.train_losses
 
 
 def test_device_from_the_command_line(tiny) -> None:

@@ -175,15 +175,15 @@ def test_a_failing_fake_gpu_rank_stops_every_rank(mpirun, reference, tmp_path):
     assert "done:" not in out
 
 
-def test_gpu_data_parallel_is_refused_only_outside_mpi(tiny):
-    from handgrad.parallel import ModeError, choose_mode
+def test_gpu_data_parallel_outside_mpi_is_one_process(tiny):
+    from handgrad.parallel import RunMode, choose_mode
     from handgrad.train.config import from_dict
 
-    # the config is the same under mpirun (one rank per GPU) and without it: it is accepted,
-    # and the run mode, which knows how the process was launched, refuses forked GPU ranks
+    # the config is the same under mpirun (one rank per GPU) and without it; without MPI the
+    # run mode runs the shares of each micro batch in one process on the one GPU
     assert from_dict(tiny(train={"device": "cuda", "processes": 2})).train.processes == 2
-    with pytest.raises(ModeError, match="forked data parallelism runs on the CPU only"):
-        choose_mode("cuda", 2, False)
+    mode = choose_mode("cuda", 2, False)
+    assert type(mode) is RunMode and mode.processes == 2
 
 
 def test_a_rank_whose_nccl_fails_to_start_ends_the_job(mpirun, reference, tmp_path):
