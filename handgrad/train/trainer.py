@@ -120,6 +120,8 @@ def build_run(
     rank prepares the data (and imports ``init_from``) before the others read it."""
     t = cfg.train
     ckpt = load_checkpoint(resume) if resume is not None else None
+    if ckpt is not None:
+        _check_same_data(cfg, ckpt)
     start = None  # a trained model to start from: its shape, tokenizer and weights
     if t.init_from is not None:
         start = mode.first(lambda: start_from(cfg, ckpt.path if ckpt is not None else None))
@@ -179,6 +181,34 @@ def _check_data(cfg: TrainConfig, data: TokenShards, model: GPT2Config, block_si
                 f"{data.dir}: the {name} split has {len(split)} tokens, fewer than "
                 f"block_size + 1 = {block_size + 1}"
             )
+
+
+def _check_same_data(cfg: TrainConfig, ckpt: Checkpoint) -> None:
+    """Refuse, before any preparation, to resume a run on other data than its own."""
+    saved = ckpt.config.get("data", {})
+    recorded = ckpt.trainer_state.get("data", {}).get("dir")
+
+    def same(a: Any, b: Any) -> bool:
+        if a == b:
+            return True
+        return isinstance(a, str) and isinstance(b, str) and _path(a) == _path(b)
+
+    if recorded is not None and same(cfg.data.source, recorded):
+        return  # the prepared directory the run read
+    keys = ("source", "tokenizer", "val_fraction")
+    diffs = [k for k in keys if not same(getattr(cfg.data, k), saved.get(k))]
+    if diffs:
+        was = ", ".join(f"{k} = {saved.get(k)!r}" for k in diffs)
+        now = ", ".join(f"{k} = {getattr(cfg.data, k)!r}" for k in diffs)
+        raise ConfigError(
+            f"{ckpt.path}: the run was trained with [data] {was}; this config has {now}. A "
+            "resumed run continues on its own data; to train the model on other data, start "
+            f"a new run from it: --set train.init_from={ckpt.path}"
+        )
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser().resolve()
 
 
 def _check_resumable(
@@ -323,7 +353,8 @@ def train(
         f"{run.model.num_parameters():,} parameters ({run.model.config.dtype}), data "
         f"{run.data.dir} (train {len(run.data.train):,} / val {len(run.data.val):,} tokens, "
         f"vocab {run.data.vocab_size}); global batch {cfg.global_batch_size} x "
-        f"{run.block_size} = {tokens_per_step:,} tokens/step"
+        f"{run.block_size} = {tokens_per_step:,} tokens/step; lr {o.lr:g} -> {o.min_lr:g}: "
+        f"warmup {o.warmup_steps} steps, cosine to step {cfg.decay_steps} of {t.max_steps}"
     )
     result = TrainResult(run.out, run.step, run.tokens_seen, run.elapsed_before, writes=writes)
 

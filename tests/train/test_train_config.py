@@ -158,6 +158,13 @@ def test_shipped_configs_load_and_repo_paths_resolve_to_them(monkeypatch):
         assert by_path.to_dict() == shipped.to_dict()
 
 
+def test_shipped_schedules_follow_max_steps():
+    # --set train.max_steps=N moves the end of the cosine with it
+    for name in ("quickstart", "shakespeare-char", "gpt2-124m-owt"):
+        cfg = load_config(name, ["train.max_steps=1234"])
+        assert cfg.optim.decay_steps is None and cfg.decay_steps == 1234, name
+
+
 def test_finetune_shakespeare_is_nanogpts_recipe():
     cfg = load_config("finetune-shakespeare")
     t, o = cfg.train, cfg.optim
@@ -185,7 +192,7 @@ def test_gpt2_124m_owt_is_the_model_card():
         0.1,
         1.0,
     )
-    assert (o.warmup_steps, o.decay_steps) == (1000, 600_000)
+    assert (o.warmup_steps, cfg.decay_steps) == (1000, 600_000)
     assert (t.micro_batch_size, t.grad_accum_steps, t.block_size) == (60, 8, 1024)
     assert cfg.global_batch_size * t.block_size == 491_520
     assert cfg.eval.batches == 100
@@ -210,7 +217,7 @@ def test_shakespeare_char_is_nanogpts_cpu_recipe():
     assert (o.lr, o.min_lr, o.betas, o.weight_decay, o.grad_clip) == (
         1e-3, 1e-4, [0.9, 0.99], 0.1, 1.0,
     )  # fmt: skip
-    assert (o.warmup_steps, o.decay_steps, t.max_steps) == (100, 2000, 2000)
+    assert (o.warmup_steps, cfg.decay_steps, t.max_steps) == (100, 2000, 2000)
     # nanoGPT's batch of 12, here split over 2 processes
     assert cfg.global_batch_size == 12 and t.grad_accum_steps == 1
     assert (cfg.eval.interval, cfg.eval.batches, cfg.data.val_fraction) == (250, 20, 0.1)

@@ -15,7 +15,7 @@ from handgrad.models.gpt2 import GPT2
 from handgrad.serialization import load_file, save_file
 from handgrad.train import CheckpointError, TrainingDiverged, load_checkpoint, train
 from handgrad.train import checkpointing as ckpt_module
-from handgrad.train.config import from_dict
+from handgrad.train.config import ConfigError, from_dict
 
 
 def run(cfg_dict, out, resume=None):
@@ -222,3 +222,19 @@ def test_training_with_recompute_is_the_same_run(tiny, tmp_path):
     plain, again = run(False), run(True)
     assert plain.train_losses == again.train_losses
     assert plain.final_eval.loss == again.final_eval.loss
+
+
+def test_resume_on_other_data_is_refused_before_any_preparation(tiny, tmp_path):
+    run = train(from_dict(tiny(train={"max_steps": 2})), tmp_path / "run", progress=False,
+                log=lambda m: None)  # fmt: skip
+    other = tmp_path / "other.txt"
+    other.write_text("something else entirely " * 200, encoding="utf-8")
+    cfg = tiny(train={"max_steps": 4}, data={"source": str(other), "tokenizer": "train:300",
+                                             "cache_dir": str(tmp_path / "cache")})  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        train(from_dict(cfg), tmp_path / "run", resume=run.checkpoint, progress=False,
+              log=lambda m: None)  # fmt: skip
+    message = str(err.value)
+    assert "the run was trained with [data] source = " in message
+    assert f"--set train.init_from={run.checkpoint}" in message
+    assert not (tmp_path / "cache").exists()  # nothing was prepared
