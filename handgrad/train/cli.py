@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "default: the --out directory). Without CONFIG the checkpoint's own config is used.",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the config as it will run, and exit"
+    )
     p.set_defaults(func=_train)
 
     s = subparsers.add_parser(
@@ -100,6 +103,9 @@ def _train(args: argparse.Namespace) -> int:
                     f"{out} already holds a run; continue it with --resume {out}, or choose "
                     "another --out (or delete that directory)",
                 )
+        if args.print_config:
+            print(cfg.to_toml(), end="")
+            return 0
         result = train(cfg, out, resume=resume, progress=False if args.no_progress else None)
     except RankStopped:
         return 1  # under MPI: another rank failed and printed why
@@ -113,6 +119,13 @@ def _train(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         return _error("train", e)
     if not result.writes:  # under MPI, rank 0 reports
+        return 0
+    if result.step == result.first_step:
+        print(
+            f"nothing to train: {out} is already at step {result.step} (train.max_steps = "
+            f"{cfg.train.max_steps}); train it further with --resume {out} --set "
+            f"train.max_steps=N, N > {result.step}"
+        )
         return 0
     summary = (
         f"done: {result.step} steps, {result.tokens_seen:,} tokens in {result.elapsed_s:.1f} s"
@@ -155,7 +168,19 @@ def _sample(args: argparse.Namespace) -> int:
         if not tok_path.is_file():
             raise FileNotFoundError(f"{tok_path}: missing (the checkpoint has no tokenizer)")
         tokenizer = load_tokenizer(tok_path)
+        if args.stop_at_eos and tokenizer.eot_token is None:
+            raise ValueError(
+                f"--stop-at-eos: the tokenizer of {ckpt} has no end-of-text token (a character "
+                "tokenizer, say), so no sample can end at one; leave the option out"
+            )
         ids = prompt_ids(tokenizer, args.prompt)
+        block = model.config.block_size
+        if len(ids) > block:
+            print(
+                f"warning: the prompt is {len(ids)} tokens, more than the model's block_size "
+                f"of {block}: the model sees only its last {block} tokens",
+                file=sys.stderr,
+            )
         seed = args.seed if args.seed is not None else time.time_ns() % 2**32
         start = time.perf_counter()
         out = model.generate(
@@ -165,7 +190,7 @@ def _sample(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             seed=seed,
-            stop_at_eos=args.stop_at_eos and tokenizer.eot_token is not None,
+            stop_at_eos=args.stop_at_eos,
             eos_token_id=tokenizer.eot_token,
         )
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import tomllib
@@ -143,6 +144,15 @@ class TrainConfig:
             s: {k: v for k, v in dataclasses.asdict(getattr(self, s)).items() if v is not None}
             for s in SECTIONS
         }
+
+    def to_toml(self) -> str:
+        """The five sections as a TOML document that ``load_config`` reads back."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items())
+            lines.append("")
+        return "\n".join(lines)
 
     @property
     def global_batch_size(self) -> int:
@@ -509,6 +519,17 @@ def resolve_model_config(m: Any, data_vocab_size: int) -> GPT2Config:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"[model]: {str(err).removeprefix('GPT2Config: ')}") from None
+
+
+def _toml_value(v: Any) -> str:
+    """A TOML literal for a config value (a string, number, boolean or list of them)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a TOML basic string
+    return repr(v)
 
 
 def _finite(x: float) -> bool:

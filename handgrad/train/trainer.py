@@ -77,6 +77,7 @@ class TrainResult:
     unigram_loss: float | None = None
     checkpoint: Path | None = None
     writes: bool = True  # this process wrote the run (under MPI, only rank 0 reports)
+    first_step: int = 0  # the step it started (or resumed) at: step - first_step steps ran
 
 
 # ----------------------------------------------------------------------------------------
@@ -356,7 +357,9 @@ def train(
         f"{run.block_size} = {tokens_per_step:,} tokens/step; lr {o.lr:g} -> {o.min_lr:g}: "
         f"warmup {o.warmup_steps} steps, cosine to step {cfg.decay_steps} of {t.max_steps}"
     )
-    result = TrainResult(run.out, run.step, run.tokens_seen, run.elapsed_before, writes=writes)
+    result = TrainResult(
+        run.out, run.step, run.tokens_seen, run.elapsed_before, writes=writes, first_step=run.step
+    )
 
     def elapsed() -> float:
         return run.elapsed_before + time.perf_counter() - started

@@ -148,7 +148,10 @@ def test_errors(tmp_path, corpus_file, monkeypatch, capsys):
         )
         == 2
     )
-    assert "missing.txt: no such file" in capsys.readouterr().err
+    assert (
+        "handgrad tokenizer: error: " in (err := capsys.readouterr().err)
+        and "missing.txt: no such file" in err
+    )
     assert (
         run(
             ["tokenizer", "train", "--input", str(corpus_file), "--out", str(tmp_path / "t.json")],

@@ -74,6 +74,28 @@ def test_train_then_sample_cli(toml, tmp_path, capsys):
     # same seed, same text
     assert main([*args, "--prompt", "The ", "--num-samples", "2"]) == 0
     assert capsys.readouterr().out == text
+    # a prompt longer than the block is cropped, and said so
+    assert main([*args, "--prompt", "The quick brown fox jumps over"]) == 0
+    assert "the model sees only its last 16 tokens" in capsys.readouterr().err
+    # a character model has no end-of-text token to stop at
+    assert main([*args, "--stop-at-eos"]) == 1
+    assert "no end-of-text token" in capsys.readouterr().err
+    # resuming a finished run trains nothing, and says so
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "nothing to train" in said and "already at step 6" in said and "done" not in said
+
+
+def test_print_config_prints_the_resolved_config_and_trains_nothing(toml, tmp_path, capsys):
+    import tomllib
+
+    out = tmp_path / "run"
+    args = ["train", str(toml), "--out", str(out), "--set", "optim.lr=1e-2", "--print-config"]
+    assert main(args) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 1e-2 and printed["model"]["n_embd"] == 32
+    assert printed["train"]["max_steps"] == 4 and printed["data"]["tokenizer"] == "char"
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 def test_bad_config_fails_before_any_work(toml, tmp_path, capsys):
