@@ -428,7 +428,7 @@ def part_shakespeare(smoke: bool, budget: float) -> dict[str, Any]:
         if not smoke:
             sets.append("train.device=cuda")
         else:
-            sets += ["train.max_steps=10", "eval.interval=10", "eval.batches=2",
+            sets += ["train.max_steps=10", "optim.warmup_steps=2", "eval.interval=10", "eval.batches=2",
                      "train.checkpoint_interval=0", "train.sample_tokens=8"]  # fmt: skip
         cmd = [sys.executable, "-m", "handgrad.cli", "train", "shakespeare-char", "--out", str(out)]
         for s in sets:

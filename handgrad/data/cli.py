@@ -33,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=0.0005,
+        default=None,
         help="share of documents (of characters, for a single document) kept for val "
-        "(default: %(default)s)",
+        "(default: 0.0005; 0.1 of the conversations with --format chat)",
     )
     p.add_argument(
         "--workers",
@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip (and count in meta.json) .jsonl lines that are not JSON or lack the text field",
     )
+    p.add_argument(
+        "--format",
+        choices=["text", "chat"],
+        default="text",
+        help='chat: .jsonl conversations ({"messages": [...]}) for supervised fine-tuning, '
+        "with chat tokens added to --tokenizer and a loss mask on assistant turns",
+    )
     p.set_defaults(func=_prepare)
 
 
@@ -67,12 +74,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
+    if args.format == "chat":
+        return _prepare_chat(args)
     try:
         meta = prepare(
             args.source,
             args.tokenizer,
             args.out,
-            val_fraction=args.val_fraction,
+            val_fraction=0.0005 if args.val_fraction is None else args.val_fraction,
             workers=args.workers,
             text_field=args.text_field,
             seed=args.seed,
@@ -90,4 +99,27 @@ def _run_prepare(args: argparse.Namespace) -> int:
     skipped = {k: v for k, v in meta.items() if k.endswith(("_skipped", "replacement", "_chars"))}
     if any(skipped.values()):
         print("skipped/replaced: " + json.dumps(skipped))
+    return 0
+
+
+def _prepare_chat(args: argparse.Namespace) -> int:
+    import glob
+
+    from handgrad.data.chat import prepare_chat
+    from handgrad.tokenizer import load_tokenizer
+
+    val = 0.1 if args.val_fraction is None else args.val_fraction
+    try:
+        files = sorted(glob.glob(args.source)) or [args.source]
+        tokenizer = load_tokenizer(args.tokenizer)
+        meta = prepare_chat(files, tokenizer, args.out, val_fraction=val)
+    except (OSError, ValueError) as e:
+        print(f"handgrad data prepare: error: {e}", file=sys.stderr)
+        return 1
+    splits = meta["splits"]
+    print(
+        f"wrote {args.out}: {splits['train']['documents']:,} conversations to train "
+        f"({splits['train']['trained_tokens']:,} of {splits['train']['tokens']:,} tokens "
+        f"trained on), {splits['val']['documents']:,} to validate; vocab {meta['vocab_size']:,}"
+    )
     return 0

@@ -108,6 +108,22 @@ class TokenShards:
     def val(self) -> np.ndarray:
         return self._splits["val"]
 
+    def mask(self, name: str) -> np.ndarray | None:
+        """The loss mask of split ``name`` (1: a target to train on), or None when every
+        token is one. Chat data has one (``data/chat.py``)."""
+        info = self.meta["splits"][name]
+        if "mask_file" not in info:
+            return None
+        path = self.dir / info["mask_file"]
+        if not path.is_file() or path.stat().st_size != info["tokens"]:
+            raise ValueError(
+                f"{path}: missing, or not one byte per token of {info['file']} "
+                f"({info['tokens']}); prepare the data again"
+            )
+        if info["tokens"] == 0:
+            return np.empty(0, dtype=np.uint8)
+        return np.memmap(path, dtype=np.uint8, mode="r", shape=(info["tokens"],))
+
     def split(self, name: str) -> np.ndarray:
         if name not in self._splits:
             raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
@@ -141,28 +157,55 @@ def _check_length(tokens: np.ndarray, block_size: int) -> None:
         )
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, ...]:
+def _windows(
+    tokens: np.ndarray, starts: np.ndarray, block_size: int, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
     # (B, T+1) windows in one fancy-indexing gather; int64 because that is what embedding lookup
     # and cross-entropy index with.
-    w = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
-    return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+    index = starts[:, None] + np.arange(block_size + 1)
+    w = tokens[index].astype(np.int64)
+    x, y = np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+    if mask is not None:  # targets the loss leaves out: -1, cross_entropy's ignore_index
+        y[mask[index[:, 1:]] == 0] = -1
+    return x, y
 
 
 def get_batch(
-    tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A random batch: x, y of shape (batch_size, block_size), int64, with y = x shifted by one.
+    With a loss ``mask`` (one per token), targets whose mask is 0 are -1 (ignored by the loss)
+    and a window without any target left is drawn again.
 
     Window starts are uniform over [0, len(tokens) - block_size - 1], drawn from `rng` only, so
     the batch sequence is fixed by the generator state (save `rng.bit_generator.state` to resume).
     """
     _check_length(tokens, block_size)
     starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
-    return _windows(tokens, starts, block_size)
+    if mask is not None:  # a window with no target to learn from is drawn again
+        for _ in range(1000):
+            empty = ~mask[starts[:, None] + np.arange(1, block_size + 1)].any(axis=1)
+            if not empty.any():
+                break
+            starts[empty] = rng.integers(0, len(tokens) - block_size, size=int(empty.sum()))
+        else:
+            raise ValueError(
+                f"the loss mask leaves (almost) no window of {block_size} tokens with a target "
+                "to train on; is the data's mask empty?"
+            )
+    return _windows(tokens, starts, block_size, mask)
 
 
 def iter_batches_sequential(
-    tokens: np.ndarray, batch_size: int, block_size: int, n_batches: int
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    n_batches: int,
+    mask: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`n_batches` fixed batches for evaluation: batch_size * n_batches windows with evenly spaced
     starts from the first to the last possible one. Same data, same batches, whoever asks."""
@@ -172,4 +215,4 @@ def iter_batches_sequential(
     # Integer arithmetic: start_i = floor(i * last_start / (n_windows - 1)), exact on every platform.
     starts = np.arange(n_windows, dtype=np.int64) * last_start // max(n_windows - 1, 1)
     for b in range(n_batches):
-        yield _windows(tokens, starts[b * batch_size : (b + 1) * batch_size], block_size)
+        yield _windows(tokens, starts[b * batch_size : (b + 1) * batch_size], block_size, mask)

@@ -66,7 +66,9 @@ def validation_metrics(
             f"{model.config.vocab_size}: the data was made with another tokenizer"
         )
     _check_same_tokenizer(ckpt, shards.tokenizer_path)
-    result = evaluate(model, shards.split(split), batches, batch_size, block_size)
+    result = evaluate(
+        model, shards.split(split), batches, batch_size, block_size, mask=shards.mask(split)
+    )
     return {
         "checkpoint": str(ckpt),
         "data": str(Path(data)),

@@ -52,13 +52,15 @@ def evaluate(
     micro_batch_size: int,
     block_size: int,
     group: Transport | None = None,
+    mask: np.ndarray | None = None,
 ) -> EvalResult:
     """Mean loss of ``model`` over ``batches`` fixed batches of ``micro_batch_size`` windows of
     ``block_size`` (+1) tokens of ``tokens`` (a 1-D array of ids, e.g. the val split).
 
     The model runs in eval mode (no dropout) without a graph; its mode is restored after.
     Every batch has the same size, so the mean of the batch means is the mean over tokens.
-    Batches go to the model's device (``model.device`` when it has one) and the batch losses
+    With a loss ``mask`` (chat data) only the targets it marks are scored, each batch's loss
+    being the mean over its marked targets. Batches go to the model's device (``model.device`` when it has one) and the batch losses
     are read back in one copy.
 
     With a process ``group`` the batches are dealt out over its ranks: batch b is scored by
@@ -76,7 +78,7 @@ def evaluate(
     model.eval()
     try:
         with no_grad():
-            windows = iter_batches_sequential(tokens, micro_batch_size, block_size, batches)
+            windows = iter_batches_sequential(tokens, micro_batch_size, block_size, batches, mask)
             for b, (x, y) in enumerate(windows):
                 if b % world == rank:
                     x, y = to_device(x, where), to_device(y, where)

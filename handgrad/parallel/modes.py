@@ -168,10 +168,12 @@ class RunMode:
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(loss, norm)
 
-    def evaluate(self, tokens: np.ndarray, batches: int, block_size: int) -> EvalResult:
+    def evaluate(
+        self, tokens: np.ndarray, batches: int, block_size: int, mask: np.ndarray | None = None
+    ) -> EvalResult:
         """Validation loss on ``batches`` fixed batches of m x P windows (the same batches
-        and the same bits in every mode)."""
-        return evaluate(self.model, tokens, batches, self.rows, block_size, self.group)
+        and the same bits in every mode); ``mask``: the split's loss mask, if it has one."""
+        return evaluate(self.model, tokens, batches, self.rows, block_size, self.group, mask)
 
     def checkpoint(self, write: Callable[[], Path]) -> Path | None:
         """``write()`` on the writer, once every rank has made ready what it needs."""

@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from handgrad.checkpoint import CheckpointError, read_config, resolve_checkpoint
 from handgrad.data.sources.base import cache_dir
 from handgrad.models.gpt2 import GPT2, GPT2Config
@@ -83,19 +85,6 @@ def init_checkpoint(spec: str) -> Path:
     return resolve_checkpoint(out)
 
 
-def _load_any_tokenizer(path: Path) -> Any:
-    """A tokenizer from any form ``--tokenizer`` takes: a tokenizer file, a Hugging Face
-    directory, or a directory of handgrad's (a checkpoint or prepared data) holding its
-    ``tokenizer.json``."""
-    inner = path / "tokenizer.json"
-    if path.is_dir() and inner.is_file():
-        try:
-            return load_tokenizer(inner)
-        except ValueError:
-            pass  # a Hugging Face tokenizer.json: the directory is read as Hugging Face's
-    return load_tokenizer(path)
-
-
 def _check_model(section: Any, saved: GPT2Config, where: Path) -> GPT2Config:
     """``saved`` with the section's dropout; a section field that differs is refused."""
     given = {
@@ -121,17 +110,19 @@ def _check_model(section: Any, saved: GPT2Config, where: Path) -> GPT2Config:
     return dataclasses.replace(saved, **{k: given[k] for k in _CHANGEABLE if k in given})
 
 
-def _check_tokenizer(data: Any, tokenizer_file: Path, where: Path) -> Any:
-    """The ``[data]`` section with the checkpoint's tokenizer, or ConfigError when it names
-    another one."""
+def _check_tokenizer(data: Any, tokenizer_file: Path, where: Path) -> tuple[Any, int]:
+    """The ``[data]`` section with the checkpoint's tokenizer and the data's vocabulary size,
+    or ConfigError when it names another tokenizer. One that only adds special tokens after
+    the checkpoint's last id (as chat data does) is the same tokenizer, grown."""
     named = data.tokenizer
     source_prepared = (Path(data.source).expanduser() / "meta.json").is_file()
     if named is None and source_prepared:
         named, prepared = str(Path(data.source).expanduser()), True
     else:
         prepared = False
+    ours = load_tokenizer(tokenizer_file)
     if named is None:
-        return dataclasses.replace(data, tokenizer=str(tokenizer_file))
+        return dataclasses.replace(data, tokenizer=str(tokenizer_file)), ours.vocab_size
     what = "the prepared data" if prepared else f"[data] tokenizer = {named!r}"
     if named == "char" or named.startswith("train:"):
         raise ConfigError(
@@ -139,18 +130,34 @@ def _check_tokenizer(data: Any, tokenizer_file: Path, where: Path) -> Any:
             f"({tokenizer_file}), not those of a new one; remove [data] tokenizer to use it"
         )
     try:
-        theirs = _load_any_tokenizer(Path(named).expanduser())
+        theirs = load_tokenizer(Path(named).expanduser())
     except (ValueError, OSError) as err:
         raise ConfigError(f"{what}: {err}") from None
-    ours = load_tokenizer(tokenizer_file)
-    if theirs.to_dict() != ours.to_dict():
+    if not _extends(theirs.to_dict(), ours.to_dict()):
         sizes = f"{theirs.vocab_size} tokens there, {ours.vocab_size} in the model's"
         raise ConfigError(
             f"{what} is another tokenizer than the one the model in {where} was trained with "
             f"({tokenizer_file}; {sizes}): its ids would mean other text to the model; remove "
             "[data] tokenizer to tokenize the data with the model's own"
         )
-    return data if prepared else dataclasses.replace(data, tokenizer=str(tokenizer_file))
+    if prepared:
+        return data, theirs.vocab_size
+    return dataclasses.replace(data, tokenizer=str(tokenizer_file)), ours.vocab_size
+
+
+def _extends(theirs: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether tokenizer document ``theirs`` is ``ours`` with special tokens added after
+    ``ours``' last id (or the very same)."""
+    specials, mine = theirs["special_tokens"], ours["special_tokens"]
+    added = {k: v for k, v in specials.items() if k not in mine}
+    same_rest = all(
+        theirs[k] == ours[k] for k in theirs if k not in ("special_tokens", "vocab_size")
+    )
+    return (
+        same_rest
+        and all(specials.get(k) == v for k, v in mine.items())
+        and sorted(added.values()) == list(range(ours["vocab_size"], theirs["vocab_size"]))
+    )
 
 
 def start_from(cfg: TrainConfig, resume_dir: Path | None = None) -> Start:
@@ -165,19 +172,35 @@ def start_from(cfg: TrainConfig, resume_dir: Path | None = None) -> Start:
     tokenizer_file = where / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{tokenizer_file}: missing (the checkpoint has no tokenizer)")
+    data, vocab_size = _check_tokenizer(cfg.data, tokenizer_file, where)
     model = _check_model(cfg.model, saved, where)
+    if vocab_size > model.vocab_size:  # special tokens added: the embedding grows
+        padded = max(model.padded_vocab_size, -(-vocab_size // 64) * 64)
+        model = dataclasses.replace(model, vocab_size=vocab_size, padded_vocab_size=padded)
     if cfg.train.block_size is not None and cfg.train.block_size > model.block_size:
         raise ConfigError(
             f"[train] block_size = {cfg.train.block_size} is above the model's block_size = "
             f"{model.block_size} (of {where})"
         )
-    return Start(where, model, _check_tokenizer(cfg.data, tokenizer_file, where))
+    return Start(where, model, data)
 
 
 def load_init_weights(model: GPT2, checkpoint: Path) -> None:
-    """The weights of ``checkpoint`` (verified against its manifest) into ``model``."""
-    source = GPT2.from_checkpoint(checkpoint)
+    """The weights of ``checkpoint`` (verified against its manifest) into ``model``. When
+    the model's vocabulary is larger (special tokens added), the new rows of the token
+    embedding start as the mean of the trained rows: a new token's first logits are then the
+    average token's, and its gradient moves it from there."""
+    state = GPT2.from_checkpoint(checkpoint).state_dict()
+    key = "transformer.wte.weight"
+    old_vocab = int(read_config(checkpoint)["model"]["vocab_size"])
+    new_vocab = model.config.vocab_size
+    if new_vocab > old_vocab:
+        trained = state[key].numpy()[:old_vocab]
+        grown = model.transformer.wte.weight.detach().numpy().copy()
+        grown[:old_vocab] = trained
+        grown[old_vocab:new_vocab] = trained.mean(axis=0, dtype=np.float64)
+        state[key] = grown
     try:
-        model.load_state_dict(source.state_dict())
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{checkpoint / 'model.safetensors'}: {err}") from None

@@ -262,7 +262,7 @@ def run_evaluation(run: Run, at_step: int, train_loss: float | None, metrics: An
     """Validation loss on ``[eval] batches`` fixed batches (and a sample, if asked, which goes
     to ``metrics``' loggers as text), said on the writing rank."""
     ev_cfg, t, mode = run.cfg.eval, run.cfg.train, run.mode
-    ev = mode.evaluate(run.data.val, ev_cfg.batches, run.block_size)
+    ev = mode.evaluate(run.data.val, ev_cfg.batches, run.block_size, run.data.mask("val"))
     if not math.isfinite(ev.loss):
         raise TrainingDiverged(f"step {at_step}: validation loss is {ev.loss}; stopping.")
     run.best_val = min(run.best_val, ev.loss)
@@ -370,6 +370,7 @@ def train(
         dynamic_ncols=True,
     )  # fmt: skip
     interval_time, interval_tokens = 0.0, 0
+    train_mask = run.data.mask("train")  # chat data: targets outside assistant turns are -1
     pending = PendingLosses()  # on a GPU: read at a log line, an evaluation or a checkpoint
     pending.losses = result.train_losses
     try:
@@ -385,7 +386,9 @@ def train(
                 run.step, max_lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
                 decay_steps=cfg.decay_steps,
             )  # fmt: skip
-            x, y = get_batch(run.data.train, cfg.global_batch_size, run.block_size, run.rng)
+            x, y = get_batch(
+                run.data.train, cfg.global_batch_size, run.block_size, run.rng, train_mask
+            )
             losses = mode.gradients(run.step, x, y)
             stats = mode.clip_and_step(run.step, losses, lr, o.grad_clip)
             run.step += 1
@@ -436,6 +439,6 @@ def train(
     result.step, result.tokens_seen, result.elapsed_s = run.step, run.tokens_seen, elapsed()
     if result.checkpoint is None and resumed:
         result.checkpoint = run.resumed_from
-    if ev_cfg.batches > 0 and len(run.data.val):
+    if ev_cfg.batches > 0 and len(run.data.val) and train_mask is None:
         result.unigram_loss = unigram_loss(run.data.train, run.data.val, run.data.vocab_size)
     return result
