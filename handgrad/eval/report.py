@@ -23,7 +23,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from handgrad.checkpoint import read_config, read_json, resolve_checkpoint, run_dir_of
+from handgrad.checkpoint import (
+    CheckpointError,
+    read_config,
+    read_json,
+    resolve_checkpoint,
+    run_dir_of,
+)
 from handgrad.diskspace import disk_full_guard
 from handgrad.eval.card_text import (
     TASK_TITLES,
@@ -321,7 +327,7 @@ def evaluation_results(f: RunFacts, zero_shot: Path | None) -> str:
     if best is not None:
         rows.append(["Best validation loss", num(best)])
     text = "## Evaluation results\n\n" + how + "\n\n" + table(["Metric", "Value"], rows, "lr")
-    text += "\n\n" + zero_shot_section(zero_shot) + "\n"
+    text += "\n\n" + zero_shot_section(zero_shot, f.ckpt) + "\n"
     text += (
         "bits_per_byte, byte_perplexity and word_perplexity are normalised by the bytes or "
         "words of the text, so they are tokenizer-independent and compare with other models "
@@ -355,7 +361,36 @@ def zero_shot_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def zero_shot_section(path: Path | None) -> str:
+def _results_checkpoint(results: dict[str, Any]) -> str | None:
+    """The checkpoint lm-eval's ``config.model_args`` names (a dict or "k=v,k=v"), if any."""
+    args = (results.get("config") or {}).get("model_args")
+    if isinstance(args, str):
+        args = dict(kv.split("=", 1) for kv in args.split(",") if "=" in kv)
+    return args.get("checkpoint") if isinstance(args, dict) else None
+
+
+def _check_same_checkpoint(path: Path, results: dict[str, Any], ckpt: Path) -> None:
+    """Refuse zero-shot results of another checkpoint than the card's."""
+    named = _results_checkpoint(results)
+    if named is None:
+        raise ValueError(
+            f"{path}: the results do not name the checkpoint they evaluated (no checkpoint in "
+            "config.model_args); evaluate it with handgrad eval zero-shot --checkpoint "
+            f"{ckpt} --output FILE.json"
+        )
+    try:
+        theirs = resolve_checkpoint(named).resolve()
+    except (CheckpointError, OSError):
+        theirs = None
+    if theirs != ckpt.resolve():
+        raise ValueError(
+            f"{path}: these zero-shot results are of checkpoint {named}"
+            f"{f' ({theirs})' if theirs else ''}, not of {ckpt}: every number in a card must be "
+            f"its checkpoint's; evaluate it with handgrad eval zero-shot --checkpoint {ckpt}"
+        )
+
+
+def zero_shot_section(path: Path | None, ckpt: Path | None = None) -> str:
     if path is None:
         return (
             "### Zero-shot results\n\nNot evaluated (run `handgrad eval zero-shot --output "
@@ -364,6 +399,8 @@ def zero_shot_section(path: Path | None) -> str:
     results = read_json(path)
     if not isinstance(results, dict) or "results" not in results:
         raise ValueError(f"{path}: not an lm-eval results file (no 'results' key)")
+    if ckpt is not None:
+        _check_same_checkpoint(path, results, ckpt)
     rows = zero_shot_rows(results)
     limit = (results.get("config") or {}).get("limit")
     note = f" on at most {limit} documents per task (--limit)" if limit else ""

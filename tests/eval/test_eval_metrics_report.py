@@ -79,7 +79,7 @@ def test_eval_without_data_reads_the_runs_own(trained, tmp_path, capsys):
     assert "holds no prepared data any more" in err and "--data DIR" in err
 
 
-def test_report_numbers_come_from_the_run(trained, tmp_path):
+def test_report_numbers_come_from_the_run(trained, tmp_path, capsys):
     run, _ = trained
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r]
@@ -89,9 +89,17 @@ def test_report_numbers_come_from_the_run(trained, tmp_path):
                     "hg_ptb": {"word_perplexity,none": 321.5,
                                "word_perplexity_stderr,none": "N/A"}},
         "higher_is_better": {"hg_cbt_cn": {"acc": True}, "hg_ptb": {"word_perplexity": False}},
+        "config": {"model_args": f"checkpoint={run},device=cpu"},  # as lm-eval writes it
     }  # fmt: skip
     (tmp_path / "zs.json").write_text(json.dumps(zs))
     card = tmp_path / "card" / "MODEL_CARD.md"
+    # results of another checkpoint never reach the card
+    other = {**zs, "config": {"model_args": {"checkpoint": str(tmp_path / "elsewhere")}}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["report", "--checkpoint", str(run), "--zero-shot", str(tmp_path / "other.json"),
+                 "--out", str(card)]) == 1  # fmt: skip
+    assert "these zero-shot results are of checkpoint" in capsys.readouterr().err
+    assert not card.exists()
     assert main(["report", "--checkpoint", str(run), "--zero-shot", str(tmp_path / "zs.json"),
                  "--out", str(card)]) == 0  # fmt: skip
     text = card.read_text()

@@ -139,7 +139,7 @@ def test_zero_shot_table_direction_stderr_and_tokenizer_note(run, tmp_path):
                     "lambada_openai": {"acc,none": 0.25, "acc_stderr,none": 0.0625}},
         "higher_is_better": {"hg_wikitext2": {"word_perplexity": False, "bits_per_byte": False},
                              "lambada_openai": {"acc": True}},
-        "config": {"limit": 5},
+        "config": {"limit": 5, "model_args": {"checkpoint": str(run[0])}},
     }  # fmt: skip
     (tmp_path / "zs.json").write_text(json.dumps(zs))
     out = write_report(run[0], tmp_path / "card.md", zero_shot=tmp_path / "zs.json")
