@@ -160,15 +160,24 @@ class WandbLogger:
         run_id = None
         if resume_step is not None and id_file.is_file():
             run_id = id_file.read_text(encoding="utf-8").strip() or None
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "handgrad"),
-            name=run_dir.name,
-            dir=str(run_dir),
-            config=config or {},
-            id=run_id,
-            resume="allow" if run_id else None,
-            reinit="create_new",
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "handgrad"),
+                name=run_dir.name,
+                dir=str(run_dir),
+                config=config or {},
+                id=run_id,
+                resume="allow" if run_id else None,
+                reinit="create_new",
+            )
+        except Exception as err:  # noqa: BLE001  (wandb's UsageError, CommError, ...)
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise RuntimeError(
+                f"[train] loggers: Weights & Biases could not start a run ({type(err).__name__}: "
+                f"{first}); log in "
+                "with `wandb login` (or set WANDB_API_KEY), or log offline with "
+                "WANDB_MODE=offline (`wandb sync` uploads later)"
+            ) from None
         write_text_atomic(id_file, self.run.id + "\n")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

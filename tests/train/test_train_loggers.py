@@ -162,3 +162,22 @@ def test_wandb_offline_run(tiny, tmp_path, monkeypatch):
         r["val_loss"] for r in recs if "val_loss" in r
     ]
     assert [s for s, d in logged if "samples" in d] == [3, 6]
+
+
+def test_wandb_without_a_login_says_how_to_log_in(tiny, tmp_path, monkeypatch):
+    import types
+
+    from handgrad.train import loggers
+
+    class UsageError(Exception):
+        pass
+
+    def init(**kwargs):
+        raise UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(loggers, "_require", lambda name: types.SimpleNamespace(init=init))
+    with pytest.raises(RuntimeError) as err:
+        loggers.WandbLogger(tmp_path / "run")
+    message = str(err.value)
+    assert "UsageError: No API key configured" in message
+    assert "wandb login" in message and "WANDB_MODE=offline" in message
