@@ -42,6 +42,7 @@ from handgrad.eval.card_text import (
     short,
     table,
 )
+from handgrad.eval.hub_card import front_matter
 from handgrad.fileio import atomic_path, write_text_atomic
 
 __all__ = ["read_metrics", "write_report", "zero_shot_rows"]
@@ -440,7 +441,15 @@ def write_report(
     f = RunFacts(checkpoint)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    zs_results = read_json(Path(zero_shot)) if zero_shot else None
     parts = [
+        front_matter(
+            title or f.run.name,
+            (f.meta or {}).get("source") or f.data.get("source"),
+            (f.meta or {}).get("format"),
+            f.evals[-1]["val_loss"],
+            zs_results if isinstance(zs_results, dict) else None,
+        ),  # fmt: skip
         header(f, title or f.run.name),
         model_description(f),
         intended_uses(f),

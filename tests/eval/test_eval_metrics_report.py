@@ -103,6 +103,16 @@ def test_report_numbers_come_from_the_run(trained, tmp_path, capsys):
     assert main(["report", "--checkpoint", str(run), "--zero-shot", str(tmp_path / "zs.json"),
                  "--out", str(card)]) == 0  # fmt: skip
     text = card.read_text()
+    # the Hub's metadata first: the results in model-index, the data named by what it is
+    import yaml
+
+    head = yaml.safe_load(text.split("---\n")[1])
+    assert head["library_name"] == "handgrad" and head["license"] == "mit"
+    (result, *zero_shot) = head["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == round(evals[-1]["val_loss"], 6)
+    assert result["dataset"]["name"] == "corpus" and "datasets" not in head
+    assert str(tmp_path.parent) not in text.split("---\n")[1]  # no local path
+    assert {z["dataset"]["name"] for z in zero_shot} == {"hg_cbt_cn", "hg_ptb"}
     assert f"{evals[-1]['val_loss']:,.4f}" in text
     assert f"{evals[-1]['val_ppl']:,.4f}" in text
     assert f"{evals[0]['val_loss']:,.4f} (step {evals[0]['step']})" in text
@@ -115,3 +125,14 @@ def test_report_numbers_come_from_the_run(trained, tmp_path, capsys):
     image = [line for line in text.splitlines() if line.startswith("![")][0]
     name = image[image.index("(") + 1 : -1]
     assert (card.parent / name).read_bytes() == (run / "loss.png").read_bytes()
+
+
+def test_hub_names_of_the_built_in_datasets():
+    from handgrad.eval.hub_card import dataset_identity
+
+    assert dataset_identity("openwebtext") == ("OpenWebText", "Skylion007/openwebtext")
+    assert dataset_identity("shakespeare") == ("tiny_shakespeare", "karpathy/tiny_shakespeare")
+    assert dataset_identity("/home/me/data/chats.jsonl", "chat") == (
+        "chats (chat conversations)",
+        None,
+    )
