@@ -64,6 +64,19 @@ def data_cache_key(data: DataSpec) -> str:
     return f"{stem[:40]}-{tok_slug.strip('-')[:24]}-{digest}"
 
 
+def _prepared_with(directory: Path, tokenizer: str) -> bool:
+    """Whether the prepared ``directory`` was made with ``tokenizer``: the same spec
+    (``char``, ``train:N``) or a tokenizer file of the same sha256."""
+    try:
+        recorded = json.loads((directory / "meta.json").read_text(encoding="utf-8"))["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if tokenizer == recorded.get("spec"):
+        return True
+    path = Path(tokenizer).expanduser()
+    return path.is_file() and hash_file(path, "sha256") == recorded.get("sha256")
+
+
 def prepared_data_dir(data: DataSpec, progress: bool | None = None) -> Path:
     """The prepared directory for ``[data]``: ``source`` itself when it already holds
     meta.json, else a cache entry, prepared on first use (``data prepare`` writes meta.json
@@ -71,10 +84,11 @@ def prepared_data_dir(data: DataSpec, progress: bool | None = None) -> Path:
     tokenizer given with a prepared source, or missing for a raw one."""
     source = Path(data.source).expanduser()
     if (source / "meta.json").is_file():
-        if data.tokenizer is not None:
+        if data.tokenizer is not None and not _prepared_with(source, data.tokenizer):
             raise DataSpecError(
                 f"[data] tokenizer = {data.tokenizer!r}, but source {data.source} is already "
-                "prepared with its own tokenizer.json; remove [data] tokenizer"
+                "prepared with another tokenizer (its tokenizer.json); remove [data] tokenizer "
+                "from the config, or give the one the data was prepared with"
             )
         return source
     if data.tokenizer is None:

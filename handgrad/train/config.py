@@ -266,6 +266,8 @@ def load_config(
                 f"--set {item!r}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}"
             )
         raw.setdefault(section, {})[key] = value
+    if overrides:  # a mistake may be in the file or in a --set: name both
+        origin += " with " + " ".join(f"--set {item}" for item in overrides)
     cfg = from_dict(raw, origin)
     cfg.name = name
     return cfg

@@ -125,10 +125,14 @@ def test_cache_key_depends_on_source_tokenizer_and_split(tmp_path):
     assert data_cache_key(base) != key  # another file content (size/mtime) -> another entry
 
 
-def test_prepared_dir_used_as_is_and_tokenizer_conflict(data_dir):
+def test_prepared_dir_used_as_is_and_tokenizer_conflict(data_dir, tmp_path):
     assert prepared_data_dir(DataSection(source=str(data_dir))) == data_dir
-    with pytest.raises(ValueError, match="already prepared"):
-        prepared_data_dir(DataSection(source=str(data_dir), tokenizer="char"))
+    # a shipped config's tokenizer that is the one the data was prepared with: accepted
+    assert prepared_data_dir(DataSection(source=str(data_dir), tokenizer="char")) == data_dir
+    same = str(data_dir / "tokenizer.json")
+    assert prepared_data_dir(DataSection(source=str(data_dir), tokenizer=same)) == data_dir
+    with pytest.raises(ValueError, match="already prepared with another tokenizer"):
+        prepared_data_dir(DataSection(source=str(data_dir), tokenizer="train:300"))
 
 
 def test_unigram_loss_by_hand():

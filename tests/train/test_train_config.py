@@ -221,3 +221,10 @@ def test_shakespeare_char_is_nanogpts_cpu_recipe():
     # nanoGPT's batch of 12, here split over 2 processes
     assert cfg.global_batch_size == 12 and t.grad_accum_steps == 1
     assert (cfg.eval.interval, cfg.eval.batches, cfg.data.val_fraction) == (250, 20, 0.1)
+
+
+def test_a_set_mistake_names_the_set(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("shakespeare-char", ["optim.lr=-1"])
+    assert "shakespeare-char.toml with --set optim.lr=-1" in str(err.value)
+    assert "[optim] lr = -1" in str(err.value)
