@@ -166,6 +166,7 @@ def _windows(
     w = tokens[index].astype(np.int64)
     x, y = np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
     if mask is not None:  # targets the loss leaves out: -1, cross_entropy's ignore_index
+        y = y.copy()  # for one window, x and y above are views of the same w
         y[mask[index[:, 1:]] == 0] = -1
     return x, y
 

@@ -87,6 +87,9 @@ def test_batches_target_only_assistant_tokens(chat):
     assert (y == -1).any() and ((y != -1).sum(axis=1) > 0).all()  # each window has a target
     tok = data.load_tokenizer()
     kept = tok.decode([int(t) for t in y[y != -1]])
+    for n in (1, 3):  # one window: x and y must not share memory
+        x1, y1 = get_batch(data.train, n, 16, np.random.default_rng(2), data.mask("train"))
+        assert (x1 >= 0).all() and (y1 == -1).any()
     assert "Question" not in kept and "what colour" not in kept
 
 
