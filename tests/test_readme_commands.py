@@ -23,7 +23,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-MARKER = re.compile(r"<!-- readme-test: (run|skip \((?P<why>[^)]+)\)) -->\n```bash\n(.*?)```", re.S)
+MARKER = re.compile(
+    r"<!-- readme-test: (run|skip \((?P<why>[^)]+)\)) -->\n```(bash|python)\n(.*?)```", re.S
+)
 # what a run of a README line is given so that it takes seconds, not hours
 SMALL = {
     "train": ["--set", "eval.batches=1", "--set", "eval.interval=0", "--set", "optim.warmup_steps=1", "--set",
@@ -32,18 +34,23 @@ SMALL = {
 }  # fmt: skip
 
 
-def blocks(text: str) -> list[tuple[str, str | None, list[str]]]:
-    """(kind, reason, command lines) of every bash block; a block without a marker fails."""
+def blocks(text: str) -> list[tuple[str, str | None, str, list[str]]]:
+    """(kind, reason, language, lines) of every marked block; a bash block without a marker
+    fails. A python block's lines are its source, run as one program."""
     found = MARKER.findall(text)
     total = text.count("```bash\n")
-    assert len(found) == total, (
-        f"{total - len(found)} bash block(s) of README.md have no <!-- readme-test: run --> or "
+    marked = sum(lang == "bash" for _, _, lang, _ in found)
+    assert marked == total, (
+        f"{total - marked} bash block(s) of README.md have no <!-- readme-test: run --> or "
         "<!-- readme-test: skip (reason) --> line right above them"
     )
     out = []
-    for kind, why, body in found:
+    for kind, why, lang, body in found:
+        if lang == "python":
+            out.append((kind.split()[0], why or None, lang, [body]))
+            continue
         lines = [ln.split("  #")[0].strip() for ln in body.splitlines()]
-        out.append((kind.split()[0], why or None, [ln for ln in lines if ln]))
+        out.append((kind.split()[0], why or None, lang, [ln for ln in lines if ln]))
     return out
 
 
@@ -103,7 +110,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def test_every_bash_block_has_a_marker():
-    kinds = [kind for kind, _, _ in blocks(README.read_text(encoding="utf-8"))]
+    kinds = [kind for kind, _, _, _ in blocks(README.read_text(encoding="utf-8"))]
     assert "run" in kinds and "skip" in kinds
 
 
@@ -117,14 +124,16 @@ def test_readme_commands_run_as_written(workdir):
         "OMP_NUM_THREADS": "1",
     }
     ran = 0
-    for kind, _, lines in blocks(README.read_text(encoding="utf-8")):
+    for kind, _, lang, lines in blocks(README.read_text(encoding="utf-8")):
         if kind != "run":
             continue
         for line in lines:
-            argv = small(line)
+            argv = small(line) if lang == "bash" else [sys.executable, "-c", line]
             done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True,
                                   timeout=120)  # fmt: skip
             assert done.returncode == 0, f"README: `{line}` failed:\n{done.stdout}\n{done.stderr}"
+            if lang == "python":
+                assert "loss " in done.stdout, done.stdout
             ran += 1
     assert ran >= 15
     # what the examples promise is there
