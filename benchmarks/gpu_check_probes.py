@@ -51,8 +51,11 @@ def gpu_state() -> dict[str, Any]:
         out["cupy_import_error"] = cuda.import_error()
         out["kernels"] = cuda.kernels_enabled()
         out["kernels_compiled"] = kernels.compiled()
+        # what ran: FLOPs of matrix products by operand dtype, counted as they were queued
+        out["gemm_flops"] = cuda.gemm_flops()
+        out["bf16_products_ran"] = cuda.gemm_flops().get("bfloat16", 0.0) > 0
         if cuda.is_available():
-            out["bf16_matmul"] = cuda.bf16_matmul_enabled()
+            out["bf16_matmul_allowed"] = cuda.bf16_matmul_enabled()
             out["bf16_matmul_error"] = cuda.bf16_matmul_error()
             out["bf16_arrays"] = cuda.bf16_arrays_supported()[0]
     except Exception as e:  # noqa: BLE001

@@ -108,7 +108,7 @@ def set_matmul_precision(precision: str) -> None:
     variable is set for that, and the compute type of float32 is set directly where this
     CuPy exposes it (``cupy._core._routines_linalg.set_compute_type``, in CuPy 13 and 14; a
     cached choice would otherwise win). Without CuPy or a GPU only the variable changes: a
-    no-op on the CPU. (Untested on a GPU.)"""
+    no-op on the CPU."""
     if precision not in _PRECISIONS:
         raise ValueError(
             f"set_matmul_precision: expected one of {list(_PRECISIONS)}, got {precision!r}"
@@ -129,6 +129,22 @@ def set_matmul_precision(precision: str) -> None:
 
 # ----------------------------------------------------------------------------------------
 # which GPU code paths run: handgrad's CUDA kernels, and bfloat16 matrix products
+
+# FLOPs of the matrix products run on a GPU since the last reset, by operand dtype ("float32",
+# "bfloat16"): what a report says ran, rather than what a probe says could run. The products
+# of linear layers (the tied classifier included) and of attention's kernel path count.
+GEMM_FLOPS: dict[str, float] = {}
+
+
+def count_gemm(dtype: Any, flops: float) -> None:
+    """Add a GPU matrix product of ``flops`` (2 m n k) with ``dtype`` operands."""
+    name = str(dtype)
+    GEMM_FLOPS[name] = GEMM_FLOPS.get(name, 0.0) + float(flops)
+
+
+def gemm_flops() -> dict[str, float]:
+    """A copy of ``GEMM_FLOPS``; ``GEMM_FLOPS.clear()`` starts a new count."""
+    return dict(GEMM_FLOPS)
 
 
 def _env_flag(name: str) -> bool:
@@ -224,8 +240,7 @@ def bf16_matmul_enabled() -> bool:
     """Whether bfloat16 products on the GPU run in bfloat16: switched on (``use_bf16_matmul``)
     and CuPy's bfloat16 support (experimental in CuPy 14, through ``ml_dtypes``) passed a
     probe the first time it is asked: a small product against its float32 result. When the
-    probe fails, products stay in float32 and ``bf16_matmul_error`` says why. (Untested on
-    a GPU.)"""
+    probe fails, products stay in float32 and ``bf16_matmul_error`` says why."""
     global _bf16_on, _bf16_works, _bf16_error
     if _bf16_on is None:
         _bf16_on = _env_flag("HANDGRAD_CUDA_BF16_MATMUL")

@@ -26,7 +26,7 @@ from functools import lru_cache, partial
 from typing import Any
 
 from handgrad import backend as B
-from handgrad.backend import get_array_module
+from handgrad.backend import cuda, get_array_module
 from handgrad.creation import arange, where
 from handgrad.function import Function
 from handgrad.kernels.dispatch import cuda_kernels
@@ -212,9 +212,11 @@ class _AttentionUntiled(_Attention):
 
     def _cuda_forward(self, q, k, v, scale):
         """s = q k^T (cuBLAS), p = causal_softmax(s * scale) (one kernel), o = p v; p is
-        kept. Untested on a GPU."""
+        kept."""
         xp = self.xp
         self.q, self.k, self.v, self.scale = q, k, v, scale
+        self.flops = 2 * math.prod(q.shape) * k.shape[-2]  # one (L, E) x (E, S) per head
+        cuda.count_gemm(q.dtype, 2 * self.flops)
         s = xp.ascontiguousarray(xp.matmul(q, _mT(k)))
         p = self.kernels.causal_softmax_forward(s, scale)
         del s
@@ -226,6 +228,7 @@ class _AttentionUntiled(_Attention):
         is in ds), dq = ds k, dk = ds^T q."""
         xp, q, k, v, p = self.xp, self.q, self.k, self.v, self.p
         g = xp.ascontiguousarray(g, dtype=q.dtype)
+        cuda.count_gemm(q.dtype, 4 * self.flops)
         dv = xp.matmul(_mT(p), g)
         dp = xp.ascontiguousarray(xp.matmul(g, _mT(v)))
         ds = self.kernels.causal_softmax_backward(dp, p, self.scale)

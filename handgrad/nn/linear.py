@@ -36,6 +36,9 @@ class _Linear(Function):
             )
         self.lead = x.shape[:-1]
         self.x2, self.w = x.reshape(-1, x.shape[-1]), w
+        self.on_gpu = not B.is_numpy(get_array_module(x))
+        if self.on_gpu:
+            cuda.count_gemm(x.dtype, 2 * self.x2.shape[0] * w.shape[0] * w.shape[1])
         y = self.x2 @ w.T
         if w.dtype == B.bfloat16:  # a GPU (keeps_low_precision): bias added in float32
             if b is not None:
@@ -49,6 +52,9 @@ class _Linear(Function):
         x2, w = self.x2, self.w
         g2 = g.reshape(-1, g.shape[-1])
         gm = g2.astype(B.bfloat16) if w.dtype == B.bfloat16 else g2  # the GEMM operand
+        if self.on_gpu:  # dx and dW, each 2 m n k
+            wanted = int(self.needs_input_grad[0]) + int(self.needs_input_grad[1])
+            cuda.count_gemm(gm.dtype, wanted * 2 * g2.shape[0] * w.shape[0] * w.shape[1])
         dx = (gm @ w).reshape(*self.lead, w.shape[1]) if self.needs_input_grad[0] else None
         dw = (gm.T @ x2) if self.needs_input_grad[1] else None
         if w.dtype == B.bfloat16:  # gradients are float32, as for every 16-bit tensor

@@ -426,3 +426,24 @@ def test_gpu_tiled_attention_matches_the_cpu(monkeypatch: pytest.MonkeyPatch) ->
     _close(got, want, "output", 1e-4)
     for i, (g, w) in enumerate(zip(got_g, want_g)):
         _close(g, w, f"grad {i}", 1e-4)
+
+
+def test_gemm_flops_count_what_ran_on_the_device():
+    with fakecupy.installed():
+        cuda.GEMM_FLOPS.clear()
+        hg.manual_seed(0)
+        cfg = GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+        model = GPT2(cfg).to("cuda")
+        x = hg.tensor(np.zeros((2, 8), dtype=np.int64), device="cuda")
+        _, loss = model(x, x)
+        forward = cuda.gemm_flops()
+        loss.backward()
+        both = cuda.gemm_flops()
+    # forward: c_attn, c_proj, c_fc, mlp c_proj and the tied classifier, 2 m n k each
+    m, C, V = 16, 16, 32
+    linears = 2 * m * (C * 3 * C + C * C + C * 4 * C + 4 * C * C + C * V)
+    assert forward["float32"] >= linears and set(forward) == {"float32"}
+    assert both["float32"] >= 3 * linears  # backward: dx and dW of each
+    assert cuda.gemm_flops().get("bfloat16", 0.0) == 0  # float32 activations: no bf16 product
+    cuda.GEMM_FLOPS.clear()
+    assert cuda.gemm_flops() == {}
