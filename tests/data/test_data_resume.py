@@ -187,3 +187,57 @@ def test_different_preparation_refused_while_unfinished(tmp_path, monkeypatch):
     write_jsonl(source, documents(61))  # the source changed under the preparation
     with pytest.raises(PreparationRefused, match=r"source files \(names, sizes"):
         run(source, out)
+
+
+MEMORY_SCRIPT = """
+import sys, warnings
+warnings.simplefilter("ignore")
+from handgrad.data import prepare
+prepare(sys.argv[1], sys.argv[2], sys.argv[3], workers=1, progress=False)
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM"):
+        print(int(line.split()[1]) // 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc")
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    tokenizer = tmp_path / "reference" / "tokenizer.json"
+    run(write_jsonl(tmp_path / "small.jsonl", documents(300)), tmp_path / "reference")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    peaks = {}
+    for n_docs in (2000, 16000):  # about 1.9 MB and 15 MB of text, 0.6M and 5M tokens
+        source = write_jsonl(tmp_path / f"c{n_docs}.jsonl", documents(n_docs, seed=n_docs))
+        cmd = [sys.executable, "-c", MEMORY_SCRIPT, str(source), str(tokenizer)]
+        proc = subprocess.run(
+            [*cmd, str(tmp_path / f"o{n_docs}")], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        peaks[n_docs] = int(proc.stdout.split()[-1])
+    # 13 MB more text and 4.4M more tokens (9 MB as uint16, 35 MB as int64) cost almost nothing
+    assert peaks[16000] - peaks[2000] < 6, peaks
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path):
+    import io
+
+    from handgrad.data.report import Progress
+
+    stream = io.StringIO()  # not a terminal: plain lines, no bar
+    report = Progress(True, total_bytes=4_000_000, stream=stream, interval=0)
+    report.update(documents=10, text_bytes=1_000_000, tokens=250_000, input_bytes=1_000_000)
+    report.update(documents=10, text_bytes=1_000_000, tokens=250_000, input_bytes=2_000_000)
+    report.close(summary={})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in stream.getvalue()
+    assert lines[1].startswith("data prepare: 20 documents, 2.0 MB of text, 500,000 tokens; ")
+    assert "MB/s" in lines[1] and "50% of the input, ETA " in lines[1]
+    assert lines[2].startswith("data prepare: done: 20 documents")
+    quiet = io.StringIO()
+    report = Progress(True, total_bytes=None, stream=quiet, interval=3600)
+    report.update(documents=1, text_bytes=10, tokens=3, input_bytes=10)
+    assert quiet.getvalue() == ""  # sparse: nothing before the interval
+    report = Progress(True, None, start={"documents": 5, "text_bytes": 9, "tokens": 7, "input": 9},
+                      stream=quiet)  # fmt: skip
+    assert "resuming after 5 documents" in quiet.getvalue()
