@@ -1,10 +1,18 @@
-"""Benchmark `data prepare`: tokens/s with 1 worker vs N workers (target: N workers ~ N x 1 worker).
+"""Benchmark `data prepare` on unseen text: MB/s and peak memory at 1 and N workers, and the time
+projected for OpenWebText's 38 GB.
 
-Corpus: the pydocs documents plus tiny Shakespeare replicated `--shakespeare-copies` times, cut into
-documents of about 10 kB at blank lines, all in one .jsonl file. The BPE tokenizer (`--vocab`
-tokens) is learnt once on the pydocs corpus, outside the timings.
+Corpus: `--size` of generated text (benchmarks/textgen.py: a seeded word-level Markov chain over
+the Python docs and tiny Shakespeare plus random words, never a copy), one {"text": ...} line per
+document. The BPE tokenizer (`--vocab` tokens) is learnt beforehand on 1 MB of the real corpus,
+outside the timings. Each preparation runs in a fresh process that reports its own peak RSS and
+its workers' (the largest one; ru_maxrss, which counts the main process's image at the
+spawn too), so memory can be compared between sizes: it should not grow with
+the corpus.
 
-    .venv/bin/python benchmarks/bench_data_prepare.py [--workers 2] [--shakespeare-copies 10]
+    python benchmarks/bench_data_prepare.py --size 100MB [--workers 2] [--vocab 4096]
+
+The projection for 16 workers assumes the per-worker efficiency measured at N workers holds,
+which needs 16 free cores (a 2-core machine cannot measure it).
 """
 
 from __future__ import annotations
@@ -13,100 +21,131 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from handgrad.data import build_pydocs_corpus, prepare
-from handgrad.data.prepare import default_workers
-from handgrad.tokenizer import BPETokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+from bench_tokenizer import corpus  # noqa: E402
+from textgen import parse_size, write_jsonl  # noqa: E402
 
+from handgrad.data.prepare import default_workers  # noqa: E402
+from handgrad.tokenizer import BPETokenizer  # noqa: E402
 
-def shakespeare_documents(copies: int, doc_chars: int = 10_000) -> list[str]:
-    if not SHAKESPEARE.is_file():
-        print(f"({SHAKESPEARE} not found: pydocs only)")
-        return []
-    docs, current = [], ""
-    for paragraph in SHAKESPEARE.read_text(encoding="utf-8").split("\n\n"):
-        current += paragraph + "\n\n"
-        if len(current) >= doc_chars:
-            docs.append(current)
-            current = ""
-    if current:
-        docs.append(current)
-    return docs * copies
+OPENWEBTEXT_BYTES = 38e9
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the pool workers)."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
+def child(corpus_path: str, tokenizer: str, out: str, workers: int) -> None:
+    """One timed preparation in this (fresh) process; prints a JSON line."""
+    from handgrad.data import prepare
+
+    warnings.simplefilter("ignore")
+    t0 = time.perf_counter()
+    meta = prepare(corpus_path, tokenizer, out, workers=workers, progress=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(s["tokens"] for s in meta["splits"].values())
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "tokens": tokens,
+                "rss_main_mb": peak_rss_mb(),
+                "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM; ru_maxrss would include the parent's image from
+    before exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def learn_tokenizer(path: Path, vocab: int) -> float:
+    docs, n = [], 0
+    for d in corpus():
+        docs.append(d)
+        n += len(d)
+        if n >= 1_000_000:
+            break
+    t0 = time.perf_counter()
+    BPETokenizer.train(docs, vocab, show_progress=False).save(path)
+    return time.perf_counter() - t0
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--shakespeare-copies", type=int, default=10)
+    parser.add_argument("--size", type=parse_size, default=parse_size("10MB"))
+    parser.add_argument("--workers", type=int, default=max(default_workers(), 2))
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(*args.child[:3], int(args.child[3]))
+        return
 
-    pydocs = [d["text"] for d in build_pydocs_corpus()]
-    documents = pydocs + shakespeare_documents(args.shakespeare_copies)
-    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        corpus = tmp / "corpus.jsonl"
-        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+        source = tmp / "corpus.jsonl"
         t0 = time.perf_counter()
-        tok = BPETokenizer.train(pydocs, args.vocab, show_progress=False)
-        tok.save(tmp / "tok.json")
-        train_s = time.perf_counter() - t0
+        n_docs = write_jsonl(source, args.size, args.seed)
+        n_bytes = source.stat().st_size
         print(
-            f"corpus: {len(documents):,} documents, {n_bytes / 1e6:.1f} MB; "
-            f"BPE {args.vocab} learnt on pydocs in {train_s:.1f} s"
+            f"corpus: {n_docs:,} generated documents, {n_bytes / 1e6:.1f} MB of jsonl "
+            f"(seed {args.seed}, {time.perf_counter() - t0:.0f} s to generate)"
         )
+        train_s = learn_tokenizer(tmp / "tok.json", args.vocab)
+        print(f"tokenizer: BPE {args.vocab} learnt on 1 MB of the real corpus in {train_s:.1f} s")
+        rows, outputs = {}, {}
+        for workers in sorted({1, args.workers}):
+            out = tmp / f"out{workers}"
+            cmd = [sys.executable, __file__, "--child", str(source), str(tmp / "tok.json")]
+            proc = subprocess.run(
+                [*cmd, str(out), str(workers)], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                sys.exit(f"prepare with {workers} worker(s) failed:\n{proc.stderr}")
+            rows[workers] = json.loads(proc.stdout.strip().splitlines()[-1])
+            outputs[workers] = (out / "train.bin").read_bytes() + (out / "val.bin").read_bytes()
+            print(f"  {workers} worker(s) done in {rows[workers]['seconds']:.1f} s", flush=True)
 
-        # Interleave the worker counts and keep each one's best run, so that a burst of load from
-        # elsewhere on the machine hurts one sample rather than one configuration.
-        counts = sorted({1, args.workers})
-        best = dict.fromkeys(counts, float("inf"))
-        cpu = dict.fromkeys(counts, 0.0)
-        outputs, n_tokens = {}, 0
-        load_before = os.getloadavg()[0]
-        for r in range(args.repeats):
-            for workers in counts:
-                out = tmp / f"out{workers}_{r}"
-                t0, cpu0 = time.perf_counter(), cpu_seconds()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    meta = prepare(corpus, tmp / "tok.json", out, workers=workers, progress=False)
-                seconds = time.perf_counter() - t0
-                if seconds < best[workers]:
-                    best[workers], cpu[workers] = seconds, cpu_seconds() - cpu0
-                outputs[workers] = (out / "train.bin").read_bytes() + (out / "val.bin").read_bytes()
-                n_tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
-        rows = [(w, best[w], cpu[w], n_bytes / best[w] / 1e6, n_tokens / best[w]) for w in counts]
-        print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
-
-    identical = len(set(outputs.values())) == 1
-    base = rows[0][4]
+    print(f"\nload average (1 min): {os.getloadavg()[0]:.2f}, cores: {os.cpu_count()}")
     print(
-        f"\n{'workers':>7} {'seconds':>8} {'cpu s':>6} {'MB/s':>7} {'tokens/s':>11} "
-        f"{'speedup':>8} {'ideal':>6}"
+        f"{'workers':>7} {'seconds':>8} {'MB/s':>7} {'tokens/s':>11} {'speedup':>8} "
+        f"{'RSS main MB':>12} {'RSS worker MB':>14}"
     )
-    for workers, seconds, cpu_s, mbps, tps in rows:
+    base = n_bytes / rows[1]["seconds"]
+    for workers, r in rows.items():
+        rate = n_bytes / r["seconds"]
+        worker_rss = f"{r['rss_worker_mb']:.0f}" if workers > 1 else "-"
         print(
-            f"{workers:>7} {seconds:>8.2f} {cpu_s:>6.2f} {mbps:>7.2f} {tps:>11,.0f} "
-            f"{tps / base:>7.2f}x {workers:>5}x"
+            f"{workers:>7} {r['seconds']:>8.2f} {rate / 1e6:>7.2f} {r['tokens'] / r['seconds']:>11,.0f} "
+            f"{rate / base:>7.2f}x {r['rss_main_mb']:>12.0f} {worker_rss:>14}"
         )
-    print(f"\noutputs byte-identical across worker counts: {identical}")
+    print(f"outputs byte-identical across worker counts: {len(set(outputs.values())) == 1}")
+    n = max(rows)
+    efficiency = min((n_bytes / rows[n]["seconds"]) / base / n, 1.0) if n > 1 else 1.0
+    print(f"\nprojected for OpenWebText ({OPENWEBTEXT_BYTES / 1e9:.0f} GB of text):")
+    for p in (1, 2, 16):
+        rate = base * (1 if p == 1 else p * efficiency)
+        note = "measured" if p in rows else f"assumes the {efficiency:.0%} per-worker efficiency"
+        print(f"  {p:>2} worker(s): {hours(OPENWEBTEXT_BYTES / rate):>7}  ({note})")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from handgrad.data.prepare import default_workers, prepare
+from handgrad.data.resume import PROGRESS_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,6 +91,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f"handgrad data prepare: error: {e}", file=sys.stderr)
+        if (Path(args.out) / PROGRESS_FILE).is_file() and "space" not in str(e):
+            print(
+                f"the work done so far is kept in {args.out}: run the same command to resume",
+                file=sys.stderr,
+            )
         return 1
     splits = meta["splits"]
     print(

@@ -1,13 +1,19 @@
 """`data prepare`: text documents -> tokenizer -> flat token shards `train.bin` / `val.bin`.
 
-Output directory layout (everything written under a temporary name first, `meta.json` last):
+Output directory layout:
 
     tokenizer.json   the tokenizer the shards were made with (JSON, loadable by load_tokenizer)
     train.bin        all training tokens, concatenated, as raw little-endian uint16 (or uint32)
     val.bin          the same for validation
     meta.json        format version, dtype, vocab size, token/document counts, each shard's size
-                     and sha256, source, what was skipped or repaired; its absence means "not
-                     finished", so readers refuse
+                     and sha256, source, what was skipped or repaired, and the preparation's
+                     identity; written last, its absence means "not finished", so readers refuse
+
+Resumable (see resume.py): while it runs the directory holds progress.json and
+{train,val}.bin.partial; a preparation killed at any moment, `kill -9` included, and started
+again with the same command goes on from its last checkpoint, and its final files are
+byte-identical to those of a run that was never interrupted. A different source, tokenizer or
+option into a directory holding another preparation is refused.
 
 Every document is followed by the end-of-text token, so the model learns where documents stop and
 a training window that spans two documents sees the boundary (GPT-2 does the same). The char
@@ -20,9 +26,9 @@ single document (tiny Shakespeare) is split by position instead: the first (1 - 
 its characters train, the rest validate, exactly like nanoGPT's prepare.py.
 
 Tokenizing runs on a process pool: documents are grouped into chunks of about `chunk_chars`
-characters, at most 4 chunks per worker are in flight (bounded memory however large the source),
-and results are appended to the shards in submission order, so output is byte-identical for any
-number of workers.
+characters, at most MAX_IN_FLIGHT chunks per worker are in flight (memory bounded by the chunks in
+flight and the workers, however large the source), and results are appended to the shards in
+submission order, so output is byte-identical for any number of workers.
 """
 
 from __future__ import annotations
@@ -34,32 +40,58 @@ import shutil
 import sys
 import time
 import warnings
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import ExitStack
 from itertools import islice
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from handgrad.data.encode import MAX_IN_FLIGHT, chunks, encode_all
+from handgrad.data.report import Progress
+from handgrad.data.resume import (
+    FORMAT_VERSION,
+    META_FILE,
+    PROGRESS_FILE,
+    PreparationRefused,
+    check_out_dir,
+    identity,
+    open_partials,
+    partial_path,
+    read_progress,
+    remove_stale_temporaries,
+    sync,
+    write_progress,
+)
 from handgrad.data.sources import TextSource, open_source
 from handgrad.diskspace import raise_if_disk_full
-from handgrad.fileio import atomic_path
+from handgrad.fileio import atomic_path, fsync_dir, write_json_atomic
 from handgrad.manifest import hash_file
 
-FORMAT_VERSION = 1
+__all__ = [
+    "ENDOFTEXT",
+    "FORMAT_VERSION",
+    "MAX_IN_FLIGHT",
+    "META_FILE",
+    "SPLITS",
+    "TOKENIZER_FILE",
+    "PreparationRefused",
+    "build_tokenizer",
+    "default_workers",
+    "is_val_document",
+    "prepare",
+    "split_documents",
+    "split_stream",
+    "token_dtype",
+]
+
 ENDOFTEXT = "<|endoftext|>"
 SPLITS = ("train", "val")
 TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "meta.json"
-# Chunks per worker queued or running: enough to keep every worker busy while this process reads
-# and writes, few enough that memory stays bounded (4 x 256k characters per worker).
-MAX_IN_FLIGHT = 4
-_NOTHING_LOST = "the partial files were removed and files already there are unchanged"
+# Least seconds between two checkpoints: each one syncs the shards to disk.
+CHECKPOINT_SECONDS = 5.0
+_NOTHING_KEPT = "nothing was written"
+_KEPT = "the work done so far is kept in {out}: free some space and run the same command to resume"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -77,37 +109,85 @@ def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
 def split_documents(
     documents: Iterable[str], val_fraction: float, seed: int
 ) -> Iterator[tuple[str, str, bool]]:
-    """Assign documents to splits: yields (split, text, ends_document) in source order.
+    """Assign documents to splits: yields (split, text, ends_document), each split's documents in
+    source order.
 
     `ends_document` is False only for the train part of a single document split by position (the
     text goes on in val, so no end-of-text token belongs there).
     """
-    documents = iter(documents)
-    head = list(islice(documents, 2))
-    if len(head) == 1:
-        text = head[0]
-        cut = int(len(text) * (1 - val_fraction))
-        yield "train", text[:cut], cut == len(text)
-        if cut < len(text):
-            yield "val", text[cut:], True
+    stream = ((text, {}) for text in documents)
+    for split, text, ends, _ in split_stream(stream, val_fraction, seed):
+        yield split, text, ends
+
+
+def split_stream(
+    stream: Iterable[tuple[str, dict[str, Any]]],
+    val_fraction: float,
+    seed: int,
+    start: dict[str, Any] | None = None,
+) -> Iterator[tuple[str, str, bool, dict[str, Any] | None]]:
+    """`split_documents` over (text, source position) pairs, resumable: each piece comes with
+    the checkpoint to resume from once it and every piece before it are written, or None where
+    no such point exists (a piece held back, see below). `start` is such a checkpoint.
+
+    Until the first val document, one train document is held back: if the source ends without
+    having sent anything to val, the last document goes there, so a positive val_fraction never
+    yields an empty val split. A checkpoint then points before the held document, which the
+    resumed run reads again.
+    """
+    stream = iter(stream)
+    index = start["index"] if start else 0
+    n_val = start["n_val"] if start else 0
+    mode = start["split_mode"] if start else None
+    position = start["source"] if start else None
+    head = []
+    if mode is None:
+        head = list(islice(stream, 2))
+        if not head:
+            raise ValueError("the source has no documents")
+        mode = "position" if len(head) == 1 else "document"
+
+    def state() -> dict[str, Any]:
+        return {"source": position, "index": index, "n_val": n_val, "split_mode": mode}
+
+    if mode == "position":
+        if head:
+            text, position = head[0]
+            cut = int(len(text) * (1 - val_fraction))
+            index, n_val = 1, int(cut < len(text))
+            if cut < len(text):
+                yield "train", text[:cut], False, None
+                yield "val", text[cut:], True, state()
+            else:
+                yield "train", text, True, state()
         return
-    # One train document is held back: if the source ends without having sent anything to val,
-    # the last document goes there, so a positive val_fraction never yields an empty val split.
+    hold = val_fraction > 0
     held: str | None = None
-    n_val = 0
-    for index, text in enumerate(_chain(head, documents)):
-        if is_val_document(index, seed, val_fraction):
+    for text, at in _chain(head, stream):
+        before = state()
+        position = at
+        is_val = is_val_document(index, seed, val_fraction)
+        index += 1
+        if is_val:
             n_val += 1
-            yield "val", text, True
-            continue
-        if held is not None:
-            yield "train", held, True
-        held = text
+            if held is not None:
+                yield "val", text, True, None
+                yield "train", held, True, state()
+                held = None
+            else:
+                yield "val", text, True, state()
+        elif hold and n_val == 0:
+            if held is not None:
+                yield "train", held, True, before
+            held = text
+        else:
+            yield "train", text, True, state()
     if held is not None:
-        yield ("val" if n_val == 0 and val_fraction > 0 else "train"), held, True
+        n_val += 1
+        yield "val", held, True, state()
 
 
-def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
+def _chain(head: list, rest: Iterator) -> Iterator:
     yield from head
     yield from rest
 
@@ -150,94 +230,6 @@ def build_tokenizer(spec: Any, source: TextSource, val_fraction: float, seed: in
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoding, in worker processes or in this one
-
-_worker_tokenizer: Any = None
-_worker_dtype: np.dtype | None = None
-
-
-def _init_worker(tokenizer_path: str, dtype: str) -> None:
-    from handgrad.tokenizer import load_tokenizer
-
-    global _worker_tokenizer, _worker_dtype
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
-    _worker_dtype = np.dtype(dtype)
-
-
-def _encode_chunk(items: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Encode (text, ends_document) items; returns (all tokens, tokens per item, utf-8 bytes)."""
-    tok, eot = _worker_tokenizer, _worker_tokenizer.eot_token
-    ids: list[int] = []
-    lengths = np.empty(len(items), dtype=np.int64)
-    n_bytes = 0
-    for i, (text, ends_document) in enumerate(items):
-        start = len(ids)
-        # encode_ordinary: a document that happens to contain the text "<|endoftext|>" is encoded
-        # as plain text, so only we place end-of-text tokens.
-        ids.extend(tok.encode_ordinary(text))
-        if ends_document and eot is not None:
-            ids.append(eot)
-        lengths[i] = len(ids) - start
-        n_bytes += len(text.encode("utf-8"))
-    tokens = np.asarray(ids, dtype=np.int64)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= tok.vocab_size):
-        raise ValueError(
-            f"tokenizer produced id {int(tokens.max())} outside its vocabulary of {tok.vocab_size}"
-        )
-    return tokens.astype(_worker_dtype), lengths, n_bytes
-
-
-def _chunks(
-    pieces: Iterable[tuple[str, str, bool]], chunk_chars: int
-) -> Iterator[tuple[list[str], list[tuple[str, bool]]]]:
-    """Group (split, text, ends) pieces into chunks of about chunk_chars characters."""
-    splits: list[str] = []
-    items: list[tuple[str, bool]] = []
-    size = 0
-    for split, text, ends in pieces:
-        splits.append(split)
-        items.append((text, ends))
-        size += len(text)
-        if size >= chunk_chars:
-            yield splits, items
-            splits, items, size = [], [], 0
-    if items:
-        yield splits, items
-
-
-def _encode_all(
-    chunks: Iterator[tuple[list[str], list[tuple[str, bool]]]],
-    tokenizer_path: Path,
-    dtype: np.dtype,
-    workers: int,
-) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, int]]:
-    """Yield (splits, tokens, lengths, n_bytes) per chunk, in order, encoding on `workers`
-    processes with at most MAX_IN_FLIGHT chunks per worker queued or running."""
-    if workers == 1:
-        _init_worker(str(tokenizer_path), dtype.str)
-        for splits, items in chunks:
-            yield (splits, *_encode_chunk(items))
-        return
-    # spawn, not fork: the parent may hold threads (tqdm, datasets' streaming) whose locks a
-    # forked child would inherit in an undefined state.
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(str(tokenizer_path), dtype.str),
-    ) as pool:
-        pending: deque[tuple[list[str], Future]] = deque()
-        for splits, items in chunks:
-            pending.append((splits, pool.submit(_encode_chunk, items)))
-            if len(pending) >= MAX_IN_FLIGHT * workers:
-                splits_done, future = pending.popleft()
-                yield (splits_done, *future.result())
-        while pending:
-            splits_done, future = pending.popleft()
-            yield (splits_done, *future.result())
-
-
-# ---------------------------------------------------------------------------------------------
 # prepare
 
 
@@ -246,6 +238,32 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _tokenizer_identity(spec: Any) -> tuple[str, str | None]:
+    """(spec as recorded, sha256 of a tokenizer file or object); checks the spec's form early,
+    before anything is written."""
+    if hasattr(spec, "encode_ordinary"):
+        return type(spec).__name__, hashlib.sha256(
+            json.dumps(spec.to_dict(), sort_keys=True).encode()
+        ).hexdigest()
+    text = os.fspath(spec)
+    if text == "char":
+        return text, None
+    if text.startswith("train:"):
+        try:
+            int(text.removeprefix("train:"))
+        except ValueError:
+            raise ValueError(f"--tokenizer {text!r}: expected train:N with an integer N") from None
+        return text, None
+    path = Path(text)
+    if path.suffix != ".json":
+        raise ValueError(
+            f"--tokenizer {text!r}: expected a tokenizer .json file, 'char' or 'train:N'"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"--tokenizer {text}: no such file")
+    return text, hash_file(path, "sha256")
 
 
 def prepare(
@@ -260,6 +278,7 @@ def prepare(
     rows: Iterable[dict[str, Any]] | None = None,
     chunk_chars: int = 1 << 18,
     progress: bool = True,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> dict[str, Any]:
     """Tokenize `source` into `out/{train,val}.bin` + `tokenizer.json` + `meta.json`.
 
@@ -269,7 +288,12 @@ def prepare(
     val_fraction: share of documents (or, for a single document, of characters) kept for val.
     workers: tokenizer processes (default: all cores).
     rows: replaces the hub stream for `openwebtext` (an iterable of {text_field: str} dicts).
+    checkpoint_seconds: least time between two checkpoints of the progress (0: every chunk).
     Returns the meta dict also written to `out/meta.json`.
+
+    `out` may be absent or empty (a new preparation), hold an unfinished run of this same
+    preparation (resumed) or a finished one (returned as is); anything else is refused with
+    PreparationRefused.
 
     With workers > 1 the pool uses the "spawn" start method (no fork: the caller may have threads),
     so a script that calls prepare() needs the usual `if __name__ == "__main__":` guard.
@@ -279,118 +303,205 @@ def prepare(
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    tok_spec, tok_sha = _tokenizer_identity(tokenizer)
     src = open_source(source, text_field=text_field, skip_bad_lines=skip_bad_lines, rows=rows)
     out = Path(out)
+    ident = identity(src, tok_spec, tok_sha, val_fraction, seed)
+    found = check_out_dir(out, ident)
+    if found == "finished":
+        if progress:
+            print(f"data prepare: {out} is already prepared; nothing to do", file=sys.stderr)
+        return json.loads((out / META_FILE).read_text(encoding="utf-8"))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    # Every file is written under a temporary name and renamed when the block ends, in the
-    # reverse order of entering: tokenizer, shards, and meta.json last.
+    tok_path = out / TOKENIZER_FILE
     try:
-        with ExitStack() as stack:
-            tmp = {
-                name: stack.enter_context(
-                    # The tokenizer's temp name keeps a .json suffix in case its save() cares.
-                    atomic_path(out / name, suffix=".json" if name == TOKENIZER_FILE else "")
-                )
-                for name in (META_FILE, "val.bin", "train.bin", TOKENIZER_FILE)
-            }
+        if found == "new":
+            write_progress(out, ident, None)
+            checkpoint = None
+        else:
+            remove_stale_temporaries(out)
+            checkpoint = read_progress(out)["checkpoint"]
+        if tok_path.is_file():  # learnt or copied by an earlier run: reused
+            tok = _load_own_tokenizer(tok_path, tok_sha)
+        else:
             tok = build_tokenizer(tokenizer, src, val_fraction, seed)
-            if isinstance(tokenizer, str | os.PathLike) and Path(tokenizer).suffix == ".json":
-                shutil.copyfile(tokenizer, tmp[TOKENIZER_FILE])
-            else:
-                tok.save(tmp[TOKENIZER_FILE])
-            if tok.eot_token is None and type(tok).__name__ != "CharTokenizer":
-                warnings.warn(
-                    f"the tokenizer has no {ENDOFTEXT} token: documents are concatenated without a "
-                    "separator",
-                    stacklevel=2,
-                )
-            dtype = token_dtype(tok.vocab_size)
-            counts = _write_shards(
-                src, tmp, dtype, val_fraction, seed, workers, chunk_chars, progress
+            with atomic_path(tok_path, suffix=".json") as tmp:  # a save() may care for .json
+                if isinstance(tokenizer, str | os.PathLike):
+                    if Path(tokenizer).suffix == ".json":
+                        shutil.copyfile(tokenizer, tmp)
+                    else:
+                        tok.save(tmp)
+                else:
+                    tok.save(tmp)
+        if tok.eot_token is None and type(tok).__name__ != "CharTokenizer":
+            warnings.warn(
+                f"the tokenizer has no {ENDOFTEXT} token: documents are concatenated without a "
+                "separator",
+                stacklevel=2,
             )
-            for split in SPLITS:  # `handgrad verify` checks the shards against these
-                counts[split]["sha256"] = hash_file(tmp[f"{split}.bin"], "sha256")
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "source": src.description,
-                "tokenizer": {
-                    "file": TOKENIZER_FILE,
-                    "sha256": hash_file(tmp[TOKENIZER_FILE], "sha256"),
-                    "spec": (
-                        os.fspath(tokenizer)
-                        if isinstance(tokenizer, str | os.PathLike)
-                        else type(tokenizer).__name__
-                    ),
-                    "type": type(tok).__name__,
-                },
-                "vocab_size": int(tok.vocab_size),
-                "eot_token": tok.eot_token,
-                "dtype": dtype.name,
-                "val_fraction": val_fraction,
-                "seed": seed,
-                "split_mode": counts.pop("split_mode"),
-                "splits": counts,
-                **src.stats.as_dict(),
-            }
-            tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            # Publish: drop the old meta.json first, so that until the new one lands no reader can
-            # pair old metadata with new shards.
-            (out / META_FILE).unlink(missing_ok=True)
-    except OSError as err:
-        raise_if_disk_full(err, "token shards", out, note=_NOTHING_LOST)
+        dtype = token_dtype(tok.vocab_size)
+        if not (checkpoint and checkpoint.get("finished")):
+            checkpoint = _write_shards(
+                src, out, ident, checkpoint, dtype, val_fraction, seed, workers, chunk_chars,
+                progress, checkpoint_seconds,
+            )  # fmt: skip
+        return _finish(out, src, tok, ident, checkpoint, dtype, val_fraction, seed)
+    except BaseException as err:
+        kept = _discard_if_nothing_done(out, created)
+        if isinstance(err, OSError):
+            note = _KEPT.format(out=out) if kept else _NOTHING_KEPT
+            raise_if_disk_full(err, "token shards", out, note=note)
         raise
-    return meta
+
+
+def _discard_if_nothing_done(out: Path, created: bool) -> bool:
+    """After a failure: with no tokens recorded yet, remove what this preparation wrote (and the
+    directory, if it made it), so that a failed start leaves nothing to be mistaken for data.
+    Returns whether work was kept for a resume."""
+    try:
+        if read_progress(out)["checkpoint"] is not None:
+            return True
+    except (OSError, ValueError):
+        pass  # no progress file (or not a readable one): nothing of ours to keep
+    for name in (TOKENIZER_FILE, *(partial_path(out, s).name for s in SPLITS), PROGRESS_FILE):
+        (out / name).unlink(missing_ok=True)
+    remove_stale_temporaries(out)
+    if created and not any(out.iterdir()):
+        out.rmdir()
+    return False
+
+
+def _load_own_tokenizer(path: Path, sha: str | None) -> Any:
+    from handgrad.tokenizer import load_tokenizer
+
+    if sha is not None and hash_file(path, "sha256") != sha:
+        raise PreparationRefused(
+            f"{path} is not the tokenizer this preparation was started with; delete "
+            f"{path.parent} to prepare it again"
+        )
+    return load_tokenizer(path)
 
 
 def _write_shards(
     src: TextSource,
-    tmp: dict[str, Path],
+    out: Path,
+    ident: dict[str, Any],
+    start: dict[str, Any] | None,
     dtype: np.dtype,
     val_fraction: float,
     seed: int,
     workers: int,
     chunk_chars: int,
     progress: bool,
+    checkpoint_seconds: float,
 ) -> dict[str, Any]:
-    counts = {split: {"file": f"{split}.bin", "tokens": 0, "documents": 0} for split in SPLITS}
-    documents = src.documents()
-    head = list(islice(documents, 2))
-    if not head:
-        raise ValueError(
-            f"source {src.description} has no documents "
-            f"({src.stats.empty_documents_skipped} empty skipped)"
-        )
-    split_mode = "position" if len(head) == 1 else "document"
-    pieces = split_documents(_chain(head, documents), val_fraction, seed)
-    chunks = _chunks(pieces, chunk_chars)
-    files = {split: open(tmp[f"{split}.bin"], "wb") for split in SPLITS}
-    bar = tqdm(
-        desc="tokenizing",
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        disable=not progress or None,  # None: tqdm turns itself off when stderr is not a TTY
-        file=sys.stderr,
+    """Tokenize from checkpoint `start` (None: the beginning) to the end of the source into the
+    partial shards, checkpointing on the way; returns the final checkpoint."""
+    counts = (
+        start["splits"] if start else {split: {"tokens": 0, "documents": 0} for split in SPLITS}
     )
-    start, n_tokens = time.perf_counter(), 0
+    text_bytes = start["text_bytes"] if start else 0
+    sizes = {s: counts[s]["tokens"] * dtype.itemsize for s in SPLITS}
+    files = open_partials(out, SPLITS, sizes if start else None)
+    stream = src.stream(start=start["source"] if start else None)
+    pieces = split_stream(stream, val_fraction, seed, start)
+    report = Progress(
+        progress,
+        src.size,
+        start={
+            "documents": sum(counts[s]["documents"] for s in SPLITS),
+            "text_bytes": text_bytes,
+            "tokens": sum(counts[s]["tokens"] for s in SPLITS),
+            "input": (start["source"] or {}).get("at", {}).get("bytes", 0) if start else 0,
+        },
+    )
+    last_checkpoint = time.perf_counter()
+    state: dict[str, Any] | None = None
     try:
-        for splits, tokens, lengths, n_bytes in _encode_all(
-            chunks, tmp[TOKENIZER_FILE], dtype, workers
-        ):
+        encoded = encode_all(chunks(pieces, chunk_chars), out / TOKENIZER_FILE, dtype, workers)
+        for splits, tokens, lengths, n_bytes, state in encoded:
             offset = 0
             for split, length in zip(splits, lengths):
                 tokens[offset : offset + length].tofile(files[split])
                 counts[split]["tokens"] += int(length)
                 counts[split]["documents"] += 1
                 offset += length
-            n_tokens += int(lengths.sum())
-            bar.update(n_bytes)
-            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - start):,.0f} tok/s")
+            text_bytes += n_bytes
+            at = (state["source"] or {}).get("at", {}) if state else {}
+            report.update(len(splits), n_bytes, int(lengths.sum()), at.get("bytes", 0))
+            if time.perf_counter() - last_checkpoint >= checkpoint_seconds:
+                sync(files)
+                write_progress(out, ident, {**state, "splits": counts, "text_bytes": text_bytes})
+                last_checkpoint = time.perf_counter()
+        sync(files)
+    except ValueError as e:
+        if str(e) == "the source has no documents":
+            raise ValueError(
+                f"source {src.description} has no documents "
+                f"({src.stats.empty_documents_skipped} empty skipped)"
+            ) from None
+        raise
     finally:
-        bar.close()
         for f in files.values():
             f.close()
+    final = {
+        **(state or start or {}),
+        "splits": counts,
+        "text_bytes": text_bytes,
+        "stats": src.stats.as_dict(),
+        "finished": True,
+    }
+    write_progress(out, ident, final)
+    report.close(summary=final)
+    return final
+
+
+def _finish(
+    out: Path,
+    src: TextSource,
+    tok: Any,
+    ident: dict[str, Any],
+    checkpoint: dict[str, Any],
+    dtype: np.dtype,
+    val_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Publish a finished preparation: partial shards renamed, meta.json written, progress.json
+    removed. Each step can be redone, so a kill in between is finished by the next run."""
+    splits = {}
     for split in SPLITS:
-        counts[split]["bytes"] = counts[split]["tokens"] * dtype.itemsize
-    counts["split_mode"] = split_mode
-    return counts
+        part, final = partial_path(out, split), out / f"{split}.bin"
+        if part.exists():
+            os.replace(part, final)
+        info = checkpoint["splits"][split]
+        splits[split] = {
+            "file": final.name,
+            "tokens": info["tokens"],
+            "documents": info["documents"],
+            "bytes": info["tokens"] * dtype.itemsize,
+            "sha256": hash_file(final, "sha256"),  # `handgrad verify` checks the shards against it
+        }
+    fsync_dir(out)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": src.description,
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "sha256": hash_file(out / TOKENIZER_FILE, "sha256"),
+            "spec": ident["tokenizer"],
+            "type": type(tok).__name__,
+        },
+        "vocab_size": int(tok.vocab_size),
+        "eot_token": tok.eot_token,
+        "dtype": dtype.name,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "split_mode": checkpoint["split_mode"],
+        "splits": splits,
+        **checkpoint["stats"],
+        "preparation": ident,
+    }
+    write_json_atomic(out / META_FILE, meta)
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    return meta

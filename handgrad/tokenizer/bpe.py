@@ -46,7 +46,7 @@ from handgrad.tokenizer.io import (
 __all__ = ["BPETokenizer"]
 
 # Entries of the per-instance word cache before it is emptied (bounds memory on huge corpora).
-WORD_CACHE_SIZE = 500_000
+WORD_CACHE_SIZE = 50_000
 # Pre-tokens longer than this (bytes) are merged with a heap instead of a linear scan per step.
 LONG_PIECE = 64
 

@@ -83,39 +83,55 @@ def test_older_meta_without_hashes_checks_sizes(prepared, capsys):
     assert out.count("size only (no sha256 in meta.json)") == 2
 
 
-def _fill_disk_midway(monkeypatch) -> None:
-    real = prepare_module._write_shards
+def _fill_disk_after(monkeypatch, n_chunks: int) -> None:
+    """The disk fills up after `n_chunks` chunks were written."""
+    real = prepare_module.encode_all
 
-    def full(src, tmp, *args):
-        real(src, tmp, *args)
-        with open(tmp["val.bin"], "ab") as f:  # some of it landed before the disk filled
-            f.write(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(*args):
+        for i, item in enumerate(real(*args)):
+            if i == n_chunks:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield item
 
-    monkeypatch.setattr(prepare_module, "_write_shards", full)
+    monkeypatch.setattr(prepare_module, "encode_all", full)
 
 
-def test_full_disk_keeps_previous_output(prepared, tmp_path, monkeypatch):
-    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
-    (tmp_path / "other.txt").write_text("Another corpus entirely. " * 40, encoding="utf-8")
-    _fill_disk_midway(monkeypatch)
+def _prepare(src, out, **kw):
+    return prepare(str(src), "char", out, workers=1, progress=False, chunk_chars=200, **kw)
+
+
+def test_full_disk_keeps_the_work_done_and_resumes(prepared, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"  # the source of `prepared`: one document, split by position
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        "".join(json.dumps({"text": f"doc {i} {TEXT[: i * 7]}"}) + "\n" for i in range(60))
+    )
+    reference = _prepare(docs, tmp_path / "reference", checkpoint_seconds=0)
+    out = tmp_path / "out"
+    _fill_disk_after(monkeypatch, 3)
     with pytest.raises(DiskFullError) as info:
-        prepare(str(tmp_path / "other.txt"), "char", prepared, workers=1, progress=False)
+        _prepare(docs, out, checkpoint_seconds=0)
     message = str(info.value)
-    assert message.startswith(f"No space left on device for token shards in {prepared}")
-    assert " free" in message and "files already there are unchanged" in message
-    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before  # no temp files
+    assert message.startswith(f"No space left on device for token shards in {out}")
+    assert " free" in message and "run the same command to resume" in message
+    assert (out / "progress.json").is_file() and not (out / "meta.json").exists()
+    monkeypatch.undo()
+    assert _prepare(docs, out) == {**reference, "preparation": reference["preparation"]}
+    for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+    assert corpus.is_file() and (prepared / "meta.json").is_file()
 
 
 def test_full_disk_cli_message(tmp_path, monkeypatch, capsys):
     (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
     out = tmp_path / "new"
-    _fill_disk_midway(monkeypatch)
+    _fill_disk_after(monkeypatch, 0)
     argv = ["data", "prepare", "--source", str(tmp_path / "corpus.txt"), "--tokenizer", "char"]
     assert main([*argv, "--out", str(out), "--workers", "1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(
         f"handgrad data prepare: error: No space left on device for token shards in {out}"
     )
+    assert "nothing was written" in err
     assert "Traceback" not in err and "Errno" not in err
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # a failed start leaves no directory behind

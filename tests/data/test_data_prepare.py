@@ -9,6 +9,7 @@ import pytest
 
 from handgrad.cli import main as cli_main
 from handgrad.data import load_meta, load_split, prepare, token_dtype
+from handgrad.data.prepare import PreparationRefused
 from handgrad.data.sources import openwebtext
 from handgrad.tokenizer import CharTokenizer, load_tokenizer
 
@@ -284,16 +285,42 @@ def test_skip_and_replace_counts_in_meta(tmp_path, bpe_file):
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
 
 
-def test_failed_prepare_keeps_previous_output(tmp_path, bpe_file):
+def test_another_preparation_into_the_directory_is_refused(tmp_path, bpe_file):
     out = tmp_path / "out"
-    good = run(write_txt_dir(tmp_path / "txt", DOCS), bpe_file, out, val_fraction=0.1)
+    src = write_txt_dir(tmp_path / "txt", DOCS)
+    good = run(src, bpe_file, out, val_fraction=0.1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "ok"}\n')
+    with pytest.raises(PreparationRefused, match=r"holds another finished preparation") as info:
+        run(other, bpe_file, out)
+    assert "source: this command" in str(info.value) and f"delete {out}" in str(info.value)
+    with pytest.raises(PreparationRefused, match=r"val_fraction: this command 0.2"):
+        run(src, bpe_file, out, val_fraction=0.2)
+    with pytest.raises(PreparationRefused, match=r"tokenizer: this command 'char'"):
+        run(src, "char", out, val_fraction=0.1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files either
+    # the same command again: nothing to do, the same meta
+    assert run(src, bpe_file, out, val_fraction=0.1) == good == load_meta(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a directory with other files is not a preparation
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(PreparationRefused, match=r"files that are not a preparation \(notes.txt\)"):
+        run(src, bpe_file, tmp_path / "busy")
+
+
+def test_failed_start_leaves_no_directory(tmp_path, bpe_file):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"oops": 1}\n')
+    for tokenizer in (bpe_file, "train:300"):
+        with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+            run(bad, tokenizer, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()  # an empty directory given by the user stays, empty
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
-        run(bad, bpe_file, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files either
-    assert load_meta(out) == good
+        run(bad, bpe_file, tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_bad_tokenizer_spec(tmp_path):

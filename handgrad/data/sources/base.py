@@ -31,34 +31,60 @@ class SourceStats:
 
 
 class TextSource:
-    """A re-iterable stream of documents.
+    """A re-iterable, resumable stream of documents.
 
-    `read(stats, warn)` is a generator function yielding `(origin, text)`; `origin` names where a
-    document came from (`file.jsonl:12`) for messages. Empty documents are skipped and counted here,
-    so every source treats them alike.
+    `read(stats, warn, start)` is a generator function yielding `(origin, text, at)`: `origin`
+    names where a document came from (`file.jsonl:12`) for messages, and `at` is a small JSON-able
+    position just after the document; `read(..., start=at)` goes on from there without reading
+    what came before (a byte offset in a .jsonl, a row in a .parquet, a file index). `at["bytes"]`
+    counts the input bytes consumed so far, and `size` is the total where it is known (local
+    files), for progress and ETA. `fingerprint` identifies the input's content cheaply (file
+    names, sizes and modification times), so a resumed preparation can tell the input changed.
+    Empty documents are skipped and counted here, so every source treats them alike.
     """
 
     def __init__(
         self,
         description: str,
-        read: Callable[[SourceStats, _Warner], Iterator[tuple[str, str]]],
+        read: Callable[[SourceStats, _Warner, dict[str, Any] | None], Iterator[Document]],
+        size: int | None = None,
+        fingerprint: str | None = None,
     ):
         self.description = description
         self._read = read
+        self.size = size
+        self.fingerprint = fingerprint
         self.stats = SourceStats()
 
     def documents(self, quiet: bool = False) -> Iterator[str]:
         """Yield the documents from the start; `quiet` silences the warnings (a second pass
         over the same data would repeat them)."""
-        self.stats = SourceStats()
+        for text, _ in self.stream(quiet=quiet):
+            yield text
+
+    def stream(
+        self, start: dict[str, Any] | None = None, quiet: bool = False
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield `(text, position)`, from the beginning or from a `position` yielded earlier.
+
+        A position holds the reader's place (`"at"`) and the counts of `stats` up to this
+        document (`"stats"`), so a pass resumed from it ends with the same stats as one that was
+        never interrupted.
+        """
+        self.stats = SourceStats(**start["stats"]) if start else SourceStats()
+        stats = self.stats
         warn = _Warner(quiet)
-        for origin, text in self._read(self.stats, warn):
+        for origin, text, at in self._read(stats, warn, start["at"] if start else None):
             if not text.strip():
-                self.stats.empty_documents_skipped += 1
+                stats.empty_documents_skipped += 1
                 warn("empty", f"skipping empty document {origin}")
                 continue
-            yield text
+            yield text, {"at": at, "stats": dict(stats.__dict__)}
         warn.summary()
+
+
+# What a reader yields: (origin, text, position after the document).
+Document = tuple[str, str, dict[str, Any]]
 
 
 class _Warner:

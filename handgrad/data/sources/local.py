@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import glob as globlib
+import hashlib
 import json
 import warnings
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from handgrad.data.sources.base import (
     BUILTIN_SOURCES,
+    Document,
     SourceStats,
     TextSource,
     _Warner,
@@ -62,29 +64,64 @@ def resolve_local(spec: str) -> tuple[list[Path], int]:
 def local_source(spec: str, text_field: str = "text", skip_bad_lines: bool = False) -> TextSource:
     files, ignored = resolve_local(spec)
     kinds = sorted({p.suffix for p in files})
+    sizes = [p.stat().st_size for p in files]
 
-    def read(stats: SourceStats, warn: _Warner) -> Iterator[tuple[str, str]]:
+    def read(stats: SourceStats, warn: _Warner, start: dict | None) -> Iterator[Document]:
+        # Position: {"file": index in `files`, "offset": bytes (.jsonl) or rows (.parquet) of it
+        # done, "line": last line number read (.jsonl), "bytes": input bytes done in all files}.
         stats.files, stats.files_ignored = len(files), ignored
-        for path in files:
+        first = start["file"] if start else 0
+        for k in range(first, len(files)):
+            path = files[k]
+            done_before = sum(sizes[:k])
+            offset, line = (start["offset"], start["line"]) if start and k == first else (0, 0)
             if path.suffix == ".txt":
                 raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-                yield str(path), decode_utf8(raw, str(path), stats, warn)
+                at = {"file": k + 1, "offset": 0, "line": 0, "bytes": done_before + sizes[k]}
+                yield str(path), decode_utf8(raw, str(path), stats, warn), at
             elif path.suffix == ".jsonl":
-                yield from _read_jsonl(path, text_field, skip_bad_lines, stats, warn)
+                for origin, text, end, lineno in _read_jsonl(
+                    path, text_field, skip_bad_lines, stats, warn, offset, line
+                ):
+                    at = {"file": k, "offset": end, "line": lineno, "bytes": done_before + end}
+                    yield origin, text, at
             else:
-                yield from _read_parquet(path, text_field, stats)
+                n_rows = _parquet_rows(path)
+                for origin, text, row in _read_parquet(path, text_field, stats, offset):
+                    done = done_before + sizes[k] * row // max(n_rows, 1)
+                    yield origin, text, {"file": k, "offset": row, "line": 0, "bytes": done}
 
     description = f"local {spec!r}: {len(files)} file(s) ({', '.join(kinds)})"
     if any(k != ".txt" for k in kinds):
         description += f", text field {text_field!r}"
-    return TextSource(description, read)
+    return TextSource(description, read, size=sum(sizes), fingerprint=_fingerprint(files))
+
+
+def _fingerprint(files: list[Path]) -> str:
+    """A hash of the files' names, sizes and modification times: changes when any file does."""
+    entries = []
+    for path in files:
+        st = path.stat()
+        entries.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def _read_jsonl(
-    path: Path, field: str, skip_bad: bool, stats: SourceStats, warn: _Warner
-) -> Iterator[tuple[str, str]]:
+    path: Path,
+    field: str,
+    skip_bad: bool,
+    stats: SourceStats,
+    warn: _Warner,
+    offset: int = 0,
+    lineno: int = 0,
+) -> Iterator[tuple[str, str, int, int]]:
+    """Yield (origin, text, byte offset after the line, line number) from byte `offset` on
+    (`lineno` lines lie before it)."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        f.seek(offset)
+        for raw in f:
+            lineno += 1
+            offset += len(raw)
             if not raw.strip():
                 continue  # a blank line holds no document
             origin = f"{path}:{lineno}"
@@ -109,7 +146,7 @@ def _read_jsonl(
                 stats.replacement_chars += fixed.count("?") - text.count("?")
                 warn("surrogates", f"{origin}: lone surrogate escapes replaced")
                 text = fixed
-            yield origin, text
+            yield origin, text, offset, lineno
 
 
 def _jsonl_text(line: str, origin: str, field: str) -> str:
@@ -132,7 +169,16 @@ def _jsonl_text(line: str, origin: str, field: str) -> str:
     return text
 
 
-def _read_parquet(path: Path, field: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+def _parquet_rows(path: Path) -> int:
+    pq = import_optional("pyarrow.parquet")
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _read_parquet(
+    path: Path, field: str, stats: SourceStats, start_row: int = 0
+) -> Iterator[tuple[str, str, int]]:
+    """Yield (origin, text, rows done) from row `start_row` on, reading only the row groups
+    that hold it and the rows after it."""
     pq = import_optional("pyarrow.parquet")
     parquet = pq.ParquetFile(path)
     names = parquet.schema_arrow.names
@@ -141,23 +187,38 @@ def _read_parquet(path: Path, field: str, stats: SourceStats) -> Iterator[tuple[
             f"{path}: no column {field!r} (columns: {', '.join(names)}); "
             "choose the column with --text-field"
         )
-    row = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=[field]):
+    row, groups = 0, []
+    for g in range(parquet.metadata.num_row_groups):
+        n = parquet.metadata.row_group(g).num_rows
+        if row + n <= start_row and not groups:
+            row += n  # wholly done: not read at all
+            continue
+        groups.append(g)
+    if not groups:
+        return
+    for batch in parquet.iter_batches(batch_size=1024, columns=[field], row_groups=groups):
         for text in batch.column(0).to_pylist():
+            row += 1
+            if row <= start_row:
+                continue
             if text is not None and not isinstance(text, str):
                 raise ValueError(
-                    f"{path} row {row}: column {field!r} holds {type(text).__name__}, "
+                    f"{path} row {row - 1}: column {field!r} holds {type(text).__name__}, "
                     "expected strings"
                 )
-            yield f"{path} row {row}", text or ""
-            row += 1
+            yield f"{path} row {row - 1}", text or "", row
 
 
 def _single_file_source(path: Path, name: str) -> TextSource:
     sha = hash_file(path, "sha256")
 
-    def read(stats: SourceStats, warn: _Warner) -> Iterator[tuple[str, str]]:
-        stats.files = 1
-        yield str(path), decode_utf8(path.read_bytes(), str(path), stats, warn)
+    size = path.stat().st_size
 
-    return TextSource(f"{name}: {path} (sha256 {sha})", read)
+    def read(stats: SourceStats, warn: _Warner, start: dict | None) -> Iterator[Document]:
+        stats.files = 1
+        if start:
+            return  # the one document was done
+        text = decode_utf8(path.read_bytes(), str(path), stats, warn)
+        yield str(path), text, {"done": True, "bytes": size}
+
+    return TextSource(f"{name}: {path} (sha256 {sha})", read, size=size, fingerprint=sha)

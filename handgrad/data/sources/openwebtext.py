@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import Any
 
-from handgrad.data.sources.base import SourceStats, TextSource, _Warner, import_optional
+from handgrad.data.sources.base import (
+    Document,
+    SourceStats,
+    TextSource,
+    _Warner,
+    import_optional,
+)
 
 # The hub repo still carries a legacy loading script (`openwebtext.py`), which `datasets` >= 4 refuses
 # to run; the same data is published as parquet shards in the repo's data/ folder, so we stream
@@ -43,12 +50,18 @@ def openwebtext_source(
     else:
         description = "openwebtext: injected rows"
 
-    def read(stats: SourceStats, warn: _Warner) -> Iterator[tuple[str, str]]:
-        for i, row in enumerate(rows):
+    def read(stats: SourceStats, warn: _Warner, start: dict | None) -> Iterator[Document]:
+        # Resuming skips the rows already done without tokenizing them; from the hub they are
+        # still streamed (datasets reads parquet shards from their start).
+        first = start["row"] if start else 0
+        done = start["bytes"] if start else 0
+        for i, row in enumerate(islice(rows, first, None), start=first):
             if text_field not in row:
                 raise ValueError(
                     f"openwebtext row {i}: no {text_field!r} field (keys: {', '.join(row)})"
                 )
-            yield f"openwebtext row {i}", row[text_field] or ""
+            text = row[text_field] or ""
+            done += len(text)  # characters: a cheap stand-in for bytes, only shown in progress
+            yield f"openwebtext row {i}", text, {"row": i + 1, "bytes": done}
 
-    return TextSource(description, read)
+    return TextSource(description, read, fingerprint=description)

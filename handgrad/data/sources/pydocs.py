@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from handgrad.data.sources.base import SourceStats, TextSource, _Warner
+from handgrad.data.sources.base import Document, SourceStats, TextSource, _Warner
 
 
 def build_pydocs_corpus(timeout: float = 300.0) -> list[dict[str, str]]:
@@ -42,11 +42,14 @@ def pydocs_source() -> TextSource:
     n_bytes = sum(len(d["text"].encode("utf-8")) for d in corpus)
     version = ".".join(map(str, sys.version_info[:3]))
 
-    def read(stats: SourceStats, warn: _Warner) -> Iterator[tuple[str, str]]:
-        for doc in corpus:
-            yield doc["title"], doc["text"]
+    def read(stats: SourceStats, warn: _Warner, start: dict | None) -> Iterator[Document]:
+        done = start["bytes"] if start else 0
+        for i in range(start["index"] if start else 0, len(corpus)):
+            doc = corpus[i]
+            done += len(doc["text"].encode("utf-8"))
+            yield doc["title"], doc["text"], {"index": i + 1, "bytes": done}
 
     description = (
         f"pydocs: Python {version} documentation, {len(corpus)} documents, {n_bytes} bytes"
     )
-    return TextSource(description, read)
+    return TextSource(description, read, size=n_bytes, fingerprint=description)
