@@ -11,6 +11,8 @@ from pathlib import Path
 from handgrad.data.prepare import default_workers, prepare
 from handgrad.data.resume import PROGRESS_FILE
 
+SMALL_VAL = 4096  # tokens: a val split below this is said to be too small
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="prepare token shards from text")
@@ -106,6 +108,14 @@ def _run_prepare(args: argparse.Namespace) -> int:
     skipped = {k: v for k, v in meta.items() if k.endswith(("_skipped", "replacement", "_chars"))}
     if any(skipped.values()):
         print("skipped/replaced: " + json.dumps(skipped))
+    val = splits["val"]["tokens"]
+    if 0 < meta.get("val_fraction", 0) and val < SMALL_VAL:
+        print(
+            f"warning: the val split holds only {val:,} tokens (--val-fraction "
+            f"{meta['val_fraction']}): too few to validate on, and fewer than a window of "
+            f"block_size + 1 tokens of most models; a larger --val-fraction keeps more",
+            file=sys.stderr,
+        )
     return 0
 
 

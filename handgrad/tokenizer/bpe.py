@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import multiprocessing
 import os
+import warnings
 from collections.abc import Collection, Iterable, Sequence
 from itertools import chain
 from pathlib import Path
@@ -344,8 +345,30 @@ class BPETokenizer:
                 f"vocab_size {vocab_size} is below 256 bytes + {len(special_tokens)} special tokens"
             )
         pat = regex.compile(pattern)
+        items = (
+            [texts_or_files] if isinstance(texts_or_files, str | os.PathLike) else texts_or_files
+        )
+        for item in items if isinstance(items, list | tuple) else ():
+            if (
+                isinstance(item, str)
+                and "\n" not in item
+                and len(item) < 4096
+                and os.path.isfile(item)
+            ):
+                warnings.warn(
+                    f"BPETokenizer.train: {item!r} is learnt from as text, not read as a file; "
+                    "pass pathlib.Path(...) to read a file",
+                    stacklevel=2,
+                )
         word_counts = count_words(texts_or_files, pat, special_tokens, show_progress)
         token_bytes, merges = learn_merges(word_counts, n_merges, show_progress)
+        if len(merges) < n_merges:
+            warnings.warn(
+                f"BPETokenizer.train: the text has only {len(merges)} pairs to merge, so the "
+                f"vocabulary is {256 + len(merges) + len(special_tokens)} tokens, not the "
+                f"{vocab_size} asked for",
+                stacklevel=2,
+            )
         encoder = {b: i for i, b in enumerate(token_bytes)}
         specials = {t: len(token_bytes) + k for k, t in enumerate(special_tokens)}
         return cls(encoder, merges, specials, pattern)

@@ -192,3 +192,23 @@ def test_openwebtext_rows_missing_field():
     src = open_source("openwebtext", rows=[{"text": "a"}, {"content": "b"}])
     with pytest.raises(ValueError, match="openwebtext row 1: no 'text' field"):
         list(src.documents())
+
+
+def test_openwebtext_offline_is_one_message(monkeypatch):
+    import types
+
+    from handgrad.data.sources import openwebtext
+
+    class ConnectError(Exception):  # as httpx names it
+        pass
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    fake = types.SimpleNamespace(load_dataset=load_dataset)
+    monkeypatch.setattr(openwebtext, "import_optional", lambda name: fake)
+    with pytest.raises(RuntimeError) as err:
+        list(openwebtext.openwebtext_rows("hf://datasets/x/data/train-*.parquet"))
+    message = str(err.value)
+    assert "cannot be reached" in message and "HANDGRAD_OPENWEBTEXT_DATA_FILES" in message
+    assert "ConnectError: [Errno -3]" in message

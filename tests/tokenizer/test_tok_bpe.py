@@ -313,3 +313,15 @@ def test_surrogate_rule_property(small_tok, text):
     # decoded back with 'replace' (pairs join, lone surrogates become U+FFFD)
     expected = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     assert small_tok.decode(small_tok.encode(text)) == expected
+
+
+def test_train_says_when_a_file_name_is_taken_as_text_or_the_vocabulary_is_short(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("hello world " * 50, encoding="utf-8")
+    with pytest.warns(UserWarning, match="'corpus.txt' is learnt from as text.*pathlib.Path"):
+        BPETokenizer.train(["corpus.txt"], vocab_size=260)
+    with pytest.warns(UserWarning, match=r"the vocabulary is \d+ tokens, not the 1000 asked for"):
+        tok = BPETokenizer.train([Path("corpus.txt")], vocab_size=1000)
+    assert tok.vocab_size < 1000

@@ -33,10 +33,34 @@ def openwebtext_data_files() -> str:
 
 
 def openwebtext_rows(data_files: str) -> Iterable[dict[str, Any]]:
-    """Stream OpenWebText rows ({"text": ...}) with `datasets`, never holding the corpus in RAM."""
+    """Stream OpenWebText rows ({"text": ...}) with `datasets`, never holding the corpus in RAM.
+    A hub that cannot be reached is one error saying so and what to do instead."""
     datasets = import_optional("datasets")
-    return datasets.load_dataset(
-        "parquet", data_files={"train": data_files}, split="train", streaming=True
+    try:
+        rows = datasets.load_dataset(
+            "parquet", data_files={"train": data_files}, split="train", streaming=True
+        )
+        yield from rows
+    except (ConnectionError, OSError) as err:
+        raise _unreachable(data_files, err) from None
+    except Exception as err:  # httpx / huggingface_hub errors name the network in their type
+        if not _is_network_error(err):
+            raise
+        raise _unreachable(data_files, err) from None
+
+
+def _is_network_error(err: BaseException) -> bool:
+    kinds = [type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None]
+    return any(k.endswith(("ConnectError", "ConnectionError", "Timeout", "OfflineModeIsEnabled"))
+               for k in kinds)  # fmt: skip
+
+
+def _unreachable(data_files: str, err: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f"openwebtext streams {data_files} from the Hugging Face hub, which cannot be reached "
+        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); connect to "
+        "the network, or point HANDGRAD_OPENWEBTEXT_DATA_FILES (or [data] source) at a local "
+        "copy of its parquet files"
     )
 
 
