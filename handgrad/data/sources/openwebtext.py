@@ -34,19 +34,29 @@ def openwebtext_data_files() -> str:
 
 def openwebtext_rows(data_files: str) -> Iterable[dict[str, Any]]:
     """Stream OpenWebText rows ({"text": ...}) with `datasets`, never holding the corpus in RAM.
-    A hub that cannot be reached is one error saying so and what to do instead."""
-    datasets = import_optional("datasets")
-    try:
-        rows = datasets.load_dataset(
-            "parquet", data_files={"train": data_files}, split="train", streaming=True
-        )
-        yield from rows
-    except (ConnectionError, OSError) as err:
-        raise _unreachable(data_files, err) from None
-    except Exception as err:  # httpx / huggingface_hub errors name the network in their type
-        if not _is_network_error(err):
-            raise
-        raise _unreachable(data_files, err) from None
+    Each iteration streams from the first row again. A hub that cannot be reached is one
+    error saying so and what to do instead."""
+    return _Rows(data_files)
+
+
+class _Rows:
+    def __init__(self, data_files: str) -> None:
+        self.data_files, self.dataset = data_files, None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            if self.dataset is None:
+                datasets = import_optional("datasets")
+                self.dataset = datasets.load_dataset(
+                    "parquet", data_files={"train": self.data_files}, split="train", streaming=True
+                )
+            yield from self.dataset
+        except (ConnectionError, TimeoutError) as err:
+            raise _unreachable(self.data_files, err) from None
+        except Exception as err:  # httpx / huggingface_hub errors name the network in their type
+            if not _is_network_error(err):
+                raise
+            raise _unreachable(self.data_files, err) from None
 
 
 def _is_network_error(err: BaseException) -> bool:
