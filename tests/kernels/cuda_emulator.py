@@ -17,13 +17,15 @@ wrote outside its arrays fails the launch) and copied back; arguments that are t
 array share one buffer, as an in-place kernel needs. The guards hold NaN patterns, so a
 read past an array's end shows as NaN in the results.
 
-Each kernel becomes one shared library, cached by the hash of its source, the header and
-the flags, and loaded with ctypes.
+Kernels are built together into one shared library (each source inside a namespace of its
+own, so that their common helpers do not clash: one g++ run instead of one per kernel),
+cached by the hash of the sources, the header and the flags, and loaded with ctypes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -62,35 +64,54 @@ def unavailable() -> str | None:
     return None
 
 
-def translation_unit(code: str, name: str) -> str:
-    """The C++ g++ compiles: the header, the CUDA source unchanged, the entry points."""
-    return (
-        f'#include "cuda_emul.h"\n#line 1 "{name}.cu"\n{code}\n'
-        f'#line 1 "{name}.entry"\nHG_EXPORT_KERNEL({name})\n'
-    )
+def translation_unit(kernels: dict[str, str]) -> str:
+    """The C++ g++ compiles: the header, then each kernel's CUDA source, unchanged, in a
+    namespace of its own, and its entry points."""
+    parts = ['#include "cuda_emul.h"']
+    for name, code in kernels.items():
+        parts += [f"namespace hg_{name} {{", f'#line 1 "{name}.cu"', code, "}",
+                  f'#line 1 "{name}.entry"', f"HG_EXPORT_KERNEL(hg_{name}::{name}, {name})"]  # fmt: skip
+    return "\n".join(parts) + "\n"
 
 
-def build(code: str, name: str, cache_dir: Path) -> Path:
-    """The shared library of kernel ``name`` (compiled unless cached)."""
+def build(kernels: dict[str, str], cache_dir: Path) -> Path:
+    """The shared library of ``kernels`` (name -> CUDA source), compiled unless cached. A
+    lock file lets one process build it while the others (pytest-xdist workers) wait."""
     header = (HEADER_DIR / "cuda_emul.h").read_bytes()
-    tu = translation_unit(code, name)
+    tu = translation_unit(kernels)
     key = hashlib.sha256(header + tu.encode() + " ".join((CXX, *FLAGS)).encode()).hexdigest()
-    so = cache_dir / f"{name}-{key[:20]}.so"
+    so = cache_dir / f"kernels-{key[:24]}.so"
     if so.exists():
         return so
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = so.with_suffix(f".{os.getpid()}.tmp")
-    r = subprocess.run(
-        [CXX, *FLAGS, "-I", str(HEADER_DIR), "-x", "c++", "-", "-o", str(tmp)],
-        input=tu,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"g++ could not compile kernel {name} as C++:\n{r.stderr}")
-    os.replace(tmp, so)  # atomic: another process may be building the same library
+    with open(so.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if so.exists():
+            return so
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
+        r = subprocess.run(
+            [CXX, *FLAGS, "-I", str(HEADER_DIR), "-x", "c++", "-", "-o", str(tmp)],
+            input=tu,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"g++ could not compile {sorted(kernels)} as C++:\n{r.stderr}")
+        os.replace(tmp, so)
     return so
+
+
+class Module:
+    """The kernels of one shared library."""
+
+    def __init__(self, kernels: dict[str, str], cache_dir: Path) -> None:
+        self.sources = dict(kernels)
+        self.lib = ctypes.CDLL(str(build(self.sources, cache_dir)))
+        self.flushes_denormals = bool(self.lib.hg_flushes_denormals())
+
+    def kernel(self, name: str, timeout_s: float = 60.0) -> Kernel:
+        return Kernel(self, name, timeout_s)
 
 
 class LaunchError(RuntimeError):
@@ -115,17 +136,18 @@ def _dims(d: Any) -> tuple[int, int, int]:
 class Kernel:
     """One compiled kernel; calls it as ``cupy.RawKernel.__call__`` does."""
 
-    def __init__(self, code: str, name: str, cache_dir: Path, timeout_s: float = 60.0) -> None:
-        self.name, self.timeout_s = name, timeout_s
-        self.lib = ctypes.CDLL(str(build(code, name, cache_dir)))
-        self.lib.hg_signature.restype = ctypes.c_char_p
-        self.lib.hg_launch.restype = ctypes.c_int
-        self.lib.hg_launch.argtypes = [
+    def __init__(self, module: Module, name: str, timeout_s: float = 60.0) -> None:
+        self.name, self.timeout_s, self.code = name, timeout_s, module.sources[name]
+        signature = getattr(module.lib, f"hg_signature_{name}")
+        signature.restype = ctypes.c_char_p
+        self._launch = getattr(module.lib, f"hg_launch_{name}")
+        self._launch.restype = ctypes.c_int
+        self._launch.argtypes = [
             ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_uint,
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_double, ctypes.c_char_p, ctypes.c_int,
         ]  # fmt: skip
-        self.params = self.lib.hg_signature().decode().split(",")
-        self.flushes_denormals = bool(self.lib.hg_flushes_denormals())
+        self.params = signature().decode().split(",")
+        self.flushes_denormals = module.flushes_denormals
         self.launches: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def __call__(self, grid: Any, block: Any, args: tuple, *, shared_mem: int = 0, **_: Any):
@@ -161,7 +183,7 @@ class Kernel:
         ptrs = (ctypes.c_void_p * max(1, len(values)))(*(v.ctypes.data for v in values))
         err = ctypes.create_string_buffer(1024)
         self.launches.append((g, b))
-        rc = self.lib.hg_launch(
+        rc = self._launch(
             (ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, ptrs,
             self.timeout_s, err, len(err),
         )  # fmt: skip
@@ -205,15 +227,26 @@ def _guarded(arr: np.ndarray) -> np.ndarray:
 
 
 class Emulator:
-    """A ``cupy.RawKernel`` stand-in that runs kernels in the CPU emulation; ``kernels``
-    holds each compiled kernel by name (with its launches)."""
+    """A ``cupy.RawKernel`` stand-in that runs kernels in the CPU emulation. ``sources``
+    (name -> CUDA source) are built together on the first kernel asked for; a kernel asked
+    for with any other source is built alone. ``kernels`` holds each kernel made, by name
+    (with its launches)."""
 
-    def __init__(self, cache_dir: Path, timeout_s: float = 60.0) -> None:
-        self.cache_dir, self.timeout_s = cache_dir, timeout_s
+    def __init__(
+        self, cache_dir: Path, sources: dict[str, str] | None = None, timeout_s: float = 60.0
+    ) -> None:
+        self.cache_dir, self.sources, self.timeout_s = cache_dir, dict(sources or {}), timeout_s
+        self.module: Module | None = None
         self.kernels: dict[str, Kernel] = {}
 
     def RawKernel(self, code: str, name: str, options: tuple = (), **_: Any) -> Kernel:  # noqa: N802
-        k = Kernel(code, name, self.cache_dir, self.timeout_s)
+        if self.sources.get(name) == code:
+            if self.module is None:
+                self.module = Module(self.sources, self.cache_dir)
+            module = self.module
+        else:
+            module = Module({name: code}, self.cache_dir)
+        k = module.kernel(name, self.timeout_s)
         self.kernels[name] = k
         return k
 

@@ -11,7 +11,6 @@ keeps them) by less than the smallest normal float, 1.2e-38, times the output's 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -37,20 +36,10 @@ RTOL = 1e-5
 TINY = np.float32(1e-39)  # a float32 denormal: 0 on the GPU (-ftz=true) and here
 
 
-@pytest.fixture(scope="session")
-def emulator_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One build cache for the run (shared by pytest-xdist's workers), or a persistent one
-    named by HANDGRAD_CUDA_EMUL_CACHE."""
-    if os.environ.get("HANDGRAD_CUDA_EMUL_CACHE"):
-        return Path(os.environ["HANDGRAD_CUDA_EMUL_CACHE"])
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cuda_emul"
-
-
 @pytest.fixture
 def emu(emulator_cache: Path, monkeypatch: pytest.MonkeyPatch):
     """The CuPy stand-in installed with ``RawKernel`` running kernels in the emulation."""
-    e = cuda_emulator.Emulator(emulator_cache)
+    e = cuda_emulator.Emulator(emulator_cache, SOURCES)
     monkeypatch.setattr(K, "_compiled", {})
     monkeypatch.setattr(fakecupy.namespace, "RawKernel", e.RawKernel, raising=False)
     with fakecupy.installed():
@@ -117,7 +106,8 @@ def test_every_kernel_is_built_from_its_shipped_source(emu) -> None:
                  max_norm=1.0)  # fmt: skip
     assert sorted(emu.kernels) == sorted(SOURCES) == K.compiled()
     for name, k in emu.kernels.items():
-        assert k.launches, f"{name} never launched"
+        assert k.code == SOURCES[name] and k.launches, name
+    assert emu.module.sources == SOURCES  # all built in one library, each from its source
 
 
 # ---- layer norm

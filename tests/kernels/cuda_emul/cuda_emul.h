@@ -14,9 +14,10 @@
 // -ftz=true does for float32 (here float64 is flushed too).
 //
 // Checked, and reported as a launch error instead of undefined behaviour: a shuffle that reads
-// a lane which did not take part in it, a mask naming lanes outside the block, threads of a
-// block reaching different counts of __syncthreads() at one barrier, launch dimensions CUDA
-// refuses (a zero grid among them), and a launch that deadlocks (it returns after a timeout).
+// a lane which did not take part in it, a warp mask other than the warp's lanes (masks of part
+// of a warp are not emulated), threads of a block waiting at different __syncthreads() calls,
+// launch dimensions CUDA refuses (a zero grid among them), dynamic shared memory (not
+// emulated), and a launch that deadlocks (it returns after a timeout, leaving its threads).
 #pragma once
 
 #include <algorithm>
@@ -133,8 +134,11 @@ void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 struct Warp {
     std::optional<std::barrier<>> bar;
     unsigned lanes = 0;              // lanes that exist in this warp (bit i: lane i)
-    unsigned long long buf[32] = {};  // the exchange buffer
-    unsigned long long seq[32] = {};  // which shuffle of its lane each entry belongs to
+    // The exchange buffer, two of them used in turn: a lane can write the next exchange's
+    // entry while another still reads this one's (it cannot get two exchanges ahead: the
+    // next exchange's barrier waits for the reader).
+    unsigned long long buf[2][32] = {};
+    unsigned long long seq[2][32] = {};  // which exchange of its lane each entry is from
 };
 
 struct SyncCheck {
@@ -148,6 +152,7 @@ struct Launch {
     std::optional<std::barrier<SyncCheck>> sync;   // __syncthreads
     std::vector<Warp> warps;
     std::vector<long long> syncs;    // per thread: __syncthreads() calls in this block
+    std::vector<const void*> sites;  // per thread: where it calls __syncthreads() from
     std::vector<char> exited;        // per thread, in this block
     std::atomic<bool> failed{false};
     std::mutex msg_mutex;
@@ -176,19 +181,23 @@ inline void fail(const char* fmt, ...) {
     }
 }
 
-// Runs with every live thread of the block waiting at __syncthreads(): they must all have
-// called it the same number of times (one barrier, no divergence).
+// Runs with every live thread of the block waiting at __syncthreads(): as CUDA requires,
+// they must all wait at the same call, as many times (no divergent __syncthreads).
 inline void SyncCheck::operator()() noexcept {
     Launch* l = tl_launch;
-    long long want = -1;
+    long long first = -1;
     for (unsigned t = 0; t < l->nthreads; ++t) {
         if (l->exited[t]) continue;
-        if (want < 0) want = l->syncs[t];
-        if (l->syncs[t] != want && !l->failed.exchange(true)) {
+        if (first < 0) first = t;
+        if (l->syncs[t] == l->syncs[first] && l->sites[t] == l->sites[first]) continue;
+        if (!l->failed.exchange(true)) {
             std::lock_guard<std::mutex> g(l->msg_mutex);
-            l->msg = "__syncthreads() divergence: thread " + std::to_string(t) + " is at call " +
-                     std::to_string(l->syncs[t]) + ", another at call " + std::to_string(want);
+            l->msg = "divergent __syncthreads(): threads " + std::to_string(first) + " and " +
+                     std::to_string(t) + " wait at different calls (their calls " +
+                     std::to_string(l->syncs[first]) + " and " + std::to_string(l->syncs[t]) +
+                     ")";
         }
+        break;
     }
 }
 
@@ -203,44 +212,56 @@ inline void Launch::begin_block() {
         std::memset(warps[w].seq, 0, sizeof warps[w].seq);
     }
     std::fill(syncs.begin(), syncs.end(), 0);
+    std::fill(sites.begin(), sites.end(), nullptr);
     std::fill(exited.begin(), exited.end(), 0);
 }
 
 inline Warp& my_warp() { return tl_launch->warps[tl_tid >> 5]; }
 
-// All lanes in `mask` must take part; they write their value, meet, read, and meet again
-// (so that no lane overwrites its entry while another still reads it).
+// Every lane of the warp takes part in a warp function here (the kernels use full masks):
+// a mask of part of a warp would need the lanes outside it to go on, which one barrier per
+// warp cannot give, so it is refused rather than left to deadlock.
+inline void check_mask(const Warp& w, unsigned mask) {
+    if (mask & ~w.lanes)
+        fail("warp mask 0x%08x names lanes outside the block (0x%08x)", mask, w.lanes);
+    else if (mask != w.lanes)
+        fail("warp mask 0x%08x is part of the warp (0x%08x): not emulated", mask, w.lanes);
+}
+
+// All lanes of the warp take part: each writes its value, they meet, each reads.
 template <class T, class Pick>
 inline T exchange(unsigned mask, T v, Pick pick) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>);
     Warp& w = my_warp();
     const unsigned lane = tl_tid & 31;
-    if (mask & ~w.lanes) fail("warp mask 0x%08x names lanes outside the block", mask);
-    if (!(mask & (1u << lane))) fail("lane %u calls a warp function outside its mask", lane);
+    check_mask(w, mask);
     const unsigned long long seq = ++tl_shuffles;
     unsigned long long bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
-    w.buf[lane] = bits;
-    w.seq[lane] = seq;
+    const unsigned k = seq & 1;
+    w.buf[k][lane] = bits;
+    w.seq[k][lane] = seq;
     w.bar->arrive_and_wait();
     int src = pick(lane);
     T r = v;
     if (src >= 0 && src != (int)lane) {
-        if (!(mask & (1u << src)) || w.seq[src] != seq)
+        if (!(mask & (1u << src)) || w.seq[k][src] != seq)
             fail("lane %u reads lane %d, which did not take part in this warp function", lane,
                  src);
-        std::memcpy(&r, &w.buf[src], sizeof(T));
+        std::memcpy(&r, &w.buf[k][src], sizeof(T));
     }
-    w.bar->arrive_and_wait();
     return r;
 }
 
 }  // namespace hg
 
 // ---- block and warp synchronisation
-inline void __syncthreads() {
+// Not inlined, so that its return address names the call (an inlined __device__ function
+// calling it gives one call per place it is inlined into).
+__attribute__((noinline)) inline void __syncthreads() {
     hg::Launch* l = hg::tl_launch;
     ++l->syncs[hg::tl_tid];
+    l->sites[hg::tl_tid] = __builtin_return_address(0);
     l->sync->arrive_and_wait();
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
@@ -278,18 +299,18 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 inline unsigned __ballot_sync(unsigned mask, int pred) {
     hg::Warp& w = hg::my_warp();
     const unsigned lane = hg::tl_tid & 31;
-    if (mask & ~w.lanes) hg::fail("warp mask 0x%08x names lanes outside the block", mask);
+    hg::check_mask(w, mask);
     const unsigned long long seq = ++hg::tl_shuffles;
-    w.buf[lane] = pred != 0;
-    w.seq[lane] = seq;
+    const unsigned k = seq & 1;
+    w.buf[k][lane] = pred != 0;
+    w.seq[k][lane] = seq;
     w.bar->arrive_and_wait();
     unsigned r = 0;
     for (unsigned s = 0; s < 32; ++s) {
         if (!(mask & (1u << s))) continue;
-        if (w.seq[s] != seq) hg::fail("lane %u is in the vote's mask but did not vote", s);
-        if (w.buf[s]) r |= 1u << s;
+        if (w.seq[k][s] != seq) hg::fail("lane %u is in the vote's mask but did not vote", s);
+        if (w.buf[k][s]) r |= 1u << s;
     }
-    w.bar->arrive_and_wait();
     return r;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
@@ -386,6 +407,7 @@ int run_grid(const unsigned* g, const unsigned* b, unsigned shared_mem, double t
     L->nblocks = (unsigned long long)grid.x * grid.y * grid.z;
     L->warps = std::vector<Warp>(L->nwarps);
     L->syncs.assign(L->nthreads, 0);
+    L->sites.assign(L->nthreads, nullptr);
     L->exited.assign(L->nthreads, 0);
     L->begin_block();
 
@@ -507,14 +529,17 @@ int launch(void (*kernel)(P...), const unsigned* grid, const unsigned* block,
 
 }  // namespace hg
 
-// The entry points of the shared library built for kernel NAME.
-#define HG_EXPORT_KERNEL(NAME)                                                               \
-    extern "C" int hg_launch(const unsigned* grid, const unsigned* block, unsigned shared_mem, \
-                             void** args, double timeout_s, char* err, int errlen) {          \
-        return hg::launch(NAME, grid, block, shared_mem, args, timeout_s, err, errlen);      \
-    }                                                                                        \
-    extern "C" const char* hg_signature() {                                                  \
-        static const std::string s = hg::signature(NAME);                                    \
-        return s.c_str();                                                                    \
-    }                                                                                        \
-    extern "C" int hg_flushes_denormals() { return hg::flushes_denormals(); }
+extern "C" int hg_flushes_denormals() { return hg::flushes_denormals(); }
+
+// The entry points of kernel FN (its source wrapped in a namespace, so that several kernels
+// with the same helpers build into one library): hg_launch_NAME, hg_signature_NAME.
+#define HG_EXPORT_KERNEL(FN, NAME)                                                         \
+    extern "C" int hg_launch_##NAME(const unsigned* grid, const unsigned* block,            \
+                                    unsigned shared_mem, void** args, double timeout_s,     \
+                                    char* err, int errlen) {                                \
+        return hg::launch(FN, grid, block, shared_mem, args, timeout_s, err, errlen);      \
+    }                                                                                      \
+    extern "C" const char* hg_signature_##NAME() {                                         \
+        static const std::string s = hg::signature(FN);                                    \
+        return s.c_str();                                                                  \
+    }
