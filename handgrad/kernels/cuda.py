@@ -6,8 +6,9 @@ C-contiguous float32 (int64 for indices); outputs are new CuPy arrays unless an 
 is given. The CUDA C is in ``cuda_sources``; each kernel compiles on first use (NVRTC)
 and is cached. Importing this module needs no CuPy.
 
-Untested on a GPU: the machines this was written on have none. ``tests/kernels`` checks
-each kernel against its reference wherever a GPU is present.
+Untested on a GPU: the machines this was written on have none. ``tests/kernels`` runs each
+kernel, launched by these launchers, against its reference in a CPU emulation of CUDA
+(docs/gpu.md), and on a GPU wherever one is present.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def _kernel(name: str) -> Any:
     return _compiled[name]
 
 
+def _launch(name: str, grid: tuple, block: tuple, args: tuple) -> None:
+    """Kernel ``name`` over ``grid``, or nothing when the grid is empty (a zero-row batch,
+    a zero-width row): that is no work, and CUDA refuses a grid with a zero dimension
+    ("invalid configuration argument") where CuPy would raise."""
+    if min(grid) > 0:
+        _kernel(name)(grid, block, args)
+
+
 def compiled() -> list[str]:
     """The names of the kernels compiled in this process so far (which ones have run)."""
     return sorted(_compiled)
@@ -64,7 +73,8 @@ def _row_threads(width: int) -> int:
 
 
 def _grid_for(n: int, threads: int = 256) -> int:
-    return max(1, min(math.ceil(n / threads), 65536))  # grid-stride loops cover the rest
+    """Blocks for ``n`` elements (0 for none: ``_launch`` then launches nothing)."""
+    return min(math.ceil(n / threads), 65536)  # grid-stride loops cover the rest
 
 
 # ---- layer norm
@@ -78,8 +88,11 @@ def layer_norm_forward(x: Any, weight: Any, bias: Any | None, eps: float = 1e-5)
     y = cp.empty_like(x)
     mean, rstd = cp.empty(N, np.float32), cp.empty(N, np.float32)
     args = (x, weight, bias if bias is not None else weight, np.int32(bias is not None))
-    _kernel("layer_norm_forward")(
-        (N,), (_row_threads(C),), (*args, y, mean, rstd, np.int32(C), np.float32(eps))
+    _launch(
+        "layer_norm_forward",
+        (N,),
+        (_row_threads(C),),
+        (*args, y, mean, rstd, np.int32(C), np.float32(eps)),
     )
     return y, mean, rstd
 
@@ -89,13 +102,17 @@ def layer_norm_backward(dy: Any, x: Any, weight: Any, mean: Any, rstd: Any) -> t
     cp = _check("layer_norm_backward", dy=dy, x=x, weight=weight, mean=mean, rstd=rstd)
     N, C = x.shape
     dx = cp.empty_like(x)
-    _kernel("layer_norm_backward_input")(
-        (N,), (_row_threads(C),), (dy, x, weight, mean, rstd, dx, np.int32(C))
+    _launch(
+        "layer_norm_backward_input",
+        (N,),
+        (_row_threads(C),),
+        (dy, x, weight, mean, rstd, dx, np.int32(C)),
     )
     dw, db = cp.zeros(C, np.float32), cp.zeros(C, np.float32)
     chunks = max(1, min(N, 128))
-    rows = math.ceil(N / chunks)
-    _kernel("layer_norm_backward_params")(
+    rows = max(1, math.ceil(N / chunks))  # N = 0: no chunk (and no division by zero)
+    _launch(
+        "layer_norm_backward_params",
         (math.ceil(C / 256), math.ceil(N / rows)),
         (256,),
         (dy, x, mean, rstd, dw, db, np.int32(N), np.int32(C), np.int32(rows)),
@@ -109,14 +126,14 @@ def layer_norm_backward(dy: Any, x: Any, weight: Any, mean: Any, rstd: Any) -> t
 def gelu_tanh_forward(x: Any) -> Any:
     cp = _check("gelu_tanh_forward", x=x)
     y = cp.empty_like(x)
-    _kernel("gelu_tanh_forward")((_grid_for(x.size),), (256,), (x, y, np.int64(x.size)))
+    _launch("gelu_tanh_forward", (_grid_for(x.size),), (256,), (x, y, np.int64(x.size)))
     return y
 
 
 def gelu_tanh_backward(dy: Any, x: Any) -> Any:
     cp = _check("gelu_tanh_backward", dy=dy, x=x)
     dx = cp.empty_like(x)
-    _kernel("gelu_tanh_backward")((_grid_for(x.size),), (256,), (dy, x, dx, np.int64(x.size)))
+    _launch("gelu_tanh_backward", (_grid_for(x.size),), (256,), (dy, x, dx, np.int64(x.size)))
     return dx
 
 
@@ -128,9 +145,12 @@ def causal_softmax_forward(scores: Any, scale: float) -> Any:
     cp = _check("causal_softmax_forward", scores=scores)
     T = scores.shape[-1]
     p = cp.empty_like(scores)
-    rows = scores.size // T
-    _kernel("causal_softmax_forward")(
-        (rows,), (_row_threads(T),), (scores, p, np.int32(T), np.float32(scale))
+    rows = scores.size // T if T else 0
+    _launch(
+        "causal_softmax_forward",
+        (rows,),
+        (_row_threads(T),),
+        (scores, p, np.int32(T), np.float32(scale)),
     )
     return p
 
@@ -139,8 +159,11 @@ def causal_softmax_backward(dp: Any, p: Any, scale: float) -> Any:
     cp = _check("causal_softmax_backward", dp=dp, p=p)
     T = p.shape[-1]
     ds = cp.empty_like(p)
-    _kernel("causal_softmax_backward")(
-        (p.size // T,), (_row_threads(T),), (dp, p, ds, np.int32(T), np.float32(scale))
+    _launch(
+        "causal_softmax_backward",
+        (p.size // T if T else 0,),
+        (_row_threads(T),),
+        (dp, p, ds, np.int32(T), np.float32(scale)),
     )
     return ds
 
@@ -175,7 +198,8 @@ def cross_entropy_forward(
     if not 0 < vocab_size <= Vp:
         raise ValueError(f"cross_entropy_forward: vocab_size {vocab_size} not in [1, {Vp}]")
     loss, lse = cp.empty(N, np.float32), cp.empty(N, np.float32)
-    _kernel("cross_entropy_forward")(
+    _launch(
+        "cross_entropy_forward",
         (N,),
         (_row_threads(vocab_size),),
         (logits, targets, loss, lse, np.int32(vocab_size), np.int32(Vp), np.int64(ignore_index)),
@@ -196,7 +220,8 @@ def cross_entropy_backward(
     cp = _check("cross_entropy_backward", logits=logits, lse=lse, targets=targets, dloss=dloss)
     N, Vp = logits.shape
     d = cp.empty_like(logits) if out is None else out
-    _kernel("cross_entropy_backward")(
+    _launch(
+        "cross_entropy_backward",
         (N,),
         (_row_threads(Vp),),
         (
@@ -220,8 +245,8 @@ def embedding_backward(idx: Any, dout: Any, num_embeddings: int) -> Any:
     cp = _check("embedding_backward", idx=idx, dout=dout)
     N, C = dout.shape
     dw = cp.zeros((num_embeddings, C), np.float32)
-    _kernel("embedding_backward")(
-        (_grid_for(N * C),), (256,), (idx, dout, dw, np.int64(N), np.int32(C))
+    _launch(
+        "embedding_backward", (_grid_for(N * C),), (256,), (idx, dout, dw, np.int64(N), np.int32(C))
     )
     return dw
 
@@ -233,7 +258,7 @@ def sum_squares(g: Any) -> Any:
     """sum g^2 over a flat float32 buffer, as a 1-element float64 device array (no sync)."""
     cp = _check("sum_squares", g=g)
     out = cp.zeros(1, np.float64)
-    _kernel("sum_squares")((_grid_for(g.size, 1024),), (256,), (g, np.int64(g.size), out))
+    _launch("sum_squares", (_grid_for(g.size, 1024),), (256,), (g, np.int64(g.size), out))
     return out
 
 
@@ -261,7 +286,8 @@ def adamw_flat(
     if out_bf16 is not None and (out_bf16.size != w.size or out_bf16.itemsize != 2):
         raise ValueError(f"adamw_flat: out_bf16 must hold {w.size} 16-bit values")
     out = out_bf16.view(np.uint16) if out_bf16 is not None else cp.empty(1, np.uint16)
-    _kernel("adamw_flat")(
+    _launch(
+        "adamw_flat",
         (_grid_for(w.size),),
         (256,),
         (
