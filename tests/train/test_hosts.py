@@ -164,7 +164,9 @@ def test_a_lost_host_ends_the_job(hosts, full, config, tmp_path, fault, rank, me
     started = time.time()
     done = on_hosts(hosts, *args, fault=f"{fault}:{FAULT_AT}:{rank}")
     end, out = time.time(), done.stdout + done.stderr
-    assert done.returncode != 0, out
+    # Open MPI 5.0's mpirun exits 0 when it ends a job after losing a daemon's connection
+    # (docs/distributed.md): its message must say so then
+    assert done.returncode != 0 or "PRTE has lost communication" in out, out
     failed = float(out.split(f"rank {rank} failing at ")[1].split()[0])
     assert started < failed and end - failed < 30, out
     host = hosts.names[rank]
