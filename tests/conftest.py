@@ -39,12 +39,13 @@ def _shared_run_lock(request) -> Iterator[None]:
         yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def alone(request) -> Iterator[None]:
-    """Run this test with no other test of a ``pytest -n N`` run beside it (timing tests
-    across processes on a few busy cores); the test must carry ``@pytest.mark.alone``."""
+    """Run this module's tests, and its module fixtures that ask for ``alone``, with no other
+    test of a ``pytest -n N`` run beside them (timing tests across processes on a few busy
+    cores); the module must carry ``pytestmark = pytest.mark.alone``."""
     path = _run_lock()
-    assert request.node.get_closest_marker("alone"), "mark the test @pytest.mark.alone"
+    assert request.node.get_closest_marker("alone"), "mark the module pytest.mark.alone"
     if path is None:
         yield
         return

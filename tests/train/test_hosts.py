@@ -46,7 +46,7 @@ def _mpirun() -> str:
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
+def hosts(alone, tmp_path_factory):
     mpirun = _mpirun()
     try:
         made = NetHosts(2, tmp_path_factory.mktemp("hosts"))
