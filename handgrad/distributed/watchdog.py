@@ -98,7 +98,7 @@ class Watchdog:
         self.lock = threading.Lock()
         self.last_mark = self.tick = time.monotonic()
         self.gaps: deque[float] = deque(maxlen=20)
-        self.pause_depth, self.fired, self.closing = 0, False, False
+        self.pause_depth, self.closing = 0, False
         self.heard: dict[int, float] = {}
         self.lost: dict[int, str] = {}  # peer -> how its connection ended
         self.done: set[int] = set()  # peers that said goodbye
@@ -121,7 +121,8 @@ class Watchdog:
         if self.rank == 0:
             server = socket.create_server(("", 0))
             token = os.urandom(8).hex()
-            where = {"port": server.getsockname()[1], "token": token, "addrs": local_addresses()}
+            addrs = local_addresses()[:40]  # 40 fit in the broadcast's 1,024 bytes
+            where = {"port": server.getsockname()[1], "token": token, "addrs": addrs}
             raw = json.dumps(where).encode()[:_BLOB]
             blob[: len(raw)] = np.frombuffer(raw, np.uint8)
         self.group.broadcast(blob, src=0)
@@ -303,7 +304,6 @@ class Watchdog:
             self.tick = now
             message = self.check()
             if message is not None and not self.closing:
-                self.fired = True
                 self.close()
                 self._end(f"handgrad: {message}; ending the job")
                 return
