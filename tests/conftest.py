@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,41 @@ import handgrad
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _run_lock() -> Path | None:
+    """The file the workers of one ``pytest -n N`` run lock (None outside pytest-xdist)."""
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    return Path(tempfile.gettempdir()) / f"handgrad-tests-{uid}.lock" if uid else None
+
+
+@pytest.fixture(autouse=True)
+def _shared_run_lock(request) -> Iterator[None]:
+    """Every test holds the run's lock shared, so that a test marked ``alone`` (which holds
+    it exclusively, see ``alone``) never runs beside another test of the run."""
+    path = _run_lock()
+    if path is None or request.node.get_closest_marker("alone"):
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        yield
+
+
+@pytest.fixture(scope="module")
+def alone(request) -> Iterator[None]:
+    """Run this module's tests, and its module fixtures that ask for ``alone``, with no other
+    test of a ``pytest -n N`` run beside them (timing tests across processes on a few busy
+    cores); the module must carry ``pytestmark = pytest.mark.alone``."""
+    path = _run_lock()
+    assert request.node.get_closest_marker("alone"), "mark the module pytest.mark.alone"
+    if path is None:
+        yield
+        return
+    with open(path.with_suffix(".alone"), "a") as queue, open(path, "a") as f:
+        fcntl.flock(queue, fcntl.LOCK_EX)  # one alone test at a time, then the run
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,8 @@ from handgrad.distributed.transport import (
     check_reduction,
     check_scatter_sizes,
 )
+
+ABORT_GRACE_S = 5.0  # after MPI_Abort, the seconds before this process exits by itself
 
 # Variables a launcher sets for every rank it starts (world size or rank).
 _LAUNCHER_VARS = (
@@ -167,9 +170,28 @@ class MPITransport(Transport):
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def describe(self) -> str:
+        """The MPI library, and what an Open MPI launcher was told to move messages over
+        (``--mca btl``, ``btl_tcp_if_include``: the OMPI_MCA_* variables its ranks get)."""
+        library = self.MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+        said = [
+            f"{key} {os.environ[f'OMPI_MCA_{key}']}"
+            for key in ("btl", "btl_tcp_if_include", "btl_tcp_if_exclude")
+            if os.environ.get(f"OMPI_MCA_{key}")
+        ]
+        return f"mpi ({library}{''.join(', ' + x for x in said)})"
+
     def abort(self, detail: str) -> None:
-        sys.stderr.write(f"rank {self.rank} of {self.world_size} failed: {detail}\n")
+        self.end_job(f"rank {self.rank} of {self.world_size} failed: {detail}")
+
+    def end_job(self, message: str) -> None:
+        """Print ``message``, then MPI_Abort. A launcher this rank can no longer reach (its
+        link cut) may leave MPI_Abort waiting: the process then exits by itself after 5 s."""
+        sys.stderr.write(message.rstrip("\n") + "\n")
         sys.stderr.flush()
+        timer = threading.Timer(ABORT_GRACE_S, os._exit, args=(1,))
+        timer.daemon = True
+        timer.start()
         self.comm.Abort(1)
 
 

@@ -257,6 +257,12 @@ class NCCLTransport(Transport):
         finally:
             self.mpi.abort(detail)
 
+    def end_job(self, message: str) -> None:
+        try:
+            self.comm.abort()
+        finally:
+            self.mpi.end_job(message)
+
     def close(self) -> None:
         self.cupy.cuda.get_current_stream().synchronize()
         self.comm.destroy()

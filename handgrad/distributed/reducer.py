@@ -1,4 +1,4 @@
-"""Gradients over ranks: one flat buffer per bucket, reduced in place (data parallelism).
+"""Gradients over ranks: flat buckets, reduced in place (data parallelism).
 
 Data parallelism: every rank holds the whole model and the gradient of its share of the
 batch; the step needs their sum (or mean). Reducing parameter by parameter pays a
@@ -31,7 +31,11 @@ complete (a parameter without a gradient counts as zeros) and ``wait()`` waits f
 all. Every rank starts the buckets in the same order, 0, 1, 2, ..., whatever order its hooks
 fire in: MPI matches collectives by their order. Each bucket holds the same values and is
 reduced by the same collective as in ``reduce()`` after backward, so both give the same
-sums, bit for bit.
+sums, bit for bit (with 2 ranks; with more, an MPI may sum in an order of its choosing).
+
+Consecutive buckets of one dtype are slices of one storage array, so ``reduce()`` after
+backward reduces all of them in one collective: over a network, one large MPI_Allreduce
+moves the same bytes faster than several smaller ones (benchmarks/bench_hosts.py).
 """
 
 from __future__ import annotations
@@ -49,9 +53,10 @@ DEFAULT_BUCKET_BYTES = 25 << 20
 
 
 class _Bucket:
-    def __init__(self, xp: Any, dtype: Any, members: list[tuple[int, int, int]]) -> None:
+    def __init__(self, dtype: Any, members: list[tuple[int, int, int]]) -> None:
         self.members = members  # (parameter index, offset, size)
-        self.flat = xp.zeros(sum(size for _, _, size in members), dtype=dtype)
+        self.dtype, self.size = dtype, sum(size for _, _, size in members)
+        self.flat: Any = None  # its slice of its run's storage
 
 
 class GradientReducer:
@@ -87,14 +92,28 @@ class GradientReducer:
             gdtype = B.compute_dtype(p.dtype)
             nbytes = p.data.size * gdtype.itemsize
             if members and (gdtype != dtype or used + nbytes > bucket_bytes):
-                self.buckets.append(_Bucket(xp, dtype, members))
+                self.buckets.append(_Bucket(dtype, members))
                 members, used = [], 0
             dtype = gdtype
             members.append((i, used // gdtype.itemsize, p.data.size))
             self._bucket_of[i] = len(self.buckets)
             used += nbytes
         if members:
-            self.buckets.append(_Bucket(xp, dtype, members))
+            self.buckets.append(_Bucket(dtype, members))
+        # consecutive buckets of one dtype share one storage, each its slice of it: reduce()
+        # reduces a whole run at once (one large message moves faster over a network)
+        self.runs: list[tuple[Any, list[_Bucket]]] = []
+        for bucket in self.buckets:
+            if not self.runs or self.runs[-1][1][0].dtype != bucket.dtype:
+                self.runs.append((None, []))
+            self.runs[-1][1].append(bucket)
+        for k, (_, run) in enumerate(self.runs):
+            storage = xp.zeros(sum(b.size for b in run), dtype=run[0].dtype)
+            start = 0
+            for bucket in run:
+                bucket.flat = storage[start : start + bucket.size]
+                start += bucket.size
+            self.runs[k] = (storage, run)
         # parameter index -> its gradient's home: its slice of its bucket, in its shape
         self._views: list[Any] = [None] * len(self.params)
         for bucket in self.buckets:
@@ -121,14 +140,18 @@ class GradientReducer:
         ranks a parameter gets a gradient (zeros where no rank had one) unless
         ``has_grad[i]`` is False; the other ranks' gradients keep their values."""
         _check_op(op)
-        receives = dst is None or dst == self.group.rank
+        if dst is None:  # a run of buckets in one collective
+            for storage, run in self.runs:
+                for bucket in run:
+                    self._pack(bucket)
+                self.group.all_reduce(storage, op)
+                for bucket in run:
+                    self._unpack(bucket, has_grad)
+            return
         for bucket in self.buckets:
             self._pack(bucket)
-            if dst is None:
-                self.group.all_reduce(bucket.flat, op)
-            else:
-                self.group.reduce(bucket.flat, dst, op)
-            if receives:
+            self.group.reduce(bucket.flat, dst, op)
+            if dst == self.group.rank:
                 self._unpack(bucket, has_grad)
 
     # ---- overlapped with backward (every rank all-reduces)

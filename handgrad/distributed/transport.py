@@ -165,6 +165,11 @@ class Transport:
         """Tell the other ranks this one has failed with ``detail`` (best effort; may not
         return, e.g. MPI's Abort ends the whole job)."""
 
+    def end_job(self, message: str) -> None:
+        """End every rank of the job, printing ``message`` (a watchdog's: another rank has
+        failed). Here: ``abort(message)``."""
+        self.abort(message)
+
     def close(self) -> None:
         """Release what the transport holds; collectives are not allowed afterwards."""
 

@@ -34,6 +34,7 @@ complete one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import traceback
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from handgrad.backend import cuda
 from handgrad.backend.device import as_device
 from handgrad.distributed import Transport
 from handgrad.distributed.local import can_fork
+from handgrad.distributed.watchdog import Watchdog, hosts
 from handgrad.nn import Module
 from handgrad.nn.utils import clip_grad_norm_
 from handgrad.parallel import step as steps
@@ -240,10 +242,19 @@ class MPIRanks(RunMode):
     (``zero.py``). Rank 0 alone writes and prints; evaluation batches are dealt out over the
     ranks."""
 
-    def __init__(self, group: Transport, device: str, zero: bool, say: Callable = print) -> None:
+    def __init__(
+        self,
+        group: Transport,
+        device: str,
+        zero: bool,
+        say: Callable = print,
+        collective_timeout: float = 10.0,
+    ) -> None:
         super().__init__(device, group.world_size, say)
-        self.group, self.zero = group, zero
+        self.group, self.zero, self.collective_timeout = group, zero, collective_timeout
         self.rank, self.world_size, self.writes = group.rank, group.world_size, group.rank == 0
+        self.hosts = hosts(group)  # every rank's host name, for the start line and failures
+        self.watchdog: Watchdog | None = None
 
     def first(self, fn: Callable[[], T]) -> T:
         failed = np.zeros(1)
@@ -290,11 +301,33 @@ class MPIRanks(RunMode):
             model, self.processes, self.global_batch, self.block_size, self.seed, self.group,
             reduce_gradients=not self.zero, upload=self.upload if on_gpu else None,
         )  # fmt: skip
+        # MPI collectives have no timeout: a lost, cut-off or stalled rank ends the job
+        self.watchdog = Watchdog(
+            self.group, self.collective_timeout, self.group.end_job, self.hosts
+        )
+        self.watchdog.catch_sigterm()  # a launcher that lost a host ends this rank
         return self.optimizer
 
     def gradients(self, step: int, x: np.ndarray, y: np.ndarray) -> list:
+        self._progress()
         scale = 1.0 / (self.grad_accum_steps * self.processes)
         return self.dp.forward_backward(step, x, y, self.micro_batch_size, scale)
+
+    def clip_and_step(self, step: int, losses: list, lr: float, grad_clip: float) -> StepStats:
+        stats = super().clip_and_step(step, losses, lr, grad_clip)
+        self._progress()
+        return stats
+
+    def _progress(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.progress()
+
+    def _paused(self) -> Any:
+        return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
+
+    def evaluate(self, tokens: np.ndarray, batches: int, block_size: int) -> EvalResult:
+        with self._paused():
+            return super().evaluate(tokens, batches, block_size)
 
     def _clip(self, max_norm: float) -> Any:
         if self.zero:  # reduce-scatter; the norm over every rank's slice
@@ -302,10 +335,11 @@ class MPIRanks(RunMode):
         return super()._clip(max_norm)
 
     def checkpoint(self, write: Callable[[], Path]) -> Path | None:
-        if self.zero:
-            self.optimizer.gather_state(dst=0)  # every rank: AdamW's state, to rank 0
-        path = write() if self.writes else None
-        self.group.barrier()
+        with self._paused():  # rank 0 writes while the others wait: no usual length
+            if self.zero:
+                self.optimizer.gather_state(dst=0)  # every rank: AdamW's state, to rank 0
+            path = write() if self.writes else None
+            self.group.barrier()
         return path
 
     def diverged(self, message: str) -> Exception:
@@ -314,18 +348,25 @@ class MPIRanks(RunMode):
     def abort(self, err: BaseException) -> None:
         """MPI prints ``rank r of P failed: <traceback>`` and calls MPI_Abort, so no rank
         waits on in a collective."""
+        if self.watchdog is not None:
+            self.watchdog.close()  # the peers' watchdogs leave the report to this one
         self.group.abort("".join(traceback.format_exception(type(err), err, err.__traceback__)))
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
         if hasattr(self, "dp"):
             self.dp.close()
 
     def describe(self) -> str:
         where = f" on {self.device} (one GPU per rank, NCCL)" if self.device != "cpu" else ""
         zero = ", AdamW state sharded (ZeRO-1)" if self.zero else ""
+        timeout = self.collective_timeout
         return (
             f"data parallel: {self.processes} MPI ranks x {self.micro_batch_size} windows per "
-            f"micro batch{where}{zero}"
+            f"micro batch{where}{zero}; {host_line(self.hosts)}; transport "
+            f"{transport_line(self.group)}; collective timeout "
+            f"{f'{timeout:g} s' if timeout > 0 else 'off'}"
         )
 
 
@@ -333,7 +374,39 @@ class MPIRanks(RunMode):
 # choosing the mode
 
 
-def choose_mode(device: str, processes: int, zero: bool, say: Callable = print) -> RunMode:
+def host_line(hosts: list[str], most: int = 8) -> str:
+    """``"2 hosts: a (rank 0), b (rank 1)"`` from every rank's host name (rank order);
+    consecutive ranks as ranges, at most ``most`` hosts named."""
+    ranks: dict[str, list[int]] = {}
+    for rank, name in enumerate(hosts):
+        ranks.setdefault(name, []).append(rank)
+
+    def spans(rs: list[int]) -> str:
+        out, start = [], rs[0]
+        for i, r in enumerate(rs):
+            if i + 1 == len(rs) or rs[i + 1] != r + 1:  # a run of consecutive ranks ends
+                out.append(str(r) if r == start else f"{start}-{r}")
+                start = rs[i + 1] if i + 1 < len(rs) else r
+        return f"rank{'s' if len(rs) > 1 else ''} {', '.join(out)}"
+
+    named = [f"{h} ({spans(rs)})" for h, rs in list(ranks.items())[:most]]
+    more = f", {len(ranks) - most} more" if len(ranks) > most else ""
+    return f"{len(ranks)} host{'s' if len(ranks) > 1 else ''}: {', '.join(named)}{more}"
+
+
+def transport_line(group: Transport) -> str:
+    """What moves the gradients: the transport's own account (MPI library, BTLs, interface)."""
+    describe = getattr(group, "describe", None)
+    return describe() if callable(describe) else group.name
+
+
+def choose_mode(
+    device: str,
+    processes: int,
+    zero: bool,
+    say: Callable = print,
+    collective_timeout: float = 10.0,
+) -> RunMode:
     """The mode of a run on ``device`` ('cpu', 'cuda', 'cuda:N') with ``[train] processes``
     and ``zero``, for the way this process was launched (by MPI or not).
 
@@ -343,12 +416,14 @@ def choose_mode(device: str, processes: int, zero: bool, say: Callable = print) 
     gradients and rank 0 steps the whole optimizer, so it would silently train as plain
     data parallel). Without MPI, ``processes`` > 1 forks CPU ranks where the platform can;
     on a GPU (or without fork) the P shares of each micro batch run in one process, as one
-    micro batch of m x P windows: the same batches and mean gradient. Under MPI a refusal is the same on every rank:
+    micro batch of m x P windows: the same batches and mean gradient.
+    ``collective_timeout``: the watchdog's seconds of no progress beyond a step's usual time
+    before it ends an MPI job. Under MPI a refusal is the same on every rank:
     ModeError on rank 0, RankStopped on the others."""
     from handgrad.distributed.mpi import launched_by_mpi
 
     if launched_by_mpi():
-        return _mpi_mode(device, processes, zero, say)
+        return _mpi_mode(device, processes, zero, say, collective_timeout)
     if zero:
         raise ModeError(_zero_needs_mpi(processes, None))
     if processes > 1 and can_fork() and as_device(device).type == "cpu":
@@ -356,7 +431,9 @@ def choose_mode(device: str, processes: int, zero: bool, say: Callable = print) 
     return RunMode(device, processes, say)  # on one GPU the P shares are one micro batch
 
 
-def _mpi_mode(device: str, processes: int, zero: bool, say: Callable) -> RunMode:
+def _mpi_mode(
+    device: str, processes: int, zero: bool, say: Callable, collective_timeout: float
+) -> RunMode:
     from handgrad import distributed as dist
 
     group = dist.group() if dist.is_initialized() else _init_group(dist, device)
@@ -376,7 +453,7 @@ def _mpi_mode(device: str, processes: int, zero: bool, say: Callable) -> RunMode
     here = device if index is None else f"cuda:{index}"
     if world == 1:
         return RunMode(here, 1, say)
-    return MPIRanks(group, here, zero, say)
+    return MPIRanks(group, here, zero, say, collective_timeout)
 
 
 def _init_group(dist: Any, device: str) -> Transport:

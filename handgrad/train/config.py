@@ -110,6 +110,9 @@ class TrainSection:
     keep_checkpoints: int = 3
     processes: int = 1  # data-parallel processes on this machine (handgrad/parallel/)
     zero: int = 0  # 1: AdamW state sharded over MPI ranks (ZeRO-1, handgrad/parallel/zero.py)
+    # MPI: seconds of no progress beyond a step's usual time, or of silence from a rank, before
+    # the watchdog ends the job naming the rank and host that failed (0: no watchdog)
+    collective_timeout: float = 10.0
     sample_tokens: int = 200  # length of the sample printed at each evaluation (0: none)
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where the model and its batches live
     # "highest": float32 matmuls in full float32; "high": TF32 tensor cores allowed (CUDA only)
@@ -424,6 +427,10 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     need(t.grad_accum_steps >= 1, f"[train] grad_accum_steps = {t.grad_accum_steps}: must be >= 1")
     need(t.processes >= 1, f"[train] processes = {t.processes}: must be >= 1")
     need(t.zero in (0, 1), f"[train] zero = {t.zero}: must be 0 or 1 (ZeRO stage 1)")
+    need(
+        t.collective_timeout >= 0,
+        f"[train] collective_timeout = {t.collective_timeout}: must be >= 0 seconds (0: off)",
+    )
     if t.global_batch_size is not None and t.micro_batch_size >= 1 and t.processes >= 1:
         per_step = t.micro_batch_size * t.processes
         if t.global_batch_size % per_step != 0:

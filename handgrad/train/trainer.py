@@ -334,7 +334,8 @@ def train(
     started = time.perf_counter()
     say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     try:
-        mode = choose_mode(cfg.train.device, cfg.train.processes, bool(cfg.train.zero), say)
+        t = cfg.train
+        mode = choose_mode(t.device, t.processes, bool(t.zero), say, t.collective_timeout)
     except ModeError as err:
         raise ConfigError(str(err)) from None
     cfg = mode.agree(lambda: cfg.with_processes(mode.processes))
