@@ -325,9 +325,11 @@ class MPIRanks(RunMode):
     def _paused(self) -> Any:
         return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
 
-    def evaluate(self, tokens: np.ndarray, batches: int, block_size: int) -> EvalResult:
+    def evaluate(
+        self, tokens: np.ndarray, batches: int, block_size: int, mask: np.ndarray | None = None
+    ) -> EvalResult:
         with self._paused():
-            return super().evaluate(tokens, batches, block_size)
+            return super().evaluate(tokens, batches, block_size, mask)
 
     def _clip(self, max_norm: float) -> Any:
         if self.zero:  # reduce-scatter; the norm over every rank's slice
