@@ -170,3 +170,22 @@ def test_char_file_errors(tmp_path):
     _write(path, obj)
     with pytest.raises(TokenizerFileError, match="single characters"):
         load_tokenizer(path)
+
+
+def test_load_tokenizer_reads_handgrads_own_directories(tmp_path):
+    from handgrad.data import prepare
+    from handgrad.tokenizer import load_tokenizer
+
+    (tmp_path / "corpus.txt").write_text("to be or not to be " * 200, encoding="utf-8")
+    out = tmp_path / "prepared"
+    prepare(str(tmp_path / "corpus.txt"), "train:270", out, val_fraction=0.1, workers=1,
+            progress=False)  # fmt: skip
+    saved = load_tokenizer(out / "tokenizer.json")
+    # a prepared directory, a checkpoint-like directory and a run directory (through latest)
+    assert load_tokenizer(out).to_dict() == saved.to_dict()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+    (tmp_path / "run" / "latest").write_text("checkpoints/step_0000001\n")
+    assert load_tokenizer(ckpt).to_dict() == saved.to_dict()
+    assert load_tokenizer(tmp_path / "run").to_dict() == saved.to_dict()
