@@ -20,7 +20,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -54,6 +54,8 @@ class GPT2Config:
     ``dtype`` is the storage dtype of the parameters; with "bfloat16" the forward pass still
     computes in float32 (bf16 parameters are cast on use; an optimizer keeps fp32 masters).
     """
+
+    arch: ClassVar[str] = "gpt2"  # a "model" section without "arch" is GPT-2's (models/)
 
     n_layer: int
     n_head: int
@@ -188,8 +190,11 @@ class KVCache:
     float32 buffer per layer for each on ``device`` (the model's), filled left to right;
     ``length`` positions are valid."""
 
-    def __init__(self, config: GPT2Config, batch_size: int, device: Any = None) -> None:
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+    def __init__(
+        self, config: Any, batch_size: int, device: Any = None, n_head: int | None = None
+    ) -> None:
+        heads = config.n_head if n_head is None else n_head  # Llama's: its key/value heads
+        shape = (batch_size, heads, config.block_size, config.head_dim)
         self.k = [new_array(device, "zeros", shape, dtype=B.float32) for _ in range(config.n_layer)]
         self.v = [new_array(device, "zeros", shape, dtype=B.float32) for _ in range(config.n_layer)]
         self.length = 0
@@ -262,6 +267,8 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     """GPT-2 language model. ``model(idx)`` gives next-token logits over the real vocabulary."""
+
+    config_class = GPT2Config  # what from_checkpoint builds from config.json
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -450,7 +457,7 @@ class GPT2(nn.Module):
             for p in self.parameters():
                 p.data = p.data.astype(B.float32, copy=False)
             with no_grad():
-                cache = KVCache(self.config, Bsz, self.device)
+                cache = self._new_cache(Bsz)
                 logits = self._step(tokens[:, -bs:], cache)  # prefill with the prompt
                 for step in range(max_new_tokens):
                     nxt = sample_next(logits, temperature, top_k, top_p, rng)
@@ -462,7 +469,7 @@ class GPT2(nn.Module):
                         break
                     if cache.length == bs:  # window full: slide it by re-running
                         context = np.concatenate([tokens, np.stack(new, axis=1)], axis=1)
-                        cache = KVCache(self.config, Bsz, self.device)
+                        cache = self._new_cache(Bsz)
                         logits = self._step(context[:, -bs:], cache)
                     else:
                         logits = self._step(nxt[:, None], cache)
@@ -472,6 +479,9 @@ class GPT2(nn.Module):
             self.train(was_training)
         out = np.concatenate([tokens, *(t[:, None] for t in new)], axis=1)
         return Tensor(out, device=where) if as_tensor else out
+
+    def _new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.config, batch_size, self.device)
 
     def _step(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run host ``tokens`` (B, T) after the cached positions, appending their keys and
@@ -510,7 +520,7 @@ class GPT2(nn.Module):
         if dtype is not None:
             section = {**section, "dtype": dtype}
         try:
-            config = GPT2Config.from_dict(section)
+            config = cls.config_class.from_dict(section)
         except (TypeError, ValueError) as e:
             raise ValueError(f'{config_path}: bad "model" section: {e}') from None
         try:
