@@ -124,9 +124,9 @@ class RunFacts:
 
 
 def header(f: RunFacts, title: str) -> str:
-    from handgrad.models.gpt2 import GPT2Config, num_parameters
+    from handgrad.models import config_from_dict, num_parameters
 
-    n = num_parameters(GPT2Config.from_dict(f.model))
+    n = num_parameters(config_from_dict(f.model))
     source = (f.meta or {}).get("source") or f.data.get("source", "an unrecorded source")
     ckpt = f.ckpt.resolve()
     rel = ckpt.relative_to(f.run) if ckpt.is_relative_to(f.run) else ckpt
@@ -141,9 +141,9 @@ def header(f: RunFacts, title: str) -> str:
 
 
 def model_description(f: RunFacts) -> str:
-    from handgrad.models.gpt2 import GPT2Config, num_parameters
+    from handgrad.models import config_from_dict, num_parameters
 
-    cfg = GPT2Config.from_dict(f.model)
+    cfg = config_from_dict(f.model)
     rows = [
         ["Parameters", num(num_parameters(cfg))],
         ["Layers (n_layer)", num(cfg.n_layer)],

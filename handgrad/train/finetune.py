@@ -28,6 +28,7 @@ from typing import Any
 
 from handgrad.checkpoint import CheckpointError, read_config, resolve_checkpoint
 from handgrad.data.sources.base import cache_dir
+from handgrad.models import config_from_dict, model_from_checkpoint
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.tokenizer import load_tokenizer
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
@@ -106,11 +107,11 @@ def _check_model(section: Any, saved: GPT2Config, where: Path) -> GPT2Config:
     if section.preset is not None:  # the preset's shape, for the checkpoint's vocabulary
         preset = resolve_model_config(section, saved.vocab_size).to_dict()
         given = {**{k: v for k, v in preset.items() if k not in _CHANGEABLE}, **given}
-    mine = saved.to_dict()
+    mine = {"arch": saved.arch, **saved.to_dict()}
     diffs = [
         f"[model] {k} = {v!r}, but the model in {where} has {k} = {mine[k]!r}"
         for k, v in given.items()
-        if k not in _CHANGEABLE and v != mine[k]
+        if k not in _CHANGEABLE and v != mine.get(k)
     ]
     if diffs:
         raise ConfigError(
@@ -159,7 +160,7 @@ def start_from(cfg: TrainConfig, resume_dir: Path | None = None) -> Start:
     original PATH need not exist any more."""
     where = resume_dir if resume_dir is not None else init_checkpoint(cfg.train.init_from)
     try:
-        saved = GPT2Config.from_dict(read_config(where)["model"])
+        saved = config_from_dict(read_config(where)["model"])
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{where / 'config.json'}: bad model section: {err}") from None
     tokenizer_file = where / "tokenizer.json"
@@ -176,7 +177,7 @@ def start_from(cfg: TrainConfig, resume_dir: Path | None = None) -> Start:
 
 def load_init_weights(model: GPT2, checkpoint: Path) -> None:
     """The weights of ``checkpoint`` (verified against its manifest) into ``model``."""
-    source = GPT2.from_checkpoint(checkpoint)
+    source = model_from_checkpoint(checkpoint)
     try:
         model.load_state_dict(source.state_dict())
     except RuntimeError as err:
