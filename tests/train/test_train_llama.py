@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from handgrad.cli import main
-from handgrad.models import GPT2, Llama, LlamaConfig, model_from_checkpoint, num_parameters
+from handgrad.models import Llama, LlamaConfig, model_from_checkpoint, num_parameters
 from handgrad.serialization import load_file
 from handgrad.train import CheckpointError, train
 from handgrad.train.config import ConfigError, from_dict, load_config, resolve_model_config
@@ -92,37 +92,3 @@ def test_llama_train_resume_and_sample_cli(tiny, tmp_path, capsys):
     assert main([*args, "--prompt", "The ", "--num-samples", "2"]) == 0
     samples = capsys.readouterr().out.split("-" * 40 + "\n")
     assert len(samples) == 2 and all(s.startswith("The ") for s in samples)
-
-
-def test_generate_with_the_cache_equals_rerunning_the_window():
-    """Greedy tokens from the key/value cache (past block_size too, where the window is
-    re-run) are the argmax of a full forward pass over the same context."""
-    config = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=12,
-                         vocab_size=50, tie_embeddings=True)  # fmt: skip
-    model = Llama(config)
-    rng = np.random.default_rng(0)
-    for p in model.parameters():
-        p.data[...] = 0.5 * rng.standard_normal(p.shape)
-    model.eval()
-    prompt = rng.integers(0, 50, size=(2, 5))
-    out = model.generate(prompt, 15, temperature=0)
-    assert out.shape == (2, 20)
-    for t in range(5, 20):
-        context = out[:, max(0, t - config.block_size) : t]
-        expected = model(context).data[:, -1].argmax(-1)
-        np.testing.assert_array_equal(out[:, t], expected)
-
-
-def test_model_interface_matches_gpt2():
-    config = LlamaConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=30)
-    model = Llama(config)
-    assert LlamaConfig.from_dict(config.to_dict()) == config
-    assert model.num_parameters() == num_parameters(config)
-    assert model.num_parameters(non_embedding=True) == num_parameters(config, True)
-    idx = np.zeros((2, 8), dtype=np.int64)
-    logits, loss = model(idx, idx)
-    assert logits.shape == (2, 8, 30) and loss.shape == ()
-    for name in ("generate", "from_checkpoint", "device", "to"):
-        assert hasattr(GPT2, name) and hasattr(Llama, name)
-    with pytest.raises(ValueError, match="block_size"):
-        model(np.zeros((1, 9), dtype=np.int64))
