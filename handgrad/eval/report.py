@@ -132,12 +132,24 @@ def header(f: RunFacts, title: str) -> str:
     rel = ckpt.relative_to(f.run) if ckpt.is_relative_to(f.run) else ckpt
     return (
         f"# Model card: {title}\n\n"
-        f"A GPT-2 language model of {num(n)} parameters trained from scratch with handgrad on "
+        f"A {_ARCH_NAMES.get(f.model.get('arch'), 'GPT-2')} language model of {num(n)} "
+        f"parameters trained from scratch with handgrad on "
         f"{source}, with a causal language modelling objective (predict the next token).\n\n"
         f"Checkpoint `{rel}` of run `{shown_path(f.run)}`. Every number below is read from the "
         "run's "
         "files.\n"
     )
+
+
+_ARCH_NAMES = {"llama": "Llama-style GPT"}  # a model section's arch, for the card's first line
+_LLAMA_DESCRIPTION = (
+    "## Model description\n\n"
+    "Llama-style architecture: a decoder-only transformer (pre-RMSNorm blocks of causal "
+    "self-attention with rotary position embeddings and grouped-query attention, and a SwiGLU "
+    "MLP; no biases). Inputs are sequences of consecutive tokens and the targets are the same "
+    "sequences shifted one token to the right. It was pre-trained on raw text only, with no "
+    "labels.\n\n"
+)
 
 
 def model_description(f: RunFacts) -> str:
@@ -152,9 +164,12 @@ def model_description(f: RunFacts) -> str:
         ["Context (block_size)", num(cfg.block_size)],
         ["Vocabulary (padded)", f"{num(cfg.vocab_size)} ({num(cfg.padded_vocab_size)})"],
         ["Dropout", num(cfg.dropout, 2)],
-        ["Biases", num(cfg.bias)],
+        ["Biases", num(getattr(cfg, "bias", False))],  # a Llama has none
         ["Parameter dtype", cfg.dtype],
     ]
+    if cfg.arch == "llama":
+        rows.insert(2, ["Key/value heads (n_kv_head)", num(cfg.n_kv_head)])
+        return _LLAMA_DESCRIPTION + table(["", "Value"], rows, "lr") + "\n"
     text = (
         "## Model description\n\n"
         "GPT-2 architecture: a decoder-only transformer (pre-LayerNorm blocks of causal "

@@ -374,14 +374,14 @@ class GPT2(nn.Module):
             idx = Tensor(idx if B.is_array(idx) else np.asarray(idx))
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(
-                f"GPT2: {what} must be a (batch, time) array of integer token ids, "
-                f"got shape {tuple(idx.shape)} and dtype {idx.dtype}"
+                f"{type(self).__name__}: {what} must be a (batch, time) array of integer token "
+                f"ids, got shape {tuple(idx.shape)} and dtype {idx.dtype}"
             )
         T, limit = idx.shape[1], self.config.block_size if limit is None else limit
         if T > limit:
             raise ValueError(
-                f"GPT2: cannot forward a sequence of length {T}, block_size is only "
-                f"{self.config.block_size}"
+                f"{type(self).__name__}: cannot forward a sequence of length {T}, block_size is "
+                f"only {self.config.block_size}"
             )
         if idx.device.type == "cpu":
             _check_ids(idx.data, what, self.config.vocab_size)

@@ -92,3 +92,7 @@ def test_llama_train_resume_and_sample_cli(tiny, tmp_path, capsys):
     assert main([*args, "--prompt", "The ", "--num-samples", "2"]) == 0
     samples = capsys.readouterr().out.split("-" * 40 + "\n")
     assert len(samples) == 2 and all(s.startswith("The ") for s in samples)
+    card = tmp_path / "MODEL_CARD.md"
+    assert main(["report", "--checkpoint", str(out), "--out", str(card)]) == 0
+    text = card.read_text()
+    assert "A Llama-style GPT language model" in text and "Key/value heads (n_kv_head)" in text
