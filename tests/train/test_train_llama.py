@@ -96,3 +96,17 @@ def test_llama_train_resume_and_sample_cli(tiny, tmp_path, capsys):
     assert main(["report", "--checkpoint", str(out), "--out", str(card)]) == 0
     text = card.read_text()
     assert "A Llama-style GPT language model" in text and "Key/value heads (n_kv_head)" in text
+
+
+def test_fine_tune_starts_from_a_llama_run(tiny, tmp_path):
+    trained = run(tiny(model=LLAMA, train={"max_steps": 12}), tmp_path / "base")
+    fresh = run(tiny(model=LLAMA, train={"max_steps": 2, "seed": 9}), tmp_path / "fresh")
+    tuned = run(
+        tiny(model={**LLAMA, "dropout": 0.1}, train={"max_steps": 2, "seed": 9,
+                                                     "init_from": str(tmp_path / "base")}),
+        tmp_path / "tuned",
+    )  # fmt: skip
+    assert tuned.train_losses[1] < fresh.train_losses[1]  # the trained weights, not new ones
+    assert abs(tuned.train_losses[1] - trained.train_losses[12]) < 0.5
+    saved = json.loads((tuned.checkpoint / "config.json").read_text())["model"]
+    assert saved["arch"] == "llama" and saved["dropout"] == 0.1
