@@ -32,10 +32,13 @@ LATEST = "latest"
 METRICS = "metrics.jsonl"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
-# GPT2Config fields that fix the shapes (and storage) of the weights: a checkpoint can only be
-# loaded into a model that agrees on all of them. dropout may change between runs.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size",
-                "bias", "dtype")  # fmt: skip
+# Model config fields (GPT2Config's, LlamaConfig's) that fix the shapes (and storage) of the
+# weights: a checkpoint can only be loaded into a model that agrees on all of them. dropout may
+# change between runs. A section without "arch" is GPT-2's.
+SHAPE_FIELDS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+                "padded_vocab_size", "bias", "dtype", "n_kv_head", "intermediate_size",
+                "tie_embeddings")  # fmt: skip
+_FIELD_DEFAULTS = {"arch": "gpt2"}
 
 
 class CheckpointError(ValueError):
@@ -182,8 +185,9 @@ def read_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 def check_same_model(
     saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str | os.PathLike
 ) -> None:
-    """Refuse a checkpoint whose model (``GPT2Config.to_dict()`` of ``saved``) differs from
+    """Refuse a checkpoint whose model (the config's ``to_dict()`` of ``saved``) differs from
     ``wanted`` in a field that fixes the weights' shapes or dtype (``SHAPE_FIELDS``)."""
+    saved, wanted = {**_FIELD_DEFAULTS, **saved}, {**_FIELD_DEFAULTS, **wanted}
     diffs = [
         f"{k}: {saved.get(k)!r} in the checkpoint, {wanted.get(k)!r} in the config"
         for k in SHAPE_FIELDS

@@ -5,7 +5,7 @@
     handgrad train                           train a GPT-2 from a TOML config
     handgrad sample                          generate text from a checkpoint
     handgrad eval [zero-shot]                validation metrics / lm-eval zero-shot suite
-    handgrad export hf | import hf           Hugging Face GPT-2 interop
+    handgrad export hf | import hf           Hugging Face GPT-2 and Llama interop
     handgrad report                          write the model card
     handgrad verify PATH                     check a run, checkpoint or data for damaged files
 

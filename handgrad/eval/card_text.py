@@ -137,7 +137,7 @@ def hardware_text(h: dict[str, Any]) -> str:
 def limitations(f: Any) -> list[str]:
     """What a reader should know before trusting the model, from the run's own numbers.
     ``f`` is a ``report.RunFacts``."""
-    from handgrad.models.gpt2 import GPT2Config, num_parameters
+    from handgrad.models import config_from_dict, num_parameters
 
     out = []
     planned = f.train.get("max_steps")
@@ -152,7 +152,7 @@ def limitations(f: Any) -> list[str]:
             f"Undertrained relative to its own schedule: the cosine decay spans {num(decay)} "
             f"steps, training ran {num(f.steps)}, so the learning rate never reached its floor."
         )
-    n_params = num_parameters(GPT2Config.from_dict(f.model))
+    n_params = num_parameters(config_from_dict(f.model))
     if f.tokens:
         ratio = f.tokens / n_params
         out.append(

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = subparsers.add_parser("export", help="export a checkpoint to another format")
     export_sub = export.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    hf = export_sub.add_parser("hf", help="Hugging Face GPT2LMHeadModel directory")
+    hf = export_sub.add_parser("hf", help="Hugging Face GPT-2 or Llama directory")
     hf.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     hf.add_argument("--out", required=True, help="new (or empty) output directory")
     hf.add_argument(
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     imp = subparsers.add_parser("import", help="import a model from another format")
     imp_sub = imp.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    ihf = imp_sub.add_parser("hf", help="Hugging Face GPT-2 directory (OpenAI's weights too)")
+    ihf = imp_sub.add_parser("hf", help="Hugging Face GPT-2 (OpenAI's too) or Llama directory")
     ihf.add_argument("--from", dest="source", required=True, help="HF model directory")
     ihf.add_argument("--out", required=True, help="new (or empty) run directory to write")
     ihf.set_defaults(func=_import_hf)

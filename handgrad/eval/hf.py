@@ -1,4 +1,6 @@
-"""Hugging Face GPT-2 interop: ``handgrad export hf`` and ``handgrad import hf``.
+"""Hugging Face interop: ``handgrad export hf`` and ``handgrad import hf``, for GPT-2 (here)
+and the Llama-style model (``arch = "llama"``, translated by ``eval/hf_llama.py``; a
+config.json with ``model_type = "llama"`` is imported as one).
 
 The two layouts hold the same numbers under the same names (``transformer.h.0.attn.c_attn
 .weight`` ...), with three differences that this module translates:
@@ -31,6 +33,7 @@ import numpy as np
 from handgrad import backend as B
 from handgrad.checkpoint import read_config, read_json, resolve_checkpoint
 from handgrad.diskspace import check_free_space, disk_full_guard
+from handgrad.eval import hf_llama
 from handgrad.eval.load import load_checkpoint_tokenizer
 from handgrad.fileio import atomic_dir, write_json_atomic, write_text_atomic
 from handgrad.manifest import verify_manifest, write_manifest
@@ -120,23 +123,15 @@ def export_hf(
     if dtype not in ("float32", "stored"):
         raise ValueError(f"export hf: dtype must be 'float32' or 'stored', got {dtype!r}")
 
-    V = model_cfg["vocab_size"]
-    tensors: dict[str, np.ndarray] = {}
-    for name, array in state.items():
-        if name == "transformer.wte.weight":
-            array = array[:V]  # drop the padding rows
-        elif _is_conv1d(name):
-            array = array.T
-        if dtype == "float32":
-            array = array.astype(B.float32)
+    llama = model_cfg.get("arch") == "llama"
+    if llama:
+        tensors = hf_llama.to_hf(state, model_cfg, str(weights_path))
+    else:
+        tensors = _gpt2_to_hf(state, model_cfg, str(weights_path))
+    for name, array in tensors.items():
+        array = array.astype(B.float32) if dtype == "float32" else array
         tensors[name] = np.ascontiguousarray(array)
-    missing_biases = [(n, size) for n, size in _bias_names(model_cfg) if n not in tensors]
-    if missing_biases and not model_cfg.get("bias", True):
-        wdtype = tensors["transformer.wte.weight"].dtype
-        for name, size in missing_biases:
-            tensors[name] = np.zeros(size, dtype=wdtype)
-    out_dtype = B.dtype_name(tensors["transformer.wte.weight"].dtype)
-    _check_hf_state(tensors, model_cfg, str(weights_path))
+    out_dtype = B.dtype_name(next(iter(tensors.values())).dtype)
 
     # the weights, and the tokenizer's files at a few times the size of its handgrad file
     needed = sum(a.nbytes for a in tensors.values()) + 4 * (ckpt / "tokenizer.json").stat().st_size
@@ -146,7 +141,8 @@ def export_hf(
     guard = disk_full_guard(what, Path(out).parent, needed, note)
     with guard, _publish_dir(out, "export hf") as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        write_json_atomic(tmp / "config.json", hf_config(model_cfg, eot, out_dtype))
+        make_config = hf_llama.hf_config if llama else hf_config
+        write_json_atomic(tmp / "config.json", make_config(model_cfg, eot, out_dtype))
         if hasattr(tokenizer, "export_hf"):
             _export_tokenizer(tokenizer, tmp, model_cfg["block_size"])
         else:
@@ -156,6 +152,26 @@ def export_hf(
             )
         write_manifest(tmp)  # last, over every file above
     return Path(out)
+
+
+def _gpt2_to_hf(state: dict[str, Any], model_cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Our GPT-2 state dict -> HF's: Conv1D weights transposed, no padding rows, zero biases
+    for a model without them."""
+    V = model_cfg["vocab_size"]
+    tensors: dict[str, Any] = {}
+    for name, array in state.items():
+        if name == "transformer.wte.weight":
+            array = array[:V]  # drop the padding rows
+        elif _is_conv1d(name):
+            array = array.T
+        tensors[name] = array
+    missing_biases = [(n, size) for n, size in _bias_names(model_cfg) if n not in tensors]
+    if missing_biases and not model_cfg.get("bias", True):
+        wdtype = tensors["transformer.wte.weight"].dtype
+        for name, size in missing_biases:
+            tensors[name] = np.zeros(size, dtype=wdtype)
+    _check_hf_state(tensors, model_cfg, source)
+    return tensors
 
 
 def _publish_dir(out: str | os.PathLike, command: str) -> contextlib.AbstractContextManager[Path]:
@@ -279,21 +295,28 @@ def gpt2_config_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Turn a Hugging Face GPT-2 directory into a handgrad run directory at ``out``:
+    """Turn a Hugging Face GPT-2 or Llama directory into a handgrad run directory at ``out``:
     ``out/checkpoints/step_0000000/{model.safetensors, config.json, tokenizer.json}`` and
     ``out/latest`` naming it, so every ``--checkpoint`` option accepts ``out``.
 
     Weights are converted to float32 (our Linear layout, padded embedding). The tokenizer is
     read from vocab.json + merges.txt, from OpenAI's encoder.json + vocab.bpe, or else from a
     byte-level BPE tokenizer.json (all that `transformers` >= 5 saves), keeping its ids (special
-    tokens first, as Hugging Face's BpeTrainer puts them, or last, as GPT-2)."""
+    tokens first, as Hugging Face's BpeTrainer puts them, or last, as GPT-2). A Llama
+    directory (``model_type = "llama"``) becomes an ``arch = "llama"`` model the same way."""
     from handgrad.models.gpt2 import GPT2Config
-    from handgrad.tokenizer import BPETokenizer
+    from handgrad.models.llama import LlamaConfig
 
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"import hf: {source} is not a directory")
     hf = read_json(source / "config.json")
+    if isinstance(hf, dict) and hf.get("model_type") == "llama":
+        model_cfg = hf_llama.config_from_hf(hf, str(source / "config.json"))
+        config = LlamaConfig.from_dict(model_cfg)
+        state = _read_hf_weights(source)
+        tensors = hf_llama.from_hf(state, model_cfg, config.padded_vocab_size, str(source))
+        return _write_import(source, out, config, tensors, "huggingface-llama")
     model_cfg = gpt2_config_from_hf(hf, str(source / "config.json"))
     config = GPT2Config.from_dict(model_cfg)
     state = _read_hf_weights(source)
@@ -321,6 +344,14 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     padded = np.zeros((config.padded_vocab_size, config.n_embd), dtype=B.float32)
     padded[: config.vocab_size] = wte
     tensors["transformer.wte.weight"] = padded
+    return _write_import(source, out, config, tensors, "huggingface-gpt2")
+
+
+def _write_import(
+    source: Path, out: str | os.PathLike, config: Any, tensors: dict[str, Any], fmt: str
+) -> Path:
+    """The run directory of ``import_hf``, with the tokenizer read from ``source``."""
+    from handgrad.tokenizer import BPETokenizer
 
     tokenizer = BPETokenizer.from_hf(source)
     if tokenizer.vocab_size != config.vocab_size:
@@ -338,7 +369,7 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
             ckpt / "config.json",
             {
                 "model": config.to_dict(),
-                "imported_from": {"format": "huggingface-gpt2", "path": str(source.resolve())},
+                "imported_from": {"format": fmt, "path": str(source.resolve())},
             },
         )
         tokenizer.save(ckpt / "tokenizer.json")

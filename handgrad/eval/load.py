@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 
 from handgrad.checkpoint import resolve_checkpoint
-from handgrad.models.gpt2 import GPT2
+from handgrad.models import GPT2, Llama, model_from_checkpoint
 from handgrad.tokenizer import load_tokenizer
 
 __all__ = ["load_checkpoint_tokenizer", "load_model"]
 
 
-def load_model(checkpoint: str | os.PathLike, device: str | None = None) -> GPT2:
-    """The GPT-2 of a checkpoint (any form ``resolve_checkpoint`` takes), in eval mode, on
+def load_model(checkpoint: str | os.PathLike, device: str | None = None) -> GPT2 | Llama:
+    """The model (GPT-2 or Llama) of a checkpoint (any form ``resolve_checkpoint`` takes), in eval mode, on
     ``device`` ('cpu', 'cuda', 'cuda:N'; the CPU when None)."""
-    model = GPT2.from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint)
     if device is not None:
         model.to(device)
     model.eval()

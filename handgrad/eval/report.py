@@ -131,15 +131,16 @@ class RunFacts:
 
 
 def header(f: RunFacts, title: str) -> str:
-    from handgrad.models.gpt2 import GPT2Config, num_parameters
+    from handgrad.models import config_from_dict, num_parameters
 
-    n = num_parameters(GPT2Config.from_dict(f.model))
+    n = num_parameters(config_from_dict(f.model))
     source = (f.meta or {}).get("source") or f.data.get("source", "an unrecorded source")
     ckpt = f.ckpt.resolve()
     rel = ckpt.relative_to(f.run) if ckpt.is_relative_to(f.run) else ckpt
     return (
         f"# Model card: {title}\n\n"
-        f"A GPT-2 language model of {num(n)} parameters trained from scratch with handgrad on "
+        f"A {_ARCH_NAMES.get(f.model.get('arch'), 'GPT-2')} language model of {num(n)} "
+        f"parameters trained from scratch with handgrad on "
         f"{source}, with a causal language modelling objective (predict the next token).\n\n"
         f"Checkpoint `{rel}` of run `{shown_path(f.run)}`. Every number below is read from the "
         "run's "
@@ -147,10 +148,21 @@ def header(f: RunFacts, title: str) -> str:
     )
 
 
-def model_description(f: RunFacts) -> str:
-    from handgrad.models.gpt2 import GPT2Config, num_parameters
+_ARCH_NAMES = {"llama": "Llama-style GPT"}  # a model section's arch, for the card's first line
+_LLAMA_DESCRIPTION = (
+    "## Model description\n\n"
+    "Llama-style architecture: a decoder-only transformer (pre-RMSNorm blocks of causal "
+    "self-attention with rotary position embeddings and grouped-query attention, and a SwiGLU "
+    "MLP; no biases). Inputs are sequences of consecutive tokens and the targets are the same "
+    "sequences shifted one token to the right. It was pre-trained on raw text only, with no "
+    "labels.\n\n"
+)
 
-    cfg = GPT2Config.from_dict(f.model)
+
+def model_description(f: RunFacts) -> str:
+    from handgrad.models import config_from_dict, num_parameters
+
+    cfg = config_from_dict(f.model)
     rows = [
         ["Parameters", num(num_parameters(cfg))],
         ["Layers (n_layer)", num(cfg.n_layer)],
@@ -159,9 +171,12 @@ def model_description(f: RunFacts) -> str:
         ["Context (block_size)", num(cfg.block_size)],
         ["Vocabulary (padded)", f"{num(cfg.vocab_size)} ({num(cfg.padded_vocab_size)})"],
         ["Dropout", num(cfg.dropout, 2)],
-        ["Biases", num(cfg.bias)],
+        ["Biases", num(getattr(cfg, "bias", False))],  # a Llama has none
         ["Parameter dtype", cfg.dtype],
     ]
+    if cfg.arch == "llama":
+        rows.insert(2, ["Key/value heads (n_kv_head)", num(cfg.n_kv_head)])
+        return _LLAMA_DESCRIPTION + table(["", "Value"], rows, "lr") + "\n"
     text = (
         "## Model description\n\n"
         "GPT-2 architecture: a decoder-only transformer (pre-LayerNorm blocks of causal "

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -57,6 +57,8 @@ class GPT2Config:
     ``recompute`` trades compute for memory in training: each block keeps only its input and
     runs again in backward (``nn/recompute.py``); the gradients are the same, bit for bit.
     """
+
+    arch: ClassVar[str] = "gpt2"  # a "model" section without "arch" is GPT-2's (models/)
 
     n_layer: int
     n_head: int
@@ -194,8 +196,11 @@ class KVCache:
     float32 buffer per layer for each on ``device`` (the model's), filled left to right;
     ``length`` positions are valid."""
 
-    def __init__(self, config: GPT2Config, batch_size: int, device: Any = None) -> None:
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+    def __init__(
+        self, config: Any, batch_size: int, device: Any = None, n_head: int | None = None
+    ) -> None:
+        heads = config.n_head if n_head is None else n_head  # Llama's: its key/value heads
+        shape = (batch_size, heads, config.block_size, config.head_dim)
         self.k = [new_array(device, "zeros", shape, dtype=B.float32) for _ in range(config.n_layer)]
         self.v = [new_array(device, "zeros", shape, dtype=B.float32) for _ in range(config.n_layer)]
         self.length = 0
@@ -268,6 +273,8 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     """GPT-2 language model. ``model(idx)`` gives next-token logits over the real vocabulary."""
+
+    config_class = GPT2Config  # what from_checkpoint builds from config.json
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -375,14 +382,14 @@ class GPT2(nn.Module):
             idx = Tensor(idx if B.is_array(idx) else np.asarray(idx))
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(
-                f"GPT2: {what} must be a (batch, time) array of integer token ids, "
-                f"got shape {tuple(idx.shape)} and dtype {idx.dtype}"
+                f"{type(self).__name__}: {what} must be a (batch, time) array of integer token "
+                f"ids, got shape {tuple(idx.shape)} and dtype {idx.dtype}"
             )
         T, limit = idx.shape[1], self.config.block_size if limit is None else limit
         if T > limit:
             raise ValueError(
-                f"GPT2: cannot forward a sequence of length {T}, block_size is only "
-                f"{self.config.block_size}"
+                f"{type(self).__name__}: cannot forward a sequence of length {T}, block_size is "
+                f"only {self.config.block_size}"
             )
         if idx.device.type == "cpu":
             _check_ids(idx.data, what, self.config.vocab_size)
@@ -458,7 +465,7 @@ class GPT2(nn.Module):
             for p in self.parameters():
                 p.data = p.data.astype(B.float32, copy=False)
             with no_grad():
-                cache = KVCache(self.config, Bsz, self.device)
+                cache = self._new_cache(Bsz)
                 logits = self._step(tokens[:, -bs:], cache)  # prefill with the prompt
                 for step in range(max_new_tokens):
                     nxt = sample_next(logits, temperature, top_k, top_p, rng)
@@ -470,7 +477,7 @@ class GPT2(nn.Module):
                         break
                     if cache.length == bs:  # window full: slide it by re-running
                         context = np.concatenate([tokens, np.stack(new, axis=1)], axis=1)
-                        cache = KVCache(self.config, Bsz, self.device)
+                        cache = self._new_cache(Bsz)
                         logits = self._step(context[:, -bs:], cache)
                     else:
                         logits = self._step(nxt[:, None], cache)
@@ -480,6 +487,9 @@ class GPT2(nn.Module):
             self.train(was_training)
         out = np.concatenate([tokens, *(t[:, None] for t in new)], axis=1)
         return Tensor(out, device=where) if as_tensor else out
+
+    def _new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.config, batch_size, self.device)
 
     def _step(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run host ``tokens`` (B, T) after the cached positions, appending their keys and
@@ -518,7 +528,7 @@ class GPT2(nn.Module):
         if dtype is not None:
             section = {**section, "dtype": dtype}
         try:
-            config = GPT2Config.from_dict(section)
+            config = cls.config_class.from_dict(section)
         except (TypeError, ValueError) as e:
             raise ValueError(f'{config_path}: bad "model" section: {e}') from None
         try:

@@ -6,7 +6,16 @@ and ``clip_grad_norm_`` in ``utils``.
 """
 
 from handgrad.nn import functional, init, utils
-from handgrad.nn.layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU, Tanh
+from handgrad.nn.layers import (
+    GELU,
+    Dropout,
+    Embedding,
+    LayerNorm,
+    Linear,
+    ReLU,
+    RMSNorm,
+    Tanh,
+)
 from handgrad.nn.module import Module, ModuleDict, ModuleList, Parameter, Sequential
 
 __all__ = [
@@ -20,6 +29,7 @@ __all__ = [
     "ModuleList",
     "Parameter",
     "ReLU",
+    "RMSNorm",
     "Sequential",
     "Tanh",
     "functional",

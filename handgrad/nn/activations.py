@@ -1,5 +1,6 @@
-"""Activations: ``gelu`` (GPT-2's tanh form and the exact erf form) with hand-written
-backward, and ``relu``, ``tanh``, ``sigmoid`` as the Tensor methods."""
+"""Activations: ``gelu`` (GPT-2's tanh form and the exact erf form) and ``swiglu`` (Llama's
+gated unit) with hand-written backward, and ``relu``, ``tanh``, ``sigmoid`` as the Tensor
+methods."""
 
 from __future__ import annotations
 
@@ -100,6 +101,55 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     if approximate == "none":
         return _GeluErf.apply(input)
     raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+class _SwiGLU(Function):
+    # x = [a | b] along the last axis (n each), y = silu(a) b = a s b with s = sigmoid(a)
+    # (Shazeer 2020). With s' = s (1 - s):
+    #   da = g b s (1 + a (1 - s)),  db = g a s
+    # Forward keeps only x; backward recomputes s (one tanh) rather than keep another array.
+    def forward(self, x):
+        xp = get_array_module(x)
+        n = x.shape[-1] // 2
+        self.x = x
+        a, b = x[..., :n], x[..., n:]
+        y = _sigmoid(xp, a)
+        y *= a
+        y *= b
+        return y
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        n = self.x.shape[-1] // 2
+        a, b = self.x[..., :n], self.x[..., n:]
+        s = _sigmoid(xp, a)
+        dx = xp.empty(self.x.shape, dtype=g.dtype)
+        da, db = dx[..., :n], dx[..., n:]
+        xp.multiply(a, s, out=db)  # silu(a)
+        xp.subtract(a, db, out=da)  # a (1 - s)
+        da += 1
+        da *= s
+        da *= b
+        da *= g
+        db *= g
+        return (dx,)
+
+
+def _sigmoid(xp, a):
+    """1 / (1 + e^-a) in the overflow-free form 0.5 (1 + tanh(a / 2)), a new array."""
+    s = a * a.dtype.type(0.5)
+    xp.tanh(s, out=s)
+    s += 1
+    s *= 0.5
+    return s
+
+
+def swiglu(input: Tensor) -> Tensor:
+    """SwiGLU's gate: input (..., 2n) holds [a | b] (Llama's gate and up projections side by
+    side) -> silu(a) * b, (..., n)."""
+    if input.ndim == 0 or input.shape[-1] % 2:
+        raise ValueError(f"swiglu: the last axis must have an even size, got {input.shape}")
+    return _SwiGLU.apply(input)
 
 
 def relu(input: Tensor) -> Tensor:

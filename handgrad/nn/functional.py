@@ -7,9 +7,10 @@ module per concept and are gathered here:
 
 ==========================  ===============================================================
 ``handgrad.nn.linear``      ``linear``, ``embedding``
-``handgrad.nn.activations`` ``gelu``, ``relu``, ``tanh``, ``sigmoid``
+``handgrad.nn.activations`` ``gelu``, ``swiglu``, ``relu``, ``tanh``, ``sigmoid``
 ``handgrad.nn.dropout``     ``dropout``
-``handgrad.nn.normalization`` ``layer_norm``
+``handgrad.nn.normalization`` ``layer_norm``, ``rms_norm``
+``handgrad.nn.rotary``      ``rotary_embedding`` (RoPE), ``rope_tables``
 ``handgrad.nn.losses``      ``cross_entropy``, ``mse_loss``, ``one_hot``
 ``handgrad.nn.attention``   ``scaled_dot_product_attention`` (and its reference)
 ==========================  ===============================================================
@@ -20,12 +21,13 @@ the normalised (last) axis unless said otherwise.
 
 from __future__ import annotations
 
-from handgrad.nn.activations import gelu, relu, sigmoid, tanh
+from handgrad.nn.activations import gelu, relu, sigmoid, swiglu, tanh
 from handgrad.nn.attention import scaled_dot_product_attention
 from handgrad.nn.dropout import dropout
 from handgrad.nn.linear import embedding, linear
 from handgrad.nn.losses import cross_entropy, mse_loss, one_hot
-from handgrad.nn.normalization import layer_norm
+from handgrad.nn.normalization import layer_norm, rms_norm
+from handgrad.nn.rotary import rope_tables, rotary_embedding
 from handgrad.ops.softmax import LogSoftmax as _LogSoftmax
 from handgrad.ops.softmax import Softmax as _Softmax
 from handgrad.tensor import Tensor
@@ -53,8 +55,12 @@ __all__ = [
     "mse_loss",
     "one_hot",
     "relu",
+    "rms_norm",
+    "rope_tables",
+    "rotary_embedding",
     "scaled_dot_product_attention",
     "sigmoid",
     "softmax",
+    "swiglu",
     "tanh",
 ]

@@ -1,7 +1,7 @@
 """The layers GPT-2 needs, as ``Module`` s holding their parameters: ``Linear``, ``Embedding``,
-``LayerNorm``, ``Dropout``, ``GELU``, plus ``ReLU`` and ``Tanh``. The math lives in
-``handgrad.nn.functional``; these classes only own weights and settings. Shapes, defaults,
-initialisation and printed form follow ``torch.nn``.
+``LayerNorm``, ``Dropout``, ``GELU``, plus ``RMSNorm`` (Llama's), ``ReLU`` and ``Tanh``. The
+math lives in ``handgrad.nn.functional``; these classes only own weights and settings.
+Shapes, defaults, initialisation and printed form follow ``torch.nn``.
 """
 
 from __future__ import annotations
@@ -122,6 +122,29 @@ class LayerNorm(Module):
             f"{self.normalized_shape}, eps={self.eps}, "
             f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
         )
+
+
+class RMSNorm(Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last ``len(normalized_shape)`` dims
+    (Llama's norm, torch's ``nn.RMSNorm``); weight starts at 1."""
+
+    def __init__(
+        self, normalized_shape: int | Sequence[int], eps: float = 1e-6, dtype: Any = None
+    ) -> None:
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+        self.normalized_shape = tuple(int(n) for n in shape)
+        if eps < 0:
+            raise ValueError(f"RMSNorm: eps must be >= 0, got {eps}")
+        self.eps = eps
+        self.weight = Parameter(empty(self.normalized_shape, dtype=_float_dtype(dtype)))
+        init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
 
 
 class Dropout(Module):

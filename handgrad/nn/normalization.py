@@ -1,4 +1,4 @@
-"""``layer_norm``: normalise over the trailing axes, then scale and shift."""
+"""``layer_norm`` and ``rms_norm``: normalise over the trailing axes, then scale (and shift)."""
 
 from __future__ import annotations
 
@@ -168,3 +168,68 @@ def layer_norm(
         raise ValueError("layer_norm: a bias without a weight is not supported")
     args = [a for a in (weight, bias) if a is not None]
     return _LayerNorm.apply(input, *args, k=len(shape), eps=eps)
+
+
+class _RMSNorm(Function):
+    # Over the last k axes (n elements each), with no mean subtracted (Zhang & Sennrich 2019):
+    #   rstd = 1/sqrt(mean(x^2) + eps),  xhat = x rstd,  y = xhat w
+    # Backward, with dxhat = g w and d rstd / dx_j = -rstd^3 x_j / n:
+    #   dx = rstd (dxhat - xhat mean(dxhat xhat))
+    #   dw = sum over leading axes of g xhat
+    # Only x (by reference) and rstd are kept; backward recomputes xhat.
+    def forward(self, x, w=None, *, k, eps):
+        xp = get_array_module(x)
+        self.shape, self.wshape = x.shape, x.shape[x.ndim - k :]
+        n = math.prod(self.wshape)
+        self.x = x2 = xp.asarray(x, order="C").reshape(-1, n)
+        self.w = None if w is None else w.reshape(n)
+        rstd = xp.einsum("ij,ij->i", x2, x2)[:, None]  # n mean(x^2), one row each
+        rstd *= 1.0 / n
+        rstd += eps
+        xp.sqrt(rstd, out=rstd)
+        xp.reciprocal(rstd, out=rstd)
+        self.rstd = rstd
+        y = x2 * rstd
+        if self.w is not None:
+            y *= self.w
+        return y.reshape(x.shape)
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        x, rstd, n = self.x, self.rstd, self.x.shape[1]
+        g2 = xp.asarray(g, order="C").reshape(x.shape)
+        xhat = x * rstd
+        dxhat = g2 if self.w is None else g2 * self.w
+        grads = [None]
+        if self.needs_input_grad[0]:
+            m = xp.einsum("ij,ij->i", dxhat, xhat)[:, None]  # n mean(dxhat xhat)
+            m *= 1.0 / n
+            dx = xhat * m
+            xp.subtract(dxhat, dx, out=dx)
+            dx *= rstd
+            grads[0] = dx.reshape(self.shape)
+        if len(self.needs_input_grad) > 1:
+            dw = None
+            if self.needs_input_grad[1]:
+                dw = xp.einsum("ij,ij->j", g2, xhat).reshape(self.wshape)
+            grads.append(dw)
+        return tuple(grads)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Root-mean-square normalisation over the trailing ``normalized_shape`` axes (as
+    ``torch.nn.functional.rms_norm``, Llama's norm): x / sqrt(mean(x^2) + eps) * weight."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(input.shape[input.ndim - len(shape) :]) != shape:
+        raise ValueError(
+            f"rms_norm: input shape {input.shape} does not end with normalized_shape {shape}"
+        )
+    if weight is not None and tuple(weight.shape) != shape:
+        raise ValueError(f"rms_norm: weight has shape {weight.shape}, expected {shape}")
+    args = [] if weight is None else [weight]
+    return _RMSNorm.apply(input, *args, k=len(shape), eps=eps)

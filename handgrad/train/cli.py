@@ -153,7 +153,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from handgrad.backend.device import device
     from handgrad.checkpoint import CheckpointError, resolve_checkpoint
-    from handgrad.models.gpt2 import GPT2
+    from handgrad.models import model_from_checkpoint
     from handgrad.tokenizer import load_tokenizer
     from handgrad.train.sampling import prompt_ids
 
@@ -161,7 +161,7 @@ def _sample(args: argparse.Namespace) -> int:
         return _error("sample", f"--num-samples must be >= 1, got {args.num_samples}")
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
-        model = GPT2.from_checkpoint(ckpt)
+        model = model_from_checkpoint(ckpt)
         if args.device is not None:
             model.to(device(args.device))  # device(): one clear error for a bad name
         tok_path = ckpt / "tokenizer.json"

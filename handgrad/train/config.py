@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from handgrad.backend.device import device as as_device_spec
-from handgrad.models.gpt2 import PRESETS, GPT2Config
+from handgrad.models import ARCHS, DEFAULT_ARCH
+from handgrad.models.gpt2 import GPT2Config
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "quickstart"
@@ -41,17 +42,21 @@ class ConfigError(ValueError):
 
 
 def _model_section() -> type:
-    """``[model]``: a GPT-2 preset and/or any GPT2Config fields, which override it.
+    """``[model]``: ``arch`` ("gpt2", the default, or "llama"), a preset of that architecture
+    and/or any fields of its config class (GPT2Config, LlamaConfig), which override it.
 
-    The fields are GPT2Config's own, each optional (None: from the preset, or GPT2Config's
-    default), and the section is checked by building a GPT2Config from it, so its rules live
-    in one place. ``vocab_size`` comes from the prepared data when the section does not set
-    it."""
-    hints = get_type_hints(GPT2Config)
-    fields = [("preset", str | None, None)] + [
-        (f.name, hints[f.name] | None, None) for f in dataclasses.fields(GPT2Config)
-    ]
-    section = dataclasses.make_dataclass("ModelSection", fields)
+    The fields are the union of the config classes' own, each optional (None: from the
+    preset, or the class's default), and the section is checked by building the class that
+    ``arch`` names from it, so its rules live in one place. ``vocab_size`` comes from the
+    prepared data when the section does not set it."""
+    fields = {"arch": str | None, "preset": str | None}
+    for config_class, _, _ in ARCHS.values():
+        hints = get_type_hints(config_class)
+        for f in dataclasses.fields(config_class):
+            fields.setdefault(f.name, hints[f.name] | None)
+    section = dataclasses.make_dataclass(
+        "ModelSection", [(name, t, None) for name, t in fields.items()]
+    )
     section.__doc__ = _model_section.__doc__
     section.__module__ = __name__
     return section
@@ -499,35 +504,47 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(problems))
 
 
-def resolve_model_config(m: Any, data_vocab_size: int) -> GPT2Config:
-    """The GPT2Config of ``[model]``: the preset (if any) with the given fields on top.
-    ``vocab_size`` is the data's unless the section sets it (a preset's vocabulary describes
-    its usual tokenizer, not the data at hand), and ``padded_vocab_size`` follows it (next
-    multiple of 64) unless set. GPT2Config's own checks are the section's rules."""
+def resolve_model_config(m: Any, data_vocab_size: int) -> Any:
+    """The config of ``[model]`` (a GPT2Config, or a LlamaConfig for ``arch = "llama"``): the
+    preset (if any) with the given fields on top. ``vocab_size`` is the data's unless the
+    section sets it (a preset's vocabulary describes its usual tokenizer, not the data at
+    hand), and ``padded_vocab_size`` follows it (next multiple of 64) unless set. The config
+    class's own checks are the section's rules."""
+    arch = DEFAULT_ARCH if m.arch is None else m.arch
+    if arch not in ARCHS:
+        raise ConfigError(f"[model] arch = {arch!r}: unknown; choose one of {', '.join(ARCHS)}")
+    config_class, _, module = ARCHS[arch]
     fields = {
         f.name: getattr(m, f.name)
         for f in dataclasses.fields(m)
-        if f.name != "preset" and getattr(m, f.name) is not None
+        if f.name not in ("arch", "preset") and getattr(m, f.name) is not None
     }
+    foreign = [k for k in fields if k not in {f.name for f in dataclasses.fields(config_class)}]
+    if foreign:
+        raise ConfigError(f"[model] {', '.join(foreign)}: not a setting of arch = {arch!r}")
     fields.setdefault("vocab_size", data_vocab_size)
     fields.setdefault("padded_vocab_size", None)
+    presets = module.PRESETS
     try:
         if m.preset is not None:
-            if m.preset not in PRESETS:
+            if m.preset not in presets:
                 raise ConfigError(
-                    f"[model] preset = {m.preset!r}: unknown; choose one of {', '.join(PRESETS)}"
+                    f"[model] preset = {m.preset!r}: unknown for arch = {arch!r}; choose one of "
+                    f"{', '.join(presets)}"
                 )
-            return GPT2Config.from_preset(m.preset, **fields)
+            return config_class.from_preset(m.preset, **fields)
         missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if k not in fields]
         if missing:
             raise ConfigError(
-                f"[model] needs a preset or {', '.join(missing)} (presets: {', '.join(PRESETS)})"
+                f"[model] needs a preset or {', '.join(missing)} (presets: {', '.join(presets)})"
             )
-        return GPT2Config(**fields)
+        return config_class(**fields)
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"[model]: {str(err).removeprefix('GPT2Config: ')}") from None
+        raise ConfigError(
+            f"[model]: {str(err).removeprefix(f'{config_class.__name__}: ')}"
+        ) from None
 
 
 def _toml_value(v: Any) -> str:

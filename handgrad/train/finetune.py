@@ -30,6 +30,7 @@ import numpy as np
 
 from handgrad.checkpoint import CheckpointError, read_config, resolve_checkpoint
 from handgrad.data.sources.base import cache_dir
+from handgrad.models import config_from_dict, model_from_checkpoint
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.tokenizer import load_tokenizer
 from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
@@ -95,11 +96,11 @@ def _check_model(section: Any, saved: GPT2Config, where: Path) -> GPT2Config:
     if section.preset is not None:  # the preset's shape, for the checkpoint's vocabulary
         preset = resolve_model_config(section, saved.vocab_size).to_dict()
         given = {**{k: v for k, v in preset.items() if k not in _CHANGEABLE}, **given}
-    mine = saved.to_dict()
+    mine = {"arch": saved.arch, **saved.to_dict()}
     diffs = [
         f"[model] {k} = {v!r}, but the model in {where} has {k} = {mine[k]!r}"
         for k, v in given.items()
-        if k not in _CHANGEABLE and v != mine[k]
+        if k not in _CHANGEABLE and v != mine.get(k)
     ]
     if diffs:
         raise ConfigError(
@@ -166,7 +167,7 @@ def start_from(cfg: TrainConfig, resume_dir: Path | None = None) -> Start:
     original PATH need not exist any more."""
     where = resume_dir if resume_dir is not None else init_checkpoint(cfg.train.init_from)
     try:
-        saved = GPT2Config.from_dict(read_config(where)["model"])
+        saved = config_from_dict(read_config(where)["model"])
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{where / 'config.json'}: bad model section: {err}") from None
     tokenizer_file = where / "tokenizer.json"
@@ -188,18 +189,22 @@ def start_from(cfg: TrainConfig, resume_dir: Path | None = None) -> Start:
 def load_init_weights(model: GPT2, checkpoint: Path) -> None:
     """The weights of ``checkpoint`` (verified against its manifest) into ``model``. When
     the model's vocabulary is larger (special tokens added), the new rows of the token
-    embedding start as the mean of the trained rows: a new token's first logits are then the
-    average token's, and its gradient moves it from there."""
-    state = GPT2.from_checkpoint(checkpoint).state_dict()
-    key = "transformer.wte.weight"
+    embedding (and of an untied output layer) start as the mean of the trained rows: a new
+    token's first logits are then the average token's, and its gradient moves it from there."""
+    state = model_from_checkpoint(checkpoint).state_dict()
     old_vocab = int(read_config(checkpoint)["model"]["vocab_size"])
     new_vocab = model.config.vocab_size
     if new_vocab > old_vocab:
-        trained = state[key].numpy()[:old_vocab]
-        grown = model.transformer.wte.weight.detach().numpy().copy()
-        grown[:old_vocab] = trained
-        grown[old_vocab:new_vocab] = trained.mean(axis=0, dtype=np.float64)
-        state[key] = grown
+        mine = model.state_dict()
+        for key, tensor in state.items():
+            target = mine.get(key)
+            if target is None or tuple(target.shape) == tuple(tensor.shape):
+                continue
+            trained = tensor.numpy()[:old_vocab]  # rows of the vocabulary (padding after)
+            grown = target.numpy().copy()
+            grown[:old_vocab] = trained
+            grown[old_vocab:new_vocab] = trained.mean(axis=0, dtype=np.float64)
+            state[key] = grown
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

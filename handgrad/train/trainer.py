@@ -44,6 +44,7 @@ from handgrad.data import TokenShards, get_batch
 from handgrad.data.cache import DataSpecError, prepared_data_dir
 from handgrad.fileio import write_json_atomic
 from handgrad.manifest import hash_file
+from handgrad.models import build_model, config_from_dict
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
 from handgrad.parallel import (
@@ -141,7 +142,7 @@ def build_run(
     manual_seed(t.seed)
     # built (and initialised from the host generator) on the CPU, then moved: the same
     # seed gives the same weights on every device
-    model = GPT2(model_cfg)
+    model = build_model(model_cfg)  # GPT-2 or Llama, as [model] arch says
     if start is not None and ckpt is None:
         load_init_weights(model, start.checkpoint)
         mode.say(f"starting from {start.checkpoint} (its weights; new optimizer and schedule)")
@@ -217,7 +218,7 @@ def _check_resumable(
 ) -> None:
     """Refuse a checkpoint of another model shape, or trained on another tokenizer's ids."""
     try:
-        saved = GPT2Config.from_dict(ckpt.config["model"])
+        saved = config_from_dict(ckpt.config["model"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{ckpt.path / 'config.json'}: bad model section: {err}") from None
     check_same_model(saved.to_dict(), model_cfg.to_dict(), f"{ckpt.path} (refusing to resume)")

@@ -145,7 +145,13 @@ def test_unknown_config_name_lists_shipped_ones():
 
 def test_shipped_configs_load_and_repo_paths_resolve_to_them(monkeypatch):
     names = sorted(p.stem for p in SHIPPED_DIR.glob("*.toml"))
-    assert names == ["finetune-shakespeare", "gpt2-124m-owt", "quickstart", "shakespeare-char"]
+    assert names == [
+        "finetune-shakespeare",
+        "gpt2-124m-owt",
+        "llama-124m",
+        "quickstart",
+        "shakespeare-char",
+    ]
     # configs/ at the repository root is a link to the shipped directory, not a copy.
     assert (REPO / "configs").is_symlink()
     assert (REPO / "configs").resolve() == SHIPPED_DIR
