@@ -37,7 +37,13 @@ from handgrad.train.config import ConfigError, TrainConfig, resolve_model_config
 
 __all__ = ["Start", "init_checkpoint", "load_init_weights", "start_from"]
 
-_CHANGEABLE = ("dropout",)  # GPT2Config fields a fine-tune may set differently
+_CHANGEABLE = ("dropout",)
+# weights with one row per token: GPT-2's and Llama's embeddings, an untied output layer
+_VOCAB_ROWS = (
+    "wte.weight",
+    "embed_tokens.weight",
+    "lm_head.weight",
+)  # GPT2Config fields a fine-tune may set differently
 
 
 @dataclasses.dataclass
@@ -149,6 +155,10 @@ def _check_tokenizer(data: Any, tokenizer_file: Path, where: Path) -> tuple[Any,
 def _extends(theirs: dict[str, Any], ours: dict[str, Any]) -> bool:
     """Whether tokenizer document ``theirs`` is ``ours`` with special tokens added after
     ``ours``' last id (or the very same)."""
+    if theirs == ours:
+        return True
+    if "special_tokens" not in theirs or "special_tokens" not in ours:  # character tokenizers
+        return False
     specials, mine = theirs["special_tokens"], ours["special_tokens"]
     added = {k: v for k, v in specials.items() if k not in mine}
     same_rest = all(
@@ -197,9 +207,9 @@ def load_init_weights(model: GPT2, checkpoint: Path) -> None:
     if new_vocab > old_vocab:
         mine = model.state_dict()
         for key, tensor in state.items():
-            target = mine.get(key)
-            if target is None or tuple(target.shape) == tuple(tensor.shape):
+            if not key.endswith(_VOCAB_ROWS):
                 continue
+            target = mine[key]
             trained = tensor.numpy()[:old_vocab]  # rows of the vocabulary (padding after)
             grown = target.numpy().copy()
             grown[:old_vocab] = trained
