@@ -116,19 +116,7 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPT2Config:
         """Build from a dict such as a checkpoint's config.json "model" section."""
-        if not isinstance(d, dict):
-            raise TypeError(f"GPT2Config.from_dict: expected a dict, got {type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(
-                f"GPT2Config.from_dict: unknown key(s) {unknown}; valid keys are {list(fields)}"
-            )
-        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
-        missing = [n for n in required if n not in d]
-        if missing:
-            raise ValueError(f"GPT2Config.from_dict: missing required key(s) {missing}")
-        return cls(**d)
+        return config_from_fields(cls, d)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
@@ -136,6 +124,23 @@ class GPT2Config:
         if name not in PRESETS:
             raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def config_from_fields(cls: type, d: Any) -> Any:
+    """``cls(**d)`` for a config dataclass, refusing a non-dict, unknown keys and missing
+    required ones by name (every model config's ``from_dict``)."""
+    name = f"{cls.__name__}.from_dict"
+    if not isinstance(d, dict):
+        raise TypeError(f"{name}: expected a dict, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{name}: unknown key(s) {unknown}; valid keys are {list(fields)}")
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+    missing = [n for n in required if n not in d]
+    if missing:
+        raise ValueError(f"{name}: missing required key(s) {missing}")
+    return cls(**d)
 
 
 def _is_int(v: Any) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from handgrad import backend as B
 from handgrad import nn
 from handgrad.backend.device import device
-from handgrad.models.gpt2 import _DTYPES, GPT2, KVCache, _is_int, _round_up
+from handgrad.models.gpt2 import _DTYPES, GPT2, KVCache, _is_int, _round_up, config_from_fields
 from handgrad.nn import functional as F
 from handgrad.nn import init
 from handgrad.tensor import Tensor
@@ -109,18 +109,7 @@ class LlamaConfig:
             raise TypeError(f"LlamaConfig.from_dict: expected a dict, got {type(d).__name__}")
         if d.get("arch", cls.arch) != cls.arch:
             raise ValueError(f"LlamaConfig.from_dict: arch is {d['arch']!r}, not {cls.arch!r}")
-        d = {k: v for k, v in d.items() if k != "arch"}
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(
-                f"LlamaConfig.from_dict: unknown key(s) {unknown}; valid keys are {list(fields)}"
-            )
-        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
-        missing = [n for n in required if n not in d]
-        if missing:
-            raise ValueError(f"LlamaConfig.from_dict: missing required key(s) {missing}")
-        return cls(**d)
+        return config_from_fields(cls, {k: v for k, v in d.items() if k != "arch"})
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LlamaConfig:
