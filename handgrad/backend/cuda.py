@@ -3,7 +3,6 @@
 CuPy is optional (``pip install handgrad[cuda]``): this module imports without it, and
 ``is_available()`` is then False. Asking for a CUDA device without one raises one clear
 error that says which piece is missing: CuPy itself, or a GPU that CuPy can see.
-(Untested on a GPU: the machines this was written on have none.)
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ C-contiguous float32 (int64 for indices); outputs are new CuPy arrays unless an 
 is given. The CUDA C is in ``cuda_sources``; each kernel compiles on first use (NVRTC)
 and is cached. Importing this module needs no CuPy.
 
-Untested on a GPU: the machines this was written on have none. ``tests/kernels`` runs each
-kernel, launched by these launchers, against its reference in a CPU emulation of CUDA
-(docs/gpu.md), and on a GPU wherever one is present.
+``tests/kernels`` runs each kernel, launched by these launchers, against its reference in a CPU
+emulation of CUDA (docs/gpu.md), and on a GPU wherever one is present; what has run where is
+README's "GPUs" section.
 """
 
 from __future__ import annotations

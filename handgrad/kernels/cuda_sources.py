@@ -4,9 +4,8 @@ with ``nvcc --ptx``. float32 data; int64 indices; bfloat16 as its 16 raw bits.
 
 Reductions over a row use one block per row: each thread sums a strided part, then
 ``block_sum`` / ``block_max`` combine the warps' partial results through shared memory.
-(Untested on a GPU: the machines this was written on have none. Each is executed in the tests
-in a CPU emulation of CUDA, tests/kernels/cuda_emul/cuda_emul.h: keep them compiling as C++20
-with it.)
+Each is executed in the tests in a CPU emulation of CUDA (tests/kernels/cuda_emul/cuda_emul.h):
+keep them compiling as C++20 with it.
 """
 
 from __future__ import annotations
