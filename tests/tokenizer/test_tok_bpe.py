@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import handgrad.tokenizer.bpe as bpe
 import handgrad.tokenizer.bpe_train as bpe_train
+import handgrad.tokenizer.pretokenize as pretokenize
 from handgrad.tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
 from handgrad.tokenizer.bytelevel import fix_surrogates
 
@@ -165,6 +166,35 @@ def test_word_cache_gives_same_ids(small_tok, varied_texts):
     # and equals the uncached merge loop applied word by word
     direct = [i for w in fresh._pat.findall(text) for i in fresh._bpe(w.encode())]
     assert first == direct
+
+
+_SPLIT_PIECES = [
+    "a", "Zs", "'s", "'ll", "it's", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", "\x00", "7",
+    ".", "!?", "-", "\x7f", "é", "中文", "²", "\u2019", "\xa0", "\u3000", "\x85", "\u2028", "😀",
+    "ß", "٣",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_SPLIT_PIECES), max_size=80).map("".join) | st.text(max_size=80))
+def test_split_gpt2_equals_the_regex(text):
+    # the ASCII fast path (stdlib re between pre-token boundaries) splits exactly like `regex`
+    pat = regex.compile(GPT2_PATTERN)
+    assert pretokenize.split_gpt2(pat, text) == pat.findall(text)
+
+
+def test_split_gpt2_long_texts(monkeypatch):
+    pat = regex.compile(GPT2_PATTERN)
+    rng = __import__("random").Random(0)
+    for block in (7, 4096):
+        monkeypatch.setattr(pretokenize, "_ASCII_BLOCK", block)  # runs across blocks, many blocks
+        for share in (0.001, 0.05, 0.5):  # sparse non-ASCII, then dense (the `regex` fallback)
+            words = [
+                rng.choice(_SPLIT_PIECES) if rng.random() < share else rng.choice(["ab", "x1"])
+                for _ in range(3000)
+            ]
+            text = " ".join(words)
+            assert pretokenize.split_gpt2(pat, text) == pat.findall(text)
 
 
 def test_cache_is_bounded(monkeypatch, small_tok):
