@@ -75,6 +75,49 @@ def test_train_counts_each_merge_greedily(make_corpus):
             words[k] = out
 
 
+def _reference_merges(word_counts, n_merges):
+    """learn_merges spelt out: recount every pair after each merge; ties by HF's keys."""
+    words = [(list(w), c) for w, c in word_counts.items()]
+    token_bytes = [bytes([b]) for b in range(256)]
+    ids = {t: i for i, t in enumerate(token_bytes)}
+    key = bpe_train._hf_byte_keys()
+    merges = []
+    while len(merges) < n_merges:
+        counts: dict[tuple[int, int], int] = {}
+        for w, c in words:
+            for p in zip(w, w[1:]):
+                counts[p] = counts.get(p, 0) + c
+        if not counts:
+            break
+        a, b = min(counts, key=lambda p: (-counts[p], key[p[0]], key[p[1]]))
+        new = ids.get(token_bytes[a] + token_bytes[b])
+        if new is None:
+            new = ids[token_bytes[a] + token_bytes[b]] = len(token_bytes)
+            token_bytes.append(token_bytes[a] + token_bytes[b])
+            key.append(new)
+            merges.append((a, b))
+        for w, _ in words:
+            j = 0
+            while j + 1 < len(w):
+                if w[j] == a and w[j + 1] == b:
+                    w[j : j + 2] = [new]
+                j += 1
+    return token_bytes, merges
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(
+        st.lists(st.sampled_from(b"ab c"), min_size=1, max_size=12).map(bytes),
+        st.integers(1, 5),
+        max_size=12,
+    )
+)
+def test_learn_merges_equals_recounting(word_counts):
+    # repeats (aaaa, abab), a == b, pairs that leave and come back: the incremental updates agree
+    assert bpe_train.learn_merges(word_counts, 40, False) == _reference_merges(word_counts, 40)
+
+
 def test_train_from_files_matches_documents(tmp_path, monkeypatch, corpus):
     # Tiny read chunks force many chunk boundaries inside words, whitespace runs and specials.
     monkeypatch.setattr(bpe_train, "TRAIN_CHUNK_CHARS", 7)
