@@ -26,7 +26,8 @@ import multiprocessing
 import os
 import warnings
 from collections.abc import Callable, Collection, Iterable, Sequence
-from itertools import chain
+from functools import reduce
+from operator import iadd
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,8 +220,9 @@ class BPETokenizer:
         if len(cache) > WORD_CACHE_SIZE:
             cache.clear()
         try:
-            # A pre-token not in the cache is encoded by the cache's __missing__ (`_bpe`).
-            return list(chain.from_iterable(map(cache.__getitem__, words)))
+            # A pre-token not in the cache is encoded by the cache's __missing__ (`_bpe`);
+            # reduce(iadd) extends one new list by each word's ids (faster than chain here).
+            return reduce(iadd, map(cache.__getitem__, words), [])
         except UnicodeEncodeError:
             return self.encode_ordinary(fix_surrogates(text))
 
@@ -494,14 +496,18 @@ class BPETokenizer:
 
 class _WordCache(dict):
     """Pre-token (str) -> its token ids; a missing pre-token is encoded and stored on lookup, so
-    `map(cache.__getitem__, words)` encodes a text with no Python-level loop over its words."""
+    `map(cache.__getitem__, words)` encodes a text with no Python-level loop over its words.
+
+    Ids are kept as tuples: a tuple of ints leaves the garbage collector's watch, a list would
+    make every collection walk the whole cache.
+    """
 
     def __init__(self, bpe: Callable[[bytes], list[int]]):
         super().__init__()
         self._bpe = bpe
 
-    def __missing__(self, word: str) -> list[int]:
-        ids = self[word] = self._bpe(word.encode("utf-8"))
+    def __missing__(self, word: str) -> tuple[int, ...]:
+        ids = self[word] = tuple(self._bpe(word.encode("utf-8")))
         return ids
 
 

@@ -27,7 +27,13 @@ def _ascii_gpt2_pattern() -> re.Pattern:
 
     def ascii_class(*props: str, negate: bool = False) -> str:
         chars = [c for c in range(128) if any(regex.match(p, chr(c)) for p in props) != negate]
-        return "[" + "".join(f"\\x{c:02x}" for c in chars) + "]"
+        spans: list[list[int]] = []  # runs of consecutive characters, written as ranges
+        for c in chars:
+            if spans and spans[-1][1] == c - 1:
+                spans[-1][1] = c
+            else:
+                spans.append([c, c])
+        return "[" + "".join(f"\\x{a:02x}-\\x{b:02x}" for a, b in spans) + "]"
 
     space, letter, number = ascii_class(r"\s"), ascii_class(r"\p{L}"), ascii_class(r"\p{N}")
     other = ascii_class(r"\s", r"\p{L}", r"\p{N}", negate=True)
@@ -85,9 +91,9 @@ def split_gpt2(pat: regex.Pattern, text: str) -> list[str]:
             break
         left = _safe_before(text, pos, start)
         if left > pos:
-            words += fast(text, pos, left)
+            words += fast(text[pos:left])
         pos = _safe_after(text, end)
-        words += slow(text, left, pos)
+        words += slow(text[left:pos])
     else:
         if pos < len(text):
             words += fast(text, pos)
