@@ -108,6 +108,9 @@ class BPETokenizer:
         self._pat = regex.compile(pattern)
         self._gpt2 = pattern == GPT2_PATTERN
         self._cache = _WordCache(self._bpe)
+        self._byte_ids = [self.encoder[bytes([b])] for b in range(256)]
+        self._shift = max(1, n.bit_length())
+        self._joins: dict[int, int] | None = None
         self._special_res: dict[frozenset[str], regex.Pattern] = {}
 
     # ------------------------------------------------------------------ properties
@@ -141,35 +144,53 @@ class BPETokenizer:
 
     # ------------------------------------------------------------------ encoding
 
+    def _joins_table(self) -> dict[int, int]:
+        """(u << shift | v) -> id of the token bytes(u) + bytes(v), for all tokens u, v whose
+        concatenation is a token: every way of cutting every token in two (about 2 entries per
+        token). Built on first use."""
+        ranks = self.encoder
+        shift = self._shift
+        joins = {}
+        for token, i in ranks.items():
+            for k in range(1, len(token)):
+                u, v = ranks.get(token[:k]), ranks.get(token[k:])
+                if u is not None and v is not None:
+                    joins[u << shift | v] = i
+        self._joins = joins
+        return joins
+
     def _bpe(self, piece: bytes) -> list[int]:
         """Encode one pre-token: join the lowest-rank adjacent pair until none is in the vocab.
 
-        Parts are piece[bounds[j]:bounds[j + 1]]; pair_ranks[j] is the rank of parts j and j + 1
-        joined (_NO_RANK if that is not a token). A merge changes only the two ranks beside it,
-        and min / index find the leftmost lowest rank in C.
+        Parts are token ids; pair_ranks[j] is the rank (= id) of the token that parts j and
+        j + 1 make together (_NO_RANK if none), looked up by ids in `_joins_table`, which
+        equals looking up their bytes joined. A merge changes only the two ranks beside it, and
+        min / index find the leftmost lowest rank in C.
         """
         ranks = self.encoder
         whole = ranks.get(piece)
         if whole is not None:  # as tiktoken: a piece that is itself a token is that token
             return [whole]
-        n = len(piece)
-        if n > LONG_PIECE:
+        if len(piece) > LONG_PIECE:
             return self._bpe_heap(piece)
-        get = ranks.get
-        bounds = list(range(n + 1))
-        pair_ranks = [get(piece[i : i + 2], _NO_RANK) for i in range(n - 1)]
+        joins = self._joins if self._joins is not None else self._joins_table()
+        get = joins.get
+        shift = self._shift
+        ids = list(map(self._byte_ids.__getitem__, piece))
+        pair_ranks = [get(u << shift | v, _NO_RANK) for u, v in zip(ids, ids[1:])]
         while pair_ranks:
             best = min(pair_ranks)
             if best == _NO_RANK:
                 break
             i = pair_ranks.index(best)
-            del bounds[i + 1]
+            ids[i] = best  # a token's rank is its id
+            del ids[i + 1]
             del pair_ranks[i]
             if i < len(pair_ranks):
-                pair_ranks[i] = get(piece[bounds[i] : bounds[i + 2]], _NO_RANK)
+                pair_ranks[i] = get(best << shift | ids[i + 1], _NO_RANK)
             if i:
-                pair_ranks[i - 1] = get(piece[bounds[i - 1] : bounds[i + 1]], _NO_RANK)
-        return [ranks[piece[bounds[j] : bounds[j + 1]]] for j in range(len(bounds) - 1)]
+                pair_ranks[i - 1] = get(ids[i - 1] << shift | best, _NO_RANK)
+        return ids
 
     def _bpe_heap(self, piece: bytes) -> list[int]:
         """`_bpe` in O(n log n) for long pieces (a run of 10^5 spaces would take O(n^2) there).
