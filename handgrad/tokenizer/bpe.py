@@ -25,8 +25,9 @@ import heapq
 import multiprocessing
 import os
 import warnings
-from collections.abc import Collection, Iterable, Sequence
-from itertools import chain
+from collections.abc import Callable, Collection, Iterable, Sequence
+from functools import reduce
+from operator import iadd
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,14 +43,18 @@ from handgrad.tokenizer.io import (
     read_tokenizer_json,
     write_tokenizer_json,
 )
+from handgrad.tokenizer.pretokenize import split_gpt2
 
 # Re-exported: the byte-level helpers are part of this module's public surface.
 __all__ = ["BPETokenizer"]
 
-# Entries of the per-instance word cache before it is emptied (bounds memory on huge corpora).
-WORD_CACHE_SIZE = 50_000
+# Entries of the per-instance word cache before it is emptied (bounds memory on huge corpora:
+# about 200 bytes an entry). 10 MB of web-like text has about 75,000 distinct pre-tokens.
+WORD_CACHE_SIZE = 1 << 17
 # Pre-tokens longer than this (bytes) are merged with a heap instead of a linear scan per step.
 LONG_PIECE = 64
+# Rank of a pair that is not a token (above every real rank).
+_NO_RANK = 1 << 62
 
 
 class BPETokenizer:
@@ -101,7 +106,11 @@ class BPETokenizer:
         self._special_tokens = special_tokens
         self.pattern = pattern
         self._pat = regex.compile(pattern)
-        self._cache: dict[str, list[int]] = {}
+        self._gpt2 = pattern == GPT2_PATTERN
+        self._cache = _WordCache(self._bpe)
+        self._byte_ids = [self.encoder[bytes([b])] for b in range(256)]
+        self._shift = max(1, n.bit_length())
+        self._joins: dict[int, int] | None = None
         self._special_res: dict[frozenset[str], regex.Pattern] = {}
 
     # ------------------------------------------------------------------ properties
@@ -135,25 +144,53 @@ class BPETokenizer:
 
     # ------------------------------------------------------------------ encoding
 
+    def _joins_table(self) -> dict[int, int]:
+        """(u << shift | v) -> id of the token bytes(u) + bytes(v), for all tokens u, v whose
+        concatenation is a token: every way of cutting every token in two (about 2 entries per
+        token). Built on first use."""
+        ranks = self.encoder
+        shift = self._shift
+        joins = {}
+        for token, i in ranks.items():
+            for k in range(1, len(token)):
+                u, v = ranks.get(token[:k]), ranks.get(token[k:])
+                if u is not None and v is not None:
+                    joins[u << shift | v] = i
+        self._joins = joins
+        return joins
+
     def _bpe(self, piece: bytes) -> list[int]:
-        """Encode one pre-token: join the lowest-rank adjacent pair until none is in the vocab."""
+        """Encode one pre-token: join the lowest-rank adjacent pair until none is in the vocab.
+
+        Parts are token ids; pair_ranks[j] is the rank (= id) of the token that parts j and
+        j + 1 make together (_NO_RANK if none), looked up by ids in `_joins_table`, which
+        equals looking up their bytes joined. A merge changes only the two ranks beside it, and
+        min / index find the leftmost lowest rank in C.
+        """
         ranks = self.encoder
         whole = ranks.get(piece)
         if whole is not None:  # as tiktoken: a piece that is itself a token is that token
             return [whole]
         if len(piece) > LONG_PIECE:
             return self._bpe_heap(piece)
-        parts = [piece[i : i + 1] for i in range(len(piece))]
-        while len(parts) > 1:
-            best_rank, best_i = None, -1
-            for i in range(len(parts) - 1):
-                rank = ranks.get(parts[i] + parts[i + 1])
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best_i = rank, i
-            if best_rank is None:
+        joins = self._joins if self._joins is not None else self._joins_table()
+        get = joins.get
+        shift = self._shift
+        ids = list(map(self._byte_ids.__getitem__, piece))
+        pair_ranks = [get(u << shift | v, _NO_RANK) for u, v in zip(ids, ids[1:])]
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == _NO_RANK:
                 break
-            parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        return [ranks[p] for p in parts]
+            i = pair_ranks.index(best)
+            ids[i] = best  # a token's rank is its id
+            del ids[i + 1]
+            del pair_ranks[i]
+            if i < len(pair_ranks):
+                pair_ranks[i] = get(best << shift | ids[i + 1], _NO_RANK)
+            if i:
+                pair_ranks[i - 1] = get(ids[i - 1] << shift | best, _NO_RANK)
+        return ids
 
     def _bpe_heap(self, piece: bytes) -> list[int]:
         """`_bpe` in O(n log n) for long pieces (a run of 10^5 spaces would take O(n^2) there).
@@ -199,22 +236,16 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode `text`, treating special-token strings as ordinary text."""
-        words = self._pat.findall(text)
+        words = split_gpt2(self._pat, text) if self._gpt2 else self._pat.findall(text)
         cache = self._cache
-        try:
-            # Fast path: every pre-token seen before (the common case on real text).
-            return list(chain.from_iterable(map(cache.__getitem__, words)))
-        except KeyError:
-            pass
         if len(cache) > WORD_CACHE_SIZE:
             cache.clear()
         try:
-            for word in words:
-                if word not in cache:
-                    cache[word] = self._bpe(word.encode("utf-8"))
+            # A pre-token not in the cache is encoded by the cache's __missing__ (`_bpe`);
+            # reduce(iadd) extends one new list by each word's ids (faster than chain here).
+            return reduce(iadd, map(cache.__getitem__, words), [])
         except UnicodeEncodeError:
             return self.encode_ordinary(fix_surrogates(text))
-        return list(chain.from_iterable(map(cache.__getitem__, words)))
 
     def _special_re(self, tokens: frozenset[str]) -> regex.Pattern:
         pat = self._special_res.get(tokens)
@@ -482,6 +513,23 @@ class BPETokenizer:
             return cls(encoder, merges, specials, GPT2_PATTERN)
         except ValueError as e:
             raise ValueError(f"{Path(directory)}: {e}") from None
+
+
+class _WordCache(dict):
+    """Pre-token (str) -> its token ids; a missing pre-token is encoded and stored on lookup, so
+    `map(cache.__getitem__, words)` encodes a text with no Python-level loop over its words.
+
+    Ids are kept as tuples: a tuple of ints leaves the garbage collector's watch, a list would
+    make every collection walk the whole cache.
+    """
+
+    def __init__(self, bpe: Callable[[bytes], list[int]]):
+        super().__init__()
+        self._bpe = bpe
+
+    def __missing__(self, word: str) -> tuple[int, ...]:
+        ids = self[word] = tuple(self._bpe(word.encode("utf-8")))
+        return ids
 
 
 # ---------------------------------------------------------------------- process pool workers

@@ -26,12 +26,14 @@ from typing import Any
 
 import regex
 
-from handgrad.tokenizer.bytelevel import bytes_to_unicode, to_utf8
+from handgrad.tokenizer.bytelevel import GPT2_PATTERN, bytes_to_unicode, to_utf8
+from handgrad.tokenizer.pretokenize import split_gpt2
 
 # File streaming: characters read per step, and how many characters at the end of a chunk stay
 # unsplit for the next step (a pre-token may depend on up to 3 characters after it).
 TRAIN_CHUNK_CHARS = 1 << 20
 _CHUNK_MARGIN = 16
+_GPT2_FLAGS = regex.compile(GPT2_PATTERN).flags
 
 
 def _hf_byte_keys() -> list[int]:
@@ -73,8 +75,10 @@ def count_words(
     margin = max(_CHUNK_MARGIN, max((len(t) for t in special_tokens), default=0) + 1)
     counts: Counter[str] = Counter()
 
+    gpt2 = pat.pattern == GPT2_PATTERN and pat.flags == _GPT2_FLAGS
+
     def split_words(segment: str, source: str) -> list[str]:
-        words = pat.findall(segment)
+        words = split_gpt2(pat, segment) if gpt2 else pat.findall(segment)
         if sum(map(len, words)) != len(segment):
             raise ValueError(
                 f"{source}: the pre-tokenization pattern does not match every "
@@ -181,30 +185,20 @@ def learn_merges(
         # that token's id without a new vocabulary entry; we do the same and record no merge
         # (a rank-based vocabulary can hold each byte string once).
 
-        new_pairs = set()
+        new_pairs: set[tuple[int, int]] = set()
         for i in where.pop((a, b)):
             word = words[i]
-            n = len(word)
-            out = []
-            j = 0
-            while j < n:
-                if j + 1 < n and word[j] == a and word[j + 1] == b:
-                    out.append(new)
-                    j += 2
-                else:
-                    out.append(word[j])
-                    j += 1
-            if len(out) == n:
+            try:  # the first (a, b) in the word
+                k = word.index(a)
+                while word[k + 1] != b:
+                    k = word.index(a, k + 1)
+            except (ValueError, IndexError):
                 continue  # stale index: the pair was already merged away in this word
             count = counts[i]
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] -= count
-            for pair in zip(out, out[1:]):
-                pair_counts[pair] += count
-                if new in pair:
-                    where[pair].add(i)
-                    new_pairs.add(pair)
-            words[i] = out
+            if word.count(a) == 1:
+                _merge_once(word, k, new, count, i, pair_counts, where, new_pairs)
+            else:
+                words[i] = _merge_all(word, a, b, new, count, i, pair_counts, where, new_pairs)
         pair_counts.pop((a, b), None)
         for pair in new_pairs:
             c = pair_counts[pair]
@@ -212,3 +206,72 @@ def learn_merges(
                 heapq.heappush(heap, (-c, key[pair[0]], key[pair[1]], pair[0], pair[1]))
     bar.close()
     return token_bytes, merges
+
+
+def _merge_once(
+    word: list[int],
+    k: int,
+    new: int,
+    count: int,
+    i: int,
+    pair_counts: dict[tuple[int, int], int],
+    where: dict[tuple[int, int], set[int]],
+    new_pairs: set[tuple[int, int]],
+) -> None:
+    """Merge the only (a, b) of word i, at k, in place: only the pairs beside it change.
+
+    (The count of (a, b) itself is dropped by the caller.) Pairs that leave the word also leave
+    `where`, so fewer stale indices are visited later.
+    """
+    a, b = word[k], word[k + 1]
+    if k:
+        x = word[k - 1]
+        pair_counts[x, a] -= count
+        where[x, a].discard(i)  # a is only here, so (x, a) is gone from the word
+        pair = (x, new)
+        pair_counts[pair] += count
+        where[pair].add(i)
+        new_pairs.add(pair)
+    if k + 2 < len(word):
+        y = word[k + 2]
+        pair_counts[b, y] -= count
+        if word.count(b) == 1:
+            where[b, y].discard(i)
+        pair = (new, y)
+        pair_counts[pair] += count
+        where[pair].add(i)
+        new_pairs.add(pair)
+    word[k : k + 2] = (new,)
+
+
+def _merge_all(
+    word: list[int],
+    a: int,
+    b: int,
+    new: int,
+    count: int,
+    i: int,
+    pair_counts: dict[tuple[int, int], int],
+    where: dict[tuple[int, int], set[int]],
+    new_pairs: set[tuple[int, int]],
+) -> list[int]:
+    """Word i with every (a, b) merged left to right; pair counts updated by the whole-word
+    difference (for words where a occurs more than once, e.g. a == b)."""
+    n = len(word)
+    out = []
+    j = 0
+    while j < n:
+        if j + 1 < n and word[j] == a and word[j + 1] == b:
+            out.append(new)
+            j += 2
+        else:
+            out.append(word[j])
+            j += 1
+    for pair in zip(word, word[1:]):
+        pair_counts[pair] -= count
+    for pair in zip(out, out[1:]):
+        pair_counts[pair] += count
+        if new in pair:
+            where[pair].add(i)
+            new_pairs.add(pair)
+    return out

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import handgrad.tokenizer.bpe as bpe
 import handgrad.tokenizer.bpe_train as bpe_train
+import handgrad.tokenizer.pretokenize as pretokenize
 from handgrad.tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
 from handgrad.tokenizer.bytelevel import fix_surrogates
 
@@ -72,6 +73,49 @@ def test_train_counts_each_merge_greedily(make_corpus):
                     out.append(w[j])
                     j += 1
             words[k] = out
+
+
+def _reference_merges(word_counts, n_merges):
+    """learn_merges spelt out: recount every pair after each merge; ties by HF's keys."""
+    words = [(list(w), c) for w, c in word_counts.items()]
+    token_bytes = [bytes([b]) for b in range(256)]
+    ids = {t: i for i, t in enumerate(token_bytes)}
+    key = bpe_train._hf_byte_keys()
+    merges = []
+    while len(merges) < n_merges:
+        counts: dict[tuple[int, int], int] = {}
+        for w, c in words:
+            for p in zip(w, w[1:]):
+                counts[p] = counts.get(p, 0) + c
+        if not counts:
+            break
+        a, b = min(counts, key=lambda p: (-counts[p], key[p[0]], key[p[1]]))
+        new = ids.get(token_bytes[a] + token_bytes[b])
+        if new is None:
+            new = ids[token_bytes[a] + token_bytes[b]] = len(token_bytes)
+            token_bytes.append(token_bytes[a] + token_bytes[b])
+            key.append(new)
+            merges.append((a, b))
+        for w, _ in words:
+            j = 0
+            while j + 1 < len(w):
+                if w[j] == a and w[j + 1] == b:
+                    w[j : j + 2] = [new]
+                j += 1
+    return token_bytes, merges
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(
+        st.lists(st.sampled_from(b"ab c"), min_size=1, max_size=12).map(bytes),
+        st.integers(1, 5),
+        max_size=12,
+    )
+)
+def test_learn_merges_equals_recounting(word_counts):
+    # repeats (aaaa, abab), a == b, pairs that leave and come back: the incremental updates agree
+    assert bpe_train.learn_merges(word_counts, 40, False) == _reference_merges(word_counts, 40)
 
 
 def test_train_from_files_matches_documents(tmp_path, monkeypatch, corpus):
@@ -165,6 +209,35 @@ def test_word_cache_gives_same_ids(small_tok, varied_texts):
     # and equals the uncached merge loop applied word by word
     direct = [i for w in fresh._pat.findall(text) for i in fresh._bpe(w.encode())]
     assert first == direct
+
+
+_SPLIT_PIECES = [
+    "a", "Zs", "'s", "'ll", "it's", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", "\x00", "7",
+    ".", "!?", "-", "\x7f", "é", "中文", "²", "\u2019", "\xa0", "\u3000", "\x85", "\u2028", "😀",
+    "ß", "٣",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_SPLIT_PIECES), max_size=80).map("".join) | st.text(max_size=80))
+def test_split_gpt2_equals_the_regex(text):
+    # the ASCII fast path (stdlib re between pre-token boundaries) splits exactly like `regex`
+    pat = regex.compile(GPT2_PATTERN)
+    assert pretokenize.split_gpt2(pat, text) == pat.findall(text)
+
+
+def test_split_gpt2_long_texts(monkeypatch):
+    pat = regex.compile(GPT2_PATTERN)
+    rng = __import__("random").Random(0)
+    for block in (7, 4096):
+        monkeypatch.setattr(pretokenize, "_ASCII_BLOCK", block)  # runs across blocks, many blocks
+        for share in (0.001, 0.05, 0.5):  # sparse non-ASCII, then dense (the `regex` fallback)
+            words = [
+                rng.choice(_SPLIT_PIECES) if rng.random() < share else rng.choice(["ab", "x1"])
+                for _ in range(3000)
+            ]
+            text = " ".join(words)
+            assert pretokenize.split_gpt2(pat, text) == pat.findall(text)
 
 
 def test_cache_is_bounded(monkeypatch, small_tok):
