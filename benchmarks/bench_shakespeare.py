@@ -130,7 +130,7 @@ def run_torch(
     for step in range(t.max_steps):
         t0 = time.perf_counter()
         lr = cosine_with_warmup(step, max_lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
-                                decay_steps=o.decay_steps)  # fmt: skip
+                                decay_steps=cfg.decay_steps)  # fmt: skip
         for g in optimizer.param_groups:
             g["lr"] = lr
         x, y = get_batch(data.train, batch, block, rng)
