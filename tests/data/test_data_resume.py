@@ -192,7 +192,11 @@ def test_different_preparation_refused_while_unfinished(tmp_path, monkeypatch):
 MEMORY_SCRIPT = """
 import sys, warnings
 warnings.simplefilter("ignore")
+import handgrad.tokenizer.bpe as bpe
 from handgrad.data import prepare
+# the word cache is capped (bpe.WORD_CACHE_SIZE words, ~20 MB when full); a small cap here
+# keeps it from hiding, or being mistaken for, growth anywhere else
+bpe.WORD_CACHE_SIZE = 4096
 prepare(sys.argv[1], sys.argv[2], sys.argv[3], workers=1, progress=False)
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM"):
