@@ -368,7 +368,8 @@ class GPT2(nn.Module):
         targets = targets if isinstance(targets, Tensor) else Tensor(targets, device=idx.device)
         if tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(
-                f"GPT2.forward: targets have shape {tuple(targets.shape)}, expected the shape "
+                f"{type(self).__name__}.forward: targets have shape {tuple(targets.shape)}, "
+                "expected the shape "
                 f"of idx {tuple(idx.shape)}"
             )
         V = self.config.vocab_size

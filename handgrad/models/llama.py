@@ -300,31 +300,15 @@ class Llama(nn.Module):
             return F.linear(x, self.model.embed_tokens.weight[: self.config.vocab_size])
         return self.lm_head(x)
 
-    def forward(self, idx: Tensor | Any, targets: Tensor | Any | None = None) -> Any:
-        """As ``GPT2.forward``: logits (B, T, vocab_size), and with ``targets`` (-1 ignored)
-        ``(logits, loss)``."""
-        idx = self._check_idx(idx, "idx")
-        logits = self._logits(self._hidden(idx))
-        if targets is None:
-            return logits
-        targets = targets if isinstance(targets, Tensor) else Tensor(targets, device=idx.device)
-        if tuple(targets.shape) != tuple(idx.shape):
-            raise ValueError(
-                f"Llama.forward: targets have shape {tuple(targets.shape)}, expected the shape "
-                f"of idx {tuple(idx.shape)}"
-            )
-        V = self.config.vocab_size
-        loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
-
     def _new_cache(self, batch_size: int) -> KVCache:
         """One (B, n_kv_head, block_size, head_dim) buffer per layer for keys, one for values."""
         return KVCache(self.config, batch_size, self.device, n_head=self.config.n_kv_head)
 
-    # Checking ids, sampling with the key/value cache (keys are rotated at their absolute
-    # positions, so past block_size the window is re-run, as GPT-2's position embeddings
-    # need) and loading are GPT-2's code, written against config, _hidden, _logits and
-    # _new_cache.
+    # Checking ids, the loss, sampling with the key/value cache (keys are rotated at their
+    # absolute positions, so past block_size the window is re-run, as GPT-2's position
+    # embeddings need) and loading are GPT-2's code, written against config, _hidden, _logits
+    # and _new_cache.
+    forward = GPT2.forward
     _check_idx = GPT2._check_idx
     generate = GPT2.generate
     _step = GPT2._step
