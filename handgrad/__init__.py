@@ -13,6 +13,7 @@ The public API mirrors PyTorch's so that what you know carries over::
 # nn and optim load with the package, so ``hg.nn.Linear`` and ``hg.optim.AdamW`` work after
 # ``import handgrad as hg``, as ``torch.nn`` and ``torch.optim`` do
 from handgrad import nn, optim
+from handgrad.amp import autocast, get_autocast_dtype, is_autocast_enabled
 from handgrad.backend import (
     bfloat16,
     bool_,
@@ -68,6 +69,7 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "arange",
+    "autocast",
     "bfloat16",
     "bool_",
     "cat",
@@ -81,9 +83,11 @@ __all__ = [
     "float64",
     "from_numpy",
     "full",
+    "get_autocast_dtype",
     "get_rng_state",
     "int32",
     "int64",
+    "is_autocast_enabled",
     "is_grad_enabled",
     "load",
     "log",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from handgrad import amp as _amp
 from handgrad import backend as B
 from handgrad.backend.device import device_of, devices_of, to_device
 from handgrad.grad_mode import is_grad_enabled
@@ -39,6 +40,10 @@ class Function:
     """
 
     native = False
+    # What the op does inside ``hg.autocast`` (see ``handgrad.amp``): "lower" casts
+    # its floating inputs to bfloat16, "float32" computes in float32 and returns float32,
+    # None runs in the inputs' dtype.
+    autocast: ClassVar[str | None] = None
     needs_input_grad: tuple[bool, ...] = ()
     # The class op outputs and gradients are made of. ``handgrad.tensor`` sets it to Tensor
     # when it is imported: Tensor's methods call the ops, which build on this module, so this
@@ -60,6 +65,9 @@ class Function:
     @classmethod
     def apply(cls, *inputs: Tensor, **kwargs: Any) -> Tensor:
         ctx = cls()
+        rule = _amp.policy(cls, inputs) if cls.autocast is not None else None
+        if rule == "lower":
+            inputs = _amp.cast_inputs(inputs)
         arrays = [t.data for t in inputs]
         if len(arrays) > 1:
             # host arrays only (the common case on the CPU) need no device check
@@ -75,7 +83,7 @@ class Function:
         record = is_grad_enabled() and any(t.requires_grad for t in inputs)
         ctx.needs_input_grad = tuple(t.requires_grad for t in inputs) if record else ()
         out = ctx.forward(*arrays, **kwargs)
-        if cast_back in _LOW_PRECISION and out.dtype == B.float32:
+        if cast_back in _LOW_PRECISION and out.dtype == B.float32 and rule != "float32":
             out = out.astype(cast_back)
         result = Function.output_type._make(out, requires_grad=record)
         if record:

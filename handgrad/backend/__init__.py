@@ -142,16 +142,14 @@ def available_cores() -> int:
 
 
 _num_threads: int | None = None  # None: every available core
-_blas_controller: Any = None
 
 
 def _blas() -> Any:
-    """threadpoolctl's handle on the BLAS library, made on first use (it scans the loaded
-    libraries); None without threadpoolctl, whose absence leaves BLAS at its own setting."""
-    global _blas_controller
-    if _blas_controller is None and ThreadpoolController is not None:
-        _blas_controller = ThreadpoolController()
-    return _blas_controller
+    """threadpoolctl's handle on the BLAS libraries loaded now; None without threadpoolctl,
+    whose absence leaves BLAS at its own setting. Made anew at each use (about 0.5 ms): a
+    library loaded after the first scan (SciPy's own OpenBLAS, say) would otherwise keep
+    its threads."""
+    return ThreadpoolController() if ThreadpoolController is not None else None
 
 
 def can_limit_blas() -> bool:
@@ -421,3 +419,18 @@ def to_host_contiguous(a: Any) -> np.ndarray:
     if not isinstance(a, np.ndarray) and hasattr(a, "get"):
         a = a.get()  # CuPy: device -> host
     return np.ascontiguousarray(a)
+
+
+def matmul_bf16(a: Any, b: Any, out_dtype: np.dtype = bfloat16) -> Any:
+    """a (..., m, k) @ b (..., k, n) of bfloat16 operands -> (..., m, n) in ``out_dtype``:
+    products accumulated in float32 and the result rounded once, as cuBLAS computes them.
+    On NumPy, which has no bfloat16 arithmetic, the operands are widened (exactly) and the
+    float32 product rounded through ml_dtypes: the reference for the GPU's result."""
+    xp = get_array_module(a, b)
+    if is_numpy(xp):
+        return (a.astype(float32) @ b.astype(float32)).astype(out_dtype, copy=False)
+    from handgrad.backend import cuda  # noqa: PLC0415
+
+    cuda.count_gemm(bfloat16, 2 * a.shape[-1] * math.prod(a.shape[:-1]) * b.shape[-1])
+    out = xp.matmul(a, b)
+    return out.astype(out_dtype, copy=False)

@@ -81,6 +81,8 @@ class _Attention(Function):
     and dropout masks. A work item is an index into the leading (batch, head) axes: ``()``
     for all heads at once."""
 
+    autocast = "lower"  # inside hg.autocast (handgrad.amp)
+
     def _setup(self, q, k, v, mask, is_causal, scale, dropout_p):
         self.xp = get_array_module(q, k, v)
         *lead, L, _ = q.shape

@@ -11,22 +11,23 @@ from handgrad.tensor import Tensor
 
 
 class _Linear(Function):
+    autocast = "lower"  # inside hg.autocast (handgrad.amp)
+
     # y = x W^T + b with x: (..., in), W: (out, in), b: (out,)
     # dx = g W;  dW = g^T x (summed over all leading dims);  db = sum of g over leading dims.
     # The leading dims are folded into one, so each product is a single 2-D GEMM (NumPy would
     # otherwise run one small GEMM per leading index).
-    # On a GPU, bfloat16 x and W are multiplied as bfloat16 by cuBLAS (float32 accumulation,
-    # one rounding of each product to bfloat16; ``backend.cuda.bf16_matmul_enabled``): the
-    # gradient g is rounded to bfloat16 for dx and dW, whose products come back as float32.
+    # bfloat16 x and W (autocast, or a bf16 model fed bf16) multiply as bfloat16
+    # (``backend.matmul_bf16``: float32 accumulation; cuBLAS on a GPU, its float32 reference
+    # on the CPU): y is rounded once to bfloat16, after the bias is added in float32. In
+    # backward g is rounded to bfloat16 as the GEMMs' operand; dx and dW come out in float32,
+    # the dtype of every 16-bit tensor's gradient here (torch rounds them to bfloat16 too).
     @classmethod
     def keeps_low_precision(cls, arrays):
+        if not all(a.dtype == B.bfloat16 for a in arrays):
+            return False
         xp = get_array_module(*arrays)
-        return (
-            not B.is_numpy(xp)
-            and all(a.dtype == B.bfloat16 for a in arrays)
-            and cuda.is_cupy(xp)
-            and cuda.bf16_matmul_enabled()
-        )
+        return B.is_numpy(xp) or (cuda.is_cupy(xp) and cuda.bf16_matmul_enabled())
 
     def forward(self, x, w, b=None):
         if x.shape[-1] != w.shape[1]:
@@ -37,13 +38,17 @@ class _Linear(Function):
         self.lead = x.shape[:-1]
         self.x2, self.w = x.reshape(-1, x.shape[-1]), w
         self.on_gpu = not B.is_numpy(get_array_module(x))
+        if w.dtype == B.bfloat16:  # keeps_low_precision: a bfloat16 product
+            if b is None:
+                y = B.matmul_bf16(self.x2, w.T)
+            else:
+                y = B.matmul_bf16(self.x2, w.T, out_dtype=B.float32)
+                y += b.astype(B.float32)
+                y = y.astype(B.bfloat16)
+            return y.reshape(*self.lead, w.shape[0])
         if self.on_gpu:
             cuda.count_gemm(x.dtype, 2 * self.x2.shape[0] * w.shape[0] * w.shape[1])
         y = self.x2 @ w.T
-        if w.dtype == B.bfloat16:  # a GPU (keeps_low_precision): bias added in float32
-            if b is not None:
-                y = y.astype(B.float32, copy=False) + b.astype(B.float32)
-            return y.astype(B.bfloat16, copy=False).reshape(*self.lead, w.shape[0])
         if b is not None:
             y += b
         return y.reshape(*self.lead, w.shape[0])
@@ -51,15 +56,21 @@ class _Linear(Function):
     def backward(self, g):
         x2, w = self.x2, self.w
         g2 = g.reshape(-1, g.shape[-1])
-        gm = g2.astype(B.bfloat16) if w.dtype == B.bfloat16 else g2  # the GEMM operand
-        if self.on_gpu:  # dx and dW, each 2 m n k
-            wanted = int(self.needs_input_grad[0]) + int(self.needs_input_grad[1])
-            cuda.count_gemm(gm.dtype, wanted * 2 * g2.shape[0] * w.shape[0] * w.shape[1])
-        dx = (gm @ w).reshape(*self.lead, w.shape[1]) if self.needs_input_grad[0] else None
-        dw = (gm.T @ x2) if self.needs_input_grad[1] else None
-        if w.dtype == B.bfloat16:  # gradients are float32, as for every 16-bit tensor
-            dx = None if dx is None else dx.astype(B.float32, copy=False)
-            dw = None if dw is None else dw.astype(B.float32, copy=False)
+        dx = dw = None
+        if w.dtype == B.bfloat16:
+            gm = g2.astype(B.bfloat16)  # the GEMM operand
+            if self.needs_input_grad[0]:
+                dx = B.matmul_bf16(gm, w, out_dtype=B.float32).reshape(*self.lead, w.shape[1])
+            if self.needs_input_grad[1]:
+                dw = B.matmul_bf16(gm.T, x2, out_dtype=B.float32)
+        else:
+            if self.on_gpu:  # dx and dW, each 2 m n k
+                wanted = int(self.needs_input_grad[0]) + int(self.needs_input_grad[1])
+                cuda.count_gemm(g2.dtype, wanted * 2 * g2.shape[0] * w.shape[0] * w.shape[1])
+            if self.needs_input_grad[0]:
+                dx = (g2 @ w).reshape(*self.lead, w.shape[1])
+            if self.needs_input_grad[1]:
+                dw = g2.T @ x2
         if len(self.needs_input_grad) == 3:
             db = g2.sum(axis=0) if self.needs_input_grad[2] else None
             return dx, dw, db

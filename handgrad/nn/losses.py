@@ -11,6 +11,8 @@ from handgrad.tensor import Tensor
 
 
 class _CrossEntropy(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # Rows x (N, C), targets t (N,), smoothing e, lse = log sum_c e^(x_c):
     #   loss_i = (1 - e) (lse - x_{t_i}) + e (lse - mean_c x_c)
     #   dloss_i/dx_ic = softmax(x_i)_c - (1 - e) [c == t_i] - e / C

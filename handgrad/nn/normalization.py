@@ -15,6 +15,8 @@ from handgrad.tensor import Tensor
 
 
 class _LayerNorm(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # Over the last k axes (the normalised shape), with n elements each:
     #   mu = mean(x), rstd = 1/sqrt(var(x) + eps) (biased variance), xc = x - mu,
     #   xhat = xc rstd,  y = xhat w + b
@@ -171,6 +173,8 @@ def layer_norm(
 
 
 class _RMSNorm(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # Over the last k axes (n elements each), with no mean subtracted (Zhang & Sennrich 2019):
     #   rstd = 1/sqrt(mean(x^2) + eps),  xhat = x rstd,  y = xhat w
     # Backward, with dxhat = g w and d rstd / dx_j = -rstd^3 x_j / n:

@@ -11,6 +11,8 @@ input's size and more (attention probabilities are (B, H, T, T)). ``checkpoint(f
                y'.backward(dL/dy)             parameters' .grad accumulate here; dL/dx = x'.grad
                restore the RNG                the run's later draws are the ones it had
 
+The recompute runs under the autocast state of the forward (``hg.autocast``), as torch's does.
+
 Every value is computed by the same ops in the same order as without recompute, so the
 gradients are bit-identical; the price is one more forward of each block per step.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from handgrad import amp as _amp
 from handgrad.function import Function
 from handgrad.grad_mode import enable_grad, is_grad_enabled
 from handgrad.random import get_rng_state, set_rng_state
@@ -33,6 +36,7 @@ class _Recompute(Function):
 
     def forward(self, x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         self.x, self.fn, self.rng = x, fn, get_rng_state()
+        self.amp_state = _amp.state()  # the recompute runs under the same autocast
         # Recorded as in backward, then dropped with ``y``: some fused ops take another
         # (equally exact) order of operations when no gradient is wanted, and the values
         # passed on must be the bits the recompute will produce.
@@ -43,8 +47,10 @@ class _Recompute(Function):
         later = get_rng_state()
         set_rng_state(self.rng)
         x = Tensor._make(self.x, requires_grad=True)
+        device_type, dtype = self.amp_state
+        rules = _amp.autocast(device_type or "cpu", dtype, enabled=dtype is not None)
         try:
-            with enable_grad():
+            with enable_grad(), rules:
                 y = self.fn(x)
         finally:
             set_rng_state(later)

@@ -67,6 +67,8 @@ class Div(Function):
 
 
 class Pow(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # out = a^b  =>  da = g * b * a^(b-1), db = g * a^b * ln(a)
     def forward(self, a, b):
         check_broadcastable(a.shape, b.shape, "pow")
@@ -99,6 +101,8 @@ class Neg(Function):
 
 
 class Exp(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # out = e^a  =>  da = g * out
     def forward(self, a):
         self.out = B.get_array_module(a).exp(a)
@@ -109,6 +113,8 @@ class Exp(Function):
 
 
 class Log(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # out = ln a  =>  da = g / a
     def forward(self, a):
         self.a = a

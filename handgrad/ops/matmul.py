@@ -14,6 +14,8 @@ class MatMul(Function):
     axis is removed again from the result and the gradient.
     """
 
+    autocast = "lower"  # inside hg.autocast (handgrad.amp)
+
     def forward(self, a, b):
         if a.ndim == 0 or b.ndim == 0:
             raise ValueError(

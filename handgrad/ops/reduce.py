@@ -38,6 +38,8 @@ def _expand_reduced(g: Any, axes: tuple[int, ...], keepdim: bool) -> Any:
 
 
 class Sum(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # out = sum_i a_i  =>  da_i = g (broadcast back over the reduced axes)
     def forward(self, a, axes, keepdim):
         self.shape, self.axes, self.keepdim = a.shape, axes, keepdim

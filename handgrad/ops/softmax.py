@@ -7,6 +7,8 @@ from handgrad.function import Function
 
 
 class Softmax(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # y = e^(x - max) / sum e^(x - max)  =>  dx = y (g - sum(g y))
     def forward(self, x, dim):
         self.dim = dim
@@ -21,6 +23,8 @@ class Softmax(Function):
 
 
 class LogSoftmax(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
     # y = x - logsumexp(x)  =>  dx = g - softmax(x) sum(g)
     def forward(self, x, dim):
         self.dim = dim

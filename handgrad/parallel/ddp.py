@@ -112,6 +112,7 @@ class DistributedDataParallel:
         reduce_gradients: bool = True,
         upload: Callable[[np.ndarray], Any] | None = None,
         overlap: bool = True,
+        precision: str | None = None,
     ):
         name = type(self).__name__
         if processes < 2:
@@ -132,6 +133,7 @@ class DistributedDataParallel:
                 "has no fork start method; set [train] processes = 1"
             )
         self.model, self.processes, self.seed = model, processes, seed
+        self.precision = precision  # "bf16": each rank's forward passes under autocast
         self.upload = upload  # host batch -> the model's device (None: the model is on the CPU)
         self.reduce_gradients = reduce_gradients  # False: each rank keeps its own (ZeRO-1)
         self.rows, self.block_size = rows, block_size
@@ -228,7 +230,7 @@ class DistributedDataParallel:
         if self.overlap:  # a parameter's bucket may go once its last micro batch's backward is done
             self.reducer.arm("sum", backwards=len(shards))
         with B.num_threads(1):  # one core per rank
-            losses = steps.accumulate(self.model, shards, scale)
+            losses = steps.accumulate(self.model, shards, scale, self.precision)
         if self.overlap:  # the buckets backward left, before the stats' collective on any rank
             self.reducer.flush()
         n = len(shards)

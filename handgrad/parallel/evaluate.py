@@ -21,6 +21,7 @@ from handgrad.backend.device import to_device
 from handgrad.data import iter_batches_sequential
 from handgrad.distributed import Transport
 from handgrad.grad_mode import no_grad
+from handgrad.parallel.step import autocast_region
 from handgrad.tensor import Tensor
 
 
@@ -53,6 +54,7 @@ def evaluate(
     block_size: int,
     group: Transport | None = None,
     mask: np.ndarray | None = None,
+    precision: str | None = None,
 ) -> EvalResult:
     """Mean loss of ``model`` over ``batches`` fixed batches of ``micro_batch_size`` windows of
     ``block_size`` (+1) tokens of ``tokens`` (a 1-D array of ids, e.g. the val split).
@@ -60,7 +62,8 @@ def evaluate(
     The model runs in eval mode (no dropout) without a graph; its mode is restored after.
     Every batch has the same size, so the mean of the batch means is the mean over tokens.
     With a loss ``mask`` (chat data) only the targets it marks are scored, each batch's loss
-    being the mean over its marked targets. Batches go to the model's device (``model.device`` when it has one) and the batch losses
+    being the mean over its marked targets. ``precision`` "bf16": the forward passes run
+    under autocast, as in training. Batches go to the model's device (``model.device`` when it has one) and the batch losses
     are read back in one copy.
 
     With a process ``group`` the batches are dealt out over its ranks: batch b is scored by
@@ -82,7 +85,8 @@ def evaluate(
             for b, (x, y) in enumerate(windows):
                 if b % world == rank:
                     x, y = to_device(x, where), to_device(y, where)
-                    _, loss = model(Tensor._make(x), Tensor._make(y))
+                    with autocast_region(model, precision):
+                        _, loss = model(Tensor._make(x), Tensor._make(y))
                     mine[b] = loss.data
     finally:
         model.train(was_training)

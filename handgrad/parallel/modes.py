@@ -111,13 +111,15 @@ class RunMode:
         block_size: int,
         seed: int,
         matmul_precision: str = "highest",
+        precision: str | None = None,
     ) -> Any:
         """Get ready to step ``model`` (already on this rank's device, weights restored)
-        with ``optimizer`` (state restored); returns the optimizer the run steps and saves."""
+        with ``optimizer`` (state restored); returns the optimizer the run steps and saves.
+        ``precision`` "bf16": forward passes under bfloat16 autocast (None: without)."""
         self.model, self.optimizer = model, optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
-        self.block_size, self.seed = block_size, seed
+        self.block_size, self.seed, self.precision = block_size, seed, precision
         self.rows = micro_batch_size * self.processes  # one micro batch over all ranks
         self.global_batch = self.rows * grad_accum_steps
         self.upload = BatchUploader(model.device)
@@ -131,7 +133,7 @@ class RunMode:
         xd, yd = self.upload(x), self.upload(y)
         r = self.rows
         micro = [(xd[i : i + r], yd[i : i + r]) for i in range(0, len(x), r)]
-        return steps.accumulate(self.model, micro, 1.0 / self.grad_accum_steps)
+        return steps.accumulate(self.model, micro, 1.0 / self.grad_accum_steps, self.precision)
 
     def _clip(self, max_norm: float) -> Any:
         """Clip the gradients to a global norm of ``max_norm``; the norm before clipping."""
@@ -175,7 +177,9 @@ class RunMode:
     ) -> EvalResult:
         """Validation loss on ``batches`` fixed batches of m x P windows (the same batches
         and the same bits in every mode); ``mask``: the split's loss mask, if it has one."""
-        return evaluate(self.model, tokens, batches, self.rows, block_size, self.group, mask)
+        return evaluate(
+            self.model, tokens, batches, self.rows, block_size, self.group, mask, self.precision
+        )
 
     def checkpoint(self, write: Callable[[], Path]) -> Path | None:
         """``write()`` on the writer, once every rank has made ready what it needs."""
@@ -215,8 +219,9 @@ class ForkedRanks(RunMode):
     def setup(self, model: Module, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         optimizer = super().setup(model, optimizer, *args, **kwargs)
         self.dp = DistributedDataParallel(
-            model, self.processes, self.global_batch, self.block_size, self.seed
-        )
+            model, self.processes, self.global_batch, self.block_size, self.seed,
+            precision=self.precision,
+        )  # fmt: skip
         return optimizer
 
     def gradients(self, step: int, x: np.ndarray, y: np.ndarray) -> list:
@@ -300,6 +305,7 @@ class MPIRanks(RunMode):
         self.dp = DistributedDataParallel(
             model, self.processes, self.global_batch, self.block_size, self.seed, self.group,
             reduce_gradients=not self.zero, upload=self.upload if on_gpu else None,
+            precision=self.precision,
         )  # fmt: skip
         # MPI collectives have no timeout: a lost, cut-off or stalled rank ends the job
         self.watchdog = Watchdog(

@@ -23,6 +23,7 @@ for the copy, which a copy from ordinary memory would make it do.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from handgrad import backend as B
+from handgrad.amp import autocast
 from handgrad.backend.device import as_device, device, to_device
 from handgrad.nn import Module
 from handgrad.tensor import Tensor
@@ -42,6 +44,7 @@ __all__ = [
     "StepStats",
     "TrainingDiverged",
     "accumulate",
+    "autocast_region",
     "mean_on_device",
 ]
 
@@ -61,14 +64,32 @@ class StepStats:
     grad_norm: Any
 
 
-def accumulate(model: Module, micro_batches: Sequence[tuple[Any, Any]], scale: float) -> list:
+def autocast_region(model: Module, precision: str | None) -> Any:
+    """The context a forward pass runs in: ``hg.autocast`` on the model's device type for
+    ``precision`` "bf16", nothing for None (float32, or the parameters' own dtype)."""
+    if precision is None:
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"autocast: expected 'bf16' or None, got {precision!r}")
+    return autocast(model.device.type, B.bfloat16)
+
+
+def accumulate(
+    model: Module,
+    micro_batches: Sequence[tuple[Any, Any]],
+    scale: float,
+    precision: str | None = None,
+) -> list:
     """``(loss * scale).backward()`` for each ``(x, y)`` (B, T) micro batch (arrays on the
-    model's device), gradients adding up in ``.grad``. Returns each micro batch's unscaled
+    model's device), gradients adding up in ``.grad``; each forward under autocast when
+    ``precision`` is "bf16" (one region per micro batch, so a parameter's bfloat16 copy
+    lives as long as its forward and backward). Returns each micro batch's unscaled
     loss: a float for host arrays, where a loss that is not finite ends the loop before its
     backward (the caller reports it); a 0-d device array otherwise, read nowhere here."""
     losses: list = []
     for x, y in micro_batches:
-        _, loss = model(Tensor._make(x), Tensor._make(y))
+        with autocast_region(model, precision):
+            _, loss = model(Tensor._make(x), Tensor._make(y))
         if B.is_numpy(B.get_array_module(loss.data)):
             value = float(loss.item())
             losses.append(value)

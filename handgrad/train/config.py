@@ -122,6 +122,16 @@ class TrainSection:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where the model and its batches live
     # "highest": float32 matmuls in full float32; "high": TF32 tensor cores allowed (CUDA only)
     matmul_precision: str = "highest"
+    # matrix products in bfloat16, norms and the loss in float32 (hg.autocast): "bf16",
+    # "none", or "auto" (bf16 on a GPU, none on the CPU, where it is a slower reference)
+    autocast: str = "auto"
+
+    def autocast_precision(self) -> str | None:
+        """``autocast`` resolved for ``device``: "bf16" or None."""
+        if self.autocast == "auto":
+            return "bf16" if str(self.device).startswith("cuda") else None
+        return "bf16" if self.autocast in ("bf16", "bfloat16") else None
+
     # where metrics go besides metrics.jsonl: "tensorboard", "wandb" (train/loggers.py)
     loggers: list[str] = field(default_factory=list)
 
@@ -370,7 +380,8 @@ def _check_type(value: Any, t: Any, where: str) -> Any:
 
 
 def _device_problems(t: TrainSection) -> list[str]:
-    """What is wrong with ``[train] device`` and ``matmul_precision`` (empty when nothing)."""
+    """What is wrong with ``[train] device``, ``matmul_precision`` and ``autocast`` (empty
+    when nothing)."""
     out = []
     try:
         dev = as_device_spec(t.device)
@@ -381,6 +392,8 @@ def _device_problems(t: TrainSection) -> list[str]:
         out.append(
             f"[train] matmul_precision = {t.matmul_precision!r}: must be 'highest' or 'high'"
         )
+    if t.autocast not in ("auto", "bf16", "bfloat16", "none"):
+        out.append(f"[train] autocast = {t.autocast!r}: must be 'auto', 'bf16' or 'none'")
     return out
 
 

@@ -378,7 +378,7 @@ def train(
     try:
         run.optimizer = mode.setup(
             run.model, run.optimizer, t.micro_batch_size, t.grad_accum_steps, run.block_size,
-            t.seed, t.matmul_precision,
+            t.seed, t.matmul_precision, t.autocast_precision(),
         )  # fmt: skip
         if (line := mode.describe()) is not None:
             mode.say(line)
