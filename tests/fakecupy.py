@@ -424,7 +424,8 @@ def installed(kernels: bool = False, bf16_matmul: bool = False) -> Iterator[Any]
 _LAUNCHERS = ("layer_norm_forward", "layer_norm_backward", "gelu_tanh_forward",
               "gelu_tanh_backward", "causal_softmax_forward", "causal_softmax_backward",
               "cross_entropy_forward", "cross_entropy_backward", "embedding_backward",
-              "adamw_flat")  # fmt: skip
+              "adamw_flat", "residual_layer_norm_forward", "residual_layer_norm_backward",
+              "bias_gelu_forward", "bias_gelu_backward", "fused_classifier")  # fmt: skip
 
 
 def _as_device(x: Any) -> Any:

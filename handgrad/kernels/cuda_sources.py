@@ -47,11 +47,48 @@ __device__ float block_max(float v) {
 }
 """
 
+# bfloat16 as its 16 raw bits (``unsigned short``; the launchers pass ``a.view(uint16)``):
+# ld() widens either storage type to float32, st() stores a float32 in either, bfloat16
+# rounded to nearest even (NaN kept a quiet NaN of the same sign). All math is float32.
+BF16 = r"""
+typedef unsigned short bf16;
+__device__ __forceinline__ float ld(float v) { return v; }
+__device__ __forceinline__ float ld(bf16 v) { return __uint_as_float((unsigned int)v << 16); }
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(bf16* p, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { *p = (bf16)((u >> 16) | 0x40u); return; }  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    *p = (bf16)(u >> 16);
+}
+"""
+
 _KERNELS: dict[str, str] = {}
+
+# the storage types of a kernel's variants, by the suffix of their names
+F32, BF = "float", "bf16"
+SUFFIX = {F32: "f32", BF: "bf16"}
 
 
 def _kernel(names: str, body: str) -> None:
     _KERNELS[names] = PRELUDE + body
+
+
+def _variants(name: str, body: str, *variants: dict[str, str], plain: dict | None = None) -> None:
+    """One kernel per variant: ``body`` (its entry point named KERNEL) after a typedef of each
+    storage type the variant gives (``{"x_t": F32, "y_t": BF}``), named ``name`` plus the
+    types' suffixes in order (``name_f32_bf16``); the variant equal to ``plain`` keeps the
+    bare ``name`` (the float32 kernel of old)."""
+    for types in variants:
+        full = name if types == plain else "_".join([name, *(SUFFIX[t] for t in types.values())])
+        typedefs = "".join(f"typedef {t} {k};\n" for k, t in types.items())
+        _KERNELS[full] = PRELUDE + BF16 + typedefs + body.replace("KERNEL", full)
+
+
+def variant_name(name: str, *types: str) -> str:
+    """The name of ``name``'s kernel for storage types ``types`` (F32 or BF), in the order of
+    its typedefs."""
+    return "_".join([name, *(SUFFIX[t] for t in types)])
 
 
 # ---- layer norm: one block per row of C
@@ -109,13 +146,13 @@ extern "C" __global__ void layer_norm_backward_input(
 """,
 )
 
-_kernel(
+_variants(
     "layer_norm_backward_params",
     r"""
 // dw[c] = sum_n dy xhat, db[c] = sum_n dy. Thread = column (coalesced over a row); the
 // rows are cut into gridDim.y chunks whose partial sums meet with atomicAdd (dw, db zeroed).
-extern "C" __global__ void layer_norm_backward_params(
-    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+extern "C" __global__ void KERNEL(
+    const dy_t* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ rstd, float* dw, float* db, int N, int C, int rows_per_chunk) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -124,7 +161,7 @@ extern "C" __global__ void layer_norm_backward_params(
     float aw = 0.0f, ab = 0.0f;
     for (int n = r0; n < r1; ++n) {
         const long long k = (long long)n * C + c;
-        const float g = dy[k];
+        const float g = ld(dy[k]);
         aw += g * (x[k] - mean[n]) * rstd[n];
         ab += g;
     }
@@ -132,6 +169,82 @@ extern "C" __global__ void layer_norm_backward_params(
     atomicAdd(db + c, ab);
 }
 """,
+    {"dy_t": F32},
+    {"dy_t": BF},
+    plain={"dy_t": F32},
+)
+
+# ---- residual add + layer norm: one block per row of C
+_variants(
+    "residual_layer_norm_forward",
+    r"""
+// h = x + r;  mean = sum_c h / C,  rstd = 1 / sqrt(sum_c (h - mean)^2 / C + eps),
+// y = (h - mean) rstd w + b.  h, mean, rstd float32 (kept for backward), y in y_t.
+// h is read back only by the thread that wrote it: no barrier needed between.
+extern "C" __global__ void KERNEL(
+    const float* __restrict__ x, const r_t* __restrict__ r, const float* __restrict__ w,
+    const float* __restrict__ b, int has_bias, float* __restrict__ h, y_t* __restrict__ y,
+    float* __restrict__ mean, float* __restrict__ rstd, int C, float eps) {
+    const long long row = blockIdx.x;
+    const float* xr = x + row * C;
+    const r_t* rr = r + row * C;
+    float* hr = h + row * C;
+    y_t* yr = y + row * C;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        const float v = xr[i] + ld(rr[i]);
+        hr[i] = v;
+        s += v;
+    }
+    const float mu = block_sum(s) / C;
+    float q = 0.0f;  // two passes: sum (h - mu)^2 does not cancel as E[h^2] - mu^2 can
+    for (int i = threadIdx.x; i < C; i += blockDim.x) { float d = hr[i] - mu; q += d * d; }
+    const float rs = 1.0f / sqrtf(block_sum(q) / C + eps);
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        const float v = (hr[i] - mu) * rs * w[i];
+        st(yr + i, has_bias ? v + b[i] : v);
+    }
+    if (threadIdx.x == 0) { mean[row] = mu; rstd[row] = rs; }
+}
+""",
+    {"r_t": F32, "y_t": F32},
+    {"r_t": BF, "y_t": F32},
+    {"r_t": F32, "y_t": BF},
+    {"r_t": BF, "y_t": BF},
+)
+
+_variants(
+    "residual_layer_norm_backward_input",
+    r"""
+// dx = dh + rstd (g - mean_c(g) - xhat mean_c(g xhat)),  g = dy w,  xhat = (h - mean) rstd:
+// the gradient of h = x + r, for x and r alike (dh: what reaches h past the norm, the
+// residual stream's own gradient; has_dh = 0 reads none).
+extern "C" __global__ void KERNEL(
+    const dy_t* __restrict__ dy, const float* __restrict__ dh, int has_dh,
+    const float* __restrict__ h, const float* __restrict__ w, const float* __restrict__ mean,
+    const float* __restrict__ rstd, float* __restrict__ dx, int C) {
+    const long long row = blockIdx.x;
+    const dy_t* dyr = dy + row * C;
+    const float* hr = h + row * C;
+    float* dxr = dx + row * C;
+    const float mu = mean[row], r = rstd[row];
+    float sg = 0.0f, sgx = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        const float g = ld(dyr[i]) * w[i];
+        sg += g;
+        sgx += g * (hr[i] - mu) * r;
+    }
+    const float a = block_sum(sg) / C;
+    const float bb = block_sum(sgx) / C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        const float xhat = (hr[i] - mu) * r;
+        const float d = r * (ld(dyr[i]) * w[i] - a - xhat * bb);
+        dxr[i] = has_dh ? dh[row * C + i] + d : d;
+    }
+}
+""",
+    {"dy_t": F32},
+    {"dy_t": BF},
 )
 
 # ---- GELU, tanh form: elementwise, grid-stride
@@ -168,47 +281,109 @@ extern "C" __global__ void gelu_tanh_backward(
 """,
 )
 
-# ---- causal softmax over (R, T, T) scores: one block per row; row i keeps columns j <= i
-_kernel(
-    "causal_softmax_forward",
+# ---- bias + GELU (tanh form) over (N, C) rows: u = x + b[c]
+_variants(
+    "bias_gelu_forward",
     r"""
-extern "C" __global__ void causal_softmax_forward(
-    const float* __restrict__ s, float* __restrict__ p, int T, float scale) {
-    const long long row = blockIdx.x;
-    const int i = (int)(row % T);
-    const float* sr = s + row * T;
-    float* pr = p + row * T;
-    float m = -HG_INF;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, sr[j] * scale);
-    m = block_max(m);
-    float z = 0.0f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) z += expf(sr[j] * scale - m);
-    const float inv = 1.0f / block_sum(z);
-    for (int j = threadIdx.x; j < T; j += blockDim.x)
-        pr[j] = j <= i ? expf(sr[j] * scale - m) * inv : 0.0f;
+// y = u (1 + tanh(k (u + a u^3))) / 2,  u = x + b,  k = sqrt(2 / pi),  a = 0.044715.
+extern "C" __global__ void KERNEL(
+    const x_t* __restrict__ x, const float* __restrict__ b, x_t* __restrict__ y, long long n,
+    int C) {
+    const float k = 0.7978845608028654f, a = 0.044715f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float u = ld(x[i]) + b[i % C];
+        st(y + i, 0.5f * u * (1.0f + tanhf(k * (u + a * u * u * u))));
+    }
 }
 """,
+    {"x_t": F32},
+    {"x_t": BF},
 )
 
-_kernel(
+_variants(
+    "bias_gelu_backward",
+    r"""
+// dx = dy gelu'(u) = dy ((1 + t) / 2 + u (1 - t^2) k (1 + 3 a u^2) / 2),  t = tanh(k (u + a
+// u^3)), u = x + b;  db[c] = sum_n dx[n, c]. Thread = column (coalesced over a row), rows cut
+// into gridDim.y chunks whose partial sums meet with atomicAdd (db zeroed).
+extern "C" __global__ void KERNEL(
+    const dy_t* __restrict__ dy, const x_t* __restrict__ x, const float* __restrict__ b,
+    float* __restrict__ dx, float* db, int N, int C, int rows_per_chunk) {
+    const float k = 0.7978845608028654f, a = 0.044715f;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const int r0 = blockIdx.y * rows_per_chunk;
+    const int r1 = min(N, r0 + rows_per_chunk);
+    const float bc = b[c];
+    float acc = 0.0f;
+    for (int n = r0; n < r1; ++n) {
+        const long long i = (long long)n * C + c;
+        const float u = ld(x[i]) + bc;
+        const float t = tanhf(k * (u + a * u * u * u));
+        const float du = k * (1.0f + 3.0f * a * u * u);
+        const float d = ld(dy[i]) * (0.5f * (1.0f + t) + 0.5f * u * (1.0f - t * t) * du);
+        dx[i] = d;
+        acc += d;
+    }
+    atomicAdd(db + c, acc);
+}
+""",
+    {"dy_t": F32, "x_t": F32},
+    {"dy_t": BF, "x_t": F32},
+    {"dy_t": F32, "x_t": BF},
+    {"dy_t": BF, "x_t": BF},
+)
+
+# ---- causal softmax over (R, T, T) scores: one block per row; row i keeps columns j <= i.
+# s_t / p_t: float (the kernels of old, names without a suffix) or bf16 (``_bf16``).
+_SOFTMAX_TYPES = ({"s_t": F32}, {"s_t": BF})
+_variants(
+    "causal_softmax_forward",
+    r"""
+// p_ij = exp(scale s_ij - m_i) / sum_{k <= i} exp(scale s_ik - m_i) for j <= i, else 0;
+// m_i = max_{k <= i} scale s_ik.
+extern "C" __global__ void KERNEL(
+    const s_t* __restrict__ s, s_t* __restrict__ p, int T, float scale) {
+    const long long row = blockIdx.x;
+    const int i = (int)(row % T);
+    const s_t* sr = s + row * T;
+    s_t* pr = p + row * T;
+    float m = -HG_INF;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, ld(sr[j]) * scale);
+    m = block_max(m);
+    float z = 0.0f;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) z += expf(ld(sr[j]) * scale - m);
+    const float inv = 1.0f / block_sum(z);
+    for (int j = threadIdx.x; j < T; j += blockDim.x)
+        st(pr + j, j <= i ? expf(ld(sr[j]) * scale - m) * inv : 0.0f);
+}
+""",
+    *_SOFTMAX_TYPES,
+    plain={"s_t": F32},
+)
+
+_variants(
     "causal_softmax_backward",
     r"""
 // ds = scale p (dp - sum_j p dp)
-extern "C" __global__ void causal_softmax_backward(
-    const float* __restrict__ dp, const float* __restrict__ p, float* __restrict__ ds, int T,
+extern "C" __global__ void KERNEL(
+    const s_t* __restrict__ dp, const s_t* __restrict__ p, s_t* __restrict__ ds, int T,
     float scale) {
     const long long row = blockIdx.x;
     const int i = (int)(row % T);
-    const float* dpr = dp + row * T;
-    const float* pr = p + row * T;
-    float* dsr = ds + row * T;
+    const s_t* dpr = dp + row * T;
+    const s_t* pr = p + row * T;
+    s_t* dsr = ds + row * T;
     float dot = 0.0f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += pr[j] * dpr[j];
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += ld(pr[j]) * ld(dpr[j]);
     dot = block_sum(dot);
     for (int j = threadIdx.x; j < T; j += blockDim.x)
-        dsr[j] = j <= i ? scale * pr[j] * (dpr[j] - dot) : 0.0f;
+        st(dsr + j, j <= i ? scale * ld(pr[j]) * (ld(dpr[j]) - dot) : 0.0f);
 }
 """,
+    *_SOFTMAX_TYPES,
+    plain={"s_t": F32},
 )
 
 # ---- cross entropy over a padded vocabulary: one block per row
@@ -263,17 +438,65 @@ extern "C" __global__ void cross_entropy_backward(
 """,
 )
 
+# ---- fused classifier (llm.c's): loss and dlogits in one kernel, one block per row
+_variants(
+    "fused_classifier",
+    r"""
+// Over the first V of Vp columns (the rest: padding, never read):
+//   lse = log sum_{c < V} exp(x_c),  loss = lse - x_t  (0 if t == ignore_index; NaN for a t
+//   outside [0, V)),  dx_c = scale (exp(x_c - lse) - [c == t])  for c < V, 0 for c >= V and
+//   ignored rows (NaN for c < V in a row whose t is out of range).
+// One read for (max, sum) kept online per thread, then merged over the block; a second read
+// writes dx. dx may be the logits buffer: every element is read and then written by one
+// thread, the block's reductions (barriers) lie between the first read and any write, and
+// x_t is read before them.
+extern "C" __global__ void KERNEL(
+    const x_t* logits, const long long* __restrict__ targets, const float* scale, int has_scale,
+    float* __restrict__ losses, x_t* dlogits, int V, int Vp, long long ignore_index) {
+    const long long row = blockIdx.x;
+    const x_t* xr = logits + row * Vp;
+    x_t* dr = dlogits + row * Vp;
+    const long long t = targets[row];
+    const bool ignored = t == ignore_index, bad = !ignored && (t < 0 || t >= V);
+    const float xt = (ignored || bad || threadIdx.x != 0) ? 0.0f : ld(xr[t]);
+    float m = -HG_INF, z = 0.0f;  // this thread's max, and sum of exp(x - m)
+    for (int c = threadIdx.x; c < V; c += blockDim.x) {
+        const float v = ld(xr[c]);
+        if (v > m) { z = z * expf(m - v) + 1.0f; m = v; }
+        else if (v != -HG_INF) z += expf(v - m);  // NaN lands here: z NaN
+    }
+    const float M = block_max(m);
+    // a thread that saw no finite value has z = 0 (0 * 0 unless M = -inf too: NaN, as a row
+    // of -inf gives NaN); a +inf max gives inf - inf = NaN, as in float arithmetic
+    const float Z = block_sum(z * expf(m - M));
+    const float lse = M + logf(Z);
+    if (threadIdx.x == 0)
+        losses[row] = ignored ? 0.0f : bad ? __int_as_float(0x7fc00000) : lse - xt;
+    const float g = has_scale ? scale[0] : 1.0f;
+    for (int c = threadIdx.x; c < Vp; c += blockDim.x) {
+        float d = 0.0f;
+        if (!ignored && c < V)
+            d = bad ? __int_as_float(0x7fc00000) : g * (expf(ld(xr[c]) - lse) - (c == t ? 1.0f : 0.0f));
+        st(dr + c, d);
+    }
+}
+""",
+    {"x_t": F32},
+    {"x_t": BF},
+)
+
 # ---- embedding backward: scatter-add, one thread per element of dout
 _kernel(
     "embedding_backward",
     r"""
+// dw[idx[n], c] += dout[n, c]; a row index outside [0, V) is skipped (never written).
 extern "C" __global__ void embedding_backward(
     const long long* __restrict__ idx, const float* __restrict__ dout, float* dw, long long N,
-    int C) {
+    int C, long long V) {
     for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < N * C;
          k += (long long)gridDim.x * blockDim.x) {
-        const long long n = k / C;
-        atomicAdd(dw + idx[n] * C + (k - n * C), dout[k]);
+        const long long n = k / C, j = idx[n];
+        if (j >= 0 && j < V) atomicAdd(dw + j * C + (k - n * C), dout[k]);
     }
 }
 """,

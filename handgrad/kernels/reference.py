@@ -2,6 +2,8 @@
 the same math, float32 in and out. Each docstring gives the math and the shapes.
 
 These are written for clarity, not speed: they define what the kernels must compute.
+Where a kernel takes bfloat16 (``ml_dtypes.bfloat16``) arrays, its reference widens them to
+float32, computes in float32 (or float64) and rounds a bfloat16 result once, to nearest even.
 """
 
 from __future__ import annotations
@@ -49,6 +51,38 @@ def layer_norm_backward(
     return dx.astype(np.float32), (dy * xhat).sum(axis=0), dy.sum(axis=0)
 
 
+def residual_layer_norm_forward(
+    x: np.ndarray,
+    r: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    eps: float = 1e-5,
+    out_dtype: object = np.float32,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x (N, C) float32, r (N, C) float32 or bfloat16 -> h (N, C) float32, y (N, C) in
+    ``out_dtype``, mean (N,), rstd (N,):  h = x + r,  (y, mean, rstd) = layer_norm(h)."""
+    h = (x + r.astype(np.float32)).astype(np.float32)
+    y, mean, rstd = layer_norm_forward(h, weight, bias, eps)
+    return h, y.astype(out_dtype), mean, rstd
+
+
+def residual_layer_norm_backward(
+    dy: np.ndarray,
+    dh: np.ndarray | None,
+    h: np.ndarray,
+    weight: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dy (N, C) float32 or bfloat16, dh (N, C) float32 or None (zeros) -> dx (N, C),
+    dweight (C,), dbias (C,) float32:  dx = dh + layer_norm_backward(dy, h)'s dx, the
+    gradient of both x and r (h = x + r); dweight, dbias as ``layer_norm_backward``'s."""
+    dx, dw, db = layer_norm_backward(dy.astype(np.float32), h, weight, mean, rstd)
+    if dh is not None:
+        dx = (dx + dh).astype(np.float32)
+    return dx, dw.astype(np.float32), db.astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------
 # GELU, tanh form
 
@@ -68,25 +102,45 @@ def gelu_tanh_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)).astype(np.float32)
 
 
+def bias_gelu_forward(x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """x (..., C) float32 or bfloat16, bias (C,) float32 or bfloat16 -> y in x's dtype:
+    y = gelu_tanh(x + bias), in float32."""
+    u = x.astype(np.float32) + bias.astype(np.float32)
+    return gelu_tanh_forward(u).astype(x.dtype)
+
+
+def bias_gelu_backward(
+    dy: np.ndarray, x: np.ndarray, bias: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> dx (..., C) float32 = dy gelu_tanh'(x + bias) (``gelu_tanh_backward`` at x + bias),
+    dbias (C,) float32 = dx summed over all but the last axis."""
+    u = x.astype(np.float32) + bias.astype(np.float32)
+    dx = gelu_tanh_backward(dy.astype(np.float32), u)
+    C = x.shape[-1] if x.ndim else 1
+    return dx, dx.reshape(-1, C).sum(axis=0, dtype=np.float32)
+
+
 # ----------------------------------------------------------------------------------------
 # causal softmax over attention scores, and attention built from it
 
 
 def causal_softmax_forward(scores: np.ndarray, scale: float) -> np.ndarray:
     """scores (..., T, T) -> p (..., T, T): row i is softmax_j(scale s_ij) over j <= i, and
-    0 for j > i (the future)."""
+    0 for j > i (the future). bfloat16 scores give bfloat16 p (float32 math)."""
     T = scores.shape[-1]
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    z = np.where(future, -np.inf, scores * np.float32(scale))
+    z = np.where(future, -np.inf, scores.astype(np.float32) * np.float32(scale))
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32).astype(scores.dtype)
 
 
 def causal_softmax_backward(dp: np.ndarray, p: np.ndarray, scale: float) -> np.ndarray:
-    """dscores = scale p (dp - sum_j p dp) (0 in the future, where p is 0)."""
-    dot = (p * dp).sum(axis=-1, keepdims=True)
-    return (np.float32(scale) * p * (dp - dot)).astype(np.float32)
+    """dscores = scale p (dp - sum_j p dp) (0 in the future, where p is 0), in p's dtype
+    (float32 math for bfloat16 dp and p)."""
+    dp32, p32 = dp.astype(np.float32), p.astype(np.float32)
+    dot = (p32 * dp32).sum(axis=-1, keepdims=True)
+    return (np.float32(scale) * p32 * (dp32 - dot)).astype(np.float32).astype(p.dtype)
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,15 +208,55 @@ def cross_entropy_backward(
     return d
 
 
+def fused_classifier(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    vocab_size: int,
+    ignore_index: int = -1,
+    scale: np.ndarray | float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cross entropy's loss and gradient together (llm.c's fused_classifier). logits
+    (N, Vp) float32 or bfloat16, the first V = ``vocab_size`` columns real, targets (N,),
+    ``scale`` a (1,) array or a number (None: 1) -> losses (N,) float32, dlogits (N, Vp) in
+    logits' dtype:
+
+    lse_n = log sum_{c < V} exp(x_nc),  loss_n = lse_n - x_{n, t_n},
+    dlogits_nc = scale (exp(x_nc - lse_n) - [c == t_n])  for c < V, 0 for c >= V;
+
+    a row whose target is ignore_index has loss 0 and dlogits 0; one whose target is outside
+    [0, V) (and not ignore_index) has loss NaN and dlogits NaN in its first V columns."""
+    n, vp = logits.shape
+    g = 1.0 if scale is None else float(np.asarray(scale, np.float32).reshape(-1)[0])
+    x = logits[:, :vocab_size].astype(np.float64)
+    m = x.max(axis=1, initial=-np.inf)
+    lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+    ignored = targets == ignore_index
+    bad = ~ignored & ((targets < 0) | (targets >= vocab_size))
+    ok = ~ignored & ~bad
+    rows = np.flatnonzero(ok)
+    loss = np.zeros(n)
+    loss[rows] = lse[rows] - x[rows, targets[rows]]
+    loss[bad] = np.nan
+    d = np.zeros((n, vp))
+    d[:, :vocab_size] = np.exp(x - lse[:, None])
+    d[rows, targets[rows]] -= 1
+    d *= g
+    d[ignored] = 0
+    d[bad, :vocab_size] = np.nan
+    return loss.astype(np.float32), d.astype(np.float32).astype(logits.dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # embedding backward
 
 
 def embedding_backward(idx: np.ndarray, dout: np.ndarray, num_embeddings: int) -> np.ndarray:
     """idx (N,) integer rows, dout (N, C) -> dweight (num_embeddings, C) with
-    dweight[j] = sum of dout[n] over all n with idx[n] == j (a scatter-add)."""
+    dweight[j] = sum of dout[n] over all n with idx[n] == j (a scatter-add). An id outside
+    [0, num_embeddings) is skipped: its row adds nowhere (no negative-index wrap-around)."""
     dw = np.zeros((num_embeddings, dout.shape[1]), dtype=np.float32)
-    np.add.at(dw, idx, dout)
+    ok = (idx >= 0) & (idx < num_embeddings)
+    np.add.at(dw, idx[ok], dout[ok])
     return dw
 
 

@@ -85,6 +85,7 @@ _C_TYPES = {
     "const double*": np.float64,
     "double*": np.float64,
     "unsigned short*": np.uint16,
+    "const unsigned short*": np.uint16,
     "int": np.int32,
     "long long": np.int64,
     "float": np.float32,
@@ -95,9 +96,12 @@ def _parameters(name: str) -> list[str]:
     """The C types of kernel ``name``'s parameters, qualifiers other than const dropped."""
     m = re.search(rf'extern "C" __global__ void {name}\((.*?)\)\s*\{{', SOURCES[name], re.S)
     assert m, f"no kernel {name} in its source"
+    typedefs = dict((b, a) for a, b in re.findall(r"typedef ([\w ]+?) (\w+);", SOURCES[name]))
     types = []
     for param in m.group(1).split(","):
         words = param.replace("__restrict__", "").replace("*", " * ").split()[:-1]
+        words = [typedefs.get(w, w) for w in words]
+        words = [typedefs.get(w, w) for w in words]  # bf16 -> unsigned short, via x_t
         types.append(" ".join(words).replace(" *", "*"))
     return types
 
@@ -143,6 +147,24 @@ def test_launchers_pass_what_the_kernels_declare(monkeypatch: pytest.MonkeyPatch
         loss, lse = K.cross_entropy_forward(a(3, 16), t, 10)
         K.cross_entropy_backward(a(3, 16), lse, t, a(3), 10)
         K.embedding_backward(t.clip(0), a(3, 4), 5)
+        K.embedding_backward(t, a(3, 4), 5)
+        bf = ml_dtypes.bfloat16
+        for rt in (np.float32, bf):
+            for yt in (np.float32, bf):
+                h, y, mean, rstd = K.residual_layer_norm_forward(x, a(6, 40).astype(rt), w, b,
+                                                                 out_dtype=yt)  # fmt: skip
+            K.residual_layer_norm_backward(a(6, 40).astype(rt), a(6, 40), h, w, mean, rstd)
+        K.residual_layer_norm_backward(a(6, 40), None, h, w, mean, rstd)
+        K.residual_layer_norm_forward(x, x, w, None)
+        for xt in (np.float32, bf):
+            K.bias_gelu_forward(a(3, 7).astype(xt), a(7).astype(bf))
+            for dt in (np.float32, bf):
+                K.bias_gelu_backward(a(3, 7).astype(dt), a(3, 7).astype(xt), a(7))
+            p = K.causal_softmax_forward(a(2, 5, 5).astype(xt), 0.5)
+            K.causal_softmax_backward(a(2, 5, 5).astype(xt), p, 0.5)
+            lg = a(3, 16).astype(xt)
+            K.fused_classifier(lg, t, 10)
+            K.fused_classifier(lg, t, 10, scale=a(1), out=lg)
         ns = K.sum_squares(a(100))
         out = cp.zeros(100, dtype=ml_dtypes.bfloat16)
         for o in (None, out):
@@ -154,6 +176,14 @@ def test_launchers_pass_what_the_kernels_declare(monkeypatch: pytest.MonkeyPatch
             K.layer_norm_forward(x.astype(np.float64), w, b)
         with pytest.raises(TypeError, match="targets must be int64"):
             K.cross_entropy_forward(a(3, 16), t.astype(np.int32), 10)
+        with pytest.raises(TypeError, match="x must be float32, got bfloat16"):
+            K.residual_layer_norm_forward(x.astype(bf), x, w, b)
+        with pytest.raises(TypeError, match="r must be float32 or bfloat16, got float16"):
+            K.residual_layer_norm_forward(x, x.astype(np.float16), w, b)
+        with pytest.raises(ValueError, match="vocab_size 17 not in"):
+            K.fused_classifier(a(3, 16), t, 17)
+        with pytest.raises(TypeError, match="give both one dtype"):
+            K.causal_softmax_backward(p, p.astype(np.float32), 0.5)
     launched = {c[0] for c in calls}
     assert launched == set(SOURCES), f"never launched: {set(SOURCES) - launched}"
     for call in calls:
@@ -287,3 +317,48 @@ def test_gpu_adamw_flat(cp, max_norm: float) -> None:
     _close(dv, v, "v")
     bf = cp.asnumpy(out).view(ml_dtypes.bfloat16).astype(np.float32)
     assert np.abs(bf - cp.asnumpy(dw)).max() <= np.abs(w).max() * 2**-8
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_fused_kernels_float32_and_bfloat16(cp) -> None:
+    """The kernels of a bfloat16-autocast step at GPT-2's sizes (C = 768, 4C, the padded
+    vocabulary), each storage type, against the references."""
+    rng = np.random.default_rng(7)
+    bf, N, C = ml_dtypes.bfloat16, 64, 768
+    x, w, b = _f32(rng, N, C), _f32(rng, C), _f32(rng, C)
+    for rt, yt in ((np.float32, np.float32), (bf, bf), (bf, np.float32)):
+        r, dy, dh = _f32(rng, N, C).astype(rt), _f32(rng, N, C).astype(yt), _f32(rng, N, C)
+        want = ref.residual_layer_norm_forward(x, r, w, b, 1e-5, yt)
+        got = K.residual_layer_norm_forward(*map(cp.asarray, (x, r, w, b)), out_dtype=yt)
+        for name, o, rr in zip(("h", "y", "mean", "rstd"), got, want):
+            _close(o, rr.astype(np.float32), name, 1e-2 if yt == bf else RTOL)
+        dwant = ref.residual_layer_norm_backward(dy, dh, want[0], w, *want[2:])
+        dgot = K.residual_layer_norm_backward(cp.asarray(dy), cp.asarray(dh), got[0],
+                                              cp.asarray(w), got[2], got[3])  # fmt: skip
+        for name, o, rr in zip(("dx", "dw", "db"), dgot, dwant):
+            _close(o, rr, name)
+    u, bu = _f32(rng, N, 4 * C) * 3, _f32(rng, 4 * C)
+    for xt in (np.float32, bf):
+        ux, du = u.astype(xt), _f32(rng, N, 4 * C).astype(xt)
+        _close(K.bias_gelu_forward(cp.asarray(ux), cp.asarray(bu)),
+               ref.bias_gelu_forward(ux, bu).astype(np.float32), "y", 1e-2)  # fmt: skip
+        dgot = K.bias_gelu_backward(cp.asarray(du), cp.asarray(ux), cp.asarray(bu))
+        for name, o, rr in zip(("dx", "db"), dgot, ref.bias_gelu_backward(du, ux, bu)):
+            _close(o, rr, name)
+        s = (_f32(rng, 2, 3, 64, 64) * 3).astype(xt)
+        p = K.causal_softmax_forward(cp.asarray(s), 0.3)
+        rp = ref.causal_softmax_forward(s, 0.3)
+        _close(p, rp.astype(np.float32), "p", 1e-2)
+        _close(K.causal_softmax_backward(cp.asarray(s), cp.asarray(rp), 0.3),
+               ref.causal_softmax_backward(s, rp, 0.3).astype(np.float32), "ds", 1e-2)  # fmt: skip
+        V, Vp = 50257, 50304
+        lg = (_f32(rng, 8, Vp) * 2).astype(xt)
+        t = rng.integers(0, V, 8)
+        t[3] = -1
+        scale = np.array([1 / 7], np.float32)
+        rl, rd = ref.fused_classifier(lg, t, V, -1, scale)
+        glg = cp.asarray(lg)
+        losses, d = K.fused_classifier(glg, cp.asarray(t), V, -1, cp.asarray(scale), out=glg)
+        _close(losses, rl, "losses")
+        _close(d, rd.astype(np.float32), "dlogits", 1e-2)

@@ -34,6 +34,10 @@ pytestmark = pytest.mark.skipif(
 # (block reductions, atomics) and CUDA-vs-NumPy libm ulps. Observed: at most ~1e-6.
 RTOL = 1e-5
 TINY = np.float32(1e-39)  # a float32 denormal: 0 on the GPU (-ftz=true) and here
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# A bfloat16 result against the reference's, each rounded once from float32 computed in
+# another order: at most one bfloat16 ulp apart (2^-8 of the element, relative).
+BF_RTOL = 1e-2
 
 
 @pytest.fixture
@@ -80,6 +84,10 @@ def f32(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
+def bf16(a: np.ndarray) -> np.ndarray:
+    return a.astype(BF16)
+
+
 def block_of(emu: cuda_emulator.Emulator, name: str) -> int:
     return emu.launches(name)[-1][1][0]
 
@@ -104,6 +112,15 @@ def test_every_kernel_is_built_from_its_shipped_source(emu) -> None:
                  dev(np.zeros(16, np.float32)), lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
                  weight_decay=0.1, step=1, n_decay=8, norm_sq=K.sum_squares(g),
                  max_norm=1.0)  # fmt: skip
+    for a in (x, dev(bf16(host(x)))):
+        for yt in (np.float32, BF16):
+            h, _, mean, rstd = K.residual_layer_norm_forward(x, a, w, w, out_dtype=yt)
+        K.residual_layer_norm_backward(a, x, h, w, mean, rstd)
+        K.bias_gelu_backward(a, x, w), K.bias_gelu_backward(x, a, w)
+        K.bias_gelu_backward(a, a, w), K.bias_gelu_forward(a, w)
+        s = dev(f32(rng, 1, 3, 3).astype(a.dtype))
+        K.causal_softmax_backward(s, K.causal_softmax_forward(s, 1.0), 1.0)
+        K.fused_classifier(a, t, 8)
     assert sorted(emu.kernels) == sorted(SOURCES) == K.compiled()
     for name, k in emu.kernels.items():
         assert k.code == SOURCES[name] and k.launches, name
@@ -391,5 +408,232 @@ def test_empty_inputs(emu) -> None:
     K.adamw_flat(dev(e0), dev(e0), dev(e0), dev(e0), lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
                  weight_decay=0.1, step=1, n_decay=0, norm_sq=K.sum_squares(dev(e0)),
                  max_norm=1.0)  # fmt: skip
+    for shape in ((0, 8), (4, 0)):
+        z, bz = np.zeros(shape, np.float32), np.zeros(shape, BF16)
+        w, N = np.ones(shape[1], np.float32), shape[0]
+        for rt, yt in ((z, np.float32), (bz, BF16)):
+            h, y, mean, rstd = K.residual_layer_norm_forward(dev(z), dev(rt), dev(w), dev(w),
+                                                             out_dtype=yt)  # fmt: skip
+            assert h.shape == shape and y.shape == shape and y.dtype == yt
+            assert mean.shape == rstd.shape == (N,) and np.isnan(host(mean)).all()
+            dx, dw, db = K.residual_layer_norm_backward(dev(rt), None, h, dev(w), mean, rstd)
+            assert dx.shape == shape and dw.shape == db.shape == w.shape
+            assert (host(dw) == 0).all() and (host(db) == 0).all()
+            y = K.bias_gelu_forward(dev(rt), dev(w))
+            assert y.shape == shape and y.dtype == rt.dtype
+            dx, db = K.bias_gelu_backward(dev(rt), dev(rt), dev(w))
+            assert dx.shape == shape and dx.dtype == np.float32 and (host(db) == 0).all()
+        e = K.embedding_backward(dev(np.zeros(N, np.int64)), dev(z), 3)
+        assert e.shape == (3, shape[1]) and (host(e) == 0).all()
+    for shape in ((0, 4, 4), (2, 0, 0)):
+        s = dev(np.zeros(shape, BF16))
+        p = K.causal_softmax_forward(s, 1.0)
+        assert p.shape == shape and p.dtype == BF16
+        assert K.causal_softmax_backward(s, p, 1.0).shape == shape
+    for dt in (np.float32, BF16):
+        losses, d = K.fused_classifier(dev(np.zeros((0, 8), dt)), dev(np.zeros(0, np.int64)), 5)
+        assert losses.shape == (0,) and d.shape == (0, 8) and d.dtype == dt
     for name, k in emu.kernels.items():
         assert all(min(g) >= 1 for g, _ in k.launches), f"{name}: a zero grid"
+    assert not emu.launches("residual_layer_norm_forward_f32_f32")
+    assert not emu.launches("fused_classifier_bf16")
+
+
+# ---- residual add + layer norm, float32 and bfloat16
+
+
+RLN_CASES = [  # N, C, threads, r, y and dy dtypes, dh given
+    (5, 40, 32, np.float32, np.float32, np.float32, True),
+    (5, 40, 32, BF16, np.float32, BF16, False),
+    (5, 40, 32, np.float32, BF16, np.float32, False),
+    (5, 40, 32, BF16, BF16, BF16, True),
+    (1, 768, 192, BF16, BF16, BF16, True),  # T = 1: a single row, GPT-2's width
+    (2, 4096, 1024, BF16, np.float32, np.float32, True),
+    (2, 1030, 288, np.float32, BF16, BF16, False),
+]
+
+
+@pytest.mark.parametrize("N, C, threads, rt, yt, dyt, with_dh", RLN_CASES)
+def test_residual_layer_norm(emu, rng, N, C, threads, rt, yt, dyt, with_dh) -> None:
+    x, r, w, b = f32(rng, N, C, scale=2) + 1, f32(rng, N, C).astype(rt), f32(rng, C), f32(rng, C)
+    dy, dh = f32(rng, N, C).astype(dyt), f32(rng, N, C) if with_dh else None
+    want = ref.residual_layer_norm_forward(x, r, w, b, 1e-5, yt)
+    got = K.residual_layer_norm_forward(dev(x), dev(r), dev(w), dev(b), 1e-5, out_dtype=yt)
+    assert block_of(emu, K.variant_name("residual_layer_norm_forward", *(
+        "bf16" if t == BF16 else "float" for t in (rt, yt)))) == threads  # fmt: skip
+    assert got[1].dtype == yt and got[0].dtype == np.float32
+    for name, o, rr in zip(("h", "y", "mean", "rstd"), got, want):
+        close(o, rr, name, BF_RTOL if name == "y" and yt == BF16 else RTOL)
+    dwant = ref.residual_layer_norm_backward(dy, dh, *want[:1], w, *want[2:])
+    dgot = K.residual_layer_norm_backward(
+        dev(dy), dev(dh) if with_dh else None, got[0], dev(w), got[2], got[3]
+    )
+    for name, o, rr in zip(("dx", "dw", "db"), dgot, dwant):
+        assert o.dtype == np.float32
+        close(o, rr, name)
+
+
+def test_residual_layer_norm_nan_inf_and_bias_none(emu, rng) -> None:
+    C = 64
+    x, r, w = f32(rng, 4, C), bf16(f32(rng, 4, C)), f32(rng, C)
+    x[1, 7], r[2, 3] = np.nan, np.inf
+    want = reference(ref.residual_layer_norm_forward, x, r, w, None, 1e-5, BF16)
+    got = K.residual_layer_norm_forward(dev(x), dev(r), dev(w), None, out_dtype=BF16)
+    for name, o, rr in zip(("h", "y", "mean", "rstd"), got, want):
+        close(o, rr, name, BF_RTOL)
+    y = host(got[1]).astype(np.float32)
+    assert np.isnan(y[1:3]).all() and np.isfinite(y[[0, 3]]).all()
+    dy = bf16(f32(rng, 4, C))
+    dwant = reference(ref.residual_layer_norm_backward, dy, None, want[0], w, *want[2:])
+    dgot = K.residual_layer_norm_backward(dev(dy), None, got[0], dev(w), got[2], got[3])
+    for name, o, rr in zip(("dx", "dw", "db"), dgot, dwant):
+        close(o, rr, name)
+
+
+# ---- bias + GELU
+
+
+@pytest.mark.parametrize(
+    "shape, xt, bt, dyt",
+    [
+        ((3, 40), np.float32, np.float32, np.float32),
+        ((3, 40), BF16, BF16, BF16),
+        ((3, 40), BF16, np.float32, np.float32),
+        ((3, 40), np.float32, BF16, BF16),
+        ((1, 1030), BF16, np.float32, BF16),  # a single row; 1,030 columns: 5 blocks
+        ((300, 7), np.float32, np.float32, BF16),  # 100 row chunks of 3 meet by atomicAdd
+        ((2, 3, 5), BF16, BF16, np.float32),  # leading axes flattened into rows
+    ],
+)
+def test_bias_gelu(emu, rng, shape, xt, bt, dyt) -> None:
+    C = shape[-1]
+    x, b, dy = f32(rng, *shape, scale=3).astype(xt), f32(rng, C).astype(bt), f32(rng, *shape)
+    dy = dy.astype(dyt)
+    y = K.bias_gelu_forward(dev(x), dev(b))
+    assert y.dtype == xt
+    close(y, ref.bias_gelu_forward(x, b), "y", BF_RTOL if xt == BF16 else RTOL)
+    dx, db = K.bias_gelu_backward(dev(dy), dev(x), dev(b))
+    rdx, rdb = ref.bias_gelu_backward(dy, x, b)
+    assert dx.dtype == db.dtype == np.float32 and db.shape == (C,)
+    close(dx, rdx, "dx")
+    close(db, rdb, "db")
+    if shape == (300, 7):
+        assert emu.launches(K.variant_name("bias_gelu_backward", "bf16", "float")) == [
+            ((1, 100, 1), (256, 1, 1))
+        ]
+
+
+def test_bias_gelu_nan_inf_and_large(emu) -> None:
+    x = np.array([[np.nan, np.inf, -np.inf, 1e30, -1e30, 20, -20, 0]], np.float32)
+    b = np.array([0, 0, 0, 0, 0, 1, -1, 0.5], np.float32)
+    dy = np.ones_like(x)
+    dy[0, 7] = np.nan
+    for xt in (np.float32, BF16):
+        xx = x.astype(xt)
+        close(K.bias_gelu_forward(dev(xx), dev(b)), reference(ref.bias_gelu_forward, xx, b), "y")
+        dx, db = K.bias_gelu_backward(dev(dy), dev(xx), dev(b))
+        rdx, rdb = reference(ref.bias_gelu_backward, dy, xx, b)
+        close(dx, rdx, "dx")
+        close(db, rdb, "db")
+        assert np.isnan(host(dx)[0, [0, 7]]).all()
+
+
+# ---- causal softmax in bfloat16
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (2, 1, 5, 5), (1, 1, 130, 130)])
+def test_causal_softmax_bf16(emu, rng, shape: tuple) -> None:
+    s, dp = bf16(f32(rng, *shape, scale=3)), bf16(f32(rng, *shape))
+    p = K.causal_softmax_forward(dev(s), 0.3)
+    rp = ref.causal_softmax_forward(s, 0.3)
+    assert p.dtype == rp.dtype == BF16
+    close(p, rp, "p", BF_RTOL)
+    ds = K.causal_softmax_backward(dev(dp), dev(rp), 0.3)
+    assert ds.dtype == BF16
+    close(ds, ref.causal_softmax_backward(dp, rp, 0.3), "ds", BF_RTOL)
+    assert block_of(emu, "causal_softmax_forward_bf16") == max(32, 32 * -(-shape[-1] // 128))
+
+
+def test_causal_softmax_bf16_nan_inf(emu, rng) -> None:
+    T = 6
+    s = f32(rng, 1, T, T)
+    s[0][np.triu_indices(T, 1)] = np.nan  # the future: never read
+    s[0, 3, 1], s[0, 4, 4], s[0, 5, :2] = np.nan, np.inf, -np.inf
+    s = bf16(s)
+    p = host(K.causal_softmax_forward(dev(s), 1.0)).astype(np.float32)
+    want = reference(ref.causal_softmax_forward, s, 1.0).astype(np.float32)
+    want[0][np.triu_indices(T, 1)] = 0
+    close(p, want, "p", BF_RTOL)
+    assert np.isnan(p[0, 3, :4]).all() and np.isnan(p[0, 4, :5]).all()
+    assert (p[0, 5, :2] == 0).all() and np.isfinite(p[0, [0, 1, 2, 5]]).all()
+
+
+# ---- fused classifier (loss and dlogits in one kernel)
+
+
+@pytest.mark.parametrize(
+    "N, V, Vp, threads, dt, in_place",
+    [
+        (2, 50257, 50304, 1024, np.float32, True),  # GPT-2's padded vocabulary
+        (2, 50257, 50304, 1024, BF16, False),
+        (9, 65, 128, 32, np.float32, False),
+        (9, 65, 128, 32, BF16, True),
+        (1, 65, 65, 32, np.float32, False),  # a single row, no padding
+    ],
+)
+def test_fused_classifier(emu, rng, N, V, Vp, threads, dt, in_place) -> None:
+    x = f32(rng, N, Vp, scale=2)
+    x[:, V:] = np.nan  # the padding: never read, zeroed
+    x = x.astype(dt)
+    t = rng.integers(0, V, N)
+    t[0] = V - 1
+    if N > 2:
+        t[1], t[2] = -1, 0  # ignored; the first column
+    scale = np.array([1.0 / max(1, (t != -1).sum())], np.float32) if N > 1 else None
+    rl, rd = ref.fused_classifier(x, t, V, -1, scale)
+    gx = dev(x)
+    losses, d = K.fused_classifier(gx, dev(t), V, -1, None if scale is None else dev(scale),
+                                   out=gx if in_place else None)  # fmt: skip
+    assert block_of(emu, "fused_classifier_" + ("bf16" if dt == BF16 else "f32")) == threads
+    assert (d is gx) == in_place and d.dtype == dt and d.shape == (N, Vp)
+    close(losses, rl, "losses")
+    close(d, rd, "dlogits", BF_RTOL if dt == BF16 else RTOL)
+    assert (host(d)[:, V:].astype(np.float32) == 0).all()
+    if N > 2:
+        assert host(losses)[1] == 0 and (host(d)[1].astype(np.float32) == 0).all()
+    if dt == np.float32:  # the same as cross entropy's two kernels
+        loss, lse = K.cross_entropy_forward(dev(x), dev(t), V)
+        close(losses, host(loss), "loss vs cross_entropy_forward")
+
+
+def test_fused_classifier_nan_inf_and_bad_targets(emu, rng) -> None:
+    N, V, Vp = 7, 100, 128
+    x = f32(rng, N, Vp)
+    x[0, 5], x[1, 9], x[2, :50] = np.nan, np.inf, -np.inf
+    x[3] = TINY
+    x[6, :] = -np.inf  # a row of -inf: NaN, as float arithmetic gives
+    t = np.array([1, 2, 60, 4, V + 3, -7, 3], np.int64)  # out of range: NaN, nothing written
+    for dt in (np.float32, BF16):
+        xx = x.astype(dt)
+        losses, d = K.fused_classifier(dev(xx), dev(t), V)
+        rl, rd = reference(ref.fused_classifier, xx, t, V)
+        close(losses, rl, "losses")
+        close(d, rd, "dlogits", BF_RTOL if dt == BF16 else RTOL)
+        lh, dh = host(losses), host(d).astype(np.float32)
+        assert np.isnan(lh[[0, 1, 4, 5, 6]]).all() and np.isfinite(lh[[2, 3]]).all()
+        close(lh[3], np.log(np.float32(V)), "loss of a flat row")
+        assert np.isnan(dh[[0, 1, 4, 5, 6], :V]).all() and (dh[:, V:] == 0).all()
+        assert np.isfinite(dh[[2, 3]]).all()
+
+
+# ---- embedding backward: ids out of range are skipped
+
+
+def test_embedding_backward_skips_ids_out_of_range(emu, rng) -> None:
+    idx = np.array([0, 3, -1, 4, 7, 2, -100, 3], np.int64)
+    dout = f32(rng, len(idx), 5)
+    got = K.embedding_backward(dev(idx), dev(dout), 4)  # a write outside dw fails the launch
+    want = ref.embedding_backward(idx, dout, 4)
+    close(got, want, "dweight")
+    np.testing.assert_allclose(want[3], dout[1] + dout[7], rtol=1e-6)
+    assert (want[1] == 0).all()

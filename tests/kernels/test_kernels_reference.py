@@ -208,3 +208,121 @@ def test_sum_squares_and_clip_coefficient() -> None:
     assert ref.sum_squares(g) == 25.0
     assert ref.clip_coefficient(25.0, 1.0) == pytest.approx(1 / (5 + 1e-6))
     assert ref.clip_coefficient(25.0, 10.0) == 1.0 and ref.clip_coefficient(25.0, 0.0) == 1.0
+
+
+# ---- the fused kernels of a bfloat16-autocast step: float32 PyTorch is the reference
+
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def t32(a: np.ndarray, grad: bool = True) -> torch.Tensor:
+    return torch.tensor(a.astype(np.float32), requires_grad=grad)
+
+
+@pytest.mark.parametrize("rt, yt, dyt", [(np.float32,) * 3, (BF16,) * 3, (BF16, np.float32, BF16)])
+@pytest.mark.parametrize("with_dh", [True, False])
+def test_residual_layer_norm(rng: np.random.Generator, rt, yt, dyt, with_dh: bool) -> None:
+    N, C = 7, 48
+    x, r = f32(rng, N, C) * 3 + 1, f32(rng, N, C).astype(rt)
+    w, b, dy = f32(rng, C), f32(rng, C), f32(rng, N, C).astype(dyt)
+    dh = f32(rng, N, C) if with_dh else None
+    h, y, mean, rstd = ref.residual_layer_norm_forward(x, r, w, b, 1e-5, yt)
+    dx, dw, db = ref.residual_layer_norm_backward(dy, dh, h, w, mean, rstd)
+    assert h.dtype == dx.dtype == dw.dtype == db.dtype == np.float32 and y.dtype == yt
+    tx, tr, tw, tb = t32(x), t32(r), t32(w), t32(b)
+    th = tx + tr
+    ty = torch.nn.functional.layer_norm(th, (C,), tw, tb, 1e-5)
+    loss = (ty * t32(dy, False)).sum()
+    if with_dh:
+        loss = loss + (th * t32(dh, False)).sum()
+    loss.backward()
+    assert_close(h, th.detach().numpy(), RTOL, "h")
+    # a bfloat16 y is torch's float32 y rounded once: within half a bfloat16 ulp, 2^-9
+    assert_close(y.astype(np.float32), ty.detach().numpy(), RTOL if yt == np.float32 else 4e-3, "y")
+    assert_close(mean, th.detach().mean(1).numpy(), RTOL, "mean")
+    assert_close(dx, tx.grad.numpy(), RTOL, "dx")
+    assert_close(dx, tr.grad.numpy(), RTOL, "dr = dx")
+    assert_close(dw, tw.grad.numpy(), RTOL, "dw")
+    assert_close(db, tb.grad.numpy(), RTOL, "db")
+
+
+@pytest.mark.parametrize("xt, bt, dyt", [(np.float32,) * 3, (BF16,) * 3, (BF16, np.float32, BF16)])
+def test_bias_gelu(rng: np.random.Generator, xt, bt, dyt) -> None:
+    x, b, dy = (
+        (f32(rng, 9, 33) * 3).astype(xt),
+        f32(rng, 33).astype(bt),
+        f32(rng, 9, 33).astype(dyt),
+    )
+    y = ref.bias_gelu_forward(x, b)
+    dx, db = ref.bias_gelu_backward(dy, x, b)
+    assert y.dtype == xt and dx.dtype == db.dtype == np.float32 and db.shape == (33,)
+    tx, tb = t32(x), t32(b)
+    ty = torch.nn.functional.gelu(tx + tb, approximate="tanh")
+    (ty * t32(dy, False)).sum().backward()
+    assert_close(y.astype(np.float32), ty.detach().numpy(), RTOL if xt == np.float32 else 4e-3, "y")
+    assert_close(dx, tx.grad.numpy(), RTOL, "dx")
+    assert_close(db, tb.grad.numpy(), RTOL, "db")
+
+
+def test_causal_softmax_bfloat16(rng: np.random.Generator) -> None:
+    s, dp, scale = (f32(rng, 2, 9, 9) * 4).astype(BF16), f32(rng, 2, 9, 9).astype(BF16), 0.37
+    p = ref.causal_softmax_forward(s, scale)
+    ds = ref.causal_softmax_backward(dp, p, scale)
+    assert p.dtype == ds.dtype == BF16
+    ts = t32(s)
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    tp = torch.softmax((ts * scale).masked_fill(mask, -math.inf), dim=-1)
+    assert_close(p.astype(np.float32), tp.detach().numpy(), 4e-3, "p")
+    # the backward of bfloat16 p (as the kernel is given it), in float32
+    tp2 = t32(p, False)
+    tdp = t32(dp, False)
+    want = scale * tp2 * (tdp - (tp2 * tdp).sum(-1, keepdim=True))
+    assert_close(ds.astype(np.float32), want.numpy(), 4e-3, "ds")
+
+
+@pytest.mark.parametrize("dt", [np.float32, BF16])
+def test_fused_classifier(rng: np.random.Generator, dt) -> None:
+    N, V, Vp = 10, 37, 48
+    logits = (f32(rng, N, Vp) * 3).astype(dt)
+    logits[:, V:] = 1e4  # padding columns: must not count anywhere
+    targets = rng.integers(0, V, N)
+    targets[[2, 7]] = -1
+    count = int((targets != -1).sum())
+    scale = np.array([1.0 / count], np.float32)
+    losses, d = ref.fused_classifier(logits, targets, V, -1, scale)
+    assert losses.dtype == np.float32 and d.dtype == dt and d.shape == (N, Vp)
+    assert np.all(d[:, V:].astype(np.float32) == 0) and np.all(d[[2, 7]].astype(np.float32) == 0)
+    tx = t32(logits)
+    tl = torch.nn.functional.cross_entropy(
+        tx[:, :V], torch.from_numpy(targets), ignore_index=-1, reduction="none"
+    )
+    tl.sum().mul(float(scale[0])).backward()
+    assert_close(losses, tl.detach().numpy(), RTOL, "losses")
+    assert_close(
+        np.float32(losses.sum() / count), float(tl.detach().sum() / count), RTOL, "mean loss"
+    )
+    assert_close(
+        d.astype(np.float32), tx.grad.numpy(), RTOL if dt == np.float32 else 4e-3, "dlogits"
+    )
+    # out-of-range targets: NaN loss and NaN dlogits in that row only; scale None is 1
+    bad = targets.copy()
+    bad[0], bad[1] = V, -5
+    l2, d2 = ref.fused_classifier(logits, bad, V)
+    assert np.isnan(l2[:2]).all() and np.isfinite(l2[2:]).all()
+    assert (
+        np.isnan(d2[:2, :V].astype(np.float32)).all() and (d2[:2, V:].astype(np.float32) == 0).all()
+    )
+    one, _ = ref.fused_classifier(logits, targets, V, -1, None)
+    np.testing.assert_array_equal(one, losses)
+
+
+def test_embedding_backward_skips_ids_out_of_range(rng: np.random.Generator) -> None:
+    idx, dout = np.array([1, 5, -1, 1, 9]), f32(rng, 5, 3)
+    dw = ref.embedding_backward(idx, dout, 5)
+    ok = (idx >= 0) & (idx < 5)
+    tw = t32(np.zeros((5, 3), np.float32))
+    torch.nn.functional.embedding(torch.from_numpy(idx[ok]), tw).mul(
+        torch.from_numpy(dout[ok])
+    ).sum().backward()
+    assert_close(dw, tw.grad.numpy(), RTOL, "dweight")
