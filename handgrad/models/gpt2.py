@@ -257,8 +257,14 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (B, T, C) -> (B, T, C): expand 4x, GELU (GPT-2's tanh form), project back."""
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        """x (B, T, C) -> (B, T, C): expand 4x, GELU (GPT-2's tanh form), project back.
+        c_fc's bias is added inside the GELU (``F.bias_gelu``: one pass, not two)."""
+        fc = self.c_fc
+        if fc.bias is None:
+            h = F.gelu(fc(x), approximate="tanh")
+        else:
+            h = F.bias_gelu(F.linear(x, fc.weight), fc.bias)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):

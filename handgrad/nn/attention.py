@@ -25,6 +25,7 @@ import math
 from functools import lru_cache, partial
 from typing import Any
 
+from handgrad import amp
 from handgrad import backend as B
 from handgrad.backend import cuda, get_array_module
 from handgrad.creation import arange, where
@@ -183,11 +184,20 @@ class _AttentionUntiled(_Attention):
     # nan, where recomputing it gives 0).
     # On a GPU with kernels on, causal self-attention without mask or dropout takes the
     # softmax step from one fused kernel per pass (``_cuda_forward``), p kept for backward.
+    # bfloat16 q, k, v there (autocast) stay bfloat16: products on tensor cores, p bf16.
+    @classmethod
+    def keeps_low_precision(cls, arrays):
+        return all(a.dtype == B.bfloat16 for a in arrays) and _bf16_kernels(*arrays)
+
     def forward(self, q, k, v, mask, is_causal, scale, dropout_p, gen):
         xp = self.xp = get_array_module(q, k, v)
-        self.kernels = _causal_kernels(q, k, v, mask, is_causal, dropout_p)
+        self.kernels = _causal_kernels(q, k, v, mask, is_causal, dropout_p, cast_16bit=True)
         if self.kernels is not None:
             return self._cuda_forward(q, k, v, scale)
+        if q.dtype == B.bfloat16:  # kept by keeps_low_precision, but no kernel path here
+            out = self.forward(*(a.astype(B.float32) for a in (q, k, v)), mask, is_causal,
+                               scale, dropout_p, gen)  # fmt: skip
+            return out.astype(B.bfloat16)
         lead, L, S = self._setup(q, k, v, mask, is_causal, scale, dropout_p)
         if L == S:
             self.k_t_scaled = xp.empty((*lead, k.shape[-1], S), dtype=k.dtype)
@@ -212,30 +222,37 @@ class _AttentionUntiled(_Attention):
         self.out /= denom
         return self.out
 
+    def _mm(self, a, b, out_dtype=None):
+        """a @ b on the GPU, counted: bfloat16 operands through ``backend.matmul_bf16``
+        (cuBLAS's strided-batched GEMM, float32 accumulation; the result in ``out_dtype``,
+        by default bfloat16), float32 ones through CuPy."""
+        if a.dtype == B.bfloat16:
+            return B.matmul_bf16(a, b, B.bfloat16 if out_dtype is None else out_dtype)
+        cuda.count_gemm(a.dtype, 2 * math.prod(a.shape) * b.shape[-1])
+        return self.xp.matmul(a, b)
+
     def _cuda_forward(self, q, k, v, scale):
         """s = q k^T (cuBLAS), p = causal_softmax(s * scale) (one kernel), o = p v; p is
-        kept."""
+        kept (in q's dtype: bfloat16 under autocast, half the bytes of float32)."""
         xp = self.xp
         self.q, self.k, self.v, self.scale = q, k, v, scale
-        self.flops = 2 * math.prod(q.shape) * k.shape[-2]  # one (L, E) x (E, S) per head
-        cuda.count_gemm(q.dtype, 2 * self.flops)
-        s = xp.ascontiguousarray(xp.matmul(q, _mT(k)))
+        s = xp.ascontiguousarray(self._mm(q, _mT(k)))
         p = self.kernels.causal_softmax_forward(s, scale)
         del s
         self.p = p if any(self.needs_input_grad) else None
-        return xp.matmul(p, v)
+        return self._mm(p, v)
 
     def _cuda_backward(self, g):
         """dv = p^T g, dp = g v^T, ds = scale p (dp - rowsum(p dp)) (one kernel; the scale
-        is in ds), dq = ds k, dk = ds^T q."""
+        is in ds), dq = ds k, dk = ds^T q. bfloat16 operands give float32 dq, dk, dv."""
         xp, q, k, v, p = self.xp, self.q, self.k, self.v, self.p
-        g = xp.ascontiguousarray(g, dtype=q.dtype)
-        cuda.count_gemm(q.dtype, 4 * self.flops)
-        dv = xp.matmul(_mT(p), g)
-        dp = xp.ascontiguousarray(xp.matmul(g, _mT(v)))
+        g = xp.ascontiguousarray(g, dtype=q.dtype)  # the products' operand
+        f32 = B.float32
+        dv = self._mm(_mT(p), g, f32)
+        dp = xp.ascontiguousarray(self._mm(g, _mT(v)))
         ds = self.kernels.causal_softmax_backward(dp, p, self.scale)
         del dp
-        return xp.matmul(ds, k), xp.matmul(_mT(ds), q), dv
+        return self._mm(ds, k, f32), self._mm(_mT(ds), q, f32), dv
 
     def backward(self, g):
         if self.kernels is not None:
@@ -364,6 +381,12 @@ class _AttentionTiled(_Attention):
         dk *= scale
 
 
+def _bf16_kernels(*arrays) -> bool:
+    """Whether bfloat16 attention on these arrays' device runs bfloat16 products and the
+    bfloat16 softmax kernels (a GPU with kernels and bf16 products on)."""
+    return bool(cuda_kernels(*arrays, cast_16bit=True)) and cuda.bf16_matmul_enabled()
+
+
 def _causal_kernels(q, k, v, mask, is_causal, dropout_p, cast_16bit=False):
     """The CUDA launchers when causal self-attention (L == S, no mask, no dropout) of float32
     arrays on a GPU may use the fused softmax kernels; else None."""
@@ -422,9 +445,12 @@ def scaled_dot_product_attention(
     # GPT-2 124M: benchmarks/README.md, "GPU memory of a 124M step, on paper").
     device = not B.is_numpy(get_array_module(q.data, k.data, v.data))
     if device and not small:
-        small = scores <= _DEVICE_KEEP_SCORES and bool(
-            _causal_kernels(q.data, k.data, v.data, mask, is_causal, dropout_p, True)
-        )
+        kernels = bool(_causal_kernels(q.data, k.data, v.data, mask, is_causal, dropout_p, True))
+        # bfloat16 (autocast, or bf16 tensors) keeps p in bf16 at any size, as llm.c does:
+        # 1.5 GB a layer for GPT-2 124M at B = 60, T = 1,024
+        low = q.dtype == B.bfloat16 or amp.get_autocast_dtype(q.device.type) == B.bfloat16
+        bf16 = low and kernels and _bf16_kernels(q.data)
+        small = bf16 or (scores <= _DEVICE_KEEP_SCORES and kernels)
     path = _AttentionUntiled if small else _AttentionTiled
     return path.apply(
         q,

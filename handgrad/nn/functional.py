@@ -7,7 +7,7 @@ module per concept and are gathered here:
 
 ==========================  ===============================================================
 ``handgrad.nn.linear``      ``linear``, ``embedding``
-``handgrad.nn.activations`` ``gelu``, ``swiglu``, ``relu``, ``tanh``, ``sigmoid``
+``handgrad.nn.activations`` ``gelu``, ``bias_gelu``, ``swiglu``, ``relu``, ``tanh``, ``sigmoid``
 ``handgrad.nn.dropout``     ``dropout``
 ``handgrad.nn.normalization`` ``layer_norm``, ``rms_norm``
 ``handgrad.nn.rotary``      ``rotary_embedding`` (RoPE), ``rope_tables``
@@ -21,7 +21,7 @@ the normalised (last) axis unless said otherwise.
 
 from __future__ import annotations
 
-from handgrad.nn.activations import gelu, relu, sigmoid, swiglu, tanh
+from handgrad.nn.activations import bias_gelu, gelu, relu, sigmoid, swiglu, tanh
 from handgrad.nn.attention import scaled_dot_product_attention
 from handgrad.nn.dropout import dropout
 from handgrad.nn.linear import embedding, linear
@@ -45,6 +45,7 @@ def log_softmax(input: Tensor, dim: int = -1) -> Tensor:
 
 
 __all__ = [
+    "bias_gelu",
     "cross_entropy",
     "dropout",
     "embedding",

@@ -58,7 +58,7 @@ class _Linear(Function):
         g2 = g.reshape(-1, g.shape[-1])
         dx = dw = None
         if w.dtype == B.bfloat16:
-            gm = g2.astype(B.bfloat16)  # the GEMM operand
+            gm = g2.astype(B.bfloat16, copy=False)  # the GEMM operand
             if self.needs_input_grad[0]:
                 dx = B.matmul_bf16(gm, w, out_dtype=B.float32).reshape(*self.lead, w.shape[1])
             if self.needs_input_grad[1]:
@@ -72,7 +72,11 @@ class _Linear(Function):
             if self.needs_input_grad[1]:
                 dw = g2.T @ x2
         if len(self.needs_input_grad) == 3:
-            db = g2.sum(axis=0) if self.needs_input_grad[2] else None
+            db = (
+                g2.sum(axis=0, dtype=B.compute_dtype(g2.dtype))
+                if self.needs_input_grad[2]
+                else None
+            )
             return dx, dw, db
         return dx, dw
 

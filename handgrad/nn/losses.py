@@ -20,10 +20,22 @@ class _CrossEntropy(Function):
     # counted rows. Only the logits (by reference) and lse are kept for backward; softmax
     # is recomputed there, so no (N, C) temporary outlives the forward pass.
     # On a GPU with kernels on (no smoothing), one kernel per pass reads each row of logits
-    # twice (forward: max, then sum of exp; backward: one read, one write).
+    # twice (forward: max, then sum of exp; backward: one read, one write). bfloat16 logits
+    # (autocast) go to the fused classifier instead (llm.c's): loss and dlogits in one
+    # kernel during forward, dlogits bfloat16, so no float32 (N, C) array is ever made;
+    # backward multiplies them by the upstream gradient.
+    @classmethod
+    def keeps_low_precision(cls, arrays):
+        return arrays[0].dtype == B.bfloat16 and cuda_kernels(arrays[0], cast_16bit=True)
+
     def forward(self, x, target, ignore_index, reduction, label_smoothing):
         n, c = x.shape
         xp = get_array_module(x)
+        self.fused = x.dtype == B.bfloat16 and label_smoothing == 0
+        if self.fused:
+            return self._fused_forward(xp, x, target, ignore_index, reduction)
+        if x.dtype == B.bfloat16:  # kept, but smoothed: computed in float32 as usual
+            x = x.astype(B.float32)
         self.kernels = cuda_kernels(x) if label_smoothing == 0 else None
         if self.kernels is not None:
             return self._cuda_forward(xp, x, target, ignore_index, reduction)
@@ -79,6 +91,23 @@ class _CrossEntropy(Function):
         with B.ignore_float_errors():  # nan when every target is ignored, as torch
             return (total / self.count.astype(B.float32)).astype(B.float32)
 
+    def _fused_forward(self, xp, x, target, ignore_index, reduction):
+        """Per-row losses and dlogits = softmax - onehot (times 1 / count for 'mean', the
+        count computed on the device) from ``kernels.cuda.fused_classifier``."""
+        kernels = cuda_kernels(x, cast_16bit=True)
+        t = i64(target)
+        count = (t != ignore_index).sum()
+        scale = None
+        if reduction == "mean":
+            with B.ignore_float_errors():  # every target ignored: nan, as torch
+                scale = (1 / count.astype(B.float32)).reshape(1)
+        losses, self.dlogits = kernels.fused_classifier(x, t, x.shape[1], ignore_index, scale)
+        self.reduction = reduction
+        if reduction == "none":
+            return losses
+        total = losses.sum(dtype=B.float32)
+        return total * scale[0] if reduction == "mean" else xp.asarray(total)
+
     def _cuda_backward(self, g):
         """dlogits from ``handgrad.kernels.cuda.cross_entropy_backward`` with the upstream
         gradient per row: g_n ('none'), g ('sum') or g / count ('mean')."""
@@ -94,6 +123,11 @@ class _CrossEntropy(Function):
         return d, None
 
     def backward(self, g):
+        if self.fused:  # dlogits times the upstream gradient, in place, kept bfloat16
+            d = self.dlogits
+            g = g[:, None] if self.reduction == "none" else g
+            get_array_module(d).multiply(d, g, out=d)
+            return d, None
         if self.kernels is not None:
             return self._cuda_backward(g)
         x, lse, t, valid = self.x, self.lse, self.t, self.valid

@@ -248,18 +248,21 @@ def test_the_switch_reads_the_environment(monkeypatch) -> None:
 # ---- GPT-2 training steps through every kernel
 
 CONFIG = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
+# written by no GPT-2 step yet: residual add + layer norm would be an op with two outputs
+UNWIRED = {"residual_layer_norm_forward", "residual_layer_norm_backward"}
 
 
-def _train(device: str, steps: int = 3, dtype: str = "float32"):
+def _train(device: str, steps: int = 3, dtype: str = "float32", autocast=False, bias=True):
     hg.manual_seed(0)
-    model = GPT2(GPT2Config(**CONFIG, dtype=dtype)).to(device)
+    model = GPT2(GPT2Config(**CONFIG, dtype=dtype, bias=bias)).to(device)
     opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     losses, syncs = [], []
     for step in range(steps):
         rng = np.random.default_rng(step)
         x, y = rng.integers(0, 50, (3, 16)), rng.integers(0, 50, (3, 16))
         fakecupy.stats.reset()
-        _, loss = model(hg.tensor(x).to(device), hg.tensor(y).to(device))
+        with hg.autocast(hg.device(device).type, enabled=autocast):
+            _, loss = model(hg.tensor(x).to(device), hg.tensor(y).to(device))
         opt.zero_grad()
         loss.backward()
         clip_grad_norm_(model.parameters(), 1.0)
@@ -270,12 +273,35 @@ def _train(device: str, steps: int = 3, dtype: str = "float32"):
 
 
 def test_gpt2_training_steps_use_every_kernel_and_match_the_cpu(calls) -> None:
-    cpu_losses, _ = _train("cpu")
-    losses, syncs = _train("cuda")
-    np.testing.assert_allclose(losses, cpu_losses, rtol=1e-5)
+    ran = set()
+    for bias in (True, False):  # with biases, GELU takes c_fc's bias (bias_gelu)
+        cpu_losses, _ = _train("cpu", bias=bias)
+        losses, syncs = _train("cuda", bias=bias)
+        np.testing.assert_allclose(losses, cpu_losses, rtol=1e-5)
+        assert max(syncs) <= 1, f"host synchronisations per step: {syncs}"
+        ran |= {name for name, n in calls.items() if n >= 3}
+        calls.clear()
+    # under bf16 autocast: bf16 products, the bf16 softmax kernels, the fused classifier
+    cuda.use_bf16_matmul(True)
+    assert cuda.bf16_matmul_enabled()  # its probe reads the device once, before the steps
+    cpu_losses, _ = _train("cpu", autocast=True)
+    losses, syncs = _train("cuda", autocast=True)
+    # the same bf16 operands on both sides; what differs is the softmax's rounding of p to
+    # bf16 (the CPU reference keeps it float32) and the order of float32 sums
+    np.testing.assert_allclose(losses, cpu_losses, rtol=5e-3)
     assert max(syncs) <= 1, f"host synchronisations per step: {syncs}"
-    for name in fakecupy._LAUNCHERS:
-        assert calls.get(name, 0) >= 3, f"{name} ran {calls.get(name, 0)} times in 3 steps"
+    assert calls["fused_classifier"] >= 3 and "cross_entropy_forward" not in calls
+    ran |= {name for name, n in calls.items() if n >= 3}
+    missing = set(fakecupy._LAUNCHERS) - ran - UNWIRED
+    assert not missing, f"kernels no GPT-2 step ran: {sorted(missing)}"
+
+
+def test_autocast_step_on_the_device_multiplies_only_in_bf16(calls) -> None:
+    cuda.use_bf16_matmul(True)
+    cuda.GEMM_FLOPS.clear()
+    _train("cuda", steps=1, autocast=True)
+    flops = cuda.gemm_flops()
+    assert set(flops) == {"bfloat16"}, flops
 
 
 # ---- bfloat16 products on the device
