@@ -14,14 +14,16 @@ still leaves the others' results):
                   kernels on; when that fails, again with them off, so that a kernel bug does
                   not hide whether the device plumbing works. Also whether
                   ``set_matmul_precision("high")`` reached cuBLAS (TF32)
-  c. throughput   GPT-2 124M, bfloat16 parameters, T = 1024, micro batch 16 (the shape of
+  c. throughput   GPT-2 124M, bfloat16 parameters, the forward under bf16 autocast (as
+                  ``[train] autocast = "auto"`` on a GPU), T = 1024, micro batch 16 (the shape of
                   the memory target: <= 1.2x PyTorch's peak), 8 if 16 does not fit, kernels
                   on: tokens/s, MFU (against 989 TFLOP/s dense bf16, FLOPs per token from
                   handgrad.models.gpt2.flops_per_token), peak device memory, the attention
                   path and the FLOPs of the matrix products that ran, by operand dtype
                   (float32 ones through TF32); then
                   ``kernels_ratio``, a short run at micro batch 8 with kernels on and off;
-                  beside PyTorch eager (benchmarks/torch_gpt2.py) on the same shapes
+                  beside PyTorch eager (benchmarks/torch_gpt2.py) on the same shapes, in
+                  nanoGPT's recipe: float32 parameters, torch.autocast bf16
   d. shakespeare  configs/shakespeare-char.toml on the GPU: wall time and final val loss
                   (<= 1.90), with tiny Shakespeare from $HANDGRAD_SHAKESPEARE, shared/data in
                   the repo or ../shared/data beside it (``shakespeare_candidates``)
@@ -259,7 +261,8 @@ def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
             y = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
 
             def step() -> float:
-                _, loss = model(x, y)  # noqa: B023
+                with hg.autocast(hg.device(device).type):  # as [train] autocast = "auto"
+                    _, loss = model(x, y)  # noqa: B023
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -288,7 +291,8 @@ def part_throughput_handgrad(smoke: bool, budget: float) -> dict[str, Any]:
         return {"ok": True, "micro_batch": B, "seq_len": T, "steps": done, "tokens_per_s": tps,
                 "mfu": tps * fpt / H200_BF16_FLOPS, "flops_per_token": fpt,
                 "peak_device_bytes": _peak_device_bytes(device), "loss": float(loss.item()),
-                "tried": tried, **extra, "attention": attention_path(config, B, T),
+                "tried": tried, **extra, "autocast": "bf16",
+                "attention": attention_path(config, B, T, autocast=device != "cpu"),
                 **_gpu_paths(device)}  # fmt: skip
     return {"ok": False, "error": f"no micro batch fits: {tried}", **extra, **_gpu_paths(device)}
 
@@ -327,7 +331,7 @@ def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
     x = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
     y = _to(hg.tensor(rng.integers(0, config.vocab_size, (B, T))), device)
     res: dict[str, Any] = {"micro_batch": B, "seq_len": T, "dtype": dtype,
-                           "attention": attention_path(config, B, T)}  # fmt: skip
+                           "attention": attention_path(config, B, T, autocast=device != "cpu")}  # fmt: skip
     for kernels in (True, False):
         name = "kernels_on" if kernels else "kernels_off"
         cuda.use_kernels(kernels)
@@ -337,7 +341,8 @@ def part_kernels_ratio(smoke: bool, budget: float) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     break
                 t0 = time.perf_counter()
-                _, loss = model(x, y)
+                with hg.autocast(hg.device(device).type):
+                    _, loss = model(x, y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -367,8 +372,9 @@ def part_throughput_torch(smoke: bool, budget: float, micro_batch: int | None) -
     if micro_batch is not None:  # the same shape as handgrad's run, then smaller if need be
         batches = [b for b in batches if b <= micro_batch] or [micro_batch]
     torch.manual_seed(0)
-    model = TorchGPT2(**config.to_dict()).to(device=device, dtype=torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    # nanoGPT's recipe: float32 parameters, forward under bf16 autocast (fused AdamW)
+    model = TorchGPT2(**config.to_dict()).to(device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device == "cuda")
     tried: dict[int, str] = {}
     for B in batches:
         try:
@@ -376,7 +382,8 @@ def part_throughput_torch(smoke: bool, budget: float, micro_batch: int | None) -
             y = torch.randint(0, config.vocab_size, (B, T), device=device)
 
             def step() -> Any:
-                _, loss = model(x, y)  # noqa: B023
+                with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                    _, loss = model(x, y)  # noqa: B023
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -76,13 +76,16 @@ def model_dtype(device: str) -> tuple[str, str | None]:
     return ("bfloat16", None) if ok else ("float32", why)
 
 
-def attention_path(config: Any, B: int, T: int) -> str:
+def attention_path(config: Any, B: int, T: int, autocast: bool = False) -> str:
     """Which attention path a (B, T) batch of ``config`` takes on this device, by the rule
-    of ``scaled_dot_product_attention`` (causal self-attention, no dropout)."""
+    of ``scaled_dot_product_attention`` (causal self-attention, no dropout); ``autocast``:
+    under bf16 autocast."""
     from handgrad.backend import cuda
     from handgrad.nn import attention as A
 
     scores = B * config.n_head * T * T
+    if autocast and cuda.kernels_enabled() and cuda.bf16_matmul_enabled():
+        return f"untiled, bf16 products, p kept in bf16 ({scores} scores a layer)"
     if scores <= A._ATTN_BATCH_ALL or (scores <= A._DEVICE_KEEP_SCORES and cuda.kernels_enabled()):
         return f"untiled, p kept ({scores} scores a layer)"
     return f"tiled over all heads, tile {A._ATTN_TILE} ({scores} scores a layer)"

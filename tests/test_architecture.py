@@ -20,7 +20,17 @@ LAYERS = [
     {"backend", "fileio", "manifest", "diskspace", "kernels"},
     {"tokenizer"},  # tokenizer/ and data/ never import the tensor library
     {"data"},
-    {"grad_mode", "random", "function", "engine", "ops", "tensor", "creation", "serialization"},
+    {
+        "grad_mode",
+        "amp",
+        "random",
+        "function",
+        "engine",
+        "ops",
+        "tensor",
+        "creation",
+        "serialization",
+    },
     {"nn.functional"},  # nn's functions; Module and the layers built on them are "nn"
     {"nn", "optim", "distributed"},
     {"models", "checkpoint", "parallel"},  # parallel: the run modes (how a step is spread)
@@ -31,7 +41,18 @@ NN_BLOCKS = {"nn", "nn.module", "nn.layers", "nn.init", "nn.utils"}
 
 # Compute modules work on arrays of any registered namespace (NumPy, CuPy), so they must not
 # import NumPy; host code (files, tokenizers, data loading, metrics, sampling) may.
-COMPUTE = {"grad_mode", "function", "engine", "ops", "tensor", "creation", "nn", "optim", "models"}
+COMPUTE = {
+    "grad_mode",
+    "amp",
+    "function",
+    "engine",
+    "ops",
+    "tensor",
+    "creation",
+    "nn",
+    "optim",
+    "models",
+}
 HOST = {
     "backend", "fileio", "manifest", "diskspace", "kernels", "random", "verify", "serialization", "tokenizer", "data",
     "distributed", "parallel", "checkpoint", "train", "eval", "cli", "__main__",
