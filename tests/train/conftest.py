@@ -40,6 +40,8 @@ TINY = {
         "checkpoint_interval": 0,
         "keep_checkpoints": 3,
         "sample_tokens": 8,
+        # float32 on every device, so that a GPU run can equal the CPU's to the last bits
+        "autocast": "none",
     },
     "eval": {"interval": 3, "batches": 2},
 }

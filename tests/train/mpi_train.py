@@ -94,8 +94,8 @@ def inject(kind: str, step: int, device: bool, who: int = 1) -> None:
         return
     real = steps.accumulate  # every run mode's micro-batch loop, on the CPU and on a GPU
 
-    def failing(model, micro_batches, scale):  # type: ignore[no-untyped-def]
-        losses = real(model, micro_batches, scale)
+    def failing(model, micro_batches, *args):  # type: ignore[no-untyped-def]
+        losses = real(model, micro_batches, *args)
         fail(losses)
         return losses
 

@@ -35,3 +35,23 @@ def test_train_and_resume_on_the_device_match_the_cpu(tiny, tmp_path) -> None:
         s: full.train_losses[s] for s in (4, 5, 6)
     }
     assert second.final_eval.loss == full.final_eval.loss
+
+
+def test_a_device_run_defaults_to_bf16_autocast(tiny, tmp_path) -> None:
+    """``autocast = "auto"`` on a GPU: every matrix product of training and evaluation is
+    bf16 (samples, drawn without autocast, are left out), and the losses stay within bf16's
+    reach of the CPU's float32 run."""
+    from handgrad.backend import cuda
+
+    cpu = run(tiny(train={"sample_tokens": 0}), tmp_path / "cpu")
+    with fakecupy.installed(bf16_matmul=True):
+        cuda.GEMM_FLOPS.clear()
+        dev = run(
+            tiny(train={"device": "cuda", "autocast": "auto", "sample_tokens": 0}), tmp_path / "dev"
+        )
+        flops = cuda.gemm_flops()
+    assert set(flops) == {"bfloat16"} and flops["bfloat16"] > 0, flops
+    got = [dev.train_losses[s] for s in range(1, 7)]
+    want = [cpu.train_losses[s] for s in range(1, 7)]
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    assert got != want  # it did round

@@ -43,6 +43,7 @@ seed = 7
 log_interval = 5
 checkpoint_interval = 10
 sample_tokens = 8
+autocast = "none"     # float32 on the GPUs too: their losses equal the CPU's
 [eval]
 interval = 10
 batches = 3
