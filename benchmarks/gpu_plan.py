@@ -376,6 +376,12 @@ def summarize(hg_rows: list[dict[str, Any]], torch_rows: list[dict[str, Any]]) -
         if len(rows) < 2:
             continue
         fixed, per = _fit(rows, "peak_bytes")
+        if side == "handgrad" and rows[1].get("derived") and "peak_derived" in rows[0]:
+            # the slope between two figures derived alike; the intercept through the measured
+            per = (rows[1]["peak_bytes"] - rows[0]["peak_derived"]) / (
+                rows[1]["micro_batch"] - rows[0]["micro_batch"]
+            )
+            fixed = rows[0]["peak_bytes"] - per * rows[0]["micro_batch"]
         lfix, lper = _fit(rows, "launches")
         ext = {}
         for B in EXTRAPOLATE:
@@ -462,10 +468,10 @@ def print_table(summary: dict[str, Any]) -> None:
         fits = ", ".join(f"{gpu}: {b}" for gpu, b in e["largest_micro_batch"].items())
         print(f"{side}: peak = {_gb(e['peak_fixed_bytes'])} + {_gb(e['peak_per_sample_bytes'])}"
               f" per sample; largest micro batch that fits {fits}")  # fmt: skip
-    if hg_rows and "peak_bytes_derived_from_first_step" in hg_rows[0]:
+    if hg_rows and "peak_derived" in hg_rows[0]:
         h0 = hg_rows[0]
         print(f"handgrad micro batch {h0['micro_batch']}: steady-state peak "
-              f"{_gb(h0['peak_bytes'])} measured, {_gb(h0['peak_bytes_derived_from_first_step'])}"
+              f"{_gb(h0['peak_bytes'])} measured, {_gb(h0['peak_derived'])}"
               " derived from its first step (as the '(1st step)' rows are)")  # fmt: skip
     if hg_rows:
         print("handgrad launches by name (micro batch 1, top 12):", hg_rows[0]["launches_top"])
@@ -508,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     hg_rows = [steady_row(r, hg_runs[0]) for r in hg_runs]
     if "steady" in hg_runs[0]:  # the derivation checked where both are measured
         check = steady_row({k: v for k, v in hg_runs[0].items() if k != "steady"}, None)
-        hg_rows[0]["peak_bytes_derived_from_first_step"] = check["peak_bytes"]
+        hg_rows[0]["peak_derived"] = check["peak_bytes"]
     t_rows: list[dict[str, Any]] = [] if args.no_torch else results[-1]["rows"]
     summary = summarize(hg_rows, t_rows)
     summary["smoke"] = args.smoke

@@ -33,7 +33,7 @@ def test_smoke_prints_the_table_and_writes_the_json(tmp_path: Path) -> None:
         assert row["syncs"] == 0 and row["uploads"] == 0  # a step needs no host round trip
         assert row["peak_bytes"] >= row["live_before"] > 0
     assert hg[0]["derived"] is False and hg[1]["derived"] is True
-    derived = hg[0]["peak_bytes_derived_from_first_step"]
+    derived = hg[0]["peak_derived"]
     assert hg[0]["peak_bytes"] <= derived <= 1.1 * hg[0]["peak_bytes"]
     # FLOPs scale with the micro batch; the launches do not depend on it
     for side in (hg, torch):
