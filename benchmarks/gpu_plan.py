@@ -161,7 +161,8 @@ _NO_KERNEL = {
     "aten::alias", "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_",
     "aten::lift_fresh", "aten::result_type", "aten::set_", "aten::contiguous", "aten::unbind",
     "aten::numpy_T", "aten::expand_as", "aten::view_as", "aten::chunk", "aten::narrow",
-    "aten::is_nonzero", "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::item", "aten::_local_scalar_dense", "aten::_has_compatible_shallow_copy_type",
+    "aten::is_nonzero", "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::item",
+    "aten::_local_scalar_dense", "aten::_has_compatible_shallow_copy_type",
 }  # fmt: skip
 
 
@@ -306,7 +307,8 @@ def run_torch(smoke: bool, batches: list[int]) -> dict[str, Any]:
         rows.append({"framework": "torch", "micro_batch": B, "seq_len": T, "autocast": True,
                      "params": n_params, "gemm_flops": flops,
                      "launches": L * b["launches"] + h["launches"] + opt_launches,
-                     "launches_block": b["launches"], "launches_embedding_head": h["launches"],
+                     "n_layer": L, "launches_block": b["launches"],
+                     "launches_embedding_head": h["launches"],
                      "launches_optimizer": opt_launches,
                      "launches_top_block": dict(sorted(b["launches_by"].items(),
                                                        key=lambda kv: -kv[1])[:12]),
@@ -468,6 +470,9 @@ def print_table(summary: dict[str, Any]) -> None:
         fits = ", ".join(f"{gpu}: {b}" for gpu, b in e["largest_micro_batch"].items())
         print(f"{side}: peak = {_gb(e['peak_fixed_bytes'])} + {_gb(e['peak_per_sample_bytes'])}"
               f" per sample; largest micro batch that fits {fits}")  # fmt: skip
+    if t_rows:
+        print("torch's peak is a lower bound: saved activations + parameters, gradients and "
+              "AdamW state (16 B a parameter), no transients of backward")  # fmt: skip
     if hg_rows and "peak_derived" in hg_rows[0]:
         h0 = hg_rows[0]
         print(f"handgrad micro batch {h0['micro_batch']}: steady-state peak "
@@ -477,7 +482,7 @@ def print_table(summary: dict[str, Any]) -> None:
         print("handgrad launches by name (micro batch 1, top 12):", hg_rows[0]["launches_top"])
     if t_rows:
         t0 = t_rows[0]
-        print(f"torch launches = 12 x {t0['launches_block']} (block) + "
+        print(f"torch launches = {t0['n_layer']} x {t0['launches_block']} (block) + "
               f"{t0['launches_embedding_head']} (embedding, head, loss) + "
               f"{t0['launches_optimizer']} (clip + fused AdamW)")  # fmt: skip
 
