@@ -421,16 +421,28 @@ def to_host_contiguous(a: Any) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def matmul_bf16(a: Any, b: Any, out_dtype: np.dtype = bfloat16) -> Any:
-    """a (..., m, k) @ b (..., k, n) of bfloat16 operands -> (..., m, n) in ``out_dtype``:
-    products accumulated in float32 and the result rounded once, as cuBLAS computes them.
-    On NumPy, which has no bfloat16 arithmetic, the operands are widened (exactly) and the
-    float32 product rounded through ml_dtypes: the reference for the GPU's result."""
-    xp = get_array_module(a, b)
-    if is_numpy(xp):
-        return (a.astype(float32) @ b.astype(float32)).astype(out_dtype, copy=False)
-    from handgrad.backend import cuda  # noqa: PLC0415
+def matmul_bf16(a: Array, b: Array, out_dtype: Any = bfloat16) -> Array:
+    """a (..., m, k) @ b (..., k, n) -> (..., m, n) for bfloat16 ``a`` and ``b`` (equal
+    leading dims), computed as a bfloat16 GEMM does: the products accumulated in float32 and
+    the result rounded once to ``out_dtype`` (bfloat16 or float32).
 
-    cuda.count_gemm(bfloat16, 2 * a.shape[-1] * math.prod(a.shape[:-1]) * b.shape[-1])
-    out = xp.matmul(a, b)
-    return out.astype(out_dtype, copy=False)
+    On NumPy this is the reference, ``(a.astype(float32) @ b.astype(float32)).astype(out)``.
+    On CuPy a 2-D product with a bfloat16 result is CuPy's matmul (``cublasGemmEx``); any
+    other goes to cuBLAS directly (``backend.cuda.gemm_bf16``: ``cublasGemmEx`` or, stacked,
+    ``cublasGemmStridedBatchedEx``, which CuPy 14's matmul cannot do for bfloat16), and the
+    FLOPs are counted (``backend.cuda.gemm_flops``). Either operand may be a transposed view
+    (``x.swapaxes(-1, -2)``)."""
+    out_dtype = to_dtype(out_dtype)
+    if out_dtype not in (bfloat16, float32):
+        raise TypeError(f"matmul_bf16: out_dtype must be bfloat16 or float32, got {out_dtype}")
+    if a.dtype != bfloat16 or b.dtype != bfloat16:
+        raise TypeError(f"matmul_bf16: operands must be bfloat16, got {a.dtype} and {b.dtype}")
+    if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul_bf16: shapes {a.shape} and {b.shape} do not multiply as "
+                         "(..., m, k) @ (..., k, n) with equal leading dims")  # fmt: skip
+    xp = get_array_module(a, b)
+    if xp is np:
+        return np.matmul(a.astype(float32), b.astype(float32)).astype(out_dtype, copy=False)
+    from handgrad.backend import cuda  # noqa: PLC0415  (imports this module)
+
+    return cuda.matmul_bf16(a, b, out_dtype)

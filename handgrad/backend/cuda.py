@@ -8,6 +8,7 @@ error that says which piece is missing: CuPy itself, or a GPU that CuPy can see.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import Any
 
@@ -274,6 +275,141 @@ def _probe_bf16_matmul(cp: Any) -> tuple[bool, str | None]:
     return True, None
 
 
+# ----------------------------------------------------------------------------------------
+# bfloat16 matrix products through cuBLAS. CuPy 14's ``matmul`` multiplies bfloat16 arrays of
+# at most 2 dims (its batched path accepts only the dtype chars 'efdFD'; bfloat16 is 'E'),
+# so stacked products (attention's) call cuBLAS's strided batched GEMM here.
+
+# cuBLAS and CUDA constants (cublas.pxd and driver_types.h; read from CuPy where it has them)
+_CUDA_R_32F, _CUDA_R_16BF = 0, 14
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+_CUBLAS_COMPUTE_32F = 68
+_CUBLAS_GEMM_DEFAULT = -1
+_CUBLAS_POINTER_MODE_HOST = 0
+
+
+def _cublas_operand(x: Any, rows: int, cols: int) -> tuple[int, int] | None:
+    """How cuBLAS (column-major) reads the row-major (..., rows, cols) array ``x``: (op, ld)
+    where op is N when x's memory, read column-major, is x^T (rows contiguous), T when it is
+    x itself (a transposed view: columns contiguous); None when neither (then copy)."""
+    item = x.itemsize
+    s0, s1 = x.strides[-2], x.strides[-1]
+    if s0 % item or s1 % item or s0 < 0 or s1 < 0:
+        return None
+    s0, s1 = s0 // item, s1 // item
+    # rows contiguous: column j of x^T (= row j of x) starts s0 elements after row j - 1
+    if s1 == 1 or cols == 1:
+        ld = s0 if rows > 1 else cols
+        if ld >= max(1, cols):
+            return _CUBLAS_OP_N, ld
+    if s0 == 1 or rows == 1:  # columns contiguous
+        ld = s1 if cols > 1 else rows
+        if ld >= max(1, rows):
+            return _CUBLAS_OP_T, ld
+    return None
+
+
+def _batch_stride(x: Any) -> int | None:
+    """The one stride, in elements, that steps over all of ``x``'s leading dims taken as one
+    flat batch; None when they cannot be folded so (then copy)."""
+    lead = [(n, s) for n, s in zip(x.shape[:-2], x.strides[:-2], strict=True) if n != 1]
+    if not lead:
+        return 0
+    for (_, s), (n_next, s_next) in zip(lead, lead[1:], strict=False):
+        if s != s_next * n_next:
+            return None
+    s = lead[-1][1]
+    if s < 0 or s % x.itemsize:
+        return None
+    return s // x.itemsize
+
+
+def _gemm_operand(cp: Any, x: Any) -> tuple[Any, int, int, int]:
+    """(array, op, ld, batch stride) of one operand, copied to C order when its layout does
+    not fit a strided batched GEMM."""
+    rows, cols = x.shape[-2], x.shape[-1]
+    layout, stride = _cublas_operand(x, rows, cols), _batch_stride(x)
+    if layout is None or stride is None:
+        x = cp.ascontiguousarray(x)
+        layout, stride = _cublas_operand(x, rows, cols), _batch_stride(x)
+        assert layout is not None and stride is not None
+    op, ld = layout
+    return x, op, ld, stride
+
+
+def gemm_bf16(a: Any, b: Any, out_dtype: Any = None) -> Any:
+    """a (..., m, k) @ b (..., k, n) -> (..., m, n) for bfloat16 CuPy arrays, by cuBLAS with
+    float32 accumulation (CUBLAS_COMPUTE_32F) and one rounding to ``out_dtype`` (bfloat16, the
+    default, or float32). The leading dims must be equal; each operand may be a transposed
+    view of its last two axes (``x.swapaxes(-1, -2)``) and is copied only when its leading
+    dims cannot be stepped with one stride. 2-D products call ``cublasGemmEx``, stacked ones
+    ``cublasGemmStridedBatchedEx``; the FLOPs (2 m n k per matrix) are counted as bfloat16."""
+    import ml_dtypes  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    cp = require()
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    out_dtype = bf16 if out_dtype is None else np.dtype(out_dtype)
+    if out_dtype not in (bf16, np.dtype(np.float32)):
+        raise TypeError(f"gemm_bf16: out_dtype must be bfloat16 or float32, got {out_dtype}")
+    if a.dtype != bf16 or b.dtype != bf16:
+        raise TypeError(f"gemm_bf16: operands must be bfloat16, got {a.dtype} and {b.dtype}")
+    if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"gemm_bf16: shapes {a.shape} and {b.shape} do not multiply as "
+                         "(..., m, k) @ (..., k, n) with equal leading dims")  # fmt: skip
+    lead, (m, k), n = a.shape[:-2], a.shape[-2:], b.shape[-1]
+    batch = math.prod(lead)
+    if batch == 0 or m == 0 or n == 0 or k == 0:
+        return cp.zeros((*lead, m, n), dtype=out_dtype)
+    a, op_a, lda, stride_a = _gemm_operand(cp, a)
+    b, op_b, ldb, stride_b = _gemm_operand(cp, b)
+    c = cp.empty((*lead, m, n), dtype=out_dtype)
+    runtime, cublas = cp.cuda.runtime, cp.cuda.cublas
+    bf16_type = getattr(runtime, "CUDA_R_16BF", _CUDA_R_16BF)
+    c_type = bf16_type if out_dtype == bf16 else getattr(runtime, "CUDA_R_32F", _CUDA_R_32F)
+    compute = getattr(cublas, "CUBLAS_COMPUTE_32F", _CUBLAS_COMPUTE_32F)
+    algo = getattr(cublas, "CUBLAS_GEMM_DEFAULT", _CUBLAS_GEMM_DEFAULT)
+    host_mode = getattr(cublas, "CUBLAS_POINTER_MODE_HOST", _CUBLAS_POINTER_MODE_HOST)
+    one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)  # scalars of the compute type
+    handle = cp.cuda.device.get_cublas_handle()
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, host_mode)  # alpha and beta are read from host memory
+    try:
+        # cuBLAS is column-major: a row-major C = A B is, read column-major, C^T = B^T A^T,
+        # so the call passes b first (op_b, ldb), then a, and sizes (n, m, k): C^T is n x m
+        # with ldc = n, which is C's row-major memory. A row-major operand read column-major
+        # is already its transpose (op N); a transposed view is the matrix itself (op T).
+        if batch == 1 and len(lead) == 0:
+            cublas.gemmEx(handle, op_b, op_a, n, m, k, one.ctypes.data,
+                          b.data.ptr, bf16_type, ldb, a.data.ptr, bf16_type, lda,
+                          zero.ctypes.data, c.data.ptr, c_type, n, compute, algo)  # fmt: skip
+        else:
+            cublas.gemmStridedBatchedEx(handle, op_b, op_a, n, m, k, one.ctypes.data,
+                                        b.data.ptr, bf16_type, ldb, stride_b,
+                                        a.data.ptr, bf16_type, lda, stride_a,
+                                        zero.ctypes.data, c.data.ptr, c_type, n, m * n,
+                                        batch, compute, algo)  # fmt: skip
+    finally:
+        cublas.setPointerMode(handle, mode)
+    count_gemm(bf16, 2 * batch * m * n * k)
+    return c
+
+
+def matmul_bf16(a: Any, b: Any, out_dtype: Any = None) -> Any:
+    """``backend.matmul_bf16`` for CuPy arrays: a 2-D product with a bfloat16 result by
+    CuPy's matmul (``cublasGemmEx``, float32 accumulation), anything else by ``gemm_bf16``.
+    FLOPs are counted as bfloat16."""
+    import ml_dtypes  # noqa: PLC0415
+
+    bf16 = ml_dtypes.bfloat16
+    if a.ndim == 2 and b.ndim == 2 and (out_dtype is None or out_dtype == bf16):
+        if a.dtype != bf16 or b.dtype != bf16:
+            raise TypeError(f"matmul_bf16: operands must be bfloat16, got {a.dtype}, {b.dtype}")
+        count_gemm(a.dtype, 2 * a.shape[0] * a.shape[1] * b.shape[1])
+        return a @ b
+    return gemm_bf16(a, b, out_dtype)
+
+
 def describe() -> dict[str, Any]:
     """What a GPU report needs to be read alone: CuPy's, NumPy's and ml_dtypes' versions,
     the CUDA runtime, driver and NVRTC versions, and each GPU's name, compute capability
@@ -333,10 +469,12 @@ __all__ = [
     "bf16_matmul_error",
     "describe",
     "device_count",
+    "gemm_bf16",
     "import_error",
     "is_available",
     "is_cupy",
     "kernels_enabled",
+    "matmul_bf16",
     "require",
     "set_matmul_precision",
     "synchronize",
