@@ -235,6 +235,10 @@ class _AttentionUntiled(_Attention):
         """s = q k^T (cuBLAS), p = causal_softmax(s * scale) (one kernel), o = p v; p is
         kept (in q's dtype: bfloat16 under autocast, half the bytes of float32)."""
         xp = self.xp
+        if q.dtype == B.bfloat16:
+            # one batch stride per operand for the strided-batched GEMM: heads cut from a
+            # packed (B, T, 3C) projection have none, so each is copied once, here
+            q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
         self.q, self.k, self.v, self.scale = q, k, v, scale
         s = xp.ascontiguousarray(self._mm(q, _mT(k)))
         p = self.kernels.causal_softmax_forward(s, scale)
