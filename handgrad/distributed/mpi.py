@@ -55,7 +55,18 @@ def launched_by_mpi(environ: Mapping[str, str] | None = None) -> bool:
     return False
 
 
+# Open MPI settings handgrad gives its ranks unless the environment sets them (read once, when
+# MPI starts). libnbc, Open MPI's non-blocking collectives, all-reduces a buffer in place (as
+# the gradient reducer's overlapped buckets are) with a binomial tree: reduced to one rank,
+# then broadcast back, one direction of the link at a time; a ring moves half each way at
+# once, and takes 1.5-2x less time over TCP between hosts (benchmarks/bench_hosts.py).
+OPEN_MPI_SETTINGS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "ring"}
+
+
 def _mpi() -> Any:
+    if "mpi4py.MPI" not in sys.modules:  # before MPI_Init, which importing it calls
+        for key, value in OPEN_MPI_SETTINGS.items():
+            os.environ.setdefault(key, value)
     try:
         from mpi4py import MPI
     except ImportError as e:
