@@ -307,11 +307,17 @@ class MPIRanks(RunMode):
         )  # fmt: skip
         # MPI collectives have no timeout: a lost, cut-off or stalled rank ends the job
         self.watchdog = Watchdog(
-            self.group, self.collective_timeout, self.group.end_job, self.hosts,
+            self.group, self.collective_timeout, self._end_job, self.hosts,
             record=self._record_failure,
         )  # fmt: skip
         self.watchdog.catch_sigterm()  # a launcher that lost a host ends this rank
         return self.optimizer
+
+    def _end_job(self, message: str) -> None:
+        """The watchdog's end: where a peer's process ended, its launcher may be ending the
+        job already, so the message goes where the launcher prints (``end_job(direct)``)."""
+        saw_end = self.watchdog is not None and self.watchdog.saw_end
+        self.group.end_job(message, direct=saw_end)
 
     def _record_failure(self, message: str) -> None:
         """``run_dir/failed`` <- the watchdog's message, by the first rank to end the job: a
