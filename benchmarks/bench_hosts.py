@@ -72,12 +72,11 @@ def timed(fn, barrier, repeats: int) -> float:  # noqa: ANN001
 
 
 def rank_main(mib: list[float], repeats: int, bucket_mib: float) -> None:
-    from mpi4py import MPI
-
     from handgrad.distributed.mpi import MPITransport
     from handgrad.distributed.reducer import GradientReducer
 
-    group = MPITransport()
+    group = MPITransport()  # first: it starts MPI with handgrad's Open MPI settings
+    MPI = group.MPI
     rows = []
     for size in mib:
         params = gradients(int(size * (1 << 20)))

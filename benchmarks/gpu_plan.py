@@ -89,8 +89,6 @@ def run_handgrad(smoke: bool, batch: int, steps: int) -> dict[str, Any]:
     autocast = getattr(hg, "autocast", None)
     fakecupy.install(kernels=True, bf16_matmul=True)
     fakecupy.reference_kernels(_Patch())
-    from handgrad.backend import cuda
-
     assert cuda.bf16_matmul_enabled()  # its one-time probe reads the device: not in a step
     config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0})
     hg.manual_seed(0)

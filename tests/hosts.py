@@ -124,11 +124,14 @@ class NetHosts:
 
     def mpirun_args(self, slots: int, keepalive_s: int = 10) -> list[str]:
         """mpirun's options for ``slots`` ranks on every host, over TCP on the link only.
-        The launcher's own connections to its daemons probe a silent link every 2 s after
+        ``--leave-session-attached`` keeps the daemons' stderr (else /dev/null), where a rank
+        writes the message of a lost peer (handgrad.distributed.mpi.launcher_stderr). The
+        launcher's own connections to its daemons probe a silent link every 2 s after
         ``keepalive_s`` idle seconds (3 probes): a host cut off ends the job."""
         n = slots * len(self.names)
         return [
             "--hostfile", str(self.hostfile(slots)), "-n", str(n), "--map-by", "node",
+            "--leave-session-attached",
             "--mca", "plm_rsh_agent", str(self.agent),
             "--mca", "btl", "tcp,self",
             "--mca", "btl_tcp_if_include", self.subnet,

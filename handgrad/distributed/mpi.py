@@ -13,6 +13,7 @@ sees it). mpirun passes SIGINT/SIGTERM on to every rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -55,7 +56,18 @@ def launched_by_mpi(environ: Mapping[str, str] | None = None) -> bool:
     return False
 
 
+# Open MPI settings handgrad gives its ranks unless the environment sets them (read once, when
+# MPI starts). libnbc, Open MPI's non-blocking collectives, all-reduces a buffer in place (as
+# the gradient reducer's overlapped buckets are) with a binomial tree: reduced to one rank,
+# then broadcast back, one direction of the link at a time; a ring moves half each way at
+# once, and takes 1.5-2x less time over TCP between hosts (benchmarks/bench_hosts.py).
+OPEN_MPI_SETTINGS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "ring"}
+
+
 def _mpi() -> Any:
+    if "mpi4py.MPI" not in sys.modules:  # before MPI_Init, which importing it calls
+        for key, value in OPEN_MPI_SETTINGS.items():
+            os.environ.setdefault(key, value)
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -73,6 +85,27 @@ def _mpi() -> Any:
             f"Open MPI or MPICH, on this machine ({first})"
         ) from None
     return MPI
+
+
+# the processes of Open MPI (5: prterun/prted; 4: orterun/orted) that start a host's ranks
+_DAEMONS = ("prted", "prterun", "mpirun", "mpiexec", "orted", "orterun")
+
+
+def launcher_stderr() -> Any:
+    """The standard error of the Open MPI daemon (or mpirun) that started this rank, opened
+    for writing: where the daemon's own messages go, to mpirun's output through ssh or the
+    launch agent. None where the parent is something else, its standard error is /dev/null or
+    cannot be opened (Linux's /proc only)."""
+    try:
+        parent = os.getppid()
+        with open(f"/proc/{parent}/comm") as f:
+            if f.read().strip() not in _DAEMONS:
+                return None
+        if os.readlink(f"/proc/{parent}/fd/2") == "/dev/null":
+            return None
+        return open(f"/proc/{parent}/fd/2", "w")  # noqa: SIM115  (closed by the caller)
+    except OSError:
+        return None
 
 
 def _bytes(array: np.ndarray) -> np.ndarray:
@@ -184,11 +217,25 @@ class MPITransport(Transport):
     def abort(self, detail: str) -> None:
         self.end_job(f"rank {self.rank} of {self.world_size} failed: {detail}")
 
-    def end_job(self, message: str) -> None:
+    def end_job(self, message: str, direct: bool = False) -> None:
         """Print ``message``, then MPI_Abort. A launcher this rank can no longer reach (its
-        link cut) may leave MPI_Abort waiting: the process then exits by itself after 5 s."""
-        sys.stderr.write(message.rstrip("\n") + "\n")
-        sys.stderr.flush()
+        link cut) may leave MPI_Abort waiting: the process then exits by itself after 5 s.
+        ``direct``: to the standard error of this rank's Open MPI daemon where there is one
+        (``launcher_stderr``), not through the output the daemon forwards to mpirun: a
+        launcher that lost a host's daemon ends the job at once, and drops that output."""
+        out = launcher_stderr() if direct else None
+        try:
+            (out or sys.stderr).write(message.rstrip("\n") + "\n")
+            (out or sys.stderr).flush()
+        except OSError:
+            if out is None:
+                raise
+            sys.stderr.write(message.rstrip("\n") + "\n")
+            sys.stderr.flush()
+        finally:
+            if out is not None:
+                with contextlib.suppress(OSError):
+                    out.close()
         timer = threading.Timer(ABORT_GRACE_S, os._exit, args=(1,))
         timer.daemon = True
         timer.start()

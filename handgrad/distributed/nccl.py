@@ -257,11 +257,11 @@ class NCCLTransport(Transport):
         finally:
             self.mpi.abort(detail)
 
-    def end_job(self, message: str) -> None:
+    def end_job(self, message: str, direct: bool = False) -> None:
         try:
             self.comm.abort()
         finally:
-            self.mpi.end_job(message)
+            self.mpi.end_job(message, direct)
 
     def close(self) -> None:
         self.cupy.cuda.get_current_stream().synchronize()

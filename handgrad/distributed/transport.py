@@ -165,9 +165,11 @@ class Transport:
         """Tell the other ranks this one has failed with ``detail`` (best effort; may not
         return, e.g. MPI's Abort ends the whole job)."""
 
-    def end_job(self, message: str) -> None:
+    def end_job(self, message: str, direct: bool = False) -> None:
         """End every rank of the job, printing ``message`` (a watchdog's: another rank has
-        failed). Here: ``abort(message)``."""
+        failed). ``direct``: the launcher may be ending the job already (a peer's process
+        ended), so its output of this rank may never be printed: write ``message`` where the
+        launcher itself prints, if the transport knows a way. Here: ``abort(message)``."""
         self.abort(message)
 
     def close(self) -> None:

@@ -14,7 +14,9 @@ which a thread sends a heartbeat every second. Rank 0's watchdog thread ends the
 
 and the other ranks do the same when rank 0's connection closes or falls silent (the rank 0
 of a lost host cannot say it). Whatever ends the job first sends every peer a goodbye, so
-one message is printed. ``hosts(group)`` gathers every rank's host name.
+one message is printed; ``record(message)``, given, keeps it too (training writes it to the
+run directory: a launcher that lost a host's daemon ends the job at once, and the surviving
+ranks' output may never reach it). ``hosts(group)`` gathers every rank's host name.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def _send(sock: socket.socket, line: str) -> bool:
 
 class Watchdog:
     """See the module docstring. ``end(message)`` must end this process's job (it is called
-    from the watchdog's thread, once); ``timeout`` <= 0 turns the watchdog off."""
+    from the watchdog's thread, once); ``record(message)``, if given, is called first;
+    ``timeout`` <= 0 turns the watchdog off."""
 
     def __init__(
         self,
@@ -91,14 +94,16 @@ class Watchdog:
         timeout: float,
         end: Callable[[str], None],
         host_names: list[str] | None = None,
+        record: Callable[[str], None] | None = None,
     ) -> None:
         self.group, self.timeout, self._end = group, float(timeout), end
+        self._record = record
         self.rank, self.world = group.rank, group.world_size
         self.hosts = host_names or hosts(group)
         self.lock = threading.Lock()
         self.last_mark = self.tick = time.monotonic()
         self.gaps: deque[float] = deque(maxlen=20)
-        self.pause_depth, self.closing = 0, False
+        self.pause_depth, self.closing, self.saw_end = 0, False, False
         self.heard: dict[int, float] = {}
         self.lost: dict[int, str] = {}  # peer -> how its connection ended
         self.done: set[int] = set()  # peers that said goodbye
@@ -238,6 +243,7 @@ class Watchdog:
             usual = max(self.gaps, default=0.0)
             stalled = self.pause_depth == 0 and now - self.last_mark > usual + self.timeout
             waited = now - self.last_mark
+        self.saw_end = bool(lost)
         if lost:
             why = "; ".join(sorted(set(lost.values())))
             return f"{self._who(list(lost))} failed: {why}"
@@ -282,6 +288,7 @@ class Watchdog:
             message = None if self.closing else self.check()
             if message is not None:
                 self.close()
+                self.record(message)
                 sys.stderr.write(f"handgrad: {message}; the launcher ended this rank\n")
                 sys.stderr.flush()
                 os._exit(1)
@@ -305,8 +312,17 @@ class Watchdog:
             message = self.check()
             if message is not None and not self.closing:
                 self.close()
+                self.record(message)
                 self._end(f"handgrad: {message}; ending the job")
                 return
+
+    def record(self, message: str) -> None:
+        """Hand ``message`` to ``record`` (a file beside the run: the output of a rank whose
+        launcher is tearing the job down may never be printed): on rank 0, or where a peer's
+        connection closed. A rank that only stopped hearing rank 0 may be the one cut off."""
+        if self._record is not None and (self.rank == 0 or self.saw_end):
+            with contextlib.suppress(Exception):
+                self._record(message)
 
     def close(self) -> None:
         """Stop watching; say goodbye to the peers (so they do not report this rank)."""

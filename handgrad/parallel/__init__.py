@@ -14,6 +14,7 @@ every mode runs; ``ddp.py`` the data-parallel gradients; ``zero.py`` ZeRO-1's sh
 
 from handgrad.parallel.evaluate import EvalResult, evaluate, unigram_loss
 from handgrad.parallel.modes import (
+    FAILED,
     ForkedRanks,
     ModeError,
     MPIRanks,
@@ -24,6 +25,7 @@ from handgrad.parallel.modes import (
 from handgrad.parallel.step import PendingLosses, StepStats, TrainingDiverged
 
 __all__ = [
+    "FAILED",
     "EvalResult",
     "ForkedRanks",
     "MPIRanks",

@@ -77,6 +77,9 @@ class RankStopped(RuntimeError):
     """This rank stops because another rank failed and reported it (nothing to print here)."""
 
 
+FAILED = "failed"  # in the run directory: the message of the watchdog that ended a job
+
+
 class RunMode:
     """One process: the model on ``device`` (the CPU or one GPU). ``processes`` > 1 only
     where forking is impossible: the P shares of each micro batch then run here, as one
@@ -84,6 +87,7 @@ class RunMode:
 
     rank, world_size, writes = 0, 1, True
     group: Transport | None = None  # the ranks that evaluate together (None: this one)
+    run_dir: Path | None = None  # the run's directory, which every rank sees
 
     def __init__(self, device: str = "cpu", processes: int = 1, say: Callable = print) -> None:
         self.device, self.processes, self._say = device, processes, say
@@ -309,10 +313,26 @@ class MPIRanks(RunMode):
         )  # fmt: skip
         # MPI collectives have no timeout: a lost, cut-off or stalled rank ends the job
         self.watchdog = Watchdog(
-            self.group, self.collective_timeout, self.group.end_job, self.hosts
-        )
+            self.group, self.collective_timeout, self._end_job, self.hosts,
+            record=self._record_failure,
+        )  # fmt: skip
         self.watchdog.catch_sigterm()  # a launcher that lost a host ends this rank
         return self.optimizer
+
+    def _end_job(self, message: str) -> None:
+        """The watchdog's end: where a peer's process ended, its launcher may be ending the
+        job already, so the message goes where the launcher prints (``end_job(direct)``)."""
+        saw_end = self.watchdog is not None and self.watchdog.saw_end
+        self.group.end_job(message, direct=saw_end)
+
+    def _record_failure(self, message: str) -> None:
+        """``run_dir/failed`` <- the watchdog's message, by the first rank to end the job: a
+        launcher that lost a host may end the job before a surviving rank's output reaches
+        it, but not before this file is written (the next start on the run prints it)."""
+        if self.run_dir is None:
+            return
+        with contextlib.suppress(OSError), open(self.run_dir / FAILED, "x") as f:
+            f.write(message + "\n")
 
     def gradients(self, step: int, x: np.ndarray, y: np.ndarray) -> list:
         self._progress()

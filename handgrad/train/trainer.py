@@ -48,6 +48,7 @@ from handgrad.models import build_model, config_from_dict
 from handgrad.models.gpt2 import GPT2, GPT2Config
 from handgrad.optim import AdamW, cosine_with_warmup, param_groups_for_weight_decay
 from handgrad.parallel import (
+    FAILED,
     EvalResult,
     ModeError,
     PendingLosses,
@@ -162,8 +163,12 @@ def build_run(
     if ckpt is not None:
         _restore(run, ckpt)
         mode.say(f"resuming from {ckpt.path} at step {run.step} ({run.tokens_seen:,} tokens seen)")
+    mode.run_dir = run.out  # where a multi-host job's watchdog records what ended it
     if mode.writes:
         run.out.mkdir(parents=True, exist_ok=True)
+        if (failed := run.out / FAILED).exists():  # what ended the last job on this run
+            mode.say(f"the last job on this run ended: {failed.read_text().strip()}")
+            failed.unlink()
         write_json_atomic(run.out / "config.json", resolved)
     return run
 

@@ -4,6 +4,7 @@ local transport's tests call ``check_collectives``; the MPI tests run this file 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -83,6 +84,10 @@ def check_collectives() -> None:
 if __name__ == "__main__":
     dist.init_process_group()
     check_collectives()
+    # Open MPI started with handgrad's settings (the launcher's environment sets none)
+    from handgrad.distributed.mpi import OPEN_MPI_SETTINGS
+
+    assert all(os.environ.get(k) == v for k, v in OPEN_MPI_SETTINGS.items()), os.environ
     print(f"rank {dist.get_rank()} of {dist.get_world_size()}: ok", flush=True)
     dist.destroy_process_group()
     sys.exit(0)
