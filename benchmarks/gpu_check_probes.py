@@ -85,7 +85,7 @@ def attention_path(config: Any, B: int, T: int, autocast: bool = False) -> str:
 
     scores = B * config.n_head * T * T
     if autocast and cuda.kernels_enabled() and cuda.bf16_matmul_enabled():
-        return f"untiled, bf16 products, p kept in bf16 ({scores} scores a layer)"
+        return f"untiled, bf16 products, p recomputed from the row lse ({scores} scores a layer)"
     if scores <= A._ATTN_BATCH_ALL or (scores <= A._DEVICE_KEEP_SCORES and cuda.kernels_enabled()):
         return f"untiled, p kept ({scores} scores a layer)"
     return f"tiled over all heads, tile {A._ATTN_TILE} ({scores} scores a layer)"

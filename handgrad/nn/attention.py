@@ -232,24 +232,37 @@ class _AttentionUntiled(_Attention):
         return self.xp.matmul(a, b)
 
     def _cuda_forward(self, q, k, v, scale):
-        """s = q k^T (cuBLAS), p = causal_softmax(s * scale) (one kernel), o = p v; p is
-        kept (in q's dtype: bfloat16 under autocast, half the bytes of float32)."""
+        """s = q k^T (cuBLAS), p = causal_softmax(s * scale) (one kernel), o = p v.
+
+        float32: p is kept for backward. bfloat16 (autocast): only the row log-sum-exp is
+        kept, (B, H, T) float32, and backward recomputes s and p = exp(scale s - lse): one
+        more q k^T product instead of a (B, H, T, T) array per layer held from forward to
+        backward (at micro batch 60 it would be 1.5 GB a layer for GPT-2 124M)."""
         xp = self.xp
+        self.lse = self.p = None
         if q.dtype == B.bfloat16:
             # one batch stride per operand for the strided-batched GEMM: heads cut from a
             # packed (B, T, 3C) projection have none, so each is copied once, here
             q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
         self.q, self.k, self.v, self.scale = q, k, v, scale
         s = xp.ascontiguousarray(self._mm(q, _mT(k)))
-        p = self.kernels.causal_softmax_forward(s, scale)
+        if q.dtype == B.bfloat16:
+            p, lse = self.kernels.causal_softmax_lse_forward(s, scale)
+            self.lse = lse if any(self.needs_input_grad) else None
+        else:
+            p = self.kernels.causal_softmax_forward(s, scale)
+            self.p = p if any(self.needs_input_grad) else None
         del s
-        self.p = p if any(self.needs_input_grad) else None
         return self._mm(p, v)
 
     def _cuda_backward(self, g):
         """dv = p^T g, dp = g v^T, ds = scale p (dp - rowsum(p dp)) (one kernel; the scale
         is in ds), dq = ds k, dk = ds^T q. bfloat16 operands give float32 dq, dk, dv."""
         xp, q, k, v, p = self.xp, self.q, self.k, self.v, self.p
+        if p is None:  # bfloat16: p recomputed from s = q k^T and the row lse
+            s = xp.ascontiguousarray(self._mm(q, _mT(k)))
+            p = self.kernels.causal_softmax_recompute(s, self.lse, self.scale)
+            del s
         g = xp.ascontiguousarray(g, dtype=q.dtype)  # the products' operand
         f32 = B.float32
         dv = self._mm(_mT(p), g, f32)
@@ -450,8 +463,8 @@ def scaled_dot_product_attention(
     device = not B.is_numpy(get_array_module(q.data, k.data, v.data))
     if device and not small:
         kernels = bool(_causal_kernels(q.data, k.data, v.data, mask, is_causal, dropout_p, True))
-        # bfloat16 (autocast, or bf16 tensors) keeps p in bf16 at any size, as llm.c does:
-        # 1.5 GB a layer for GPT-2 124M at B = 60, T = 1,024
+        # bfloat16 (autocast, or bf16 tensors) keeps only the row lse at any size: backward
+        # recomputes p (see _cuda_forward)
         low = q.dtype == B.bfloat16 or amp.get_autocast_dtype(q.device.type) == B.bfloat16
         bf16 = low and kernels and _bf16_kernels(q.data)
         small = bf16 or (scores <= _DEVICE_KEEP_SCORES and kernels)

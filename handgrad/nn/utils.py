@@ -30,6 +30,14 @@ def _vector_norm(a: Any, norm_type: float) -> Any:
     return (xp.abs(a) ** norm_type).sum() ** (1.0 / norm_type)
 
 
+def _squared(g: Any, dtype: Any) -> Any:
+    """sum g_i^2 of one gradient, a 0-d array of ``dtype`` (one BLAS dot)."""
+    if g.size == 0:
+        return get_array_module(g).zeros((), dtype=dtype)
+    flat = g.reshape(-1)
+    return get_array_module(g).dot(flat, flat).astype(dtype, copy=False)
+
+
 def clip_grad_norm_(
     parameters: Tensor | Iterable[Tensor],
     max_norm: float,
@@ -58,9 +66,16 @@ def clip_grad_norm_(
         return Tensor(0.0)
     xp = get_array_module(*grads)
     dtype = xp.result_type(*grads)
-    # stacked where the grads live (a list of device scalars must not go through the host)
-    norms = xp.stack([xp.asarray(_vector_norm(g, norm_type), dtype=dtype) for g in grads])
-    total = _vector_norm(norms, norm_type)
+    on_host = B.is_numpy(xp)
+    if norm_type == 2.0 and not on_host:
+        # on a GPU one launch per gradient: total^2 = sum_i ||g_i||^2 (the squares are not
+        # rooted one by one and squared again)
+        squares = xp.stack([_squared(g, dtype) for g in grads])
+        total = xp.sqrt(squares.sum())
+    else:
+        # stacked where the grads live (a list of device scalars must not go through the host)
+        norms = xp.stack([xp.asarray(_vector_norm(g, norm_type), dtype=dtype) for g in grads])
+        total = _vector_norm(norms, norm_type)
     if error_if_nonfinite and not math.isfinite(float(total)):
         raise RuntimeError(
             f"clip_grad_norm_: the total norm of order {norm_type} of the gradients is {total}; "
@@ -76,5 +91,5 @@ def clip_grad_norm_(
         # min(clip_coef, 1) gives the same grads (x * 1 is exact) with no read
         coef = xp.minimum(clip_coef, dtype.type(1.0))
         for g in grads:
-            g *= coef.astype(g.dtype)
+            g *= coef if g.dtype == coef.dtype else coef.astype(g.dtype)
     return Tensor._make(xp.asarray(total, dtype=dtype))
