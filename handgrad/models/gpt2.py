@@ -260,10 +260,8 @@ class MLP(nn.Module):
         """x (B, T, C) -> (B, T, C): expand 4x, GELU (GPT-2's tanh form), project back.
         c_fc's bias is added inside the GELU (``F.bias_gelu``: one pass, not two)."""
         fc = self.c_fc
-        if fc.bias is None:
-            h = F.gelu(fc(x), approximate="tanh")
-        else:
-            h = F.bias_gelu(F.linear(x, fc.weight), fc.bias)
+        h = F.linear(x, fc.weight)
+        h = F.gelu(h, approximate="tanh") if fc.bias is None else F.bias_gelu(h, fc.bias)
         return self.dropout(self.c_proj(h))
 
 
