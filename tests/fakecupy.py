@@ -729,7 +729,8 @@ _LAUNCHERS = ("layer_norm_forward", "layer_norm_backward", "gelu_tanh_forward",
               "gelu_tanh_backward", "causal_softmax_forward", "causal_softmax_backward",
               "cross_entropy_forward", "cross_entropy_backward", "embedding_backward",
               "adamw_flat", "residual_layer_norm_forward", "residual_layer_norm_backward",
-              "bias_gelu_forward", "bias_gelu_backward", "fused_classifier")  # fmt: skip
+              "bias_gelu_forward", "bias_gelu_backward", "fused_classifier",
+              "causal_softmax_lse_forward", "causal_softmax_recompute")  # fmt: skip
 
 
 def _as_device(x: Any) -> Any:

@@ -342,6 +342,58 @@ def causal_softmax_backward(dp: Any, p: Any, scale: float) -> Any:
     return ds
 
 
+def _square_scores(name: str, scores: Any) -> int:
+    """T, for scores of shape (..., T, T)."""
+    if scores.ndim < 2 or scores.shape[-2] != scores.shape[-1]:
+        raise ValueError(f"{name}: scores must have shape (..., T, T), got {scores.shape}")
+    return scores.shape[-1]
+
+
+def causal_softmax_lse_forward(scores: Any, scale: float) -> tuple:
+    """``causal_softmax_forward``'s p, and each row's log-sum-exp for a backward pass that
+    recomputes p (``causal_softmax_recompute``) instead of keeping it.
+
+    scores (..., T, T) float32 or bfloat16 -> p (..., T, T) in scores' dtype (float32 math,
+    bfloat16 rounded to nearest even; 0 for j > i), lse (..., T) float32 with
+    lse_i = log sum_{j <= i} exp(scale s_ij); see ``reference.causal_softmax_lse_forward``."""
+    name = "causal_softmax_lse_forward"
+    cp = _check(name, allow_bf16=("scores",), scores=scores)
+    T = _square_scores(name, scores)
+    p, lse = cp.empty_like(scores), cp.empty(scores.shape[:-1], np.float32)
+    if scores.size == 0:
+        return p, lse
+    _launch(
+        variant_name(name, _storage(scores)),
+        (scores.size // T,),
+        (_row_threads(T),),
+        (_raw(scores), _raw(p), lse, np.int32(T), np.float32(scale)),
+    )
+    return p, lse
+
+
+def causal_softmax_recompute(scores: Any, lse: Any, scale: float) -> Any:
+    """p_ij = exp(scale s_ij - lse_i) for j <= i, 0 for j > i: the causal softmax of
+    ``causal_softmax_lse_forward`` again, from its lse (no reduction over the row).
+
+    scores (..., T, T) float32 or bfloat16, lse (..., T) float32 -> p in scores' dtype
+    (float32 math, bfloat16 rounded to nearest even); see ``reference.causal_softmax_recompute``."""
+    name = "causal_softmax_recompute"
+    cp = _check(name, allow_bf16=("scores",), scores=scores, lse=lse)
+    T = _square_scores(name, scores)
+    if tuple(lse.shape) != tuple(scores.shape[:-1]):
+        raise ValueError(f"{name}: lse of shape {lse.shape} for scores of shape {scores.shape}")
+    p = cp.empty_like(scores)
+    if scores.size == 0:
+        return p
+    _launch(
+        variant_name(name, _storage(scores)),
+        (scores.size // T,),
+        (_row_threads(T),),
+        (_raw(scores), lse, _raw(p), np.int32(T), np.float32(scale)),
+    )
+    return p
+
+
 def attention_forward(q: Any, k: Any, v: Any) -> tuple:
     """Causal attention, q k v (..., T, D) -> out, p: matmuls by cuBLAS, the softmax fused."""
     cp = cuda.require()
@@ -548,6 +600,8 @@ __all__ = [
     "bias_gelu_forward",
     "causal_softmax_backward",
     "causal_softmax_forward",
+    "causal_softmax_lse_forward",
+    "causal_softmax_recompute",
     "compiled",
     "cross_entropy_backward",
     "cross_entropy_forward",

@@ -386,6 +386,56 @@ extern "C" __global__ void KERNEL(
     plain={"s_t": F32},
 )
 
+# The same softmax keeping each row's log-sum-exp (float32), so that a backward pass can
+# recompute p from the scores instead of storing the (R, T, T) probabilities.
+_variants(
+    "causal_softmax_lse_forward",
+    r"""
+// p_ij = exp(scale s_ij - m_i) / z_i for j <= i, else 0 (causal_softmax_forward's p, by the
+// same operations), and lse_i = m_i + log z_i = log sum_{j <= i} exp(scale s_ij), where
+// m_i = max_{j <= i} scale s_ij and z_i = sum_{j <= i} exp(scale s_ij - m_i) (no overflow).
+// Then p_ij = exp(scale s_ij - lse_i): what causal_softmax_recompute computes.
+extern "C" __global__ void KERNEL(
+    const s_t* __restrict__ s, s_t* __restrict__ p, float* __restrict__ lse, int T, float scale) {
+    const long long row = blockIdx.x;
+    const int i = (int)(row % T);
+    const s_t* sr = s + row * T;
+    s_t* pr = p + row * T;
+    float m = -HG_INF;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, ld(sr[j]) * scale);
+    m = block_max(m);
+    float z = 0.0f;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) z += expf(ld(sr[j]) * scale - m);
+    z = block_sum(z);
+    const float inv = 1.0f / z;
+    for (int j = threadIdx.x; j < T; j += blockDim.x)
+        st(pr + j, j <= i ? expf(ld(sr[j]) * scale - m) * inv : 0.0f);
+    if (threadIdx.x == 0) lse[row] = m + logf(z);
+}
+""",
+    *_SOFTMAX_TYPES,
+)
+
+_variants(
+    "causal_softmax_recompute",
+    r"""
+// p_ij = exp(scale s_ij - lse_i) for j <= i, else 0: the causal softmax again from the row's
+// log-sum-exp (causal_softmax_lse_forward's), with no reduction. The future is not read.
+extern "C" __global__ void KERNEL(
+    const s_t* __restrict__ s, const float* __restrict__ lse, s_t* __restrict__ p, int T,
+    float scale) {
+    const long long row = blockIdx.x;
+    const int i = (int)(row % T);
+    const s_t* sr = s + row * T;
+    s_t* pr = p + row * T;
+    const float l = lse[row];
+    for (int j = threadIdx.x; j < T; j += blockDim.x)
+        st(pr + j, j <= i ? expf(ld(sr[j]) * scale - l) : 0.0f);
+}
+""",
+    *_SOFTMAX_TYPES,
+)
+
 # ---- cross entropy over a padded vocabulary: one block per row
 _kernel(
     "cross_entropy_forward",

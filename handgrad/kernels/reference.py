@@ -143,6 +143,33 @@ def causal_softmax_backward(dp: np.ndarray, p: np.ndarray, scale: float) -> np.n
     return (np.float32(scale) * p32 * (dp32 - dot)).astype(np.float32).astype(p.dtype)
 
 
+def causal_softmax_lse_forward(scores: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """scores (..., T, T) -> p (..., T, T) as ``causal_softmax_forward`` gives it, and
+    lse (..., T) float32, the log-sum-exp of each row's kept scaled scores:
+
+    lse_i = m_i + log sum_{j <= i} exp(scale s_ij - m_i),  m_i = max_{j <= i} scale s_ij,
+
+    so that p_ij = exp(scale s_ij - lse_i) for j <= i. float32 math for bfloat16 scores."""
+    T = scores.shape[-1]
+    if scores.size == 0:
+        return np.zeros(scores.shape, scores.dtype), np.zeros(scores.shape[:-1], np.float32)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    z = np.where(future, -np.inf, scores.astype(np.float32) * np.float32(scale))
+    m = z.max(axis=-1, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(z - m).sum(axis=-1))
+    return causal_softmax_forward(scores, scale), lse.astype(np.float32)
+
+
+def causal_softmax_recompute(scores: np.ndarray, lse: np.ndarray, scale: float) -> np.ndarray:
+    """scores (..., T, T), lse (..., T) float32 -> p (..., T, T) in scores' dtype:
+    p_ij = exp(scale s_ij - lse_i) for j <= i, 0 for j > i (float32 math; with
+    ``causal_softmax_lse_forward``'s lse, its p again)."""
+    T = scores.shape[-1]
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    z = scores.astype(np.float32) * np.float32(scale) - lse.astype(np.float32)[..., None]
+    return np.exp(np.where(future, -np.inf, z)).astype(np.float32).astype(scores.dtype)
+
+
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Causal attention: q, k, v (..., T, D) -> out (..., T, D) and p (..., T, T), with
     p = causal_softmax(q k^T, 1/sqrt(D)) and out = p v."""

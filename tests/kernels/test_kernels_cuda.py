@@ -162,6 +162,8 @@ def test_launchers_pass_what_the_kernels_declare(monkeypatch: pytest.MonkeyPatch
                 K.bias_gelu_backward(a(3, 7).astype(dt), a(3, 7).astype(xt), a(7))
             p = K.causal_softmax_forward(a(2, 5, 5).astype(xt), 0.5)
             K.causal_softmax_backward(a(2, 5, 5).astype(xt), p, 0.5)
+            _, lse = K.causal_softmax_lse_forward(a(2, 5, 5).astype(xt), 0.5)
+            K.causal_softmax_recompute(a(2, 5, 5).astype(xt), lse, 0.5)
             lg = a(3, 16).astype(xt)
             K.fused_classifier(lg, t, 10)
             K.fused_classifier(lg, t, 10, scale=a(1), out=lg)

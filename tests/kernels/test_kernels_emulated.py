@@ -120,6 +120,7 @@ def test_every_kernel_is_built_from_its_shipped_source(emu) -> None:
         K.bias_gelu_backward(a, a, w), K.bias_gelu_forward(a, w)
         s = dev(f32(rng, 1, 3, 3).astype(a.dtype))
         K.causal_softmax_backward(s, K.causal_softmax_forward(s, 1.0), 1.0)
+        K.causal_softmax_recompute(s, K.causal_softmax_lse_forward(s, 1.0)[1], 1.0)
         K.fused_classifier(a, t, 8)
     assert sorted(emu.kernels) == sorted(SOURCES) == K.compiled()
     for name, k in emu.kernels.items():
@@ -566,6 +567,124 @@ def test_causal_softmax_bf16_nan_inf(emu, rng) -> None:
     close(p, want, "p", BF_RTOL)
     assert np.isnan(p[0, 3, :4]).all() and np.isnan(p[0, 4, :5]).all()
     assert (p[0, 5, :2] == 0).all() and np.isfinite(p[0, [0, 1, 2, 5]]).all()
+
+
+# ---- causal softmax keeping the rows' log-sum-exp, and p recomputed from it
+
+
+def softmax_kernel(name: str, dt) -> str:
+    return K.variant_name(name, "bf16" if dt == BF16 else "float")
+
+
+def same_within_one_bf16_ulp(got, want, what: str) -> None:
+    """Non-negative bfloat16 values at most one ulp apart: their 16 bits differ by <= 1."""
+    g, w = (host(a).view(np.uint16).astype(np.int32) for a in (got, want))
+    assert g.shape == w.shape and np.abs(g - w).max() <= 1, f"{what}: more than one ulp apart"
+
+
+@pytest.mark.parametrize("dt", [np.float32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (2, 1, 5, 5), (1, 1, 33, 33), (1, 1, 130, 130)])
+def test_causal_softmax_lse_and_recompute(emu, rng, shape: tuple, dt) -> None:
+    """T = 1; partial warps; 64 threads looping over 130 columns. p is the plain softmax's, bit
+    for bit; p recomputed from lse is p again (float32: to rounding; bfloat16: within an ulp)."""
+    s = f32(rng, *shape, scale=3).astype(dt)
+    p, lse = K.causal_softmax_lse_forward(dev(s), 0.3)
+    rp, rlse = ref.causal_softmax_lse_forward(s, 0.3)
+    assert p.dtype == dt and lse.dtype == np.float32 and lse.shape == shape[:-1]
+    close(p, rp, "p", BF_RTOL if dt == BF16 else RTOL)
+    close(lse, rlse, "lse")
+    np.testing.assert_array_equal(host(p).view(np.uint8),
+                                  host(K.causal_softmax_forward(dev(s), 0.3)).view(np.uint8))  # fmt: skip
+    T = shape[-1]
+    threads = max(32, 32 * -(-T // 128))
+    assert block_of(emu, softmax_kernel("causal_softmax_lse_forward", dt)) == threads
+    rq = ref.causal_softmax_recompute(s, rlse, 0.3)
+    assert rq.dtype == dt
+    close(K.causal_softmax_recompute(dev(s), dev(rlse), 0.3), rq, "recomputed p (reference lse)",
+          BF_RTOL if dt == BF16 else RTOL)  # fmt: skip
+    q = K.causal_softmax_recompute(dev(s), lse, 0.3)
+    assert q.dtype == dt and q.shape == shape
+    assert block_of(emu, softmax_kernel("causal_softmax_recompute", dt)) == threads
+    if dt == BF16:
+        same_within_one_bf16_ulp(q, p, "recomputed p")
+    else:
+        np.testing.assert_allclose(host(q), host(p), rtol=1e-5, atol=0)
+    assert (host(q)[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0).all()
+
+
+def test_causal_softmax_lse_with_1024_threads(emu, rng, monkeypatch) -> None:
+    """_row_threads gives 1,024 threads from T = 3,969 on (too many rows to emulate): the
+    launchers here are given 1,024 threads for T = 4, so the block reductions meet 32 warps'
+    partial results, 31 of them from threads that read nothing."""
+    assert K._row_threads(4000) == 1024
+    monkeypatch.setattr(K, "_row_threads", lambda width: 1024)
+    for dt in (np.float32, BF16):
+        s = f32(rng, 1, 1, 4, 4, scale=3).astype(dt)
+        p, lse = K.causal_softmax_lse_forward(dev(s), 0.7)
+        assert block_of(emu, softmax_kernel("causal_softmax_lse_forward", dt)) == 1024
+        rp, rlse = ref.causal_softmax_lse_forward(s, 0.7)
+        close(p, rp, "p", BF_RTOL if dt == BF16 else RTOL)
+        close(lse, rlse, "lse")
+        q = K.causal_softmax_recompute(dev(s), lse, 0.7)
+        assert block_of(emu, softmax_kernel("causal_softmax_recompute", dt)) == 1024
+        close(q, ref.causal_softmax_recompute(s, rlse, 0.7), "recomputed p",
+              BF_RTOL if dt == BF16 else RTOL)  # fmt: skip
+
+
+@pytest.mark.parametrize("dt", [np.float32, BF16], ids=["f32", "bf16"])
+def test_causal_softmax_lse_and_recompute_nan_inf(emu, rng, dt) -> None:
+    """As the plain softmax: a NaN or +inf in a row's kept scores, or a row of -inf, gives a
+    NaN row and a NaN lse; -inf scores (masked by the caller) weigh 0; the future is never
+    read. Recomputing from a NaN lse gives NaN, from lse = +inf zeros."""
+    T = 9
+    s = f32(rng, 1, T, T)
+    s[0][np.triu_indices(T, 1)] = np.nan  # the future: never read
+    s[0, 4, 2], s[0, 5, 5], s[0, 6, :] = np.nan, np.inf, -np.inf
+    s[0, 7, :3] = -np.inf
+    s[0, 8, :] = TINY  # flushed: uniform either way
+    s = s.astype(dt)
+    rt = BF_RTOL if dt == BF16 else RTOL
+    p, lse = K.causal_softmax_lse_forward(dev(s), 1.0)
+    rp, rlse = reference(ref.causal_softmax_lse_forward, s, 1.0)
+    rp = rp.astype(np.float32)
+    rp[0][np.triu_indices(T, 1)] = 0  # NaN rows of the reference are NaN there too
+    close(p, rp, "p", rt)
+    close(lse, rlse, "lse")
+    lh, ph = host(lse), host(p).astype(np.float32)
+    assert np.isnan(lh[0, 4:7]).all() and np.isfinite(lh[0, [0, 1, 2, 3, 7, 8]]).all()
+    close(lh[0, 8], np.log(np.float32(T)), "lse of a flat row")
+    assert (ph[0][np.triu_indices(T, 1)] == 0).all()
+    lse_in = host(lse).copy()
+    lse_in[0, 0] = np.inf  # a row whose lse is +inf: exp(s - inf) = 0
+    q = host(K.causal_softmax_recompute(dev(s), dev(lse_in), 1.0)).astype(np.float32)
+    want = reference(ref.causal_softmax_recompute, s, lse_in, 1.0).astype(np.float32)
+    close(q, want, "recomputed p", rt)
+    assert all(np.isnan(q[0, i, : i + 1]).all() for i in (4, 5, 6))
+    assert (q[0, 0] == 0).all() and (q[0][np.triu_indices(T, 1)] == 0).all()
+    close(q[0, 1:], ph[0, 1:], "recomputed p vs p", rt)
+
+
+def test_causal_softmax_lse_and_recompute_empty(emu) -> None:
+    for dt in (np.float32, BF16):
+        for shape in ((0, 4, 4), (2, 0, 0), (3, 0, 2, 2)):
+            s = dev(np.zeros(shape, dt))
+            p, lse = K.causal_softmax_lse_forward(s, 1.0)
+            assert p.shape == shape and p.dtype == dt
+            assert lse.shape == shape[:-1] and lse.dtype == np.float32
+            q = K.causal_softmax_recompute(s, lse, 1.0)
+            assert q.shape == shape and q.dtype == dt
+            rp, rlse = ref.causal_softmax_lse_forward(np.zeros(shape, dt), 1.0)
+            assert rp.shape == shape and rlse.shape == shape[:-1]
+    assert not any(emu.launches(softmax_kernel(n, dt)) for n in (
+        "causal_softmax_lse_forward", "causal_softmax_recompute") for dt in (np.float32, BF16))  # fmt: skip
+    s = dev(np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"scores must have shape \(\.\.\., T, T\)"):
+        K.causal_softmax_lse_forward(s, 1.0)
+    s = dev(np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="lse of shape"):
+        K.causal_softmax_recompute(s, dev(np.zeros((2, 3), np.float32)), 1.0)
+    with pytest.raises(TypeError, match="lse must be float32, got bfloat16"):
+        K.causal_softmax_recompute(s, dev(np.zeros((2, 4), BF16)), 1.0)
 
 
 # ---- fused classifier (loss and dlogits in one kernel)

@@ -282,6 +282,32 @@ def test_causal_softmax_bfloat16(rng: np.random.Generator) -> None:
 
 
 @pytest.mark.parametrize("dt", [np.float32, BF16])
+def test_causal_softmax_lse_and_recompute(rng: np.random.Generator, dt) -> None:
+    """lse against torch.logsumexp of the masked scaled scores, p against torch.softmax (a
+    bfloat16 p within half a bfloat16 ulp of it), and p recomputed from lse."""
+    T, scale = 9, 0.37
+    s = (f32(rng, 2, 3, T, T) * 4).astype(dt)
+    s[0, 0, 4, :2] = -np.inf  # masked by a caller: weight 0
+    p, lse = ref.causal_softmax_lse_forward(s, scale)
+    assert p.dtype == dt and lse.dtype == np.float32 and lse.shape == (2, 3, T)
+    np.testing.assert_array_equal(p, ref.causal_softmax_forward(s, scale))
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    tz = (t64(s, False) * scale).masked_fill(mask, -math.inf)
+    assert_close(lse, torch.logsumexp(tz, dim=-1).numpy(), RTOL, "lse")
+    tp = torch.softmax(tz, dim=-1).numpy()
+    rt = RTOL if dt == np.float32 else 4e-3
+    assert_close(p.astype(np.float32), tp, rt, "p")
+    q = ref.causal_softmax_recompute(s, lse, scale)
+    assert q.dtype == dt
+    assert_close(q.astype(np.float32), tp, rt, "recomputed p")
+    assert np.all(
+        q[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]].astype(np.float32) == 0
+    )
+    want = torch.exp(t64(s, False) * scale - t64(lse, False)[..., None]).masked_fill(mask, 0)
+    assert_close(q.astype(np.float32), want.numpy(), rt, "exp(scale s - lse)")
+
+
+@pytest.mark.parametrize("dt", [np.float32, BF16])
 def test_fused_classifier(rng: np.random.Generator, dt) -> None:
     N, V, Vp = 10, 37, 48
     logits = (f32(rng, N, Vp) * 3).astype(dt)
