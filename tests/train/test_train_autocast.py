@@ -10,7 +10,7 @@ from handgrad.train.config import ConfigError, load_config
 
 
 def test_autocast_setting_resolves_per_device(tiny):
-    cfg = load_config(tiny())
+    cfg = load_config(tiny(train={"autocast": "auto"}))  # the default
     assert cfg.train.autocast == "auto" and cfg.train.autocast_precision() is None  # the CPU
     cfg.train.device = "cuda"
     assert cfg.train.autocast_precision() == "bf16"
