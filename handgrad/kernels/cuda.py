@@ -5,12 +5,10 @@ the norm use atomics, so their sums run in no fixed order). Inputs are CuPy arra
 C-contiguous float32 (int64 for indices), or bfloat16 (``ml_dtypes.bfloat16``) where a
 launcher's docstring says so: a kernel reads and writes bfloat16 as its raw 16 bits and
 computes in float32 (one kernel variant per storage type). Outputs are new CuPy arrays
-unless an ``out`` is given. Empty inputs launch nothing and return empty results. The CUDA C is in ``cuda_sources``; each kernel compiles on first use (NVRTC)
-and is cached. Importing this module needs no CuPy.
-
-``tests/kernels`` runs each kernel, launched by these launchers, against its reference in a CPU
-emulation of CUDA (docs/gpu.md), and on a GPU wherever one is present; what has run where is
-README's "GPUs" section.
+unless an ``out`` is given. Empty inputs launch nothing and return empty results. The CUDA
+C is in ``cuda_sources``; each kernel compiles on first use (NVRTC) and is cached. Importing
+this module needs no CuPy. ``tests/kernels`` runs each kernel, through these launchers, in a
+CPU emulation of CUDA (docs/gpu.md) and on a GPU where one is present.
 """
 
 from __future__ import annotations
@@ -592,26 +590,10 @@ def adamw_flat(
 
 
 __all__ = [
-    "NVRTC_OPTIONS",
-    "adamw_flat",
-    "attention_backward",
-    "attention_forward",
-    "bias_gelu_backward",
-    "bias_gelu_forward",
-    "causal_softmax_backward",
-    "causal_softmax_forward",
-    "causal_softmax_lse_forward",
-    "causal_softmax_recompute",
-    "compiled",
-    "cross_entropy_backward",
-    "cross_entropy_forward",
-    "embedding_backward",
-    "fused_classifier",
-    "gelu_tanh_backward",
-    "gelu_tanh_forward",
-    "layer_norm_backward",
-    "layer_norm_forward",
-    "residual_layer_norm_backward",
-    "residual_layer_norm_forward",
-    "sum_squares",
-]
+    "NVRTC_OPTIONS", "adamw_flat", "attention_backward", "attention_forward", "bias_gelu_backward",
+    "bias_gelu_forward", "causal_softmax_backward", "causal_softmax_forward",
+    "causal_softmax_lse_forward", "causal_softmax_recompute", "compiled", "cross_entropy_backward",
+    "cross_entropy_forward", "embedding_backward", "fused_classifier", "gelu_tanh_backward",
+    "gelu_tanh_forward", "layer_norm_backward", "layer_norm_forward",
+    "residual_layer_norm_backward", "residual_layer_norm_forward", "sum_squares",
+]  # fmt: skip
