@@ -421,6 +421,20 @@ def to_host_contiguous(a: Any) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def check_bf16_product(name: str, a: Array, b: Array, out_dtype: Any) -> np.dtype:
+    """``out_dtype`` as a dtype, once a (..., m, k) @ b (..., k, n) of bfloat16 operands with
+    equal leading dims into bfloat16 or float32 is what was asked; else the error, by ``name``."""
+    out_dtype = to_dtype(out_dtype)
+    if out_dtype not in (bfloat16, float32):
+        raise TypeError(f"{name}: out_dtype must be bfloat16 or float32, got {out_dtype}")
+    if a.dtype != bfloat16 or b.dtype != bfloat16:
+        raise TypeError(f"{name}: operands must be bfloat16, got {a.dtype} and {b.dtype}")
+    if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"{name}: shapes {a.shape} and {b.shape} do not multiply as "
+                         "(..., m, k) @ (..., k, n) with equal leading dims")  # fmt: skip
+    return out_dtype
+
+
 def matmul_bf16(a: Array, b: Array, out_dtype: Any = bfloat16) -> Array:
     """a (..., m, k) @ b (..., k, n) -> (..., m, n) for bfloat16 ``a`` and ``b`` (equal
     leading dims), computed as a bfloat16 GEMM does: the products accumulated in float32 and
@@ -432,14 +446,7 @@ def matmul_bf16(a: Array, b: Array, out_dtype: Any = bfloat16) -> Array:
     ``cublasGemmStridedBatchedEx``, which CuPy 14's matmul cannot do for bfloat16), and the
     FLOPs are counted (``backend.cuda.gemm_flops``). Either operand may be a transposed view
     (``x.swapaxes(-1, -2)``)."""
-    out_dtype = to_dtype(out_dtype)
-    if out_dtype not in (bfloat16, float32):
-        raise TypeError(f"matmul_bf16: out_dtype must be bfloat16 or float32, got {out_dtype}")
-    if a.dtype != bfloat16 or b.dtype != bfloat16:
-        raise TypeError(f"matmul_bf16: operands must be bfloat16, got {a.dtype} and {b.dtype}")
-    if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"matmul_bf16: shapes {a.shape} and {b.shape} do not multiply as "
-                         "(..., m, k) @ (..., k, n) with equal leading dims")  # fmt: skip
+    out_dtype = check_bf16_product("matmul_bf16", a, b, out_dtype)
     xp = get_array_module(a, b)
     if xp is np:
         return np.matmul(a.astype(float32), b.astype(float32)).astype(out_dtype, copy=False)

@@ -347,16 +347,11 @@ def gemm_bf16(a: Any, b: Any, out_dtype: Any = None) -> Any:
     import ml_dtypes  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
+    from handgrad.backend import check_bf16_product  # noqa: PLC0415  (imports this module)
+
     cp = require()
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    out_dtype = bf16 if out_dtype is None else np.dtype(out_dtype)
-    if out_dtype not in (bf16, np.dtype(np.float32)):
-        raise TypeError(f"gemm_bf16: out_dtype must be bfloat16 or float32, got {out_dtype}")
-    if a.dtype != bf16 or b.dtype != bf16:
-        raise TypeError(f"gemm_bf16: operands must be bfloat16, got {a.dtype} and {b.dtype}")
-    if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"gemm_bf16: shapes {a.shape} and {b.shape} do not multiply as "
-                         "(..., m, k) @ (..., k, n) with equal leading dims")  # fmt: skip
+    out_dtype = check_bf16_product("gemm_bf16", a, b, bf16 if out_dtype is None else out_dtype)
     lead, (m, k), n = a.shape[:-2], a.shape[-2:], b.shape[-1]
     batch = math.prod(lead)
     if batch == 0 or m == 0 or n == 0 or k == 0:

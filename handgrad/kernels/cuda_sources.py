@@ -260,14 +260,13 @@ extern "C" __global__ void KERNEL(
 
 # ---- causal softmax over (R, T, T) scores: one block per row; row i keeps columns j <= i.
 # s_t / p_t: float (the kernels of old, names without a suffix) or bf16 (``_bf16``).
-_SOFTMAX_TYPES = ({"s_t": F32}, {"s_t": BF})
-_variants(
-    "causal_softmax_forward",
-    r"""
-// p_ij = exp(scale s_ij - m_i) / sum_{k <= i} exp(scale s_ik - m_i) for j <= i, else 0;
-// m_i = max_{k <= i} scale s_ik.
-extern "C" __global__ void KERNEL(
-    const s_t* __restrict__ s, s_t* __restrict__ p, int T, float scale) {
+# One row of the causal softmax, shared by the two forward kernels: block-wide max and sum
+# over the row's first i + 1 scores, p written (zeros past the diagonal); returns the row's
+# log-sum-exp m + log z. One block per row of T: row r of the (R, T, T) scores is query
+# i = r mod T.
+_CAUSAL_ROW = r"""
+__device__ float causal_softmax_row(const s_t* __restrict__ s, s_t* __restrict__ p, int T,
+                                    float scale) {
     const long long row = blockIdx.x;
     const int i = (int)(row % T);
     const s_t* sr = s + row * T;
@@ -277,9 +276,24 @@ extern "C" __global__ void KERNEL(
     m = block_max(m);
     float z = 0.0f;
     for (int j = threadIdx.x; j <= i; j += blockDim.x) z += expf(ld(sr[j]) * scale - m);
-    const float inv = 1.0f / block_sum(z);
+    z = block_sum(z);
+    const float inv = 1.0f / z;
     for (int j = threadIdx.x; j < T; j += blockDim.x)
         st(pr + j, j <= i ? expf(ld(sr[j]) * scale - m) * inv : 0.0f);
+    return m + logf(z);
+}
+"""
+
+_SOFTMAX_TYPES = ({"s_t": F32}, {"s_t": BF})
+_variants(
+    "causal_softmax_forward",
+    _CAUSAL_ROW
+    + r"""
+// p_ij = exp(scale s_ij - m_i) / sum_{k <= i} exp(scale s_ik - m_i) for j <= i, else 0;
+// m_i = max_{k <= i} scale s_ik.
+extern "C" __global__ void KERNEL(
+    const s_t* __restrict__ s, s_t* __restrict__ p, int T, float scale) {
+    causal_softmax_row(s, p, T, scale);
 }
 """,
     *_SOFTMAX_TYPES,
@@ -313,27 +327,16 @@ extern "C" __global__ void KERNEL(
 # recompute p from the scores instead of storing the (R, T, T) probabilities.
 _variants(
     "causal_softmax_lse_forward",
-    r"""
+    _CAUSAL_ROW
+    + r"""
 // p_ij = exp(scale s_ij - m_i) / z_i for j <= i, else 0 (causal_softmax_forward's p, by the
 // same operations), and lse_i = m_i + log z_i = log sum_{j <= i} exp(scale s_ij), where
 // m_i = max_{j <= i} scale s_ij and z_i = sum_{j <= i} exp(scale s_ij - m_i) (no overflow).
 // Then p_ij = exp(scale s_ij - lse_i): what causal_softmax_recompute computes.
 extern "C" __global__ void KERNEL(
     const s_t* __restrict__ s, s_t* __restrict__ p, float* __restrict__ lse, int T, float scale) {
-    const long long row = blockIdx.x;
-    const int i = (int)(row % T);
-    const s_t* sr = s + row * T;
-    s_t* pr = p + row * T;
-    float m = -HG_INF;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, ld(sr[j]) * scale);
-    m = block_max(m);
-    float z = 0.0f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) z += expf(ld(sr[j]) * scale - m);
-    z = block_sum(z);
-    const float inv = 1.0f / z;
-    for (int j = threadIdx.x; j < T; j += blockDim.x)
-        st(pr + j, j <= i ? expf(ld(sr[j]) * scale - m) * inv : 0.0f);
-    if (threadIdx.x == 0) lse[row] = m + logf(z);
+    const float l = causal_softmax_row(s, p, T, scale);
+    if (threadIdx.x == 0) lse[blockIdx.x] = l;
 }
 """,
     *_SOFTMAX_TYPES,
