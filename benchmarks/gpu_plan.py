@@ -70,7 +70,7 @@ class _Patch:
         setattr(obj, name, value)
 
 
-def run_handgrad(smoke: bool, batch: int, steps: int) -> dict[str, Any]:
+def run_handgrad(smoke: bool, batch: int, steps: int, recompute: bool = False) -> dict[str, Any]:
     """``steps`` training steps (1 or 2) of handgrad at micro batch ``batch`` on the stand-in,
     each measured by phase: forward + backward, then clipping + AdamW."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -90,7 +90,7 @@ def run_handgrad(smoke: bool, batch: int, steps: int) -> dict[str, Any]:
     fakecupy.install(kernels=True, bf16_matmul=True)
     fakecupy.reference_kernels(_Patch())
     assert cuda.bf16_matmul_enabled()  # its one-time probe reads the device: not in a step
-    config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0})
+    config = GPT2Config(**{**cfg, "dtype": "bfloat16", "dropout": 0.0, "recompute": recompute})
     hg.manual_seed(0)
     model = GPT2(config).to("cuda")
     params = list(model.parameters())
@@ -494,13 +494,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--batches", type=int, nargs=2, default=[1, 2])
     ap.add_argument("--no-torch", action="store_true", help="handgrad only")
+    ap.add_argument(
+        "--recompute",
+        action="store_true",
+        help="handgrad with [model] recompute = true (activation recompute)",
+    )
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["handgrad", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         if args.child == "handgrad":
-            res = run_handgrad(args.smoke, args.batches[0], args.steps)
+            res = run_handgrad(args.smoke, args.batches[0], args.steps, args.recompute)
         else:
             res = run_torch(args.smoke, args.batches)
         args.result.write_text(json.dumps(res))
@@ -511,8 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     # the first micro batch runs two steps (the second is the steady state); the others one,
     # whose steady figures are derived (``steady_row``): a second step of a 124M model at
     # micro batch 2 would hold ~1.5 GB more of the stand-in's memory at once
+    recompute = ["--recompute"] if args.recompute else []
     jobs = [["--child", "handgrad", "--batches", str(B), str(B), "--steps", str(1 if i else 2),
-             *smoke] for i, B in enumerate(args.batches)]  # fmt: skip
+             *smoke, *recompute] for i, B in enumerate(args.batches)]  # fmt: skip
     if not args.no_torch:
         jobs.append(["--child", "torch", "--batches", *map(str, args.batches), *smoke])
     results = run_children(jobs, timeout, parallel=args.smoke)

@@ -14,7 +14,7 @@ from handgrad.optim import AdamW
 CONFIG = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=50)
 
 
-def _run(device: str, steps: int) -> tuple[list[float], Llama, list[int]]:
+def _run(device: str, steps: int, autocast: bool = False) -> tuple[list[float], Llama, list[int]]:
     hg.manual_seed(0)
     model = Llama(LlamaConfig(**CONFIG)).to(hg.device(device))
     opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -23,7 +23,8 @@ def _run(device: str, steps: int) -> tuple[list[float], Llama, list[int]]:
         rng = np.random.default_rng(step)
         x, y = rng.integers(0, 50, (3, 16)), rng.integers(0, 50, (3, 16))
         fakecupy.stats.reset()
-        _, loss = model(hg.tensor(x).to(device), hg.tensor(y).to(device))
+        with hg.autocast(hg.device(device).type, enabled=autocast):
+            _, loss = model(hg.tensor(x).to(device), hg.tensor(y).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -42,4 +43,21 @@ def test_llama_on_the_device_matches_the_cpu() -> None:
         out = model.generate(hg.tensor(np.array([[1, 2, 3]])).to("cuda"), 20, temperature=0)
         np.testing.assert_array_equal(out.to("cpu").numpy(), expected)
     np.testing.assert_allclose(losses, cpu_losses, rtol=1e-6)
+    assert max(syncs) <= 1, f"host synchronisations per step: {syncs}"
+
+
+def test_llama_under_autocast_on_the_device_and_the_cpu(monkeypatch) -> None:
+    """bf16 autocast (grouped-query attention, RoPE, RMSNorm, SwiGLU): the device's kernel
+    path with bf16 products and the CPU's reference agree to bf16's reach; every product on
+    the device is bf16."""
+    from handgrad.backend import cuda
+
+    cpu_losses, _, _ = _run("cpu", 2, autocast=True)
+    fakecupy.reference_kernels(monkeypatch)
+    with fakecupy.installed(kernels=True, bf16_matmul=True):
+        assert cuda.bf16_matmul_enabled()  # its probe reads the device once, before the steps
+        cuda.GEMM_FLOPS.clear()
+        losses, _, syncs = _run("cuda", 2, autocast=True)
+        assert set(cuda.gemm_flops()) == {"bfloat16"}, cuda.gemm_flops()
+    np.testing.assert_allclose(losses, cpu_losses, rtol=5e-3)
     assert max(syncs) <= 1, f"host synchronisations per step: {syncs}"
