@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from handgrad import backend as B
 from handgrad.backend.device import device_of, is_on, to_device
-from handgrad.function import Function
+from handgrad.function import Function, GradientPart
 
 if TYPE_CHECKING:
     from handgrad.tensor import Tensor
@@ -152,6 +152,11 @@ def _add_grad(grads: dict[int, tuple[Any, bool]], key: int, g: Any, fresh: bool)
     fresh array nobody else holds) is updated in place; any other array may be shared (Add
     passes the same ``g`` to both inputs), so it is never written to."""
     prev = grads.get(key)
+    if isinstance(g, GradientPart):  # one output of a several-output op: its slot
+        parts = prev[0] if prev is not None else [None] * g.count
+        parts[g.index] = g.value
+        grads[key] = (parts, False)
+        return
     if prev is None:
         grads[key] = (g, fresh) if not isinstance(g, SliceGrad) else (g.dense(), True)
         return
@@ -188,13 +193,15 @@ def run_backward(root: Tensor, g: Any, retain_graph: bool) -> None:
         retained = getattr(node, "_retained", None)
         if retained is not None and retained() is not None:
             _accumulate(retained(), g)
+        if isinstance(g, list):  # the gathered gradients of a several-output op
+            g = tuple(p.dense() if isinstance(p, SliceGrad) else p for p in g)
         in_grads = node.backward(g)
         returned = [id(a) for a in in_grads if a is not None]
         for p, pg in zip(node.parents, in_grads):
             if p is not None and pg is not None:
                 # a new allocation handed to one input only can be written in place later
                 fresh = (
-                    not isinstance(pg, SliceGrad)
+                    not isinstance(pg, SliceGrad | GradientPart)
                     and B.owns_data(pg)
                     and pg is not g
                     and returned.count(id(pg)) == 1

@@ -30,6 +30,9 @@ class Function:
 
     Subclasses implement ``forward(*arrays, **kwargs) -> array`` (saving on ``self`` what
     backward needs) and ``backward(g) -> tuple`` with one gradient (or None) per tensor input.
+    A forward may return a tuple of arrays: ``apply`` then returns a tuple of tensors, and
+    backward receives a tuple with the gradient of each output (None for an output nothing
+    used).
     ``self.needs_input_grad`` tells backward which input gradients are wanted. Backward must
     not write into ``g`` (the same array may be handed to several ops), and returns new arrays
     or views, never an array it keeps elsewhere (new arrays are written into in place).
@@ -83,9 +86,11 @@ class Function:
         record = is_grad_enabled() and any(t.requires_grad for t in inputs)
         ctx.needs_input_grad = tuple(t.requires_grad for t in inputs) if record else ()
         out = ctx.forward(*arrays, **kwargs)
-        if cast_back in _LOW_PRECISION and out.dtype == B.float32 and rule != "float32":
-            out = out.astype(cast_back)
-        result = Function.output_type._make(out, requires_grad=record)
+        several = isinstance(out, tuple)
+        outs = out if several else (out,)
+        if cast_back in _LOW_PRECISION and rule != "float32":
+            outs = tuple(o.astype(cast_back) if o.dtype == B.float32 else o for o in outs)
+        results = tuple(Function.output_type._make(o, requires_grad=record) for o in outs)
         if record:
             # Edges point at the op that produced each input (or at the leaf itself), never
             # at intermediate tensors, so an intermediate's array is freed as soon as no op
@@ -93,8 +98,34 @@ class Function:
             ctx.parents = tuple(
                 t._ctx if t._ctx is not None else (t if t.requires_grad else None) for t in inputs
             )
-            result._ctx = ctx
-        return result
+            if several:  # each output gets a node of its own that hands its gradient back
+                for i, t in enumerate(results):
+                    t._ctx = OutputOf(ctx, i, len(results))
+            else:
+                results[0]._ctx = ctx
+        return results if several else results[0]
+
+
+class OutputOf(Function):
+    """Output ``index`` of an op with ``count`` outputs: a graph node whose backward hands its
+    gradient to the op as one part of the tuple the op's backward receives (``engine``
+    gathers the parts)."""
+
+    def __init__(self, op: Function, index: int, count: int) -> None:
+        self.parents, self.index, self.count = (op,), index, count
+        self.needs_input_grad = (True,)
+
+    def backward(self, g: Any) -> tuple[Any]:
+        return (GradientPart(self.index, self.count, g),)
+
+
+class GradientPart:
+    """The gradient of one output of a several-output op, on its way to that op."""
+
+    __slots__ = ("count", "index", "value")
+
+    def __init__(self, index: int, count: int, value: Any) -> None:
+        self.index, self.count, self.value = index, count, value
 
 
 def _on_one_device(op: str, arrays: list[Any]) -> list[Any]:

@@ -257,11 +257,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (B, T, C) -> (B, T, C): expand 4x, GELU (GPT-2's tanh form), project back.
-        c_fc's bias is added inside the GELU (``F.bias_gelu``: one pass, not two)."""
-        fc = self.c_fc
-        h = F.linear(x, fc.weight)
-        h = F.gelu(h, approximate="tanh") if fc.bias is None else F.bias_gelu(h, fc.bias)
+        """x (B, T, C) -> (B, T, C): expand 4x, GELU (tanh form; c_fc's bias added inside
+        it, ``F.bias_gelu``: one pass, not two), project back."""
+        h, b = F.linear(x, self.c_fc.weight), self.c_fc.bias
+        h = F.gelu(h, approximate="tanh") if b is None else F.bias_gelu(h, b)
         return self.dropout(self.c_proj(h))
 
 
@@ -275,9 +274,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        # Pre-LayerNorm: each sub-layer reads a normalised copy and adds to the residual stream.
-        x = x + self.attn(self.ln_1(x), cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        # Pre-LayerNorm: each sub-layer reads a normalised copy and adds to the residual
+        # stream; the attention's sum and the second norm are one op (one pass on a GPU).
+        a, ln = self.attn(self.ln_1(x), cache, layer), self.ln_2
+        x, h = F.residual_layer_norm(x, a, ln.weight, ln.bias, ln.eps)
+        return x + self.mlp(h)
 
 
 class GPT2(nn.Module):

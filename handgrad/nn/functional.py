@@ -9,7 +9,7 @@ module per concept and are gathered here:
 ``handgrad.nn.linear``      ``linear``, ``embedding``
 ``handgrad.nn.activations`` ``gelu``, ``bias_gelu``, ``swiglu``, ``relu``, ``tanh``, ``sigmoid``
 ``handgrad.nn.dropout``     ``dropout``
-``handgrad.nn.normalization`` ``layer_norm``, ``rms_norm``
+``handgrad.nn.normalization`` ``layer_norm``, ``residual_layer_norm``, ``rms_norm``
 ``handgrad.nn.rotary``      ``rotary_embedding`` (RoPE), ``rope_tables``
 ``handgrad.nn.losses``      ``cross_entropy``, ``mse_loss``, ``one_hot``
 ``handgrad.nn.attention``   ``scaled_dot_product_attention`` (and its reference)
@@ -26,7 +26,7 @@ from handgrad.nn.attention import scaled_dot_product_attention
 from handgrad.nn.dropout import dropout
 from handgrad.nn.linear import embedding, linear
 from handgrad.nn.losses import cross_entropy, mse_loss, one_hot
-from handgrad.nn.normalization import layer_norm, rms_norm
+from handgrad.nn.normalization import layer_norm, residual_layer_norm, rms_norm
 from handgrad.nn.rotary import rope_tables, rotary_embedding
 from handgrad.ops.softmax import LogSoftmax as _LogSoftmax
 from handgrad.ops.softmax import Softmax as _Softmax
@@ -56,6 +56,7 @@ __all__ = [
     "mse_loss",
     "one_hot",
     "relu",
+    "residual_layer_norm",
     "rms_norm",
     "rope_tables",
     "rotary_embedding",

@@ -150,6 +150,88 @@ class _LayerNorm(Function):
         return tuple(grads)
 
 
+class _ResidualLayerNorm(Function):
+    autocast = "float32"  # inside hg.autocast (handgrad.amp)
+
+    # Two outputs: the residual stream h = x + r and its norm y = layer_norm(h) w + b.
+    #   dh_total = dh + d layer_norm / dh (dy);  dx = dr = dh_total;  dw, db: layer norm's
+    # (dh: the gradient reaching h past the norm). On a GPU with kernels on, one kernel per
+    # pass (``residual_layer_norm_forward``/``_backward``) reads a bfloat16 r as it is;
+    # elsewhere the sum, then layer norm's own forward and backward (``_LayerNorm``).
+    @classmethod
+    def keeps_low_precision(cls, arrays):
+        return cls._kernels(*arrays) is not None
+
+    @staticmethod
+    def _kernels(x, r, w=None, b=None):
+        floats = [a for a in (x, w, b) if a is not None]
+        if r.dtype not in (B.float32, B.bfloat16) or any(a.dtype != B.float32 for a in floats):
+            return None
+        return cuda_kernels(x, r, w, b, cast_16bit=True)
+
+    def forward(self, x, r, w=None, b=None, *, eps):
+        self.kernels = self._kernels(x, r, w, b)
+        self.shape, C = x.shape, x.shape[-1]
+        if self.kernels is None:
+            h = x + r
+            self.ln = _LayerNorm()
+            self.ln.needs_input_grad = (True,) * (1 + (w is not None) + (b is not None))
+            return h, self.ln.forward(h, *(a for a in (w, b) if a is not None), k=1, eps=eps)
+        xp = get_array_module(x)
+        self.w = xp.ones(C, dtype=B.float32) if w is None else w
+        rc = xp.ascontiguousarray(r).reshape(-1, C)
+        h, y, self.mu, self.rstd = self.kernels.residual_layer_norm_forward(
+            f32(x).reshape(-1, C), rc, self.w, b, eps
+        )
+        self.h = h
+        return h.reshape(self.shape), y.reshape(self.shape)
+
+    def backward(self, g):
+        dh, dy = g
+        wants = self.needs_input_grad
+        dw = db = None
+        if dy is None:  # the norm went unused: h's gradient is all there is
+            dx = dh
+        elif self.kernels is not None:
+            C = self.shape[-1]
+            dy2 = get_array_module(dy).ascontiguousarray(dy).reshape(-1, C)
+            dh2 = None if dh is None else f32(dh).reshape(-1, C)
+            dx, dw, db = self.kernels.residual_layer_norm_backward(
+                dy2, dh2, self.h, self.w, self.mu, self.rstd
+            )
+            dx = dx.reshape(self.shape)
+        else:
+            dx, *params = self.ln.backward(dy)
+            dw, db = (params + [None, None])[:2]
+            if dh is not None:
+                dx += dh
+        return (dx, dx, dw, db)[: len(wants)]
+
+
+def residual_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """(h, layer_norm(h)) with h = input + residual, in one op: input, residual (..., C);
+    weight, bias (C,). A pre-norm transformer adds a sub-layer's output to its residual
+    stream and normalises the sum for the next sub-layer: one pass over the data, not two."""
+    C = input.shape[-1]
+    if tuple(residual.shape) != tuple(input.shape):
+        raise ValueError(
+            f"residual_layer_norm: residual of shape {residual.shape} for input {input.shape}"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (C,):
+            raise ValueError(f"residual_layer_norm: {name} has shape {p.shape}, expected ({C},)")
+    if weight is None and bias is not None:
+        raise ValueError("residual_layer_norm: a bias without a weight is not supported")
+    args = [a for a in (weight, bias) if a is not None]
+    return _ResidualLayerNorm.apply(input, residual, *args, eps=eps)
+
+
 def layer_norm(
     input: Tensor,
     normalized_shape: int | Sequence[int],
