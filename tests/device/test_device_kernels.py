@@ -471,3 +471,16 @@ def test_gemm_flops_count_what_ran_on_the_device():
     assert cuda.gemm_flops().get("bfloat16", 0.0) == 0  # float32 activations: no bf16 product
     cuda.GEMM_FLOPS.clear()
     assert cuda.gemm_flops() == {}
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_autocast_steps_match_the_cpu_reference() -> None:
+    """Three GPT-2 steps under bf16 autocast on the GPU (bf16 cuBLAS products, the bf16
+    softmax, lse and recompute kernels, bias + GELU, residual + layer norm, the fused
+    classifier) against the CPU's reference path, as the stand-in test above does."""
+    cpu_losses, _ = _train("cpu", autocast=True)
+    cuda.GEMM_FLOPS.clear()
+    losses, _ = _train("cuda", autocast=True)
+    assert set(cuda.gemm_flops()) == {"bfloat16"}, cuda.gemm_flops()
+    np.testing.assert_allclose(losses, cpu_losses, rtol=5e-3)
