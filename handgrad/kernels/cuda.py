@@ -130,11 +130,11 @@ def layer_norm_backward(dy: Any, x: Any, weight: Any, mean: Any, rstd: Any) -> t
     cp = _check("layer_norm_backward", dy=dy, x=x, weight=weight, mean=mean, rstd=rstd)
     N, C = x.shape
     dx = cp.empty_like(x)
-    _launch(
-        "layer_norm_backward_input",
+    _launch(  # the residual form's kernel with no residual gradient (has_dh = 0)
+        variant_name("residual_layer_norm_backward_input", F32),
         (N,),
         (_row_threads(C),),
-        (dy, x, weight, mean, rstd, dx, np.int32(C)),
+        (dy, x, np.int32(0), x, weight, mean, rstd, dx, np.int32(C)),
     )
     dw, db = _layer_norm_params(dy, x, mean, rstd)
     return dx, dw, db

@@ -40,35 +40,6 @@ extern "C" __global__ void layer_norm_forward(
 """,
 )
 
-_kernel(
-    "layer_norm_backward_input",
-    r"""
-// dx = rstd (g - mean(g) - xhat mean(g xhat)),  g = dy w,  xhat = (x - mean) rstd
-extern "C" __global__ void layer_norm_backward_input(
-    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ w,
-    const float* __restrict__ mean, const float* __restrict__ rstd, float* __restrict__ dx,
-    int C) {
-    const long long row = blockIdx.x;
-    const float* dyr = dy + row * C;
-    const float* xr = x + row * C;
-    float* dxr = dx + row * C;
-    const float mu = mean[row], r = rstd[row];
-    float sg = 0.0f, sgx = 0.0f;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        float g = dyr[i] * w[i];
-        sg += g;
-        sgx += g * (xr[i] - mu) * r;
-    }
-    const float a = block_sum(sg) / C;
-    const float bb = block_sum(sgx) / C;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        float xhat = (xr[i] - mu) * r;
-        dxr[i] = r * (dyr[i] * w[i] - a - xhat * bb);
-    }
-}
-""",
-)
-
 _variants(
     "layer_norm_backward_params",
     r"""
@@ -141,7 +112,7 @@ _variants(
     r"""
 // dx = dh + rstd (g - mean_c(g) - xhat mean_c(g xhat)),  g = dy w,  xhat = (h - mean) rstd:
 // the gradient of h = x + r, for x and r alike (dh: what reaches h past the norm, the
-// residual stream's own gradient; has_dh = 0 reads none).
+// residual stream's own gradient; has_dh = 0 reads none: plain layer norm's dx).
 extern "C" __global__ void KERNEL(
     const dy_t* __restrict__ dy, const float* __restrict__ dh, int has_dh,
     const float* __restrict__ h, const float* __restrict__ w, const float* __restrict__ mean,

@@ -146,7 +146,7 @@ def test_layer_norm(emu, rng, N: int, C: int, threads: int, bias: bool) -> None:
         close(o, r, name)
     dwant = ref.layer_norm_backward(dy, x, w, want[1], want[2])
     dgot = K.layer_norm_backward(dev(dy), dev(x), dev(w), got[1], got[2])
-    assert block_of(emu, "layer_norm_backward_input") == threads
+    assert block_of(emu, "residual_layer_norm_backward_input_f32") == threads
     for name, o, r in zip(("dx", "dw", "db"), dgot, dwant):
         close(o, r, name)
 
