@@ -221,7 +221,15 @@ def _autocast_against_torch(device: str, cfg: dict[str, Any]) -> dict[str, Any]:
         g = p.grad.float().cpu().numpy()
         worst = max(worst, float(np.linalg.norm(ours[k] - g) / max(np.linalg.norm(g), 1e-30)))
     rel = abs(float(loss.item()) - float(ref_loss.item())) / abs(float(ref_loss.item()))
-    return {"ok": rel <= 5e-3 and worst <= 5e-2, "loss": float(loss.item()),
+    note = (
+        {}
+        if device != "cpu"
+        else {
+            "note": "on the CPU torch.autocast keeps layer norm "
+            "in bf16, so the tolerance does not apply"
+        }
+    )
+    return {"ok": rel <= 5e-3 and worst <= 5e-2, **note, "loss": float(loss.item()),
             "loss_torch": float(ref_loss.item()), "loss_rel_diff": rel,
             "worst_grad_rel_diff": worst}  # fmt: skip
 
