@@ -26,7 +26,9 @@ class _CrossEntropy(Function):
     # backward multiplies them by the upstream gradient.
     @classmethod
     def keeps_low_precision(cls, arrays):
-        return arrays[0].dtype == B.bfloat16 and cuda_kernels(arrays[0], cast_16bit=True)
+        return (
+            arrays[0].dtype == B.bfloat16 and cuda_kernels(arrays[0], cast_16bit=True) is not None
+        )
 
     def forward(self, x, target, ignore_index, reduction, label_smoothing):
         n, c = x.shape
