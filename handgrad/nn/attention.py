@@ -183,8 +183,10 @@ class _AttentionUntiled(_Attention):
     # (causal with L < S leaves keys unseen) and no row can be fully masked (there p = 0/0 =
     # nan, where recomputing it gives 0).
     # On a GPU with kernels on, causal self-attention without mask or dropout takes the
-    # softmax step from one fused kernel per pass (``_cuda_forward``), p kept for backward.
-    # bfloat16 q, k, v there (autocast) stay bfloat16: products on tensor cores, p bf16.
+    # softmax step from one fused kernel per pass (``_cuda_forward``), p kept for backward
+    # (float32).
+    # bfloat16 q, k, v there (autocast) stay bfloat16: products on tensor cores, and only
+    # the row lse is kept (backward recomputes p).
     @classmethod
     def keeps_low_precision(cls, arrays):
         return all(a.dtype == B.bfloat16 for a in arrays) and _bf16_kernels(*arrays)
